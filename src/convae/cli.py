@@ -1,0 +1,243 @@
+"""`convae` command line: parses arguments, calls the library, prints results.
+
+Every error a user can cause ends with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from .errors import ConvaeError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ConvaeError as e:
+            _fail(str(e))
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+            name = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            _fail(f"{name}{e.strerror or e}")
+        except OSError as e:  # a full disk, an I/O error
+            _fail(f"{getattr(e, 'filename', '') or ''}{': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
+        except KeyboardInterrupt:
+            click.echo("convae: interrupted; a run can be continued with `convae fit ... --resume`", err=True)
+            sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    click.echo(f"convae: error: {first}", err=True)
+    sys.exit(2)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"convae: warning: {message}", err=True)
+
+
+def _ints(value: str | None, option: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise ConvaeError(f"{option} {value!r}: expected integers separated by commas, e.g. 32,64,128") from None
+    if not out:
+        raise ConvaeError(f"{option}: give at least one integer")
+    return out
+
+
+def _image_size(value: str | None):
+    sizes = _ints(value, "--image-size")
+    if sizes is None:
+        return None
+    if len(sizes) == 1:
+        return (sizes[0], sizes[0])
+    if len(sizes) == 2:
+        return sizes
+    raise ConvaeError(f"--image-size {value!r}: give one size (28) or HxW (37x53)")
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0].keys())
+    cells = [[str(k) for k in keys]] + [[_fmt(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(keys))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and abs(value) >= 10000:
+        return f"{value:,}"
+    return str(value)
+
+
+data_options = [
+    click.option("--data-dir", type=click.Path(path_type=Path), help="Where built-in datasets are looked up (then $CONVAE_DATA, ~/.cache/convae)."),
+    click.option("--split", help="Split of a built-in dataset: train or test (or DATA:split)."),
+    click.option("--image-size", help="Resize and centre-crop folder images to this size: 28 or HxW."),
+    click.option("--channels", type=int, help="Image channels for folder images: 1 (grayscale) or 3 (RGB)."),
+    click.option("--no-download", is_flag=True, help="Never download a missing built-in dataset."),
+]
+
+
+def with_data_options(f):
+    for option in reversed(data_options):
+        f = option(f)
+    return f
+
+
+def _load(data, data_dir, split, image_size, channels, no_download, quiet=True):
+    from .data import load_dataset
+
+    return load_dataset(
+        data,
+        split,
+        data_dir=data_dir,
+        image_size=_image_size(image_size),
+        channels=channels,
+        download=not no_download,
+        progress=not quiet,
+    )
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="convae")
+def main():
+    """convae: hierarchical image features without labels, from convolutional autoencoders."""
+    warnings.showwarning = _show_warning
+
+
+@main.command()
+@click.argument("data")
+@click.option("--out", "-o", "out", type=click.Path(path_type=Path), required=True, help="Run directory to create.")
+@with_data_options
+@click.option("--arch", type=click.Choice(["conv", "dense"]), default="conv", show_default=True, help="conv: ConvAE; dense: the fully-connected baseline.")
+@click.option("--widths", help="Channels per encoder stage, e.g. 32,64,128 (default: from the image size).")
+@click.option("--convs-per-stage", type=int, help="Conv layers per stage.")
+@click.option("--kernel-size", type=int, help="Conv kernel size (odd).")
+@click.option("--norm", type=click.Choice(["batch", "group", "none"]))
+@click.option("--activation", type=click.Choice(["relu", "leaky_relu", "gelu", "silu", "elu"]))
+@click.option("--downsample", type=click.Choice(["max", "avg", "stride"]), help="Stage downsampling (default max pooling).")
+@click.option("--upsample", type=click.Choice(["nearest", "bilinear", "transpose"]), help="Decoder upsampling.")
+@click.option("--bottleneck", type=click.Choice(["conv", "dense"]), help="conv: feature maps; dense: a latent vector.")
+@click.option("--latent-channels", type=int, help="conv bottleneck: 1x1 conv to this many channels (0: none).")
+@click.option("--latent-dim", type=int, help="Code size of a dense bottleneck or of --arch dense.")
+@click.option("--hidden", help="--arch dense: hidden widths, e.g. 512,256.")
+@click.option("--epochs", type=int, default=0, help="Epochs (default: from the dataset size).")
+@click.option("--max-time", type=float, default=0.0, help="Wall-clock training budget in seconds.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "onecycle", "constant"]), default="cosine", show_default=True)
+@click.option("--loss", type=click.Choice(["mse", "bce"]), default="mse", show_default=True)
+@click.option("--noise", type=float, default=0.0, help="Denoising: std of gaussian input noise.")
+@click.option("--mask-ratio", type=float, default=0.0, help="Masking: fraction of input patches hidden.")
+@click.option("--val-fraction", type=float, default=0.05, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=int, default=0, help="CPU threads (default: torch's).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def fit(data, out, data_dir, split, image_size, channels, no_download, widths, hidden, quiet, resume, **settings):
+    """Train an autoencoder on DATA and write the run directory --out.
+
+    DATA: digits, mnist, fashion-mnist, cifar10 (optionally :train / :test),
+    a folder of images, or a .npy/.npz file.
+    """
+    from .estimator import ConvAutoencoder
+
+    dataset = _load(data, data_dir, split, image_size, channels, no_download, quiet)
+    settings["channels"] = _ints(widths, "--widths")
+    settings["hidden"] = _ints(hidden, "--hidden")
+    est = ConvAutoencoder(verbose=not quiet, **settings)
+    est.fit(dataset.images, run_dir=out, data_spec=dataset.name, resume=resume)
+    last = est.history_[-1]
+    click.echo(
+        f"trained {len(est.history_)} epoch(s) on {dataset.name} ({len(dataset)} images): "
+        f"val MSE {last['val_mse']:.5f}, PSNR {last['val_psnr']:.2f} dB, SSIM {last['val_ssim']:.4f}"
+    )
+    click.echo(f"run directory: {out}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def info(run_dir):
+    """Layers of a trained model: output shape, channels, stride, receptive field, parameters."""
+    from .model import code_size, describe
+    from .run import load_model, read_history
+
+    model, config = load_model(run_dir)
+    m = config.model
+    click.echo(
+        f"{run_dir}: arch={m.arch}, input {m.image_size[0]}x{m.image_size[1]}x{m.in_channels}, "
+        f"code size {code_size(m)}, trained on {config.data.spec or 'an array'} ({config.data.num_images} images), "
+        f"convae {config.convae_version}"
+    )
+    click.echo(_table(describe(model)))
+    history = read_history(run_dir)
+    if history:
+        last = history[-1]
+        click.echo(
+            f"epochs {int(last['epoch'])}: val MSE {last['val_mse']:.5f}, PSNR {last['val_psnr']:.2f} dB, "
+            f"SSIM {last['val_ssim']:.4f}"
+        )
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("data")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="PNG file to write.")
+@with_data_options
+@click.option("--count", "-n", type=int, default=16, show_default=True, help="Images to show.")
+def reconstruct(run_dir, data, output, data_dir, split, image_size, channels, no_download, count):
+    """Originals above reconstructions, with MSE and PSNR, as a PNG grid."""
+    from .estimator import ConvAutoencoder
+    from .visualize import reconstruction_figure, save_figure
+
+    est = ConvAutoencoder.load(run_dir)
+    h, w, c = est.image_shape_
+    dataset = _load(data, data_dir, split, image_size or f"{h}x{w}", channels or c, no_download)
+    if count < 1:
+        raise ConvaeError(f"--count must be at least 1, got {count}")
+    images = dataset.images[: min(count, len(dataset))]
+    if images.shape[1:] != est.image_shape_:
+        raise ConvaeError(
+            f"{data}: images are {'x'.join(map(str, images.shape[1:]))} but {run_dir} was trained on "
+            f"{h}x{w}x{c}; pass --image-size/--channels"
+        )
+    fig = reconstruction_figure(images, est.reconstruct(images), dataset.name)
+    save_figure(fig, output)
+    click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+def demo(out, quiet):
+    """Run the whole pipeline on the built-in digits data."""
+    from .demo import run_demo
+
+    result = run_demo(out, progress=not quiet)
+    click.echo(_table(result.model_rows))
+    m = result.test_metrics
+    click.echo(
+        f"\ndigits:test reconstruction: MSE {m['mse']:.5f}, PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} "
+        f"after {len(result.history)} epochs"
+    )
+    click.echo("outputs:")
+    for name, path in result.outputs.items():
+        click.echo(f"  {name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

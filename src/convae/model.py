@@ -1,0 +1,459 @@
+"""The convolutional autoencoder (and the fully-connected baseline), in one file.
+
+Encoder = stages of `convs_per_stage` conv blocks followed by a 2x downsampling;
+then a bottleneck; the decoder mirrors it. Every encoder layer has a stable
+name (`stage1.conv1`, `stage1`, ..., `bottleneck`) listed in `feature_info`
+with its channels, stride and receptive field, as timm models do.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+Arch = Literal["conv", "dense"]
+Norm = Literal["batch", "group", "none"]
+Activation = Literal["relu", "leaky_relu", "gelu", "silu", "elu"]
+Downsample = Literal["max", "avg", "stride"]
+Upsample = Literal["nearest", "bilinear", "transpose"]
+Bottleneck = Literal["conv", "dense"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Arch = "conv"
+    in_channels: int = 1
+    image_size: tuple[int, int] = (28, 28)  # (H, W) the model was built for
+    channels: tuple[int, ...] = (32, 64, 128)  # one entry per encoder stage
+    convs_per_stage: int = 2
+    kernel_size: int = 3
+    norm: Norm = "batch"
+    activation: Activation = "relu"
+    downsample: Downsample = "max"
+    upsample: Upsample = "nearest"
+    bottleneck: Bottleneck = "conv"
+    latent_channels: int = 0  # conv bottleneck: 0 keeps the last stage's maps as the code
+    latent_dim: int = 128  # dense bottleneck, and the code size of arch="dense"
+    hidden: tuple[int, ...] = (512,)  # arch="dense": hidden layer widths
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        h, w = self.image_size
+        if h < 1 or w < 1:
+            raise ConfigError(f"image size {h}x{w} must be positive")
+        if self.in_channels < 1:
+            raise ConfigError(f"channels must be at least 1, got {self.in_channels}")
+        if self.arch == "dense":
+            if self.latent_dim < 1 or any(u < 1 for u in self.hidden):
+                raise ConfigError("dense autoencoder: latent_dim and hidden widths must be positive")
+            return
+        if not self.channels:
+            raise ConfigError("channels: give at least one stage width, e.g. 32,64,128")
+        if any(c < 1 for c in self.channels):
+            raise ConfigError(f"channels must be positive, got {list(self.channels)}")
+        if self.convs_per_stage < 1:
+            raise ConfigError(f"convs_per_stage must be at least 1, got {self.convs_per_stage}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size must be odd (same padding), got {self.kernel_size}")
+        if self.latent_channels < 0 or self.latent_dim < 1:
+            raise ConfigError("latent_channels must be >= 0 and latent_dim >= 1")
+        sizes = stage_sizes(self.image_size, len(self.channels))
+        for i, (sh, sw) in enumerate(sizes[:-1], start=1):
+            if sh < 2 or sw < 2:
+                usable = max_stages(self.image_size)
+                raise ConfigError(
+                    f"image size {h}x{w} is too small for {len(self.channels)} stages "
+                    f"(stage {i} would get {sh}x{sw}; each stage halves the size): "
+                    f"use at most {usable} stage(s) or larger images"
+                )
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.channels) if self.arch == "conv" else 0
+
+
+def stage_sizes(image_size: Sequence[int], num_stages: int) -> list[tuple[int, int]]:
+    """Spatial size at the input of each stage, then after the last one.
+
+    Downsampling rounds up (ceil mode), so odd sizes lose no pixels.
+    """
+    h, w = image_size
+    sizes = [(h, w)]
+    for _ in range(num_stages):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        sizes.append((h, w))
+    return sizes
+
+
+def max_stages(image_size: Sequence[int]) -> int:
+    n = 0
+    while all(s >= 2 for s in stage_sizes(image_size, n + 1)[n]):
+        n += 1
+    return n
+
+
+def default_model_config(image_shape: Sequence[int], **overrides) -> ModelConfig:
+    """Settings that suit the image size: stages until about 4x4, widths that grow with depth."""
+    h, w, c = image_shape
+    smallest = min(h, w)
+    stages = int(round(math.log2(max(smallest, 1) / 4))) if smallest >= 4 else 1
+    stages = max(1, min(stages if smallest > 8 else 2, 5, max_stages((h, w))))
+    base = 32 if c == 1 else 64
+    channels = tuple(min(base * 2**i, 256) for i in range(stages))
+    settings = dict(in_channels=c, image_size=(h, w), channels=channels)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    arch = settings.get("arch", "conv")
+    if arch == "dense" and "latent_dim" not in overrides:
+        # Comparable code size: the conv model's code, but never more than half the pixels.
+        conv = ModelConfig(**{**settings, "arch": "conv"})
+        settings["latent_dim"] = max(2, min(code_size(conv), (h * w * c) // 2))
+    return ModelConfig(**settings)
+
+
+def code_size(config: ModelConfig) -> int:
+    """Number of values in the bottleneck code."""
+    if config.arch == "dense" or config.bottleneck == "dense":
+        return config.latent_dim
+    h, w = stage_sizes(config.image_size, config.num_stages)[-1]
+    return (config.latent_channels or config.channels[-1]) * h * w
+
+
+def _activation(name: str) -> nn.Module:
+    return {
+        "relu": lambda: nn.ReLU(inplace=True),
+        "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True),
+        "gelu": nn.GELU,
+        "silu": lambda: nn.SiLU(inplace=True),
+        "elu": lambda: nn.ELU(inplace=True),
+    }[name]()
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    return nn.Identity()
+
+
+class ConvBlock(nn.Sequential):
+    """conv (same padding) -> norm -> activation."""
+
+    def __init__(self, cin: int, cout: int, config: ModelConfig, stride: int = 1):
+        k = config.kernel_size if stride == 1 else 3
+        super().__init__(
+            nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=config.norm == "none"),
+            _norm(config.norm, cout),
+            _activation(config.activation),
+        )
+
+
+class EncoderStage(nn.Module):
+    """conv1..convN, then 2x downsampling (`pool` or a strided `down` conv)."""
+
+    def __init__(self, cin: int, cout: int, config: ModelConfig):
+        super().__init__()
+        self.conv_names = [f"conv{j}" for j in range(1, config.convs_per_stage + 1)]
+        for j, name in enumerate(self.conv_names):
+            self.add_module(name, ConvBlock(cin if j == 0 else cout, cout, config))
+        if config.downsample == "max":
+            self.pool = nn.MaxPool2d(2, ceil_mode=True)
+        elif config.downsample == "avg":
+            self.pool = nn.AvgPool2d(2, ceil_mode=True)
+        else:
+            self.pool = ConvBlock(cout, cout, config, stride=2)
+
+
+class DecoderStage(nn.Module):
+    """Upsample to the mirrored encoder stage's input size, then convs."""
+
+    def __init__(self, cin: int, cout: int, config: ModelConfig):
+        super().__init__()
+        self.mode = config.upsample
+        self.up = nn.ConvTranspose2d(cin, cin, 2, stride=2) if self.mode == "transpose" else None
+        self.convs = nn.Sequential(
+            *[ConvBlock(cin if j == 0 else cout, cout, config) for j in range(config.convs_per_stage)]
+        )
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.up is not None:
+            x = self.up(x)[..., : size[0], : size[1]]  # (N, C, 2h, 2w) cropped to the encoder's size
+        else:
+            align = False if self.mode == "bilinear" else None
+            x = F.interpolate(x, size=size, mode=self.mode, align_corners=align)
+        return self.convs(x)
+
+
+class ConvAutoencoderNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch != "conv":
+            raise ConfigError(f"ConvAutoencoderNet needs arch='conv', got {config.arch!r}")
+        self.config = config
+        chs = config.channels
+        self.encoder = nn.ModuleDict()
+        for i, cout in enumerate(chs):
+            cin = config.in_channels if i == 0 else chs[i - 1]
+            self.encoder[f"stage{i + 1}"] = EncoderStage(cin, cout, config)
+
+        last_h, last_w = stage_sizes(config.image_size, len(chs))[-1]
+        if config.bottleneck == "dense":
+            flat = chs[-1] * last_h * last_w
+            self.to_code = nn.Sequential(nn.Flatten(), nn.Linear(flat, config.latent_dim))
+            self.from_code = nn.Sequential(
+                nn.Linear(config.latent_dim, flat),
+                _activation(config.activation),
+                nn.Unflatten(1, (chs[-1], last_h, last_w)),
+            )
+        elif config.latent_channels:
+            self.to_code = nn.Conv2d(chs[-1], config.latent_channels, 1)
+            self.from_code = nn.Sequential(
+                nn.Conv2d(config.latent_channels, chs[-1], 1), _activation(config.activation)
+            )
+        else:
+            self.to_code = nn.Identity()
+            self.from_code = nn.Identity()
+
+        self.decoder = nn.ModuleList()
+        for i in reversed(range(len(chs))):
+            cout = chs[i - 1] if i > 0 else chs[0]
+            self.decoder.append(DecoderStage(chs[i], cout, config))
+        self.head = nn.Conv2d(chs[0], config.in_channels, 3, padding=1)
+        self.feature_info = self._feature_info()
+
+    # -- layer bookkeeping -------------------------------------------------
+    def _layer_sequence(self):
+        """(name, module) in forward order; a stage's name is its pooled output."""
+        for stage_name, stage in self.encoder.items():
+            for conv_name in stage.conv_names:
+                yield f"{stage_name}.{conv_name}", getattr(stage, conv_name)
+            yield stage_name, stage.pool
+        yield "bottleneck", self.to_code
+
+    def _feature_info(self) -> list[dict]:
+        cfg = self.config
+        rf, jump, start = 1, 1, 0.0  # receptive field, stride, centre of unit 0 (input pixels)
+        h, w = cfg.image_size
+        info = []
+        for name, module in self._layer_sequence():
+            if name == "bottleneck":
+                if cfg.bottleneck == "dense":
+                    rf, start = max(cfg.image_size), (cfg.image_size[0] - 1) / 2
+                    shape = [cfg.latent_dim]
+                else:
+                    shape = [cfg.latent_channels or cfg.channels[-1], h, w]
+            elif "." in name:  # a same-padded conv
+                rf += (cfg.kernel_size - 1) * jump
+                shape = [module[0].out_channels, h, w]
+            else:  # the stage's 2x downsampling
+                if cfg.downsample == "stride":
+                    rf += 2 * jump
+                else:
+                    rf += jump
+                    start += jump / 2
+                jump *= 2
+                h, w = math.ceil(h / 2), math.ceil(w / 2)
+                shape = [info[-1]["num_chs"], h, w]
+            info.append(
+                dict(
+                    module=name,
+                    num_chs=shape[0],
+                    reduction=jump,
+                    receptive_field=rf,
+                    rf_start=start,
+                    shape=shape,
+                    params=sum(p.numel() for p in module.parameters()),
+                )
+            )
+        return info
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [f["module"] for f in self.feature_info]
+
+    def receptive_box(self, layer: str, y: int, x: int) -> tuple[int, int, int, int]:
+        """Input region (top, left, bottom, right; exclusive, clipped) seen by unit (y, x) of `layer`."""
+        info = next((f for f in self.feature_info if f["module"] == layer), None)
+        if info is None:
+            raise ConfigError(f"unknown layer {layer!r}: choose from {', '.join(self.layer_names)}")
+        half = info["receptive_field"] / 2
+        cy = info["rf_start"] + y * info["reduction"]
+        cx = info["rf_start"] + x * info["reduction"]
+        h, w = self.config.image_size
+        top, left = math.ceil(cy - half + 0.5), math.ceil(cx - half + 0.5)
+        bottom, right = top + info["receptive_field"], left + info["receptive_field"]
+        return max(top, 0), max(left, 0), min(bottom, h), min(right, w)
+
+    # -- forward passes ----------------------------------------------------
+    def forward_intermediates(
+        self, x: torch.Tensor, layers: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Outputs of the named encoder layers; stops after the deepest one asked for."""
+        wanted = set(layers)
+        unknown = wanted - set(self.layer_names)
+        if unknown:
+            raise ConfigError(
+                f"unknown layer(s) {', '.join(sorted(unknown))}: choose from {', '.join(self.layer_names)}"
+            )
+        out: dict[str, torch.Tensor] = {}
+        for name, module in self._layer_sequence():
+            x = module(x)  # stage pools: (N, C, H, W) -> (N, C, ceil(H/2), ceil(W/2))
+            if name in wanted:
+                out[name] = x
+                if len(out) == len(wanted):
+                    break
+        return out
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        sizes = []
+        for stage in self.encoder.values():
+            sizes.append((x.shape[-2], x.shape[-1]))
+            for conv_name in stage.conv_names:
+                x = getattr(stage, conv_name)(x)
+            x = stage.pool(x)
+        return self.to_code(x), sizes
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> the bottleneck code."""
+        return self._encode(x)[0]
+
+    def decode_logits(self, code: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None):
+        if sizes is None:
+            sizes = stage_sizes(self.config.image_size, self.config.num_stages)[:-1]
+        x = self.from_code(code)
+        for stage, size in zip(self.decoder, reversed(sizes)):
+            x = stage(x, size)  # (N, C_i, h, w) -> (N, C_{i-1}, H_i, W_i): the mirrored input size
+        return self.head(x)  # (N, in_channels, H, W)
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decode_logits(code))
+
+    def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
+        code, sizes = self._encode(x)
+        return self.decode_logits(code, sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in [0, 1], the input's exact shape."""
+        return torch.sigmoid(self.forward_logits(x))
+
+
+class DenseAutoencoderNet(nn.Module):
+    """Fully-connected baseline: flattens the image, so it loses spatial context."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        h, w = config.image_size
+        self.shape = (config.in_channels, h, w)
+        d = config.in_channels * h * w
+        widths = [d, *config.hidden]
+        self.encoder = nn.ModuleDict()
+        for i in range(len(config.hidden)):
+            layers = [nn.Linear(widths[i], widths[i + 1])]
+            if config.norm == "batch":
+                layers.append(nn.BatchNorm1d(widths[i + 1]))
+            layers.append(_activation(config.activation))
+            self.encoder[f"fc{i + 1}"] = nn.Sequential(*layers)
+        self.encoder["bottleneck"] = nn.Linear(widths[-1], config.latent_dim)
+        dec = []
+        back = [config.latent_dim, *reversed(config.hidden)]
+        for i in range(len(config.hidden)):
+            dec += [nn.Linear(back[i], back[i + 1]), _activation(config.activation)]
+        dec.append(nn.Linear(back[-1], d))
+        self.decoder = nn.Sequential(*dec)
+        full = max(h, w)
+        self.feature_info = [
+            dict(
+                module=name,
+                num_chs=m[0].out_features if isinstance(m, nn.Sequential) else m.out_features,
+                reduction=None,
+                receptive_field=full,
+                rf_start=(h - 1) / 2,
+                shape=[m[0].out_features if isinstance(m, nn.Sequential) else m.out_features],
+                params=sum(p.numel() for p in m.parameters()),
+            )
+            for name, m in self.encoder.items()
+        ]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.encoder.keys())
+
+    def receptive_box(self, layer: str, y: int = 0, x: int = 0) -> tuple[int, int, int, int]:
+        return 0, 0, self.config.image_size[0], self.config.image_size[1]
+
+    def forward_intermediates(self, x, layers):
+        wanted = set(layers)
+        unknown = wanted - set(self.layer_names)
+        if unknown:
+            raise ConfigError(
+                f"unknown layer(s) {', '.join(sorted(unknown))}: choose from {', '.join(self.layer_names)}"
+            )
+        out = {}
+        x = x.flatten(1)  # (N, C, H, W) -> (N, C*H*W)
+        for name, module in self.encoder.items():
+            x = module(x)
+            if name in wanted:
+                out[name] = x
+                if len(out) == len(wanted):
+                    break
+        return out
+
+    def encode(self, x):
+        x = x.flatten(1)
+        for module in self.encoder.values():
+            x = module(x)
+        return x
+
+    def decode_logits(self, code, sizes=None):
+        return self.decoder(code).view(-1, *self.shape)  # (N, D) -> (N, C, H, W)
+
+    def decode(self, code):
+        return torch.sigmoid(self.decode_logits(code))
+
+    def forward_logits(self, x):
+        return self.decode_logits(self.encode(x))
+
+    def forward(self, x):
+        return torch.sigmoid(self.forward_logits(x))
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    if config.arch == "dense":
+        return DenseAutoencoderNet(config)
+    return ConvAutoencoderNet(config)
+
+
+def with_image_shape(config: ModelConfig, image_shape: Sequence[int]) -> ModelConfig:
+    h, w, c = image_shape
+    return replace(config, image_size=(h, w), in_channels=c)
+
+
+def describe(model: nn.Module) -> list[dict]:
+    """One row per encoder layer, then decoder and totals: what `convae info` prints."""
+    rows = []
+    for f in model.feature_info:
+        rows.append(
+            dict(
+                layer=f["module"],
+                shape="x".join(str(s) for s in f["shape"]),
+                channels=f["num_chs"],
+                stride=f["reduction"] if f["reduction"] is not None else "-",
+                receptive_field=f["receptive_field"],
+                params=f["params"],
+            )
+        )
+    enc = sum(f["params"] for f in model.feature_info)
+    total = sum(p.numel() for p in model.parameters())
+    rows.append(dict(layer="decoder", shape="", channels="", stride="", receptive_field="", params=total - enc))
+    rows.append(dict(layer="total", shape="", channels="", stride="", receptive_field="", params=total))
+    return rows
+
