@@ -43,7 +43,7 @@ def _ints(value: str | None, option: str) -> tuple[int, ...] | None:
     if value is None:
         return None
     try:
-        out = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
+        out = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise ConvaeError(f"{option} {value!r}: expected integers separated by commas, e.g. 32,64,128") from None
     if not out:
@@ -52,7 +52,7 @@ def _ints(value: str | None, option: str) -> tuple[int, ...] | None:
 
 
 def _image_size(value: str | None):
-    sizes = _ints(value, "--image-size")
+    sizes = _ints(value.lower().replace("x", ",") if value else value, "--image-size")
     if sizes is None:
         return None
     if len(sizes) == 1:

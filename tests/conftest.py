@@ -1,0 +1,19 @@
+"""Shared fixtures about data paths."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """The read-only real datasets (MNIST, Fashion-MNIST, CIFAR-10): $CONVAE_SHARED or <repo>/../shared/datasets."""
+    env = os.environ.get("CONVAE_SHARED")
+    path = Path(env) if env else REPO.parent / "shared" / "datasets"
+    if not path.is_dir():
+        pytest.skip(f"shared datasets not found at {path} (set CONVAE_SHARED)")
+    return path

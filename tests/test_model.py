@@ -1,0 +1,159 @@
+"""The model: shapes over sizes, channels, depths and kinds; feature_info; config round trips."""
+import itertools
+import json
+
+import pytest
+import torch
+
+from convae.config import RunConfig, TrainConfig, from_dict, to_dict
+from convae.errors import ConfigError
+from convae.model import (
+    ModelConfig,
+    build_model,
+    code_size,
+    default_model_config,
+    describe,
+    max_stages,
+    stage_sizes,
+)
+
+SIZES = [(8, 8), (28, 28), (32, 32), (37, 53), (5, 9)]
+CHANNELS = [1, 3, 4, 6]
+
+
+def _config(size, c, depth, **kw):
+    return ModelConfig(in_channels=c, image_size=size, channels=tuple(8 * 2**i for i in range(depth)), **kw)
+
+
+@pytest.mark.parametrize("size,c", list(itertools.product(SIZES, CHANNELS)))
+def test_reconstruction_has_the_input_shape(size, c):
+    depth = min(3, max_stages(size))
+    model = build_model(_config(size, c, depth, convs_per_stage=1)).eval()
+    x = torch.rand(2, c, *size)
+    y = model(x)
+    assert y.shape == x.shape
+    assert y.min() >= 0 and y.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "downsample,upsample,bottleneck,norm",
+    list(itertools.product(["max", "avg", "stride"], ["nearest", "bilinear", "transpose"], ["conv", "dense"], ["batch", "group", "none"])),
+)
+def test_every_kind_keeps_odd_non_square_shapes(downsample, upsample, bottleneck, norm):
+    cfg = _config((37, 53), 3, 3, downsample=downsample, upsample=upsample, bottleneck=bottleneck, norm=norm, latent_dim=16)
+    model = build_model(cfg).eval()
+    x = torch.rand(2, 3, 37, 53)
+    code = model.encode(x)
+    assert code.flatten(1).shape[1] == code_size(cfg)
+    assert model(x).shape == x.shape
+    assert model.decode(code).shape == x.shape
+
+
+def test_latent_channels_makes_a_1x1_code():
+    cfg = _config((28, 28), 1, 3, latent_channels=5)
+    model = build_model(cfg)
+    assert model.encode(torch.rand(1, 1, 28, 28)).shape == (1, 5, 4, 4)
+    assert code_size(cfg) == 5 * 4 * 4
+
+
+def test_stage_sizes_round_up_so_no_pixel_is_lost():
+    assert stage_sizes((37, 53), 3) == [(37, 53), (19, 27), (10, 14), (5, 7)]
+
+
+def test_too_small_for_depth_is_a_clear_error():
+    with pytest.raises(ConfigError, match="too small for 4 stages"):
+        ModelConfig(image_size=(8, 8), channels=(8, 8, 8, 8))
+    with pytest.raises(ConfigError, match="odd"):
+        ModelConfig(kernel_size=4)
+
+
+def test_feature_info_names_channels_stride_and_receptive_field():
+    model = build_model(_config((28, 28), 1, 3, convs_per_stage=2))
+    names = model.layer_names
+    assert names == [
+        "stage1.conv1", "stage1.conv2", "stage1",
+        "stage2.conv1", "stage2.conv2", "stage2",
+        "stage3.conv1", "stage3.conv2", "stage3",
+        "bottleneck",
+    ]
+    info = {f["module"]: f for f in model.feature_info}
+    # 3x3 convs add 2*stride each; 2x2 pools add stride and double it.
+    assert [info[n]["receptive_field"] for n in names] == [3, 5, 6, 10, 14, 16, 24, 32, 36, 36]
+    assert [info[n]["reduction"] for n in names] == [1, 1, 2, 2, 2, 4, 4, 4, 8, 8]
+    assert info["stage2"]["shape"] == [16, 7, 7]
+    x = torch.rand(2, 1, 28, 28)
+    feats = model.forward_intermediates(x, names)
+    for name in names:
+        assert list(feats[name].shape[1:]) == info[name]["shape"]
+        assert info[name]["num_chs"] == feats[name].shape[1]
+
+
+def test_receptive_field_is_exact_by_gradient():
+    """The input pixels that affect a unit are exactly its receptive_box."""
+    model = build_model(_config((28, 28), 1, 2, convs_per_stage=2, norm="none")).eval()
+    for layer, (y, x) in [("stage1.conv2", (5, 7)), ("stage2", (3, 2)), ("stage2.conv1", (0, 0))]:
+        inp = torch.rand(1, 1, 28, 28, requires_grad=True)
+        out = model.forward_intermediates(inp, [layer])[layer]
+        out[0, :, y, x].sum().backward()
+        rows, cols = torch.nonzero(inp.grad[0, 0].abs() > 0, as_tuple=True)
+        top, left, bottom, right = model.receptive_box(layer, y, x)
+        assert rows.min() >= top and rows.max() < bottom and cols.min() >= left and cols.max() < right
+        # the box is tight: its corners (within the image) are reached
+        assert rows.min() == top and cols.min() == left and rows.max() == bottom - 1 and cols.max() == right - 1
+
+
+def test_forward_intermediates_stops_after_the_deepest_layer_asked_for():
+    model = build_model(_config((28, 28), 1, 3))
+    called = []
+    for name in ("stage2", "stage3"):
+        model.encoder[name].pool.register_forward_hook(lambda m, i, o, name=name: called.append(name))
+    model.forward_intermediates(torch.rand(1, 1, 28, 28), ["stage1", "stage2.conv1"])
+    assert called == []
+    with pytest.raises(ConfigError, match="unknown layer"):
+        model.forward_intermediates(torch.rand(1, 1, 28, 28), ["stage9"])
+
+
+def test_dense_baseline_has_a_comparable_code():
+    cfg = default_model_config((28, 28, 1), arch="dense")
+    model = build_model(cfg)
+    assert cfg.latent_dim <= 28 * 28 // 2
+    x = torch.rand(3, 1, 28, 28)
+    assert model(x).shape == x.shape
+    assert model.encode(x).shape == (3, cfg.latent_dim)
+    assert model.layer_names == ["fc1", "bottleneck"]
+    assert describe(model)[-1]["params"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("shape,stages", [((8, 8, 1), 2), ((28, 28, 1), 3), ((32, 32, 3), 3), ((64, 64, 3), 4)])
+def test_defaults_adapt_to_the_image_size(shape, stages):
+    cfg = default_model_config(shape)
+    assert len(cfg.channels) == stages
+    assert cfg.in_channels == shape[2]
+    assert build_model(cfg)(torch.rand(1, shape[2], *shape[:2])).shape == (1, shape[2], *shape[:2])
+
+
+def test_run_config_round_trips_through_json():
+    cfg = RunConfig(model=default_model_config((37, 53, 3), bottleneck="dense"), train=TrainConfig(noise=0.2))
+    text = json.dumps(to_dict(cfg))
+    assert from_dict(RunConfig, json.loads(text)) == cfg
+
+
+@pytest.mark.parametrize(
+    "patch,match",
+    [
+        ({"model": {"colour": 1}}, "unknown field"),
+        ({"model": {"channels": "32"}}, "expected a list"),
+        ({"model": {"kernel_size": 3.5}}, "expected an integer"),
+        ({"model": {"norm": "layer"}}, "not one of"),
+        ({"train": {"lr": True}}, "expected a number"),
+        ({"train": {"batch_size": 0}}, "batch_size"),
+    ],
+)
+def test_bad_config_fields_are_named(patch, match):
+    data = to_dict(RunConfig(model=ModelConfig()))
+    for section, values in patch.items():
+        data[section].update(values)
+    with pytest.raises(ConfigError, match=match):
+        from_dict(RunConfig, data)
+    with pytest.raises(ConfigError, match="missing field 'model'"):
+        from_dict(RunConfig, {})

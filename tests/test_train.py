@@ -1,0 +1,129 @@
+"""Training on real digits: the loss falls, runs resume exactly, run directories load back exactly."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from convae import run as rundir
+from convae.config import TrainConfig
+from convae.errors import ConvaeError, RunDirError
+from convae.model import default_model_config
+from convae.train import corrupt, fit, lr_factor, resolve_epochs, split_train_val
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return (load_digits().images * 255 / 16).round().astype(np.uint8)[..., None]
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_training_lowers_the_loss_on_real_digits(digits):
+    cfg = default_model_config(digits.shape[1:])
+    result = fit(digits, cfg, TrainConfig(epochs=3, batch_size=64, lr=3e-3))
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.history[-1]["val_psnr"] > result.history[0]["val_psnr"]
+    assert 0 < result.history[-1]["val_ssim"] <= 1
+
+
+def test_run_directory_holds_config_weights_history_and_checkpoint(digits, tmp_path):
+    cfg = default_model_config(digits.shape[1:])
+    result = fit(digits[:300], cfg, TrainConfig(epochs=2, batch_size=50), run_dir=tmp_path / "run")
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} == {"config.json", "model.safetensors", "history.csv", "checkpoint"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["convae_version"] and config["model"]["channels"] == list(cfg.channels)
+    with open(run / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"train_loss", "val_mse", "val_psnr", "val_ssim", "lr", "images_per_s"} <= rows[0].keys()
+    # no temporary files are left behind
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+    model, loaded = rundir.load_model(run)
+    assert loaded == result.config
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(model(x), result.model.eval()(x))
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(digits, tmp_path):
+    cfg = default_model_config(digits.shape[1:])
+    train = TrainConfig(epochs=4, batch_size=64, noise=0.1, mask_ratio=0.25, seed=3)
+    images = digits[:600]
+    whole = fit(images, cfg, train, run_dir=tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    def die_after_two(row):
+        if row["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(images, cfg, train, run_dir=tmp_path / "cut", on_epoch=die_after_two)
+    with pytest.raises(RunDirError, match="--resume"):
+        fit(images, cfg, train, run_dir=tmp_path / "cut")
+    resumed = fit(images, cfg, train, run_dir=tmp_path / "cut", resume=True)
+    _assert_same_weights(whole.model, resumed.model)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    assert rundir.read_history(tmp_path / "cut")[-1]["train_loss"] == pytest.approx(whole.history[-1]["train_loss"])
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(digits, tmp_path):
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        fit(digits[:100], default_model_config((8, 8, 1)), TrainConfig(epochs=1), run_dir=tmp_path, resume=True)
+
+
+def test_time_budget_stops_training(digits):
+    result = fit(digits, default_model_config((8, 8, 1)), TrainConfig(max_time=1.0, batch_size=32))
+    assert sum(r["seconds"] for r in result.history) < 10
+    assert result.history
+
+
+def test_wrong_image_shape_is_refused(digits):
+    with pytest.raises(ConvaeError, match="configured for 28x28x1"):
+        fit(digits, default_model_config((28, 28, 1)), TrainConfig(epochs=1))
+
+
+def test_diverging_loss_stops_with_the_epoch_and_step(digits, tmp_path):
+    cfg = default_model_config((8, 8, 1), norm="none")
+    with pytest.raises(ConvaeError, match=r"loss became .* epoch 1"):
+        fit(digits, cfg, TrainConfig(epochs=2, lr=1e12, warmup=0.0, batch_size=16), run_dir=tmp_path / "r")
+
+
+def test_corruptions_keep_shape_and_range():
+    x = torch.rand(4, 3, 37, 53)
+    g = torch.Generator().manual_seed(0)
+    noisy = corrupt(x, TrainConfig(noise=0.5), g)
+    assert noisy.shape == x.shape and noisy.min() >= 0 and noisy.max() <= 1 and not torch.equal(noisy, x)
+    masked = corrupt(x, TrainConfig(mask_ratio=0.5), g)
+    hidden = (masked == 0).float().mean().item()
+    assert 0.3 < hidden < 0.7
+
+
+def test_schedule_warms_up_then_decays():
+    assert lr_factor("cosine", 0.0, 0.1) == 0
+    assert lr_factor("cosine", 0.1, 0.1) == pytest.approx(1)
+    assert lr_factor("cosine", 1.0, 0.1) == pytest.approx(0, abs=1e-9)
+    values = [lr_factor("onecycle", p / 100, 0.3) for p in range(101)]
+    assert max(values) == pytest.approx(1, abs=1e-3) and values[-1] < 0.01
+    assert lr_factor("constant", 0.5, 0.1) == 1
+
+
+def test_auto_epochs_and_validation_split():
+    assert resolve_epochs(TrainConfig(), 60000) == 2
+    assert resolve_epochs(TrainConfig(), 1000) == 60
+    assert resolve_epochs(TrainConfig(max_time=5), 1000) is None
+    train, val = split_train_val(1000, 0.05, seed=0)
+    assert len(val) == 50 and len(set(train) | set(val)) == 1000 and not set(train) & set(val)
+    assert math.isclose(len(split_train_val(1000, 0.0, 0)[1]), 0)
