@@ -5,9 +5,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .data import load_dataset
 from .estimator import ConvAutoencoder
 from .model import describe
+from .train import evaluate
 from .visualize import reconstruction_figure, save_figure
 
 DEMO_SETTINGS = dict(epochs=20, batch_size=64, lr=3e-3, seed=0)
@@ -32,9 +35,6 @@ def run_demo(out_dir: str | Path = "demo-output", *, progress: bool = False) -> 
     train = load_dataset("digits", "train")
     test = load_dataset("digits", "test")
     est = ConvAutoencoder(verbose=progress, **DEMO_SETTINGS).fit(train.images, run_dir=run_dir, data_spec="digits")
-
-    from .train import evaluate
-    import numpy as np
 
     metrics = evaluate(est.model_, test.images, np.arange(len(test)), est._device(), channels_last=False)
     recon_path = save_figure(
