@@ -62,6 +62,19 @@ def _image_size(value: str | None):
     raise ConvaeError(f"--image-size {value!r}: give one size (28) or HxW (37x53)")
 
 
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv less `name VALUE` / `name=VALUE`: what torchrun's workers are given."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
 def _table(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -147,20 +160,29 @@ def main():
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=0, help="CPU threads (default: torch's).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Train with N processes (torchrun + DDP); --batch-size and --lr are per process.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def fit(data, out, data_dir, split, image_size, channels, no_download, widths, hidden, quiet, resume, **settings):
+def fit(data, out, data_dir, split, image_size, channels, no_download, widths, hidden, quiet, resume, nproc, **settings):
     """Train an autoencoder on DATA and write the run directory --out.
 
     DATA: digits, mnist, fashion-mnist, cifar10 (optionally :train / :test),
     a folder of images, or a .npy/.npz file.
     """
+    from . import distributed
     from .estimator import ConvAutoencoder
 
+    if nproc < 1:
+        raise ConvaeError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1 and not distributed.env_info().enabled:
+        sys.exit(distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     dataset = _load(data, data_dir, split, image_size, channels, no_download, quiet)
     settings["channels"] = _ints(widths, "--widths")
     settings["hidden"] = _ints(hidden, "--hidden")
     est = ConvAutoencoder(verbose=not quiet, **settings)
     est.fit(dataset.images, run_dir=out, data_spec=dataset.name, resume=resume)
+    distributed.shutdown()
+    if not distributed.env_info().is_main:
+        return
     last = est.history_[-1]
     click.echo(
         f"trained {len(est.history_)} epoch(s) on {dataset.name} ({len(dataset)} images): "

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .config import DataConfig, RunConfig, TrainConfig
 from .errors import ConvaeError, RunDirError
 from .metrics import mse_per_image, psnr_per_image, ssim_per_image
@@ -135,8 +136,19 @@ def corrupt(x: torch.Tensor, config: TrainConfig, generator: torch.Generator) ->
     return x
 
 
-def reconstruction_loss(model: nn.Module, x_in: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    logits = model.forward_logits(x_in)
+class _Logits(nn.Module):
+    """forward() = the model's logits, so DistributedDataParallel wraps the call that training makes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_logits(x)
+
+
+def reconstruction_loss(net: nn.Module, x_in: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    logits = net(x_in)
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits.float(), target)
     return F.mse_loss(torch.sigmoid(logits.float()), target)
@@ -188,6 +200,8 @@ def fit(
     data_config = data_config or DataConfig(image_size=(h, w), channels=c, num_images=n)
     config = RunConfig(model=model_config, train=train_config, data=data_config)
     device = resolve_device(train_config.device)
+    dist_info = distributed.init(device)
+    device = distributed.process_device(device, dist_info)
     if train_config.threads:
         torch.set_num_threads(train_config.threads)
 
@@ -208,7 +222,9 @@ def fit(
                 f"{run_dir} already holds a run: continue it with --resume, or choose another --out "
                 "(convae never overwrites a run)"
             )
-        rundir.save_config(run_dir, config)
+        distributed.barrier(dist_info)  # every rank has checked the directory before rank 0 writes
+        if dist_info.is_main:
+            rundir.save_config(run_dir, config)
 
     torch.manual_seed(train_config.seed)
     model = build_model(model_config)
@@ -216,6 +232,11 @@ def fit(
     if use_channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(device)
+    net = _Logits(model)
+    if dist_info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
@@ -225,8 +246,13 @@ def fit(
     )
 
     train_idx, val_idx = split_train_val(n, train_config.val_fraction, train_config.seed)
-    batch_size = min(train_config.batch_size, len(train_idx))
-    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
+    # DistributedSampler shards (and pads) each epoch's shuffle so every rank takes the same steps.
+    sampler = torch.utils.data.DistributedSampler(
+        range(len(train_idx)), num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
+        seed=train_config.seed,
+    )
+    batch_size = min(train_config.batch_size, len(sampler))
+    steps_per_epoch = math.ceil(len(sampler) / batch_size)
     epochs = resolve_epochs(train_config, len(train_idx))
     total_steps = epochs * steps_per_epoch if epochs else None
     amp = device.type == "cuda" and train_config.amp
@@ -252,7 +278,7 @@ def fit(
         return max(parts)
 
     bar = None
-    if progress:
+    if progress and dist_info.is_main:
         from tqdm.auto import tqdm
 
         if total_steps:
@@ -265,8 +291,11 @@ def fit(
     out_of_time = train_config.max_time and elapsed >= train_config.max_time
     try:
         while (epochs is None or epoch < epochs) and not out_of_time:
-            generator = torch.Generator().manual_seed(train_config.seed * 1_000_003 + epoch)
-            order = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
+            sampler.set_epoch(epoch)
+            order = train_idx[np.fromiter(iter(sampler), dtype=np.int64)]
+            generator = torch.Generator().manual_seed(
+                (train_config.seed * 1_000_003 + epoch) * 1009 + dist_info.rank
+            )
             epoch_start = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             seen = 0
@@ -278,7 +307,7 @@ def fit(
                 x = to_input(batch, device, use_channels_last)
                 x_in = corrupt(x, train_config, generator)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = reconstruction_loss(model, x_in, x, train_config.loss)
+                    loss = reconstruction_loss(net, x_in, x, train_config.loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -299,14 +328,26 @@ def fit(
                         bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}", img_s=f"{rate:.0f}", refresh=False)
                 if bar is not None:
                     bar.update(1 if total_steps else round(elapsed) - bar.n)
-                if train_config.max_time and elapsed >= train_config.max_time:
+                if train_config.max_time and distributed.any_rank(
+                    elapsed >= train_config.max_time, device, dist_info
+                ):
                     out_of_time = True
                     break
             epoch += 1
-            train_loss = (loss_sum / max(seen, 1)).item()
+            distributed.sync_buffers(model, dist_info)
+            totals = distributed.all_reduce_sum(
+                torch.stack([loss_sum.float(), torch.tensor(float(seen), device=device)]), dist_info
+            )
+            seen = int(totals[1].item())
+            train_loss = (totals[0] / max(seen, 1)).item()
             if not math.isfinite(train_loss):
                 raise TrainingError(f"loss became {train_loss} in epoch {epoch}; try a lower --lr")
-            metrics = evaluate(model, images, val_idx, device, channels_last=use_channels_last)
+            # Only rank 0 writes; DDP keeps its buffers (BatchNorm statistics) authoritative.
+            metrics = (
+                evaluate(model, images, val_idx, device, channels_last=use_channels_last)
+                if dist_info.is_main
+                else {"mse": float("nan"), "psnr": float("nan"), "ssim": float("nan")}
+            )
             seconds = time.perf_counter() - epoch_start
             row = {
                 "epoch": epoch,
@@ -321,7 +362,7 @@ def fit(
                 "images_per_s": seen / max(seconds, 1e-9),
             }
             history.append(row)
-            if run_dir is not None:
+            if run_dir is not None and dist_info.is_main:
                 # Weights and history first, checkpoint last: a resume never skips an epoch's files.
                 rundir.save_weights(run_dir / rundir.WEIGHTS_FILE, model)
                 rundir.write_history(run_dir / rundir.HISTORY_FILE, history)

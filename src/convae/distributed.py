@@ -1,0 +1,96 @@
+"""Scale-out on PyTorch's own engine: torchrun sets the environment, we read it.
+
+`torchrun --nproc_per_node N -m convae fit ...` (or `convae fit --nproc N`, which runs
+exactly that) starts N processes; each calls `init()` and trains its shard with
+DistributedDataParallel: gloo on CPU, NCCL on GPU.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_info() -> DistInfo:
+    """What torchrun (or any launcher using its variables) says about this process."""
+    return DistInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def init(device: torch.device) -> DistInfo:
+    """Join the process group torchrun prepared, once; a no-op in a single process."""
+    info = env_info()
+    if info.enabled and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend)
+    return info
+
+
+def process_device(device: torch.device, info: DistInfo) -> torch.device:
+    """Each process of a multi-GPU run gets its own GPU."""
+    if info.enabled and device.type == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device, info: DistInfo) -> bool:
+    """True on every rank when it is true on any: keeps ranks stepping in lock-step."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def sync_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm statistics) everywhere: DDP syncs them before a forward, not after."""
+    if info.enabled:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, args: list[str], extra: list[str] | None = None) -> int:
+    """Run `torchrun --standalone --nproc_per_node nproc -m convae ARGS`; returns its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += list(extra or []) + ["-m", "convae", *args]
+    return subprocess.call(cmd)

@@ -1,0 +1,56 @@
+"""Two CPU processes with gloo, launched by torchrun as a user would."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+
+from convae.run import load_model
+
+HERE = Path(__file__).parent
+CONVAE = str(Path(sys.executable).parent / "convae")
+
+
+def test_ddp_ranks_end_with_identical_weights_and_a_valid_run(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "ddp_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    model, config = load_model(tmp_path / "run")
+    saved = model.state_dict()
+    for key in a:
+        assert torch.equal(saved[key], a[key]), key
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert len(history) == 3  # header + 2 epochs, written once (by rank 0)
+
+
+def test_nproc_run_killed_then_resumed_matches_an_uninterrupted_one(tmp_path):
+    args = ["fit", "digits", "--nproc", "2", "--epochs", "4", "--batch-size", "64", "--seed", "2", "-q"]
+    whole = subprocess.run([CONVAE, *args, "--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    cut = tmp_path / "cut"
+    # A job scheduler kills the whole process group: torchrun and its workers.
+    proc = subprocess.Popen([CONVAE, *args, "--out", str(cut)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not (cut / "checkpoint" / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+
+    resumed = subprocess.run([CONVAE, *args, "--out", str(cut), "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(cut / "model.safetensors"))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
