@@ -25,7 +25,11 @@ class _Group(click.Group):
         except OSError as e:  # a full disk, an I/O error
             _fail(f"{getattr(e, 'filename', '') or ''}{': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
         except KeyboardInterrupt:
-            click.echo("convae: interrupted; a run can be continued with `convae fit ... --resume`", err=True)
+            click.echo(
+                "convae: interrupted; `convae fit ... --resume` continues a run, "
+                "and the same `convae extract` command resumes an extraction",
+                err=True,
+            )
             sys.exit(130)
 
 
@@ -242,6 +246,108 @@ def reconstruct(run_dir, data, output, data_dir, split, image_size, channels, no
     click.echo(f"wrote {output}")
 
 
+@main.command("layers")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def layers_command(run_dir):
+    """Encoder layers `extract` and `probe` accept: channels, stride, receptive field, size per pooling.
+
+    The last columns give the feature size of each --pool: flatten keeps the maps, avg and max
+    give one value per channel, grid2/grid4 average over a 2x2/4x4 grid of regions.
+    """
+    from .features import layer_table
+    from .run import load_model
+
+    model, _ = load_model(run_dir)
+    click.echo(_table(layer_table(model)))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("data")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="OUT.npy (labels go to OUT.labels.npy) or OUT.npz.")
+@with_data_options
+@click.option("--layers", default="bottleneck", show_default=True, help="Encoder layers, comma-separated, or all (see `convae layers`).")
+@click.option("--pool", default="flatten", show_default=True, help="flatten, avg, max, grid2 or grid4; several, comma-separated, are concatenated.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def extract(
+    run_dir, data, output, data_dir, split, image_size, channels, no_download, layers, pool, dtype, batch_size, device,
+    quiet,
+):
+    """Encoder features of DATA, one row per image, into OUT.npy or OUT.npz.
+
+    The pooled features of the requested layers are concatenated in network order. Rows are
+    written batch by batch, so memory stays flat; run the same command again after an
+    interruption and it resumes where it stopped.
+    """
+    from .features import FeatureExtractor, extract_to_file
+    from .run import load_model
+
+    model, _ = load_model(run_dir)
+    extractor = FeatureExtractor(model, layers, pool, device=device, batch_size=batch_size)
+    h, w, c = extractor.image_shape
+    channels = channels or (c if c in (1, 3) else None)  # the run's, where the loader can convert to it
+    dataset = _load(data, data_dir, split, image_size or f"{h}x{w}", channels, no_download, quiet)
+    result = extract_to_file(
+        extractor, dataset.images, output, labels=dataset.labels, dtype=dtype, source=dataset.name, progress=not quiet
+    )
+    resumed = f"; resumed at image {result.resumed_from:,}" if result.resumed_from else ""
+    blocks = ", ".join(b.name for b in extractor.blocks)
+    click.echo(f"wrote {result.path}: {result.shape[0]:,} x {result.shape[1]:,} {dtype} ({blocks}){resumed}")
+    if result.labels_path is not None:
+        click.echo(f"labels: {result.labels_path}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--train", "train_data", required=True, help="Labelled data the classifiers are fitted on, e.g. mnist:train.")
+@click.option("--test", "test_data", required=True, help="Labelled data they are scored on, e.g. mnist:test.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="results.json; a Markdown copy goes beside it.")
+@click.option("--layers", help="Encoder layers, comma-separated, or all (default: every stage and the bottleneck; see `convae layers`).")
+@click.option("--pool", default="grid4", show_default=True, help="flatten, avg, max, grid2, grid4; several, comma-separated, each get rows.")
+@click.option("--classifiers", default="logreg", show_default=True, help="Any of logreg, linsvm, rbfsvm, rf, knn, mlp, comma-separated.")
+@click.option("--baselines", default="pixels,pca,random", show_default=True, help="Any of pixels, pca, random (untrained weights), or none.")
+@click.option("--compare", multiple=True, type=click.Path(path_type=Path), help="Another run directory to probe alongside (repeatable).")
+@click.option("--labels-per-class", default="all", show_default=True, help="e.g. 10,100,1000,all: accuracy with few labels.")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Label subsets averaged for each labels-per-class below all.")
+@click.option("--pca-dim", help="PCA baseline sizes, e.g. 64,128 (default: the compared features' sizes below the pixel count, else 95% of the variance).")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Where built-in datasets are looked up (then $CONVAE_DATA, ~/.cache/convae).")
+@click.option("--image-size", help="Resize and centre-crop images to this size (default: the run's).")
+@click.option("--channels", type=int, help="Image channels: 1 or 3 (default: the run's).")
+@click.option("--no-download", is_flag=True, help="Never download a missing built-in dataset.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def probe(run_dir, train_data, test_data, output, layers, pool, classifiers, baselines, compare, labels_per_class,
+          seeds, pca_dim, data_dir, image_size, channels, no_download, batch_size, device, quiet):
+    """How good the features are: classifiers on each layer's features, beside baselines.
+
+    Fits StandardScaler + classifier on the --train features of each layer and pooling and
+    reports --test accuracy and macro-F1, with the same classifier on raw pixels, on PCA of the
+    pixels, on the same architecture with random weights and on any --compare run.
+    """
+    from .probe import run_probe, write_results
+    from .run import load_config
+
+    if not str(output).lower().endswith(".json"):
+        raise ConvaeError(f"--output {output}: name it .json (a Markdown copy is written beside it)")
+    m = load_config(run_dir).model
+    h, w = m.image_size
+    size, chans = image_size or f"{h}x{w}", channels or (m.in_channels if m.in_channels in (1, 3) else None)
+    train = _load(train_data, data_dir, None, size, chans, no_download, quiet)
+    test = _load(test_data, data_dir, None, size, chans, no_download, quiet)
+    rows = run_probe(
+        run_dir, train, test, layers=layers, pool=pool, classifiers=classifiers, baselines=baselines,
+        compare=compare, labels_per_class=labels_per_class, seeds=seeds,
+        pca_dims=_ints(pca_dim, "--pca-dim"), device=device, batch_size=batch_size, progress=not quiet,
+    )
+    json_path, md_path = write_results(rows, output, run=str(run_dir), train=train.name, test=test.name)
+    click.echo(_table(rows))
+    click.echo(f"wrote {json_path} and {md_path}")
+
+
 @main.command()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
@@ -256,6 +362,9 @@ def demo(out, quiet):
         f"\ndigits:test reconstruction: MSE {m['mse']:.5f}, PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} "
         f"after {len(result.history)} epochs"
     )
+    if result.probe_rows:
+        click.echo("\nlinear probe on digits (logistic regression; test accuracy):")
+        click.echo(_table(result.probe_rows))
     click.echo("outputs:")
     for name, path in result.outputs.items():
         click.echo(f"  {name}: {path}")

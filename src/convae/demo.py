@@ -10,10 +10,13 @@ import numpy as np
 from .data import load_dataset
 from .estimator import ConvAutoencoder
 from .model import describe
+from .probe import run_probe, write_results
 from .train import evaluate
 from .visualize import reconstruction_figure, save_figure
 
 DEMO_SETTINGS = dict(epochs=20, batch_size=64, lr=3e-3, seed=0)
+# Logistic regression on every stage and the bottleneck, with 10 labels per class and with all.
+DEMO_PROBE = dict(pool="grid4", classifiers="logreg", labels_per_class="10,all", seeds=3)
 
 
 @dataclass
@@ -24,10 +27,11 @@ class DemoResult:
     history: list[dict]
     test_metrics: dict[str, float]
     outputs: dict[str, Path] = field(default_factory=dict)
+    probe_rows: list[dict] = field(default_factory=list)  # `convae probe` on digits, baselines included
 
 
 def run_demo(out_dir: str | Path = "demo-output", *, progress: bool = False) -> DemoResult:
-    """Train on digits:train, then reconstruct digits:test. Replaces the previous demo run."""
+    """Train on digits:train, reconstruct digits:test, probe the features. Replaces the previous demo run."""
     out_dir = Path(out_dir)
     run_dir = out_dir / "digits-run"
     if (run_dir / "config.json").exists():
@@ -41,11 +45,16 @@ def run_demo(out_dir: str | Path = "demo-output", *, progress: bool = False) -> 
         reconstruction_figure(test.images[:16], est.reconstruct(test.images[:16]), "digits:test"),
         out_dir / "reconstructions.png",
     )
+    probe_rows = run_probe(est, train, test, **DEMO_PROBE)
+    probe_path, _ = write_results(
+        probe_rows, out_dir / "probe.json", run=str(run_dir), train=train.name, test=test.name
+    )
     return DemoResult(
         out_dir=out_dir,
         run_dir=run_dir,
         model_rows=describe(est.model_),
         history=est.history_,
         test_metrics=metrics,
-        outputs={"run directory": run_dir, "reconstructions": recon_path},
+        outputs={"run directory": run_dir, "reconstructions": recon_path, "probe results": probe_path},
+        probe_rows=probe_rows,
     )

@@ -1,30 +1,62 @@
-"""`ConvAutoencoder`: the object users hold in Python, a scikit-learn style estimator."""
+"""`ConvAutoencoder`: the object users hold in Python, a scikit-learn transformer."""
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import _check_feature_names_in, check_array, check_is_fitted, validate_data
 
 from .config import DataConfig, TrainConfig
 from .data import LazyImages, as_uint8_images
-from .model import ModelConfig, default_model_config
+from .errors import DataError
+from .features import FeatureExtractor, plan_blocks
+from .model import ModelConfig, build_model, default_model_config
 
 _MODEL_PARAMS = [f.name for f in fields(ModelConfig) if f.name not in ("in_channels", "image_size")]
 _TRAIN_PARAMS = [f.name for f in fields(TrainConfig)]
+_BATCH = 256  # images per forward pass in transform and friends
+
+
+class InputError(DataError, ValueError):
+    """X that cannot be read as images: a ValueError for scikit-learn, a one-line DataError for the CLI."""
 
 
 class ConvAutoencoder(TransformerMixin, BaseEstimator):
     """A convolutional autoencoder trained without labels; its encoder gives the features.
 
-    Every constructor argument is a plain parameter (scikit-learn convention);
-    `None` means "chosen from the image size" for the architecture settings.
+    ``fit(X)`` trains on images; ``transform(X)`` gives the features of the encoder layers
+    `layers` ("bottleneck", "stage2,bottleneck", "all"; see ``model_.layer_names``) pooled by
+    `pool` ("flatten", "avg", "max", "grid2", "grid4", or several joined by commas), one row per
+    image, named by :meth:`get_feature_names_out`. ``inverse_transform`` decodes bottleneck codes
+    (``layers="bottleneck", pool="flatten"``) back to images; ``score`` is the negative
+    reconstruction MSE. Every constructor argument is a plain parameter, so ``clone``,
+    ``set_params`` and ``GridSearchCV`` over the architecture work; `None` architecture settings
+    are chosen from the image size.
 
-    Fitted attributes: `model_` (the torch module), `config_` (RunConfig),
-    `history_` (one dict per epoch), `n_features_in_`, `image_shape_`.
+    X is uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) (the layouts of
+    :func:`convae.data.as_uint8_images`), :class:`convae.data.LazyImages`, or a 2-D table of
+    flattened images: rows of `image_shape` (H, W, C) values in ``X.reshape(len(X), -1)`` order
+    when given, otherwise square grayscale images, zero-padded to the next square when the row
+    length is not one (so any table can be read). Integers are pixel values 0..255. Floats in
+    [0, 1] are intensities; floats that ``fit`` sees outside [0, 1] are rescaled by the minimum
+    and maximum it saw (``input_range_``), and later ones are clipped to that range. The network
+    sees images quantized to 8 bits, as training does.
+
+    Fitted attributes: ``model_`` (the torch module, in eval mode on CPU), ``config_``
+    (RunConfig), ``history_`` (one dict per epoch), ``image_shape_`` (H, W, C), ``input_range_``,
+    ``input_format_`` ("images" or "table": the layout ``inverse_transform`` and ``reconstruct``
+    return), ``n_features_in_`` and, for DataFrames, ``feature_names_in_``.
+
+    scikit-learn's ``check_estimator`` passes with no check tagged away or expected to fail. Tags:
+    ``three_d_array`` (grayscale images come as (N, H, W)) and ``preserves_dtype = ["float32"]``
+    (features are always float32, the network's precision, so float64 input is not preserved).
+    Pickling stores the weights as safetensors bytes: a pickle loads without CUDA and runs no
+    code from the weights. ``save`` writes a run directory; it keeps the model and its settings,
+    not ``input_range_`` (pickle the estimator to keep a range learned from float tables).
     """
 
     def __init__(
@@ -61,6 +93,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         channels_last=True,
         layers="bottleneck",
         pool="flatten",
+        image_shape=None,
         verbose=False,
     ):
         self.arch = arch
@@ -94,7 +127,14 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         self.channels_last = channels_last
         self.layers = layers
         self.pool = pool
+        self.image_shape = image_shape
         self.verbose = verbose
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
 
     # -- configuration -----------------------------------------------------
     def _model_config(self, image_shape) -> ModelConfig:
@@ -107,14 +147,112 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
     def _train_config(self) -> TrainConfig:
         return TrainConfig(**{name: getattr(self, name) for name in _TRAIN_PARAMS})
 
+    def _device(self) -> torch.device:
+        from .train import resolve_device
+
+        return resolve_device(self.device)
+
+    # -- input -------------------------------------------------------------
+    def _table_shape(self, n_features: int) -> tuple[int, int, int]:
+        """The image a row of `n_features` values is read as (padded when not square)."""
+        if self.image_shape is not None:
+            shape = tuple(int(v) for v in self.image_shape)
+            if len(shape) != 3 or min(shape) < 1:
+                raise InputError(f"image_shape must be (H, W, C) with positive sizes, got {self.image_shape!r}")
+            if math.prod(shape) != n_features:
+                raise InputError(
+                    f"X has {n_features} features per row, but image_shape {shape} holds {math.prod(shape)}"
+                )
+            return shape
+        side = math.isqrt(n_features)
+        side += side * side < n_features
+        if side < 2:
+            raise InputError(f"X has {n_features} feature(s) per row: too few to read as an image")
+        return (side, side, 1)
+
+    def _images(self, X, *, reset: bool):
+        """X as uint8 (N, H, W, C) images or LazyImages; `reset` records what fit saw."""
+        if reset:
+            for name in ("feature_names_in_", "n_features_in_"):
+                self.__dict__.pop(name, None)
+        if isinstance(X, LazyImages):
+            images, fmt, kind = X, "images", "u"
+        else:
+            if isinstance(X, torch.Tensor):
+                X = X.detach().cpu().numpy()
+            min_samples = 2 if reset else 1  # an autoencoder needs a train/val split
+            ndim = X.ndim if hasattr(X, "ndim") else np.asarray(X).ndim
+            if ndim <= 2:  # a table (1-D X fails here with scikit-learn's "Reshape your data")
+                arr = validate_data(self, X, reset=reset, dtype="numeric", ensure_min_samples=min_samples)
+                fmt = "table"
+            else:
+                arr = check_array(
+                    X, allow_nd=True, ensure_2d=False, dtype="numeric", ensure_min_samples=min_samples,
+                    input_name="X",
+                )
+                if arr.ndim not in (3, 4):
+                    raise InputError(
+                        f"X has shape {arr.shape}: pass images (N, H, W), (N, H, W, C) or (N, C, H, W), "
+                        "or a 2-D table of flattened images"
+                    )
+                fmt = "images"
+            kind = arr.dtype.kind
+            if kind == "f":
+                arr = self._unit_range(arr, reset)
+            if fmt == "table":
+                shape = self._table_shape(arr.shape[1]) if reset else self.image_shape_
+                arr = _rows_to_images(arr, shape)
+            try:
+                images = as_uint8_images(arr)
+            except DataError as e:
+                raise InputError(str(e)) from e
+        shape = tuple(int(s) for s in images.shape[1:])
+        if reset:
+            self.image_shape_ = shape
+            self.input_format_ = fmt
+            if fmt == "images":
+                self.n_features_in_ = math.prod(shape)
+            if kind != "f":
+                self.input_range_ = (0.0, 1.0)
+        elif shape != self.image_shape_:
+            raise InputError(
+                f"X has images of shape {shape} (H, W, C) but {type(self).__name__} was fitted on {self.image_shape_}"
+            )
+        return images
+
+    def _unit_range(self, arr: np.ndarray, reset: bool) -> np.ndarray:
+        """Floats mapped to [0, 1] by `input_range_` (learned here when `reset`), as float32."""
+        if reset:
+            lo, hi = float(arr.min()), float(arr.max())
+            self.input_range_ = (0.0, 1.0) if lo >= 0 and hi <= 1 else (lo, hi if hi > lo else lo + 1)
+        lo, hi = self.input_range_
+        out = np.empty(arr.shape, dtype=np.float32)
+        for s in range(0, len(arr), 4096):  # chunked, to bound the temporaries
+            out[s : s + 4096] = np.clip((arr[s : s + 4096] - lo) / (hi - lo), 0, 1)
+        return out
+
+    def _extractor(self, layers=None, pool=None) -> FeatureExtractor:
+        check_is_fitted(self, "model_")
+        return FeatureExtractor(
+            self.model_,
+            self.layers if layers is None else layers,
+            self.pool if pool is None else pool,
+            device=self._device(),
+            batch_size=_BATCH,
+        )
+
     # -- fitting -----------------------------------------------------------
     def fit(self, X, y=None, *, run_dir=None, data_spec: str = "", resume: bool = False):
-        """Train on images X (uint8 or float in [0, 1]; NHWC, NCHW or NHW). `y` is ignored."""
+        """Train on images X (see the class docstring for what X may be). `y` is ignored.
+
+        With `run_dir`, checkpoint every epoch into that run directory (`resume` continues it).
+        """
         from .train import fit as train_fit
 
-        images = X if isinstance(X, LazyImages) else as_uint8_images(X)
+        images = self._images(X, reset=True)
         n, h, w, c = images.shape
         model_config = self._model_config((h, w, c))
+        plan_blocks(build_model(model_config), self.layers, self.pool)  # bad layers fail before training
         result = train_fit(
             images,
             model_config,
@@ -132,47 +270,104 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         self.config_ = config
         self.history_ = list(history)
         self.image_shape_ = (*config.model.image_size, config.model.in_channels)
-        self.n_features_in_ = int(np.prod(self.image_shape_))
+        self.__dict__.setdefault("input_format_", "images")
+        self.__dict__.setdefault("input_range_", (0.0, 1.0))
+        self.__dict__.setdefault("n_features_in_", math.prod(self.image_shape_))
 
-    def _device(self) -> torch.device:
-        from .train import resolve_device
+    # -- features ----------------------------------------------------------
+    def transform(self, X) -> np.ndarray:
+        """Features of X: float32 (N, n_features_out), pooled `layers` concatenated in network order."""
+        extractor = self._extractor()
+        return extractor.transform(self._images(X, reset=False), progress=bool(self.verbose))
 
-        return resolve_device(self.device)
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        """Names like ``stage2/grid4/c12_g1_1``: layer / pooling / channel and grid cell (or y, x)."""
+        check_is_fitted(self, "model_")
+        _check_feature_names_in(self, input_features, generate_names=False)
+        return np.asarray(self._extractor().feature_names, dtype=object)
 
-    def _batches(self, X, batch_size: int = 256):
-        """Float (B, C, H, W) batches in [0, 1] on the estimator's device, checked against the fitted shape."""
-        from .train import to_input
+    def encode(self, X) -> np.ndarray:
+        """Bottleneck codes of X, flattened: float32 (N, code_size), whatever `layers` and `pool` are."""
+        return self._extractor("bottleneck", "flatten").transform(self._images(X, reset=False))
+
+    @torch.inference_mode()
+    def inverse_transform(self, X) -> np.ndarray:
+        """Decode bottleneck codes (the output of transform with layers="bottleneck", pool="flatten").
+
+        Returns float32 images in [0, 1]: (N, H, W, C), or rows of ``n_features_in_`` values
+        when fit was given a 2-D table.
+        """
+        check_is_fitted(self, "model_")
+        blocks = plan_blocks(self.model_, self.layers, self.pool)
+        if [(b.layer, b.pool) for b in blocks] != [("bottleneck", "flatten")]:
+            raise ValueError(
+                f"inverse_transform decodes bottleneck codes, but layers={self.layers!r}, pool={self.pool!r}: "
+                "set layers='bottleneck' and pool='flatten'"
+            )
+        codes = check_array(X, dtype=np.float32)
+        code_shape = next(f["shape"] for f in self.model_.feature_info if f["module"] == "bottleneck")
+        if codes.shape[1] != blocks[0].dim:
+            raise ValueError(f"X has {codes.shape[1]} features, but the bottleneck code has {blocks[0].dim}")
+        device = self._device()
+        model = self.model_.to(device)
+        out = np.empty((len(codes), *self.image_shape_), dtype=np.float32)
+        for s in range(0, len(codes), _BATCH):
+            code = torch.from_numpy(codes[s : s + _BATCH]).to(device).view(-1, *code_shape)
+            out[s : s + _BATCH] = model.decode(code).float().permute(0, 2, 3, 1).cpu().numpy()
+        return self._as_input_format(out)
+
+    def _as_input_format(self, images: np.ndarray) -> np.ndarray:
+        if self.input_format_ == "table":
+            return images.reshape(len(images), -1)[:, : self.n_features_in_]
+        return images
+
+    # -- reconstruction ----------------------------------------------------
+    @torch.inference_mode()
+    def _reconstruction_batches(self, X):
+        """(inputs, reconstructions) as float (B, C, H, W) in [0, 1], batch by batch."""
+        from .train import iter_uint8_batches, to_input
 
         check_is_fitted(self, "model_")
-        images = as_uint8_images(X)
-        if images.shape[1:] != self.image_shape_:
-            raise ValueError(
-                f"X has images of shape {images.shape[1:]} (H, W, C) but the model was fitted on {self.image_shape_}"
-            )
+        images = self._images(X, reset=False)
         device = self._device()
-        for start in range(0, len(images), batch_size):
-            yield to_input(torch.from_numpy(images[start : start + batch_size]), device, False)
+        model = self.model_.to(device)
+        for batch in iter_uint8_batches(images, np.arange(len(images)), _BATCH):
+            x = to_input(batch, device, False)
+            yield x, model(x).float()
 
-    @torch.inference_mode()
     def reconstruct(self, X) -> np.ndarray:
-        """Reconstructions of X as float32 (N, H, W, C) in [0, 1]."""
-        model = self.model_.to(self._device())
-        out = [model(x).float().permute(0, 2, 3, 1).cpu().numpy() for x in self._batches(X)]
-        return np.concatenate(out) if out else np.zeros((0, *self.image_shape_), np.float32)
-
-    @torch.inference_mode()
-    def encode(self, X) -> np.ndarray:
-        """Bottleneck codes of X, flattened: float32 (N, code_size)."""
-        model = self.model_.to(self._device())
-        out = [model.encode(x).float().flatten(1).cpu().numpy() for x in self._batches(X)]
-        return np.concatenate(out)
+        """Reconstructions of X as float32 in [0, 1]: (N, H, W, C), or rows when fit was given a table."""
+        out = [r.permute(0, 2, 3, 1).cpu().numpy() for _, r in self._reconstruction_batches(X)]
+        return self._as_input_format(np.concatenate(out))
 
     def score(self, X, y=None) -> float:
-        """Negative mean squared reconstruction error (higher is better)."""
-        images = as_uint8_images(X).astype(np.float32) / 255
-        return -float(np.mean((self.reconstruct(images) - images) ** 2))
+        """Negative mean squared reconstruction error on [0, 1] intensities (higher is better)."""
+        total, count = 0.0, 0
+        for x, r in self._reconstruction_batches(X):
+            total += float((r - x).pow(2).sum())
+            count += x.numel()
+        return -total / count
 
     # -- persistence -------------------------------------------------------
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # object.__getstate__ returns the live __dict__
+        model = state.pop("model_", None)
+        if model is not None:
+            from safetensors.torch import save
+
+            state["_weights"] = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+        return state
+
+    def __setstate__(self, state):
+        weights = state.pop("_weights", None)
+        super().__setstate__(state)
+        if weights is not None:
+            from safetensors.torch import load
+
+            model = build_model(self.config_.model)
+            model.load_state_dict(load(weights), strict=True)
+            self.model_ = model.eval()
+
     def save(self, run_dir) -> Path:
         """Write config.json, model.safetensors and history.csv into `run_dir`."""
         from . import run as rundir
@@ -185,15 +380,29 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         return run_dir
 
     @classmethod
-    def load(cls, run_dir, device: str = "cpu") -> "ConvAutoencoder":
-        """The estimator of a run directory, fitted, with its settings as parameters."""
+    def load(cls, run_dir, device: str = "cpu", **params) -> "ConvAutoencoder":
+        """The estimator of a run directory, fitted, with its settings as parameters.
+
+        `params` set the others, e.g. ``layers="stage2", pool="grid4"``.
+        """
         from . import run as rundir
 
         model, config = rundir.load_model(run_dir, device="cpu")
-        params = {name: getattr(config.model, name) for name in _MODEL_PARAMS}
-        params.update({name: getattr(config.train, name) for name in _TRAIN_PARAMS})
-        params["device"] = device
-        est = cls(**params)
+        settings = {name: getattr(config.model, name) for name in _MODEL_PARAMS}
+        settings.update({name: getattr(config.train, name) for name in _TRAIN_PARAMS})
+        settings["device"] = device
+        settings.update(params)
+        est = cls(**settings)
         est._set_fitted(model, config, rundir.read_history(run_dir))
         return est
 
+
+def _rows_to_images(rows: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """(N, D) rows -> (N, H, W, C) images, zero-padded at the end when D < H*W*C."""
+    n, d = rows.shape
+    size = math.prod(shape)
+    if d != size:
+        padded = np.zeros((n, size), dtype=rows.dtype)
+        padded[:, :d] = rows
+        rows = padded
+    return rows.reshape(n, *shape)

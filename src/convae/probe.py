@@ -1,0 +1,364 @@
+"""How good the features are, layer by layer: simple classifiers on frozen features.
+
+For each feature set (an encoder layer under a pooling) and classifier, fit
+``StandardScaler -> classifier`` on the train features and report test accuracy and
+macro-F1, beside baselines given the same classifier: raw pixels, PCA of the pixels with the
+same dimension as the compared features, the same architecture with random untrained weights
+(what training adds), and other runs. The PCA baseline is the standardized pixels projected on
+their first principal axes, not standardized again: that would whiten the scores, raising noise
+axes to the scale of the signal, and make PCA a straw man. With few labels per class, the label subsets are drawn
+per seed (the same subsets for every feature set) and the scores averaged over seeds.
+
+Unsupervised parts see all train images, as the autoencoder did: PCA is fitted on every train
+image, and only the classifiers are limited to the labelled subset.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.decomposition import PCA
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from torch import nn
+
+from ._io import atomic_write_text
+from ._version import __version__
+from .errors import ConfigError
+from .features import FeatureExtractor
+
+# name -> classifier for (seed, number of labelled train images)
+CLASSIFIERS: dict[str, Callable[[int, int], BaseEstimator]] = {
+    "logreg": lambda seed, n: LogisticRegression(max_iter=1000),
+    "linsvm": lambda seed, n: LinearSVC(C=0.1, max_iter=5000, random_state=seed),
+    "rbfsvm": lambda seed, n: SVC(kernel="rbf", C=10.0),
+    "rf": lambda seed, n: RandomForestClassifier(n_estimators=200, random_state=seed),
+    "knn": lambda seed, n: KNeighborsClassifier(n_neighbors=min(5, n)),
+    "mlp": lambda seed, n: MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, max_iter=300, random_state=seed),
+}
+BASELINES: tuple[str, ...] = ("pixels", "pca", "random")
+COLUMNS = (
+    "features", "classifier", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std", "macro_f1", "fit_seconds",
+)
+
+
+@dataclass
+class FeatureSet:
+    """Train and test features of one row group, e.g. ``stage2/grid4`` or ``pixels``.
+
+    `standardize`: put a StandardScaler before each classifier (False for features that are
+    already on a common scale and must keep their relative variances, like PCA scores).
+    """
+
+    name: str
+    train: np.ndarray
+    test: np.ndarray
+    standardize: bool = True
+
+    @property
+    def dim(self) -> int:
+        return self.train.shape[1]
+
+
+def parse_list(
+    value: str | Iterable[str] | None, option: str, choices: Sequence[str], *, allow_none: bool = False
+) -> list[str]:
+    """Names from "a,b" or a list, checked against `choices`, in the order given ("none": [] if allowed)."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    items = [str(v).strip() for v in items if str(v).strip()]
+    if allow_none and items == ["none"]:
+        return []
+    unknown = [v for v in items if v not in choices]
+    if unknown or not (items or allow_none):
+        also = " (or none)" if allow_none else ""
+        what = f"unknown {', '.join(unknown)}" if unknown else "give at least one"
+        raise ConfigError(f"{option}: {what}: choose from {', '.join(choices)}{also}")
+    return list(dict.fromkeys(items))
+
+
+def parse_labels_per_class(value: str | int | Iterable[str | int]) -> list[int | str]:
+    """"10,100,all" -> [10, 100, "all"]."""
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
+    out: list[int | str] = []
+    for v in items:
+        v = str(v).strip()
+        if not v:
+            continue
+        if v == "all":
+            out.append("all")
+            continue
+        try:
+            k = int(v)
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ConfigError(f"labels per class {v!r}: give positive integers or all, e.g. 10,100,all")
+        out.append(k)
+    if not out:
+        raise ConfigError("labels per class: give at least one value, e.g. 10,100,all")
+    return list(dict.fromkeys(out))
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """Every stage's output and the bottleneck (for the dense autoencoder: every layer).
+
+    When the bottleneck is the last stage's maps as they are (no latent layer), that stage is
+    left out: its rows would repeat the bottleneck's.
+    """
+    info = [f for f in model.feature_info if "." not in f["module"]]
+    if len(info) >= 2:
+        last, code = info[-2:]
+        if code["module"] == "bottleneck" and code["params"] == 0 and code["shape"] == last["shape"]:
+            info.remove(last)
+    return [f["module"] for f in info]
+
+
+def label_subsets(y: np.ndarray, per_class: int | str, seeds: int) -> list[np.ndarray]:
+    """Train indices with `per_class` labels of each class (all of a smaller class), one set per seed."""
+    if per_class == "all":
+        return [np.arange(len(y))]
+    out = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        picked = [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)]
+        out.append(np.sort(np.concatenate(picked)))
+    return out
+
+
+def evaluate_features(
+    feature_sets: Iterable[FeatureSet],
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    classifiers: Sequence[str] = ("logreg",),
+    labels_per_class: Sequence[int | str] = ("all",),
+    seeds: int = 3,
+    on_fit: Callable[[], None] | None = None,
+) -> Iterator[dict]:
+    """One row per (feature set, labels per class, classifier), averaged over the label subsets."""
+    subsets = {k: label_subsets(y_train, k, seeds) for k in labels_per_class}
+    for fs in feature_sets:
+        for k in labels_per_class:
+            for name in classifiers:
+                accs, f1s, secs = [], [], []
+                for seed, idx in enumerate(subsets[k]):
+                    rows = slice(None) if k == "all" else idx  # all labels: a view, not a copy
+                    scaler = [StandardScaler()] if fs.standardize else []
+                    clf = make_pipeline(*scaler, CLASSIFIERS[name](seed, len(idx)))
+                    t0 = time.perf_counter()
+                    with warnings.catch_warnings():
+                        # an unconverged probe is still a fair, if slightly low, measurement
+                        warnings.simplefilter("ignore", ConvergenceWarning)
+                        clf.fit(fs.train[rows], y_train[rows])
+                    secs.append(time.perf_counter() - t0)
+                    pred = clf.predict(fs.test)
+                    accs.append(accuracy_score(y_test, pred))
+                    f1s.append(f1_score(y_test, pred, average="macro"))
+                    if on_fit is not None:
+                        on_fit()
+                yield dict(
+                    features=fs.name,
+                    classifier=name,
+                    dim=fs.dim,
+                    labels_per_class=k,
+                    seeds=len(accs),
+                    accuracy=float(np.mean(accs)),
+                    accuracy_std=float(np.std(accs)),
+                    macro_f1=float(np.mean(f1s)),
+                    fit_seconds=float(np.mean(secs)),
+                )
+
+
+def _model_of(source) -> tuple[nn.Module, str]:
+    """(model, short name) of a run directory, a fitted ConvAutoencoder or a model."""
+    from .estimator import ConvAutoencoder
+    from .run import load_model
+
+    if isinstance(source, ConvAutoencoder):
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(source, "model_")
+        return source.model_, "model"
+    if isinstance(source, nn.Module):
+        return source, "model"
+    model, _ = load_model(source, device="cpu")  # the extractor moves it to the device
+    return model, Path(source).name
+
+
+def _images_labels(data, which: str):
+    """(images, labels) of an ImageData or an (images, labels) pair; labels are required."""
+    images, labels = (data.images, data.labels) if hasattr(data, "images") else data
+    name = getattr(data, "name", which)
+    if labels is None:
+        raise ConfigError(f"{which} data {name}: has no labels; the probe needs labelled train and test data")
+    labels = np.asarray(labels)
+    if len(labels) != len(images):
+        raise ConfigError(f"{which} data {name}: {len(labels)} labels for {len(images)} images")
+    return images, labels
+
+
+def _layer_sets(extractor: FeatureExtractor, train, test, prefix: str, progress: bool) -> list[FeatureSet]:
+    xtr = extractor.transform(train, progress=progress)
+    xte = extractor.transform(test, progress=progress)
+    return [FeatureSet(prefix + b.name, xtr[:, b.columns], xte[:, b.columns]) for b in extractor.blocks]
+
+
+def _pixels(images, batch: int = 4096) -> np.ndarray:
+    out = np.empty((len(images), int(np.prod(images.shape[1:]))), dtype=np.float32)
+    for s in range(0, len(images), batch):
+        out[s : s + batch] = np.asarray(images[s : s + batch]).reshape(-1, out.shape[1]) / np.float32(255)
+    return out
+
+
+def _pca_dims(dims: Iterable[int], pixels_shape: tuple[int, int]) -> list[int | float]:
+    """PCA sizes to compare with: those below the pixel count and the train size.
+
+    A PCA as large as the pixel count only rotates the standardized pixels, which the pixels
+    row already measures. When no size is left, keep 95% of the variance.
+    """
+    n, pixels = pixels_shape
+    kept = sorted({int(d) for d in dims if 0 < int(d) < min(pixels, n)})
+    return kept or [0.95]
+
+
+def run_probe(
+    run,
+    train,
+    test,
+    *,
+    layers: str | Iterable[str] | None = None,
+    pool: str | Iterable[str] = "grid4",
+    classifiers: str | Iterable[str] = ("logreg",),
+    baselines: str | Iterable[str] = BASELINES,
+    compare: Sequence = (),
+    labels_per_class: str | Iterable[int | str] = ("all",),
+    seeds: int = 3,
+    pca_dims: Sequence[int] | None = None,
+    random_seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 256,
+    progress: bool = False,
+) -> list[dict]:
+    """Probe the features of `run` (a run directory, a fitted ConvAutoencoder or a model).
+
+    `train` and `test` are :class:`convae.data.ImageData` with labels, or (images, labels)
+    pairs, of the model's image shape. `layers` defaults to every stage and the bottleneck.
+    `compare` takes other runs (e.g. the dense autoencoder), probed at the requested layers
+    they have, or at their own default layers. `pca_dims` sets the PCA baseline's dimensions,
+    e.g. ``[code_size(config.model)]`` for the bottleneck's; by default one PCA per distinct
+    dimension of the compared feature sets. Sizes not below the pixel count are left out, and
+    when none is left the PCA keeps 95% of the pixel variance.
+    Returns one dict per row (keys ``COLUMNS``), grouped by labels per class.
+    """
+    classifiers = parse_list(classifiers, "classifiers", list(CLASSIFIERS))
+    baselines = parse_list(baselines, "baselines", BASELINES, allow_none=True)
+    lpc = parse_labels_per_class(labels_per_class)
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    train_images, y_train = _images_labels(train, "train")
+    test_images, y_test = _images_labels(test, "test")
+
+    model, _ = _model_of(run)
+    layers = default_layers(model) if layers is None else layers
+    extractor = FeatureExtractor(model, layers, pool, device=device, batch_size=batch_size)
+    for name, images in (("train", train_images), ("test", test_images)):
+        shape = tuple(int(s) for s in images.shape[1:])
+        if shape != extractor.image_shape:
+            raise ConfigError(
+                f"{name} images are {'x'.join(map(str, shape))} (HxWxC) but the model takes "
+                f"{'x'.join(map(str, extractor.image_shape))}; load them at that size (--image-size, --channels)"
+            )
+
+    def sources() -> Iterator[list[FeatureSet]]:
+        # One source at a time, so only one source's features are held in memory.
+        yield _layer_sets(extractor, train_images, test_images, "", progress)
+        if "random" in baselines:
+            with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
+                torch.manual_seed(random_seed)
+                untrained = type(model)(model.config)  # the same architecture, default initialisation
+            random_ex = FeatureExtractor(
+                untrained, extractor.layers, extractor.pools, device=device, batch_size=batch_size
+            )
+            yield _layer_sets(random_ex, train_images, test_images, "random/", progress)
+        used = {"random", "pixels", "pca"}
+        for i, other in enumerate(compare, start=1):
+            other_model, name = _model_of(other)
+            name = name if name not in used else f"compare{i}"
+            used.add(name)
+            wanted = [n for n in extractor.layers if n in other_model.layer_names] or default_layers(other_model)
+            ex = FeatureExtractor(other_model, wanted, extractor.pools, device=device, batch_size=batch_size)
+            yield _layer_sets(ex, train_images, test_images, f"{name}/", progress)
+        if "pixels" in baselines or "pca" in baselines:
+            xtr, xte = _pixels(train_images), _pixels(test_images)
+            if "pixels" in baselines:
+                yield [FeatureSet("pixels", xtr, xte)]
+            if "pca" in baselines:
+                dims = pca_dims if pca_dims is not None else [b.dim for b in extractor.blocks]
+                for d in _pca_dims(dims, xtr.shape):
+                    # The standardized pixels on their first d principal axes. Standardizing the
+                    # scores again would whiten them: noise axes blown up to the signal's scale.
+                    pca = make_pipeline(StandardScaler(), PCA(n_components=d, random_state=0)).fit(xtr)
+                    yield [FeatureSet("pca", pca.transform(xtr), pca.transform(xte), standardize=False)]
+
+    fits_per_set = len(classifiers) * sum(len(label_subsets(y_train, k, seeds)) for k in lpc)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=0, unit="fit", dynamic_ncols=True)
+    rows: list[dict] = []
+    try:
+        for sets in sources():
+            if bar is not None:
+                bar.total += fits_per_set * len(sets)
+                bar.refresh()
+            rows += evaluate_features(
+                sets, y_train, y_test, classifiers=classifiers, labels_per_class=lpc, seeds=seeds,
+                on_fit=(lambda: bar.update(1)) if bar is not None else None,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    order = {k: i for i, k in enumerate(lpc)}
+    return sorted(rows, key=lambda r: order[r["labels_per_class"]])  # stable: sources keep their order
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a GitHub Markdown table."""
+    head = ["features", "classifier", "dim", "labels/class", "accuracy", "± (seeds)", "macro-F1", "fit s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 6) + "|"]
+    for r in rows:
+        spread = f"{r['accuracy_std']:.4f} ({r['seeds']})" if r["seeds"] > 1 else "-"
+        cells = [
+            r["features"], r["classifier"], str(r["dim"]), str(r["labels_per_class"]),
+            f"{r['accuracy']:.4f}", spread, f"{r['macro_f1']:.4f}", f"{r['fit_seconds']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict], path: str | Path, **meta) -> tuple[Path, Path]:
+    """Write ``{"rows": [...]}`` (plus `meta`) as JSON to `path`, and the table as Markdown beside it."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        raise ConfigError(f"output {path}: name it .json (a Markdown copy is written beside it as .md)")
+    md = path.with_suffix(".md")
+    document = {"convae_version": __version__, **meta, "rows": rows}
+    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+    title = ", ".join(f"{k} `{v}`" for k, v in meta.items() if v)
+    atomic_write_text(md, (f"# convae probe\n\n{title}\n\n" if title else "") + markdown_table(rows))
+    return path, md

@@ -1,0 +1,239 @@
+"""`run_probe` and `convae probe`: classifiers on each layer's features, beside honest baselines."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from convae import ConvAutoencoder
+from convae.data import load_dataset
+from convae.errors import ConfigError
+from convae.model import code_size
+from convae.probe import (
+    COLUMNS,
+    FeatureSet,
+    _pca_dims,
+    default_layers,
+    evaluate_features,
+    label_subsets,
+    run_probe,
+    write_results,
+)
+
+CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The 2 cores are shared: spinning OpenMP/BLAS threads make small workloads 10x slower.
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def runs(digits, tmp_path_factory):
+    """A ConvAE trained briefly on digits:train, and the dense autoencoder to compare with."""
+    train, _ = digits
+    root = tmp_path_factory.mktemp("probe")
+    ConvAutoencoder(epochs=6, channels=(16, 32), batch_size=64, lr=3e-3, seed=0).fit(
+        train.images, run_dir=root / "conv", data_spec="digits"
+    )
+    ConvAutoencoder(arch="dense", hidden=(64,), latent_dim=16, epochs=3, batch_size=64, seed=0).fit(
+        train.images, run_dir=root / "dense", data_spec="digits"
+    )
+    return root / "conv", root / "dense"
+
+
+def _accuracy(rows, features, k="all", classifier="logreg"):
+    (row,) = [r for r in rows if r["features"] == features and r["labels_per_class"] == k and r["classifier"] == classifier]
+    return row["accuracy"]
+
+
+def test_probe_on_digits_beats_the_pixel_baseline(runs, digits):
+    conv, _ = runs
+    rows = run_probe(conv, *digits, labels_per_class="10,all", baselines="pixels")
+    # by default every stage and the bottleneck; stage2 is the bottleneck here (no latent layer)
+    assert list(dict.fromkeys(r["features"] for r in rows)) == ["stage1/grid4", "bottleneck/grid4", "pixels"]
+    for k in (10, "all"):
+        pixels = _accuracy(rows, "pixels", k)
+        best = max(_accuracy(rows, f"{layer}/grid4", k) for layer in ("stage1", "bottleneck"))
+        assert best > pixels + 0.005, (k, best, pixels)
+    assert _accuracy(rows, "stage1/grid4") > 0.95
+
+
+def test_rows_name_every_baseline_and_follow_the_schema(runs, digits):
+    conv, dense = runs
+    rows = run_probe(
+        conv, *digits, layers="stage2,bottleneck", pool="avg", classifiers="logreg,knn", compare=[dense],
+        labels_per_class="5,all", seeds=2,
+    )
+    assert all(list(r) == list(COLUMNS) for r in rows)
+    features = list(dict.fromkeys(r["features"] for r in rows))
+    assert features == [
+        "stage2/avg", "bottleneck/avg",
+        "random/stage2/avg", "random/bottleneck/avg",
+        "dense/bottleneck/avg",  # the dense run has no stage2: only the bottleneck is shared
+        "pixels", "pca",
+    ]
+    assert [r["labels_per_class"] for r in rows] == [5] * 14 + ["all"] * 14  # grouped by labels per class
+    by = {(r["features"], r["classifier"], r["labels_per_class"]): r for r in rows}
+    assert by[("stage2/avg", "knn", 5)]["seeds"] == 2 and by[("stage2/avg", "knn", "all")]["seeds"] == 1
+    assert by[("stage2/avg", "logreg", "all")]["dim"] == 32 and by[("dense/bottleneck/avg", "logreg", "all")]["dim"] == 16
+    assert by[("pca", "logreg", "all")]["dim"] == 32  # the compared features' size
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1 and r["fit_seconds"] >= 0
+
+
+def test_random_weights_is_the_same_architecture_untrained(runs, digits):
+    conv, _ = runs
+    rows = run_probe(conv, *digits, layers="bottleneck", pool="avg", baselines="random")
+    assert [r["features"] for r in rows] == ["bottleneck/avg", "random/bottleneck/avg"]
+    assert rows[0]["dim"] == rows[1]["dim"] and rows[0]["accuracy"] != rows[1]["accuracy"]
+
+
+def test_pca_with_the_dimension_of_the_bottleneck_is_expressible(runs, digits):
+    conv, _ = runs
+    est = ConvAutoencoder.load(conv)
+    code = code_size(est.config_.model)  # 32 x 2 x 2 = 128, more than the 64 pixels
+    assert _pca_dims([code], (1437, 64)) == [0.95]  # too large: keep 95% of the variance instead
+    rows = run_probe(est, *digits, layers="bottleneck", pool="avg", baselines="pca", pca_dims=[8, 20])
+    assert [(r["features"], r["dim"]) for r in rows] == [("bottleneck/avg", 32), ("pca", 8), ("pca", 20)]
+    assert _pca_dims([512, 1024, 2048], (60000, 784)) == [512]
+
+
+def test_pca_is_not_whitened_so_nearly_all_components_match_the_pixels(runs, digits):
+    conv, _ = runs
+    rows = run_probe(conv, *digits, layers="bottleneck", pool="avg", baselines="pixels,pca", pca_dims=[63],
+                     labels_per_class="10,all")
+    for k in (10, "all"):
+        assert _accuracy(rows, "pca", k) == pytest.approx(_accuracy(rows, "pixels", k), abs=0.015)
+
+
+def test_default_layers_are_the_stages_and_the_bottleneck_without_repeats():
+    from convae.model import ModelConfig, build_model
+
+    def layers(**kw):
+        return default_layers(build_model(ModelConfig(channels=(8, 16, 32), **kw)))
+
+    assert layers() == ["stage1", "stage2", "bottleneck"]  # the bottleneck is stage3's maps
+    assert layers(latent_channels=4) == ["stage1", "stage2", "stage3", "bottleneck"]
+    assert layers(bottleneck="dense") == ["stage1", "stage2", "stage3", "bottleneck"]
+    assert default_layers(build_model(ModelConfig(arch="dense", hidden=(32, 16)))) == ["fc1", "fc2", "bottleneck"]
+
+
+def test_label_subsets_are_stratified_and_seeded():
+    y = np.repeat(np.arange(4), [3, 10, 10, 10])
+    a, b = label_subsets(y, 5, seeds=2)
+    assert np.bincount(y[a]).tolist() == [3, 5, 5, 5]  # a class with fewer labels gives them all
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(label_subsets(y, 5, seeds=2)[0], a)
+    (everything,) = label_subsets(y, "all", seeds=5)
+    assert len(everything) == len(y)
+
+
+def test_evaluate_features_works_on_any_precomputed_features():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = rng.normal(size=(60, 4)) + 4 * np.eye(4)[y]  # a cluster per class, on its own axis
+    rows = list(evaluate_features([FeatureSet("mine", x, x)], y, y, classifiers=["linsvm", "rf"], labels_per_class=[5]))
+    assert [(r["features"], r["classifier"]) for r in rows] == [("mine", "linsvm"), ("mine", "rf")]
+    assert all(r["accuracy"] > 0.9 for r in rows)
+
+
+def test_probe_user_errors(runs, digits):
+    conv, _ = runs
+    train, test = digits
+    with pytest.raises(ConfigError, match="classifiers: unknown svm: choose from logreg, linsvm, rbfsvm, rf, knn, mlp$"):
+        run_probe(conv, train, test, classifiers="svm")
+    with pytest.raises(ConfigError, match="baselines: unknown ica"):
+        run_probe(conv, train, test, baselines="ica")
+    with pytest.raises(ConfigError, match="labels per class '0'"):
+        run_probe(conv, train, test, labels_per_class="0,all")
+    with pytest.raises(ConfigError, match="has no labels"):
+        run_probe(conv, (train.images, None), test)
+    with pytest.raises(ConfigError, match="model takes 8x8x1"):
+        run_probe(conv, (np.zeros((4, 9, 9, 1), np.uint8), np.zeros(4)), test)
+
+
+def test_write_results_gives_json_rows_and_a_markdown_table(tmp_path):
+    rows = [dict(features="stage2/grid4", classifier="logreg", dim=1024, labels_per_class="all", seeds=1,
+                 accuracy=0.991, accuracy_std=0.0, macro_f1=0.99, fit_seconds=12.3)]
+    json_path, md = write_results(rows, tmp_path / "results.json", run="runs/mnist")
+    doc = json.loads(json_path.read_text())
+    assert doc["rows"] == rows and doc["run"] == "runs/mnist"
+    assert md == tmp_path / "results.md"
+    assert "| stage2/grid4 | logreg | 1024 | all | 0.9910 | - | 0.9900 | 12.30 |" in md.read_text()
+    with pytest.raises(ConfigError, match=r"name it \.json"):
+        write_results(rows, tmp_path / "results.csv")
+
+
+# -- the command line --------------------------------------------------------------------------
+def convae(*args, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.run([CONVAE, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def test_cli_probe_prints_the_table_and_writes_json_and_markdown(runs, tmp_path):
+    conv, dense = runs
+    out = tmp_path / "res" / "results.json"
+    proc = convae(
+        "probe", conv, "--train", "digits:train", "--test", "digits:test", "-o", out, "--layers", "stage1,bottleneck",
+        "--pool", "avg", "--classifiers", "logreg,knn", "--compare", dense, "--labels-per-class", "10,all",
+        "--seeds", "2", "-q",
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    features = {r["features"] for r in rows}
+    assert features == {"stage1/avg", "bottleneck/avg", "random/stage1/avg", "random/bottleneck/avg",
+                        "dense/bottleneck/avg", "pixels", "pca"}
+    assert len(rows) == 2 * 2 * 8  # labels per class x classifiers x (7 feature sets, pca twice: dims 16 and 32)
+    assert proc.stdout.splitlines()[0].split()[:4] == ["features", "classifier", "dim", "labels_per_class"]
+    assert "random/stage1/avg" in proc.stdout and f"wrote {out}" in proc.stdout
+    assert (tmp_path / "res" / "results.md").read_text().count("\n| ") == len(rows) + 1
+
+
+def test_cli_probe_baselines_none(runs, tmp_path):
+    conv, _ = runs
+    proc = convae("probe", conv, "--train", "digits", "--test", "digits:test", "-o", tmp_path / "r.json",
+                  "--layers", "bottleneck", "--pool", "max", "--baselines", "none", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["features"] for r in json.loads((tmp_path / "r.json").read_text())["rows"]] == ["bottleneck/max"]
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--classifiers", "svm"], "classifiers: unknown svm"),
+        (["--labels-per-class", "ten"], "labels per class 'ten'"),
+        (["-o", "results.txt"], "name it .json"),
+    ],
+)
+def test_cli_probe_user_errors_are_one_line_with_exit_code_2(runs, tmp_path, args, fragment):
+    conv, _ = runs
+    proc = convae("probe", conv, "--train", "digits", "--test", "digits:test", "-o", "r.json", "-q", *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convae: error:") and fragment in lines[0], proc.stderr
+
+
+def test_cli_probe_on_unlabelled_data_is_a_user_error(runs, tmp_path):
+    conv, _ = runs
+    np.save(tmp_path / "unlabelled.npy", np.zeros((10, 8, 8), np.uint8))
+    proc = convae("probe", conv, "--train", tmp_path / "unlabelled.npy", "--test", "digits:test", "-o", tmp_path / "r.json")
+    assert proc.returncode == 2 and "has no labels" in proc.stderr.strip().splitlines()[-1], proc.stderr
