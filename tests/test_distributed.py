@@ -54,3 +54,45 @@ def test_nproc_run_killed_then_resumed_matches_an_uninterrupted_one(tmp_path):
     b = load_file(str(cut / "model.safetensors"))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_sharded_extraction_reads_as_the_single_process_result(tmp_path):
+    run = tmp_path / "run"
+    fit = subprocess.run([CONVAE, "fit", "digits", "--out", str(run), "--epochs", "1", "-q"], capture_output=True, text=True, timeout=300)
+    assert fit.returncode == 0, fit.stderr
+    common = ["extract", str(run), "digits:test", "--layers", "stage1,bottleneck", "--pool", "grid2", "-q"]
+    single = subprocess.run([CONVAE, *common, "-o", str(tmp_path / "one.npy")], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    sharded = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "convae",
+         *common, "-o", str(tmp_path / "sharded.npy")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("sharded.*")) == [
+        "sharded.rank0-of-2.labels.npy", "sharded.rank0-of-2.npy", "sharded.rank1-of-2.labels.npy", "sharded.rank1-of-2.npy",
+    ]
+    from convae.features import load_features
+
+    one, one_labels = load_features(tmp_path / "one.npy")
+    both, both_labels = load_features(tmp_path / "sharded.npy")
+    np.testing.assert_allclose(both, one, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(both_labels, one_labels)
+
+    # convae probe reads the shards as one result
+    probe = subprocess.run(
+        [CONVAE, "probe", str(run), "--train", str(tmp_path / "sharded.npy"), "--test", str(tmp_path / "one.npy"),
+         "-o", str(tmp_path / "r.json"), "-q"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr
+    import json
+
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert rows[0]["features"] == "sharded" and rows[0]["accuracy"] > 0.5
+
+    (tmp_path / "sharded.rank1-of-2.npy").unlink()
+    broken = subprocess.run([CONVAE, "probe", str(run), "--train", str(tmp_path / "sharded.npy"), "--test",
+                             str(tmp_path / "one.npy"), "-o", str(tmp_path / "r2.json"), "-q"],
+                            capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr

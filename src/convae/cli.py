@@ -282,16 +282,25 @@ def extract(
     written batch by batch, so memory stays flat; run the same command again after an
     interruption and it resumes where it stopped.
     """
-    from .features import FeatureExtractor, extract_to_file
+    from . import distributed
+    from .features import FeatureExtractor, extract_to_file, shard_images, shard_path
     from .run import load_model
+    from .train import resolve_device
 
+    dist = distributed.env_info()  # under torchrun: this rank's shard of the images
     model, _ = load_model(run_dir)
+    device = distributed.process_device(resolve_device(device), dist)
     extractor = FeatureExtractor(model, layers, pool, device=device, batch_size=batch_size)
     h, w, c = extractor.image_shape
     channels = channels or (c if c in (1, 3) else None)  # the run's, where the loader can convert to it
     dataset = _load(data, data_dir, split, image_size or f"{h}x{w}", channels, no_download, quiet)
+    images, labels = dataset.images, dataset.labels
+    if dist.enabled:
+        images, labels = shard_images(images, labels, dist.rank, dist.world_size)
+        output = shard_path(output, dist.rank, dist.world_size)
     result = extract_to_file(
-        extractor, dataset.images, output, labels=dataset.labels, dtype=dtype, source=dataset.name, progress=not quiet
+        extractor, images, output, labels=labels, dtype=dtype, source=dataset.name,
+        progress=not quiet and dist.is_main,
     )
     resumed = f"; resumed at image {result.resumed_from:,}" if result.resumed_from else ""
     blocks = ", ".join(b.name for b in extractor.blocks)
@@ -328,11 +337,24 @@ def probe(run_dir, train_data, test_data, output, layers, pool, classifiers, bas
     reports --test accuracy and macro-F1, with the same classifier on raw pixels, on PCA of the
     pixels, on the same architecture with random weights and on any --compare run.
     """
+    from .features import is_feature_file
     from .probe import run_probe, write_results
     from .run import load_config
 
     if not str(output).lower().endswith(".json"):
         raise ConvaeError(f"--output {output}: name it .json (a Markdown copy is written beside it)")
+    if is_feature_file(train_data) and is_feature_file(test_data):
+        from .probe import probe_feature_files
+
+        rows = probe_feature_files(
+            train_data, test_data, classifiers=classifiers, labels_per_class=labels_per_class, seeds=seeds
+        )
+        if baselines != "none":
+            click.echo("note: baselines need images, so precomputed features are probed alone", err=True)
+        json_path, md_path = write_results(rows, output, run=str(run_dir), train=str(train_data), test=str(test_data))
+        click.echo(_table(rows))
+        click.echo(f"wrote {json_path} and {md_path}")
+        return
     m = load_config(run_dir).model
     h, w = m.image_size
     size, chans = image_size or f"{h}x{w}", channels or (m.in_channels if m.in_channels in (1, 3) else None)

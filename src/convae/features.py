@@ -434,3 +434,107 @@ def extract_to_file(
         partial.unlink()
     progress_path.unlink(missing_ok=True)
     return ExtractResult(out, labels_path, shape, dtype, resumed_from, extractor.feature_names)
+
+
+# -- sharded extraction (one shard per torchrun rank) ----------------------------------------
+_SHARD_RE = r"\.rank(\d+)-of-(\d+)$"
+
+
+class RowRange:
+    """Rows [start, stop) of an image array or LazyImages, without decoding or copying them."""
+
+    def __init__(self, images, start: int, stop: int):
+        self.images, self.start, self.stop = images, start, stop
+        self.shape = (stop - start, *images.shape[1:])
+        self.dtype = np.uint8
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            if not -len(self) <= i < len(self):
+                raise IndexError(i)
+            return self.images[self.start + int(i) % len(self)]
+        return self.images[np.arange(self.start, self.stop)[i]]
+
+
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous, near-equal rows of rank `rank`: shards concatenate back in order."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """features.npy -> features.rank0-of-2.npy"""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.rank{rank}-of-{world_size}{out.suffix}")
+
+
+def shard_images(images, labels, rank: int, world_size: int):
+    start, stop = shard_range(len(images), rank, world_size)
+    part = images[start:stop] if isinstance(images, np.ndarray) else RowRange(images, start, stop)
+    return part, (None if labels is None else labels[start:stop])
+
+
+def _shards_of(path: Path) -> list[Path]:
+    import re
+
+    found: dict[int, dict[int, Path]] = {}
+    for p in path.parent.glob(f"{path.stem}.rank*-of-*{path.suffix}"):
+        m = re.search(_SHARD_RE, p.name[: -len(path.suffix)] if path.suffix else p.name)
+        if m:
+            found.setdefault(int(m.group(2)), {})[int(m.group(1))] = p
+    if not found:
+        return []
+    if len(found) > 1:
+        raise ConfigError(f"{path}: shards of several extractions ({', '.join(f'of-{w}' for w in sorted(found))}); remove the stale ones")
+    world, shards = next(iter(found.items()))
+    missing = sorted(set(range(world)) - set(shards))
+    if missing:
+        raise ConfigError(f"{path}: shard(s) {', '.join(map(str, missing))} of {world} are missing; run the extraction again to finish them")
+    return [shards[r] for r in range(world)]
+
+
+def _load_one(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            if "features" not in z:
+                raise ConfigError(f"{path}: no 'features' array; was it written by convae extract?")
+            return z["features"], (z["labels"] if "labels" in z else None)
+    features = np.load(path, mmap_mode="r", allow_pickle=False)
+    labels_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy")
+    labels = np.load(labels_path, allow_pickle=False) if labels_path.is_file() else None
+    return features, labels
+
+
+def is_feature_file(spec: str | os.PathLike) -> bool:
+    """A finished extraction (a 2-D .npy/.npz, or a complete set of rank shards) at `spec`."""
+    path = Path(spec)
+    if path.suffix.lower() not in (".npy", ".npz"):
+        return False
+    if path.is_file():
+        try:
+            if path.suffix.lower() == ".npz":
+                with np.load(path, allow_pickle=False) as z:
+                    return "features" in z
+            return np.load(path, mmap_mode="r", allow_pickle=False).ndim == 2
+        except (OSError, ValueError):
+            return False
+    return bool(_shards_of(path))
+
+
+def load_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features (N, dim) and labels (or None) of `convae extract` output, sharded or not.
+
+    A sharded extraction (``OUT.rank0-of-N.npy`` ...) reads as one result, in image order.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _load_one(path)
+    shards = _shards_of(path)
+    if not shards:
+        raise ConfigError(f"{path}: no such features file (nor shards {shard_path(path, 0, 2).name}, ...)")
+    parts = [_load_one(p) for p in shards]
+    features = np.concatenate([f for f, _ in parts])
+    labels = None if any(l is None for _, l in parts) else np.concatenate([l for _, l in parts])
+    return features, labels

@@ -337,6 +337,30 @@ def run_probe(
     return sorted(rows, key=lambda r: order[r["labels_per_class"]])  # stable: sources keep their order
 
 
+def probe_feature_files(
+    train_path,
+    test_path,
+    *,
+    classifiers: str | Iterable[str] = ("logreg",),
+    labels_per_class: str | Iterable[int | str] = ("all",),
+    seeds: int = 3,
+) -> list[dict]:
+    """Probe features `convae extract` already wrote (sharded or not), with their labels."""
+    from .features import load_features
+
+    classifiers = parse_list(classifiers, "classifiers", list(CLASSIFIERS))
+    lpc = parse_labels_per_class(labels_per_class)
+    (xtr, ytr), (xte, yte) = load_features(train_path), load_features(test_path)
+    for path, x, y in ((train_path, xtr, ytr), (test_path, xte, yte)):
+        if y is None:
+            raise ConfigError(f"{path}: no labels beside these features; extract labelled data to probe it")
+    if xtr.shape[1] != xte.shape[1]:
+        raise ConfigError(f"{train_path} has {xtr.shape[1]} features per image but {test_path} has {xte.shape[1]}")
+    name = Path(train_path).stem.split(".rank")[0]
+    sets = [FeatureSet(name, np.asarray(xtr, dtype=np.float32), np.asarray(xte, dtype=np.float32))]
+    return list(evaluate_features(sets, ytr, yte, classifiers=classifiers, labels_per_class=lpc, seeds=seeds))
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a GitHub Markdown table."""
     head = ["features", "classifier", "dim", "labels/class", "accuracy", "± (seeds)", "macro-F1", "fit s"]
