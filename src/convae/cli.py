@@ -166,7 +166,8 @@ def main():
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Train with N processes (torchrun + DDP); --batch-size and --lr are per process.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def fit(data, out, data_dir, split, image_size, channels, no_download, widths, hidden, quiet, resume, nproc, **settings):
+@click.option("--preset", help="Recommended settings for a dataset (digits, mnist, fashion-mnist, cifar10); options given override them.")
+def fit(data, out, data_dir, split, image_size, channels, no_download, widths, hidden, quiet, resume, nproc, preset, **settings):
     """Train an autoencoder on DATA and write the run directory --out.
 
     DATA: digits, mnist, fashion-mnist, cifar10 (optionally :train / :test),
@@ -179,6 +180,8 @@ def fit(data, out, data_dir, split, image_size, channels, no_download, widths, h
         raise ConvaeError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not distributed.env_info().enabled:
         sys.exit(distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc")))
+    if preset:
+        widths = _apply_preset(preset, settings, widths)
     dataset = _load(data, data_dir, split, image_size, channels, no_download, quiet)
     settings["channels"] = _ints(widths, "--widths")
     settings["hidden"] = _ints(hidden, "--hidden")
@@ -193,6 +196,30 @@ def fit(data, out, data_dir, split, image_size, channels, no_download, widths, h
         f"val MSE {last['val_mse']:.5f}, PSNR {last['val_psnr']:.2f} dB, SSIM {last['val_ssim']:.4f}"
     )
     click.echo(f"run directory: {out}")
+
+
+def _apply_preset(name: str, settings: dict, widths: str | None) -> str | None:
+    """Fill `settings` (and widths) from the preset where the command line left the default.
+
+    Giving --epochs or --max-time replaces the preset's training length (both of them).
+    """
+    from click.core import ParameterSource
+
+    from .presets import get_preset
+
+    ctx = click.get_current_context()
+    given = {k for k in [*settings, "widths"] if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    length_given = bool({"epochs", "max_time"} & given)
+    for key, value in get_preset(name).fit.items():
+        if key in given or (length_given and key in ("epochs", "max_time")):
+            continue
+        if key == "widths":
+            widths = value
+        elif key in settings:
+            settings[key] = value
+        else:
+            raise ConvaeError(f"preset {name}: unknown fit option {key}")
+    return widths
 
 
 @main.command()
