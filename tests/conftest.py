@@ -17,3 +17,16 @@ def shared_datasets() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared datasets not found at {path} (set CONVAE_SHARED)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch/BLAS thread: with the 2 cores shared, spinning threads make small workloads 10x slower."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)

@@ -20,16 +20,7 @@ from convae.errors import ConfigError, ConvaeError
 TINY = dict(epochs=2, channels=(4, 8), batch_size=64, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The 2 cores are shared: spinning OpenMP/BLAS threads make small workloads 10x slower.
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
