@@ -24,13 +24,17 @@ class _Group(click.Group):
             _fail(f"{name}{e.strerror or e}")
         except OSError as e:  # a full disk, an I/O error
             _fail(f"{getattr(e, 'filename', '') or ''}{': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
-        except KeyboardInterrupt:
+        except MemoryError:
+            _fail("out of memory; use a smaller --batch-size, smaller --widths or --image-size, or fewer images")
+        except KeyboardInterrupt as e:
+            detail = " ".join(str(e).split())  # fit says where its checkpoint is
             click.echo(
+                f"convae: interrupted; {detail}" if detail else
                 "convae: interrupted; `convae fit ... --resume` continues a run, "
                 "and the same `convae extract` command resumes an extraction",
                 err=True,
             )
-            sys.exit(130)
+            sys.exit(128 + getattr(e, "signum", 2))  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 def _fail(message: str) -> None:
@@ -164,10 +168,11 @@ def main():
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=0, help="CPU threads (default: torch's).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--on-nan", type=click.Choice(["stop", "skip", "reduce-lr"]), default="stop", show_default=True, help="A loss that turns NaN or infinite: stop (keeping the last good checkpoint), skip the step, or go back to the epoch's start with half the learning rate.")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Train with N processes (torchrun + DDP); --batch-size and --lr are per process.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--preset", help="Recommended settings for a dataset (digits, mnist, fashion-mnist, cifar10); options given override them.")
-def fit(data, out, data_dir, split, image_size, channels, no_download, widths, hidden, quiet, resume, nproc, preset, **settings):
+def fit(data, out, data_dir, split, image_size, channels, no_download, widths, hidden, quiet, resume, nproc, preset, on_nan, **settings):
     """Train an autoencoder on DATA and write the run directory --out.
 
     DATA: digits, mnist, fashion-mnist, cifar10 (optionally :train / :test),
@@ -186,7 +191,10 @@ def fit(data, out, data_dir, split, image_size, channels, no_download, widths, h
     settings["channels"] = _ints(widths, "--widths")
     settings["hidden"] = _ints(hidden, "--hidden")
     est = ConvAutoencoder(verbose=not quiet, **settings)
-    est.fit(dataset.images, run_dir=out, data_spec=dataset.name, resume=resume)
+    from .train import nan_policy
+
+    with nan_policy(on_nan):
+        est.fit(dataset.images, run_dir=out, data_spec=dataset.name, resume=resume)
     distributed.shutdown()
     if not distributed.env_info().is_main:
         return
@@ -271,6 +279,102 @@ def reconstruct(run_dir, data, output, data_dir, split, image_size, channels, no
     fig = reconstruction_figure(images, est.reconstruct(images), dataset.name)
     save_figure(fig, output)
     click.echo(f"wrote {output}")
+
+
+def _load_for_run(run_dir, data, data_dir, split, image_size, channels, no_download, quiet):
+    """DATA at the run's image size and channels (unless given), for the views."""
+    from .run import load_config
+
+    m = load_config(run_dir).model
+    h, w = m.image_size
+    chans = channels or (m.in_channels if m.in_channels in (1, 3) else None)
+    return _load(data, data_dir, split, image_size or f"{h}x{w}", chans, no_download, quiet)
+
+
+view_options = [
+    click.option("--probe", "probe_path", type=click.Path(path_type=Path), help="results.json written by `convae probe`."),
+    click.option("--max-images", type=int, default=3000, show_default=True, help="Images (sampled with --seed) for patches, channel choice and the embedding."),
+    click.option("--top-channels", type=int, default=8, show_default=True, help="Channels shown per layer (the most variable ones)."),
+    click.option("--top-k", type=int, default=8, show_default=True, help="Patches per channel."),
+    click.option("--steps", type=int, default=128, show_default=True, help="Gradient steps of activation maximization."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--device", default="cpu", show_default=True, help="cpu, auto, cuda or cuda:N."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+]
+
+
+def with_view_options(f):
+    for option in reversed(view_options):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("data", required=False)
+@click.option("--view", "view", required=True, help="filters, maps, patches, maximize, receptive, recon, curves, embedding or probe.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="PNG file to write.")
+@with_data_options
+@click.option("--layers", help="Encoder layers for maps/patches/maximize, comma-separated, or all (see `convae layers`).")
+@click.option("--index", help="Images to show (maps, recon, receptive), e.g. 0,5,9.")
+@click.option("--count", "-n", type=int, default=8, show_default=True, help="Images for recon (maps: up to 3).")
+@with_view_options
+def show(run_dir, data, view, output, data_dir, split, image_size, channels, no_download, layers, index, count,
+         probe_path, max_images, top_channels, top_k, steps, seed, device, quiet):
+    """Render one view of a trained model as a PNG.
+
+    DATA (as for `fit`) is needed by maps, patches, recon and embedding; receptive and
+    maximize use it when given. Views: filters (first layer), maps (feature maps by depth),
+    patches (top-activating patches cropped to each unit's receptive field), maximize
+    (activation maximization), receptive (receptive-field growth), recon (reconstructions and
+    error), curves (history.csv), embedding (PCA and t-SNE of the bottleneck), probe (--probe).
+    """
+    from .run import load_model, read_history
+    from .train import resolve_device
+    from .visualize import VIEWS, load_probe_results, render_view, save_figure
+
+    if view not in VIEWS:
+        raise ConvaeError(f"--view {view}: choose one of {', '.join(VIEWS)}")
+    if output.suffix.lower() != ".png":
+        raise ConvaeError(f"--output {output}: views are written as PNG; name it .png")
+    for option, value in (("--max-images", max_images), ("--top-channels", top_channels), ("--top-k", top_k), ("--count", count), ("--steps", steps)):
+        if value < 1:
+            raise ConvaeError(f"{option} must be at least 1, got {value}")
+    model, _ = load_model(run_dir, device=resolve_device(device))
+    probe_rows = load_probe_results(probe_path) if probe_path else None
+    dataset = _load_for_run(run_dir, data, data_dir, split, image_size, channels, no_download, quiet) if data else None
+    fig = render_view(
+        view, model, data=dataset, history=read_history(run_dir), probe_rows=probe_rows, layers=layers,
+        channels=top_channels, top_k=top_k, count=count, indices=_ints(index, "--index"), max_images=max_images,
+        steps=steps, seed=seed, progress=not quiet,
+    )
+    save_figure(fig, output)
+    click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("data")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="HTML file to write.")
+@with_data_options
+@click.option("--tsne-points", type=int, default=2000, show_default=True, help="At most this many points for t-SNE.")
+@with_view_options
+def report(run_dir, data, output, data_dir, split, image_size, channels, no_download, tsne_points, probe_path,
+           max_images, top_channels, top_k, steps, seed, device, quiet):
+    """A self-contained HTML report: model card and every view, images inline, nothing fetched.
+
+    DATA (as for `fit`, e.g. mnist:test) is what the views are computed on; without labels the
+    label-based parts are skipped and the report says so. --probe adds probe accuracy by layer.
+    """
+    from .report import write_report
+
+    dataset = _load_for_run(run_dir, data, data_dir, split, image_size, channels, no_download, quiet)
+    result = write_report(
+        run_dir, dataset, output, probe=probe_path, max_images=max_images, tsne_points=tsne_points,
+        channels=top_channels, top_k=top_k, maximize_steps=steps, seed=seed, device=device, progress=not quiet,
+    )
+    missing = f", {len(result.skipped)} not shown: {', '.join(result.skipped)}" if result.skipped else ""
+    click.echo(f"wrote {result.path} ({len(result.sections)} sections{missing}) in {result.seconds:.1f} s")
 
 
 @main.command("layers")

@@ -11,6 +11,7 @@ from .data import load_dataset
 from .estimator import ConvAutoencoder
 from .model import describe
 from .probe import run_probe, write_results
+from .report import write_report
 from .train import evaluate
 from .visualize import reconstruction_figure, save_figure
 
@@ -31,7 +32,7 @@ class DemoResult:
 
 
 def run_demo(out_dir: str | Path = "demo-output", *, progress: bool = False) -> DemoResult:
-    """Train on digits:train, reconstruct digits:test, probe the features. Replaces the previous demo run."""
+    """Train on digits:train; reconstruct, probe and report on digits:test. Replaces the previous demo run."""
     out_dir = Path(out_dir)
     run_dir = out_dir / "digits-run"
     if (run_dir / "config.json").exists():
@@ -49,12 +50,16 @@ def run_demo(out_dir: str | Path = "demo-output", *, progress: bool = False) -> 
     probe_path, _ = write_results(
         probe_rows, out_dir / "probe.json", run=str(run_dir), train=train.name, test=test.name
     )
+    report = write_report(run_dir, test, out_dir / "report.html", probe=probe_path, progress=progress)
     return DemoResult(
         out_dir=out_dir,
         run_dir=run_dir,
         model_rows=describe(est.model_),
         history=est.history_,
         test_metrics=metrics,
-        outputs={"run directory": run_dir, "reconstructions": recon_path, "probe results": probe_path},
+        outputs={
+            "run directory": run_dir, "reconstructions": recon_path, "probe results": probe_path,
+            "report": report.path,
+        },
         probe_rows=probe_rows,
     )
