@@ -43,7 +43,7 @@ from .features import FeatureExtractor
 
 # name -> classifier for (seed, number of labelled train images)
 CLASSIFIERS: dict[str, Callable[[int, int], BaseEstimator]] = {
-    "logreg": lambda seed, n: LogisticRegression(max_iter=1000),
+    "logreg": lambda seed, n: LogisticRegression(C=0.1, max_iter=300),
     "linsvm": lambda seed, n: LinearSVC(C=0.1, max_iter=5000, random_state=seed),
     "rbfsvm": lambda seed, n: SVC(kernel="rbf", C=10.0),
     "rf": lambda seed, n: RandomForestClassifier(n_estimators=200, random_state=seed),

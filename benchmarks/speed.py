@@ -1,0 +1,205 @@
+"""Speed benchmark: matmul peak, training and extraction throughput, memory.
+
+    .venv/bin/python benchmarks/speed.py [--data-dir ../shared/datasets] [--quick]
+
+Measures on this machine, in one run, and appends a section to benchmarks/RESULTS.md:
+- fp32 matmul peak (GFLOP/s);
+- training throughput (images/s) of the default MNIST and CIFAR-10 models through
+  convae's own training loop, the model's FLOPs per image (forward + backward, counted
+  by torch.utils.flop_counter), achieved GFLOP/s and the fraction of the peak;
+- the same model trained by a tutorial-style loop (DataLoader over a float TensorDataset,
+  `.item()` every step) and the ratio between the two;
+- extraction throughput and peak memory (max RSS of a fresh process) for 10,000 and
+  100,000 images read from a memmap, to show that memory stays flat.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import convae
+from convae.config import TrainConfig
+from convae.data import load_dataset
+from convae.model import build_model, default_model_config
+from convae.train import fit
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "datasets"
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def train_flops_per_image(config, batch: int = 32) -> float:
+    model = build_model(config)
+    x = torch.rand(batch, config.in_channels, *config.image_size)
+    with FlopCounterMode(display=False) as counter:
+        loss = F.mse_loss(model(x), x)
+        loss.backward()
+    return counter.get_total_flops() / batch
+
+
+def convae_throughput(images: np.ndarray, config, batch_size: int, epochs: int = 2) -> float:
+    """Images/s of convae's own loop (steady state: the last epoch, validation excluded)."""
+    result = fit(images, config, TrainConfig(epochs=epochs, batch_size=batch_size, val_fraction=0.0, warmup=0.0))
+    return result.history[-1]["images_per_s"]
+
+
+def reference_throughput(images: np.ndarray, config, batch_size: int, epochs: int = 2) -> float:
+    """The loop tutorials write: float TensorDataset, DataLoader(shuffle), .item() every step."""
+    torch.manual_seed(0)
+    model = build_model(config)
+    data = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch_size, shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    rate = 0.0
+    for _ in range(epochs):
+        start, seen, running = time.perf_counter(), 0, 0.0
+        for (x,) in loader:
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), x)
+            loss.backward()
+            optimizer.step()
+            running += loss.item()
+            seen += len(x)
+        rate = seen / (time.perf_counter() - start)
+    return rate
+
+
+EXTRACT_CHILD = r"""
+import json, resource, sys, time, numpy as np, torch
+from convae.features import FeatureExtractor, extract_to_file
+from convae.model import build_model, default_model_config
+path, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+images = np.load(path, mmap_mode="r")[:n]
+torch.manual_seed(0)
+model = build_model(default_model_config(images.shape[1:]))
+extractor = FeatureExtractor(model, "stage2", "grid2", batch_size=256)
+t = time.perf_counter()
+extract_to_file(extractor, images, out, workers=0)
+seconds = time.perf_counter() - t
+print(json.dumps({"images": n, "seconds": seconds, "images_per_s": n / seconds, "dim": extractor.dim,
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def extraction_runs(base: np.ndarray, sizes=(10_000, 100_000)) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "images.npy"
+        big = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(max(sizes), *base.shape[1:]))
+        for start in range(0, len(big), len(base)):
+            stop = min(start + len(base), len(big))
+            big[start:stop] = base[: stop - start]
+        big.flush()
+        del big
+        for n in sizes:
+            out = Path(tmp) / f"features-{n}.npy"
+            proc = subprocess.run(
+                [sys.executable, "-c", EXTRACT_CHILD, str(path), str(n), str(out)],
+                capture_output=True, text=True, check=True,
+            )
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            out.unlink()
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}, convae {convae.__version__}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    parser.add_argument("--train-images", type=int, default=12_800, help="images per timed training epoch")
+    parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
+    parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    args = parser.parse_args()
+    n_train = 2_560 if args.quick else args.train_images
+    sizes = (2_000, 20_000) if args.quick else (10_000, 100_000)
+
+    started = time.time()
+    peak = matmul_peak()
+    rows = []
+    for name, spec, batch in (("MNIST", "mnist", 128), ("CIFAR-10", "cifar10", 128)):
+        data = load_dataset(spec, "train", data_dir=args.data_dir)
+        images = np.ascontiguousarray(data.images[:n_train])
+        config = default_model_config(images.shape[1:])
+        flops = train_flops_per_image(config)
+        ours = convae_throughput(images, config, batch)
+        ref = reference_throughput(images, config, batch)
+        rows.append(
+            dict(model=f"{name} default {list(config.channels)} x{config.convs_per_stage}", flops=flops, ours=ours, ref=ref)
+        )
+        if name == "MNIST":
+            extraction = extraction_runs(images, sizes)
+
+    lines = [
+        "",
+        f"## Speed — {datetime.date.today().isoformat()}",
+        "",
+        f"Machine: {machine()}.",
+        f"Command: `.venv/bin/python benchmarks/speed.py{' --quick' if args.quick else ''}` "
+        f"({time.time() - started:.0f} s in all).",
+        "",
+        f"fp32 matmul peak (2048x2048, best of 10): **{peak:.1f} GFLOP/s**.",
+        "",
+        "| model | train GFLOP/image | convae images/s | achieved GFLOP/s | % of peak | tutorial loop images/s | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        achieved = r["ours"] * r["flops"] / 1e9
+        lines.append(
+            f"| {r['model']} | {r['flops'] / 1e9:.3f} | {r['ours']:.0f} | {achieved:.1f} | "
+            f"{100 * achieved / peak:.0f}% | {r['ref']:.0f} | {r['ours'] / r['ref']:.2f}x |"
+        )
+    lines += [
+        "",
+        "Extraction (MNIST default model, `stage2` with `grid2` pooling, from a uint8 memmap, fresh process each):",
+        "",
+        "| images | seconds | images/s | feature dim | peak RSS (MB) |",
+        "|---|---|---|---|---|",
+    ]
+    for e in extraction:
+        lines.append(f"| {e['images']:,} | {e['seconds']:.1f} | {e['images_per_s']:.0f} | {e['dim']} | {e['max_rss_mb']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    with open(args.results, "a", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Named presets: recommended `convae fit` settings (and the probe that goes with them) per dataset.
+
+``convae fit mnist --preset mnist`` takes the preset's values as defaults; options given on
+the command line override them. The values are those measured by ``benchmarks/quality.py``
+on a 2-core CPU (see ``benchmarks/RESULTS.md``); a preset's `max_time` is the wall-clock training budget
+the preset was measured with there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    # `convae fit` option values, by the name of the fit function's parameter
+    # (widths as "32,64,128", as on the command line)
+    fit: dict[str, Any] = field(default_factory=dict)
+    # `run_probe` keyword arguments that go with the preset (layers, pool)
+    probe: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "digits",
+            "scikit-learn's 8x8 digits (1,437 train images): a small two-stage model, many epochs",
+            fit=dict(widths="32,64", convs_per_stage=2, epochs=60, batch_size=64, noise=0.1),
+            probe=dict(layers="stage1,bottleneck", pool="grid4"),
+        ),
+        Preset(
+            "mnist",
+            "MNIST 28x28: one conv per stage, denoising, a 2-minute budget on a 2-core CPU",
+            fit=dict(widths="32,64,128", convs_per_stage=1, noise=0.2, max_time=120.0),
+            probe=dict(layers="stage2,bottleneck", pool="grid4"),
+        ),
+        Preset(
+            "fashion-mnist",
+            "Fashion-MNIST 28x28: wider early stages, denoising, a 3-minute budget on a 2-core CPU",
+            fit=dict(widths="64,128,128", convs_per_stage=1, noise=0.1, max_time=180.0),
+            probe=dict(layers="stage2,bottleneck", pool="grid4"),
+        ),
+        Preset(
+            "cifar10",
+            "CIFAR-10 32x32x3: denoising and masking, a 5-minute budget on a 2-core CPU",
+            fit=dict(widths="64,128,256", convs_per_stage=1, noise=0.05, mask_ratio=0.25, max_time=300.0),
+            probe=dict(layers="stage1,stage2,bottleneck", pool="grid4"),
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; an unknown name lists the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}") from None
+
+
+def fit_args(name: str) -> list[str]:
+    """The preset's `convae fit` options as command-line arguments (for scripts and docs)."""
+    out: list[str] = []
+    for key, value in get_preset(name).fit.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out

@@ -1,0 +1,47 @@
+"""Named presets resolve to valid settings, and `convae fit --preset` uses them under explicit options."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convae.errors import ConfigError
+from convae.estimator import ConvAutoencoder
+from convae.presets import PRESETS, fit_args, get_preset
+
+CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
+SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_resolves_to_a_valid_model(name):
+    preset = get_preset(name)
+    settings = {k: v for k, v in preset.fit.items() if k != "widths"}
+    if "widths" in preset.fit:
+        settings["channels"] = tuple(int(w) for w in preset.fit["widths"].split(","))
+    ConvAutoencoder(**settings)._model_config(SHAPES[name])  # validates the architecture for its images
+    assert fit_args(name)[0].startswith("--")
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(ConfigError, match="mnist"):
+        get_preset("imagenet")
+
+
+def test_fit_with_a_preset_and_an_explicit_option(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [CONVAE, "fit", "digits", "--preset", "digits", "--epochs", "1", "--out", str(run), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    preset = get_preset("digits").fit
+    assert config["train"]["epochs"] == 1  # the explicit option wins
+    assert config["train"]["noise"] == preset["noise"]  # the preset fills the rest
+    assert config["model"]["channels"] == [int(w) for w in preset["widths"].split(",")]
+    bad = subprocess.run([CONVAE, "fit", "digits", "--preset", "nope", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown preset" in bad.stderr
