@@ -144,11 +144,12 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
-    parser.add_argument("--train-images", type=int, default=12_800, help="images per timed training epoch")
+    parser.add_argument("--train-images", type=int, default=5_120, help="MNIST images per timed training epoch")
+    parser.add_argument("--cifar-images", type=int, default=1_280, help="CIFAR-10 images per timed training epoch")
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
     args = parser.parse_args()
-    n_train = 2_560 if args.quick else args.train_images
+    n_train = {"mnist": 1_280 if args.quick else args.train_images, "cifar10": 256 if args.quick else args.cifar_images}
     sizes = (2_000, 20_000) if args.quick else (10_000, 100_000)
 
     started = time.time()
@@ -156,7 +157,7 @@ def main() -> None:
     rows = []
     for name, spec, batch in (("MNIST", "mnist", 128), ("CIFAR-10", "cifar10", 128)):
         data = load_dataset(spec, "train", data_dir=args.data_dir)
-        images = np.ascontiguousarray(data.images[:n_train])
+        images = np.ascontiguousarray(data.images[: n_train[spec]])
         config = default_model_config(images.shape[1:])
         flops = train_flops_per_image(config)
         ours = convae_throughput(images, config, batch)
@@ -173,6 +174,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}.",
         f"Command: `.venv/bin/python benchmarks/speed.py{' --quick' if args.quick else ''}` "
+        f"(training: {n_train['mnist']:,} MNIST / {n_train['cifar10']:,} CIFAR-10 images a timed epoch, after one warm-up epoch) "
         f"({time.time() - started:.0f} s in all).",
         "",
         f"fp32 matmul peak (2048x2048, best of 10): **{peak:.1f} GFLOP/s**.",
