@@ -6,6 +6,7 @@ so a hand-edited or foreign config.json never loads half-right.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,18 @@ def to_dict(config: Any) -> dict[str, Any]:
     return convert(config)
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a value for a one-line message, cut short (hostile configs hold huge values)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return "a huge integer"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = type(value).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -49,11 +62,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {_short(value)}")
     if origin is typing.Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+            raise ConfigError(f"{where}: {_short(value)} is not one of {choices}")
         return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
@@ -73,19 +86,27 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{where}: {_short(value)} is out of range (a 64-bit integer)")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where}: expected a number, got {_short(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {_short(value)}")
+        return number
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_short(value)}")
         return value
     raise ConfigError(f"{where}: unsupported field type {hint!r}")
 
@@ -97,9 +118,10 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
         raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        shown = ", ".join(_short(k, 40).strip("'") for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise ConfigError(f"{where}: unknown field(s) {shown}")
     kwargs = {}
     for name, field in fields.items():
         if name not in data:
@@ -109,8 +131,11 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
         kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}")
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:
+    except ConfigError as e:  # a check of the dataclass itself: say where
         raise ConfigError(f"{where}: {e}") from e
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError, MemoryError) as e:
+        message = " ".join((str(e) or type(e).__name__).split())
+        raise ConfigError(f"{where}: {message[:200]}") from e
 
 
 @dataclass(frozen=True)
@@ -146,6 +171,7 @@ class TrainConfig:
             (self.mask_patch >= 0, f"mask_patch must be >= 0, got {self.mask_patch}"),
             (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
+            (-(2**63) <= self.seed < 2**63, "seed must be a 64-bit integer"),
         ]
         for ok, message in checks:
             if not ok:

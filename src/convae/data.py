@@ -34,10 +34,13 @@ Array layout rule (``.npy``/``.npz``/:func:`as_uint8_images`): 3-D is (N, H, W);
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import gzip
 import hashlib
 import http.client
+import math
 import os
+import stat
 import tarfile
 import urllib.error
 import urllib.request
@@ -116,6 +119,10 @@ _CIFAR_RECORD = 1 + 3 * 32 * 32
 
 _DOWNLOAD_TIMEOUT_S = 60
 _IDX_MAX_BYTES = 1 << 33  # 8 GiB: anything more is a broken header, not a dataset
+_META_MAX_BYTES = 1 << 16  # batches.meta.txt: ten class names
+_MAX_LABEL = 1 << 20  # class indices beyond this are not class indices
+_ZIP_MAX_RATIO = 1100  # deflate cannot compress more than ~1032:1; a member claiming more is a zip bomb
+_NPY_MAX_HEADER = 1 << 16
 _CHUNK = 1 << 20
 _UNKNOWN = (
     "unknown dataset {!r}: expected digits, mnist, fashion-mnist, cifar10, a folder of images, or a .npy/.npz file"
@@ -262,6 +269,8 @@ def load_dataset(
                 raise DataError(f"folder {path} has no split {split!r} subfolder ({hint}); omit the split or pick one")
             path = sub
         return _load_folder(path, size, channels, progress, max_memory_bytes)
+    if raw and path.exists() and not path.is_file():
+        raise DataError(f"cannot load {path}: not a regular file or folder (a FIFO, device or socket?)")
     if raw and path.is_file():
         if split is not None:
             raise DataError(f"{path} has no splits; omit the split (got {split!r}) or use one file per split")
@@ -397,9 +406,11 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> tuple[np.ndarray, l
         kind = "i"
     if kind not in "uib":
         raise DataError(f"{where}: labels must be integers or strings, got dtype {labels.dtype}")
-    labels = labels.astype(np.int64)
     if n and labels.min() < 0:
         raise DataError(f"{where}: labels must be non-negative integers, found {int(labels.min())}")
+    if n and labels.max() > _MAX_LABEL:
+        raise DataError(f"{where}: label {int(labels.max())} is not a class index; number the classes 0..K-1")
+    labels = labels.astype(np.int64)
     return labels, [str(i) for i in range(int(labels.max()) + 1 if n else 0)]
 
 
@@ -524,7 +535,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
                     f"{path} is not an IDX {kind} file (magic 0x{got_magic:08x}, expected 0x{magic:08x}); {fix}"
                 )
             dims = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-            expected = int(np.prod(dims, dtype=np.int64)) if dims else 0
+            expected = math.prod(dims) if dims else 0  # Python ints: a hostile header cannot wrap around
             if expected > _IDX_MAX_BYTES or (ndim == 3 and (dims[1] == 0 or dims[2] == 0) and dims[0]):
                 raise DataError(f"{path} has an implausible IDX header (dimensions {dims}); {fix}")
             buf = bytearray()
@@ -555,7 +566,10 @@ def _load_cifar(split: str, data_dir, download: bool, progress: bool) -> ImageDa
         if all((extracted / f).is_file() for f in needed):
             blobs = {f: _read_cifar_file(extracted / f) for f in needed}
             meta = extracted / "batches.meta.txt"
-            meta_text = meta.read_bytes() if meta.is_file() else None
+            meta_text = None
+            if meta.is_file():
+                with open(meta, "rb") as f:
+                    meta_text = f.read(_META_MAX_BYTES)
             return _cifar_data(blobs, needed, meta_text, split, extracted)
         if (folder / _CIFAR_TAR).is_file():
             return _cifar_from_tar(folder / _CIFAR_TAR, split)
@@ -585,14 +599,16 @@ def _cifar_from_tar(tar_path: Path, split: str) -> ImageData:
                 if not member.isfile() or (base not in needed and base != "batches.meta.txt"):
                     continue
                 if base == "batches.meta.txt":
-                    meta_text = tar.extractfile(member).read(1 << 16)
+                    meta_text = tar.extractfile(member).read(_META_MAX_BYTES)
                     continue
                 if member.size == 0 or member.size % _CIFAR_RECORD:
                     raise DataError(
                         f"{tar_path}: {member.name} has {member.size} bytes, not a whole number of "
                         f"{_CIFAR_RECORD}-byte CIFAR-10 records; {fix}"
                     )
-                data = tar.extractfile(member).read()
+                if member.size > _IDX_MAX_BYTES:
+                    raise DataError(f"{tar_path}: {member.name} claims {member.size} bytes, implausibly many; {fix}")
+                data = _read_at_most(tar.extractfile(member), member.size)  # grows with the data, not the claim
                 if len(data) != member.size:
                     raise DataError(f"{tar_path}: {member.name} is truncated; {fix}")
                 blobs[base] = data
@@ -604,6 +620,17 @@ def _cifar_from_tar(tar_path: Path, split: str) -> ImageData:
     if missing:
         raise DataError(f"{tar_path} lacks {', '.join(missing)}; {fix}")
     return _cifar_data(blobs, needed, meta_text, split, tar_path)
+
+
+def _read_at_most(f, size: int) -> bytes:
+    """Up to `size` bytes of `f`, read in chunks so memory follows what is really there."""
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = f.read(min(_CHUNK * 16, size - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
 
 
 def _cifar_data(blobs: dict[str, bytes], order: Iterable[str], meta_text, split: str, where: Path) -> ImageData:
@@ -712,24 +739,75 @@ def _fetch(url: str, dest: Path, md5: str | None, progress: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 # .npy / .npz
 # ---------------------------------------------------------------------------------------------
+def _npy_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the header of an .npy stream, which is left at the start of the data."""
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fp, max_header_size=_NPY_MAX_HEADER)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fp, max_header_size=_NPY_MAX_HEADER)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except Exception as e:  # numpy parses the header text with ast/tokenize: any of their errors
+        raise DataError(f"cannot read {where}: not a valid .npy array ({_reason(e)})") from e
+    return tuple(int(d) for d in shape), np.dtype(dtype)
+
+
+def _check_npy_size(fp, available: int, where: str) -> None:
+    """The header of the .npy stream `fp` promises no more data than the `available` bytes."""
+    start = fp.tell()
+    shape, dtype = _npy_header(fp, where)
+    if dtype.hasobject:
+        raise DataError(f"{where} holds an object array, which convae does not load; save a numeric array")
+    promised = math.prod(shape) * dtype.itemsize
+    there = available - (fp.tell() - start)
+    if promised > there:
+        raise DataError(
+            f"{where}: the header promises shape {shape} of {dtype} ({promised:,} bytes) but only {max(there, 0):,} "
+            "bytes follow; the file is truncated or corrupt"
+        )
+
+
+def _check_npz_member(zf: zipfile.ZipFile, name: str, where: str) -> None:
+    info = zf.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(info.compress_size, 1) * _ZIP_MAX_RATIO:
+        raise DataError(
+            f"{where}: member {name} claims {info.file_size:,} bytes from {info.compress_size:,} compressed "
+            "(a zip bomb?); save it again with np.savez"
+        )
+    with zf.open(name) as f:
+        _check_npy_size(f, info.file_size, where)
+
+
 def _np_load(path: Path):
     try:
+        if not zipfile.is_zipfile(path):  # an .npy: its header must fit the file's size
+            with open(path, "rb") as f:
+                _check_npy_size(f, os.fstat(f.fileno()).st_size, str(path))
         return np.load(path, allow_pickle=False)
     except ValueError as e:
         if "allow_pickle" in str(e):
             raise DataError(f"{path} holds an object array, which convae does not load; save a numeric array") from e
         raise DataError(f"cannot read {path}: {_reason(e)}") from e
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError, RuntimeError) as e:
         raise DataError(f"cannot read {path}: {_reason(e)}") from e
 
 
 def _load_npy(path: Path) -> ImageData:
     arr = _np_load(path)
+    if not isinstance(arr, np.ndarray):
+        arr.close()
+        raise DataError(f"{path} is an .npz archive, not an .npy array; name it .npz")
     images = _to_uint8_nhwc(arr, str(path))
     labels = classes = None
     sibling = path.with_name(path.stem + ".labels.npy")
     if sibling.is_file():
-        labels, classes = _check_labels(_np_load(sibling), len(images), str(sibling))
+        raw = _np_load(sibling)
+        if not isinstance(raw, np.ndarray):
+            raw.close()
+            raise DataError(f"{sibling} is an .npz archive, not an .npy array of labels; save it with np.save")
+        labels, classes = _check_labels(raw, len(images), str(sibling))
     return ImageData(images, labels, classes, str(path))
 
 
@@ -748,15 +826,24 @@ def _load_npz(path: Path) -> ImageData:
             )
         label_key = next((k for k in ("labels", "y", "Y") if k in keys and k != key), None)
         try:
+            members = set(npz.zip.namelist())
+            for k in (key, label_key):
+                if k is not None:
+                    _check_npz_member(npz.zip, k + ".npy" if k + ".npy" in members else k, f"{path} [{k}]")
             arr = npz[key]
             raw_labels = npz[label_key] if label_key else None
+            for k, value in ((key, arr), (label_key, raw_labels)):
+                if k is not None and not isinstance(value, np.ndarray):
+                    raise DataError(f"{path} [{k}]: not an array; save the images with np.savez")
         except ValueError as e:
             if "allow_pickle" in str(e):
                 raise DataError(
                     f"{path} holds an object array, which convae does not load; save a numeric array"
                 ) from e
             raise DataError(f"cannot read {path}: {_reason(e)}") from e
-        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        except DataError:
+            raise
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError, RuntimeError) as e:
             raise DataError(f"cannot read {path}: {_reason(e)}") from e
     images = _to_uint8_nhwc(arr, f"{path} [{key}]")
     labels = classes = None
@@ -779,7 +866,12 @@ def _reason(e: BaseException) -> str:
 
 def _scan(root: Path) -> list[Path]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+
+    def unreadable(e: OSError) -> None:  # os.walk would skip such a folder silently
+        if Path(e.filename or "") != root:
+            warnings.warn(f"skipped folder {e.filename}: {e.strerror or e}", SkippedFileWarning, stacklevel=4)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for fn in filenames:
             if not fn.startswith(".") and os.path.splitext(fn)[1].lower() in IMAGE_EXTENSIONS:
@@ -787,13 +879,35 @@ def _scan(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).parts)
 
 
+@contextlib.contextmanager
+def _open_regular(path: str | os.PathLike):
+    """Open `path` for reading only if it is a regular, non-empty file.
+
+    Opened non-blocking and checked on the open descriptor, so a FIFO, a device or a socket
+    named like an image is refused at once (never waited on), with no race between check and open.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(
+                st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file"
+            raise ValueError(f"not a regular file ({kind})")
+        if st.st_size == 0:
+            raise ValueError("empty file")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
 def _probe(path: Path) -> tuple[tuple[int, int], bool]:
     """((height, width) after EXIF orientation, is_colour), reading only the header."""
-    if path.stat().st_size == 0:
-        raise ValueError("empty file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
+        with _open_regular(path) as f, Image.open(f) as im:
             w, h = im.size
             if im.mode in _GRAY_MODES or im.mode in _16BIT_MODES:
                 colour = False
@@ -846,7 +960,11 @@ def _fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def _decode(path: str | os.PathLike, size: tuple[int, int], channels: int) -> np.ndarray:
-    with Image.open(path) as im:
+    # Runs in threads: the bomb limit is checked by hand, as warnings.catch_warnings is not thread-safe.
+    with _open_regular(path) as f, Image.open(f) as im:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and im.size[0] * im.size[1] > limit:
+            raise ValueError(f"image of {im.size[0]}x{im.size[1]} pixels exceeds the limit of {limit} (decompression bomb?)")
         im.load()  # first frame of an animation
         im = ImageOps.exif_transpose(im)
         im = _fit(_to_mode(im, channels), size)
@@ -905,13 +1023,18 @@ def _load_folder(
 
     ok = np.ones(len(candidates), dtype=bool)
     if candidates:
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(workers)
+        try:
             results = pool.map(work, range(len(candidates)), chunksize=16)
             desc = "checking" if lazy else "decoding"
             for k, reason in enumerate(tqdm(results, total=len(candidates), desc=desc, disable=not progress)):
                 if reason is not None:
                     skipped[candidates[k]] = reason
                     ok[k] = False
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: do not decode the rest first
+            raise
+        pool.shutdown()
 
     for i in sorted(skipped):
         warnings.warn(f"skipped {files[i]}: {skipped[i]}", SkippedFileWarning, stacklevel=3)

@@ -4,20 +4,28 @@
     RUN_DIR/model.safetensors   weights (never pickle)
     RUN_DIR/history.csv         one row per epoch
     RUN_DIR/checkpoint/last.pt  what --resume needs (loaded with weights_only=True)
+
+Every file is written atomically (see :mod:`convae._io`). Nothing in a run directory is
+trusted: config.json is parsed strictly and checked against the weights before any tensor is
+allocated, weights are safetensors (no code runs when they load), checkpoints load with
+``torch.load(weights_only=True)`` and are checked field by field.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from ._io import atomic_path, atomic_write_text
+from ._io import atomic_write_bytes, atomic_write_text, lock_dir, remove_stale_tmp
 from ._version import __version__
 from .config import RunConfig, from_dict, to_dict
 from .errors import ConfigError, RunDirError
@@ -27,14 +35,25 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HISTORY_FILE = "history.csv"
 CHECKPOINT_FILE = "checkpoint/last.pt"
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, CHECKPOINT_FILE)
+
+#: config.json is a few kB; anything this large is not one (and is not read into memory).
+MAX_CONFIG_BYTES = 1 << 20
+#: history.csv has one short row per epoch.
+MAX_HISTORY_BYTES = 64 << 20
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
     parts = []
     for p in version.split(".")[:3]:
-        digits = "".join(ch for ch in p if ch.isdigit())
+        digits = "".join(ch for ch in p if ch.isdigit())[:9]
         parts.append(int(digits or 0))
     return tuple(parts)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def save_config(run_dir: Path, config: RunConfig) -> None:
@@ -42,49 +61,155 @@ def save_config(run_dir: Path, config: RunConfig) -> None:
 
 
 def load_config(run_dir: str | Path) -> RunConfig:
+    """The RunConfig of a run directory; any problem is a one-line RunDirError naming config.json."""
     path = Path(run_dir) / CONFIG_FILE
     if not Path(run_dir).is_dir():
         raise RunDirError(f"{run_dir}: no such run directory (create one with `convae fit DATA --out {run_dir}`)")
     if not path.is_file():
         raise RunDirError(f"{path}: missing; {run_dir} is not a convae run directory")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunDirError(f"{path}: not valid JSON ({e})") from e
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise RunDirError(f"{path}: {size:,} bytes is far too large for a convae config; replace the file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        data = json.loads(raw.decode("utf-8"))
+    except RunDirError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise RunDirError(f"{path}: not valid JSON ({_first_line(e)})") from e
     if isinstance(data, dict):
         version = data.get("convae_version")
         if isinstance(version, str) and _version_tuple(version)[:2] > _version_tuple(__version__)[:2]:
             raise RunDirError(
-                f"{path}: written by convae {version}, newer than this convae {__version__}; upgrade convae to load it"
+                f"{path}: written by convae {version[:40]}, newer than this convae {__version__}; "
+                "upgrade convae to load it"
             )
     try:
-        return from_dict(RunConfig, data, where=str(path))
+        config = from_dict(RunConfig, data, where=str(path))
     except ConfigError as e:
-        raise RunDirError(str(e)) from e
+        raise RunDirError(_first_line(e)) from e
+    except RecursionError as e:
+        raise RunDirError(f"{path}: nested too deeply to be a convae config") from e
+    _check_plausible(config, path)
+    return config
+
+
+#: Bounds far beyond any real model: a config.json past them is broken or hostile, and
+#: building its model would hang or exhaust memory before any other check could run.
+_MODEL_LIMITS = {"in_channels": 4096, "channels": 1 << 16, "convs_per_stage": 256, "kernel_size": 255,
+                 "latent_channels": 1 << 16, "latent_dim": 1 << 24, "hidden": 1 << 20, "image_size": 1 << 16}
+_MAX_STAGES = 64
+
+
+def _check_plausible(config: RunConfig, path: Path) -> None:
+    m = config.model
+    for name, limit in _MODEL_LIMITS.items():
+        value = getattr(m, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if isinstance(value, tuple) and len(value) > _MAX_STAGES:
+            raise RunDirError(f"{path}: model.{name} has {len(value)} entries, implausibly many; replace the file")
+        for v in values:
+            if v > limit:
+                raise RunDirError(f"{path}: model.{name} = {v if v < 10**12 else 'a huge value'} is implausibly "
+                                  f"large (at most {limit}); replace the file")
+
+
+def expected_state(config: RunConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor the config's model holds, found without allocating them."""
+    try:
+        with torch.device("meta"):
+            model = build_model(config.model)
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
+        raise ConfigError(f"the model of this config cannot be built ({_first_line(e)})") from e
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def state_bytes(expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected.values())
 
 
 def save_weights(path: Path, model: torch.nn.Module) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"convae_version": __version__})
+    # serialized in memory, written by Python: a full disk is then a clear ENOSPC
+    atomic_write_bytes(path, safetensors_bytes(state, metadata={"convae_version": __version__}))
+
+
+_DTYPE_NAMES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _dtype_name(dtype) -> str:
+    return dtype if isinstance(dtype, str) else _DTYPE_NAMES.get(dtype, str(dtype))
+
+
+def check_state(found: dict[str, tuple[tuple[int, ...], Any]], config: RunConfig, where: str | Path) -> None:
+    """Tensors `found` (name -> (shape, dtype)) are exactly those of the config's model, else RunDirError.
+
+    Checked on the meta device: a config that asks for an enormous model allocates nothing.
+    """
+    try:
+        expected = expected_state(config)
+    except ConfigError as e:
+        raise RunDirError(f"{where}: {e}") from e
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    hint = f"the weights do not match {CONFIG_FILE}; use the config and weights of the same run"
+    if missing:
+        raise RunDirError(f"{where}: lacks tensor {missing[0]} ({len(missing)} missing); {hint}")
+    if unexpected:
+        raise RunDirError(f"{where}: has unexpected tensor {unexpected[0]} ({len(unexpected)} extra); {hint}")
+    for name, (shape, dtype) in expected.items():
+        got_shape, got_dtype = found[name]
+        if tuple(got_shape) != shape:
+            raise RunDirError(
+                f"{where}: tensor {name} has shape {list(got_shape)} but {CONFIG_FILE} needs {list(shape)}; {hint}"
+            )
+        if _dtype_name(got_dtype) != _dtype_name(dtype):
+            raise RunDirError(
+                f"{where}: tensor {name} is {_dtype_name(got_dtype)}, expected {_dtype_name(dtype)}; {hint}"
+            )
+
+
+def _check_weights_header(path: Path, config: RunConfig) -> None:
+    """The tensors of `path` match those of the config's model, read from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            found = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                found[name] = (tuple(sl.get_shape()), sl.get_dtype())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise RunDirError(f"{path}: not a readable safetensors file ({_first_line(e)}); replace it") from e
+    check_state(found, config, path)
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, RunConfig]:
-    """The trained model of a run directory, in eval mode, on `device` (GPU-trained weights load on CPU)."""
+    """The trained model of a run directory, in eval mode, on `device` (GPU-trained weights load on CPU).
+
+    The weights file is checked against config.json (names, shapes, dtypes, finite values)
+    before the model is built, so a foreign or tampered file is a clear error, not a crash
+    or a huge allocation.
+    """
     config = load_config(run_dir)
     path = Path(run_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise RunDirError(f"{path}: missing; the run has not finished an epoch yet (resume it with --resume)")
+    _check_weights_header(path, config)
     try:
         state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise RunDirError(f"{path}: not a readable safetensors file ({e})") from e
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise RunDirError(f"{path}: not a readable safetensors file ({_first_line(e)}); replace it") from e
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RunDirError(f"{path}: tensor {name} holds NaN or infinite values; the weights are unusable")
     model = build_model(config.model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else "shapes differ"
-        raise RunDirError(f"{path}: weights do not match {CONFIG_FILE} ({first})") from e
+        raise RunDirError(f"{path}: weights do not match {CONFIG_FILE} ({_first_line(e)})") from e
     return model.to(device).eval(), config
 
 
@@ -101,17 +226,82 @@ def read_history(run_dir: str | Path) -> list[dict[str, float]]:
     path = Path(run_dir) / HISTORY_FILE
     if not path.is_file():
         return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    try:
+        if path.stat().st_size > MAX_HISTORY_BYTES:
+            raise RunDirError(f"{path}: too large to be a convae history; remove it")
+        with open(path, newline="", encoding="utf-8") as f:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except RunDirError:
+        raise
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as e:
+        raise RunDirError(f"{path}: not a convae history ({_first_line(e)}); remove it or replace it") from e
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    buf = io.BytesIO()
+    torch.save(state, buf)  # in memory first: a full disk then fails as a clear ENOSPC
+    atomic_write_bytes(path, buf.getbuffer())
+
+
+_CHECKPOINT_FIELDS = {"model": dict, "optimizer": dict, "epoch": int, "step": int, "elapsed": (int, float),
+                      "history": list}
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`, loaded without pickle and checked field by field."""
+    fix = "cannot resume from it (start the run again with another --out)"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable checkpoint is the same user-facing problem
-        raise RunDirError(f"{path}: unreadable checkpoint ({type(e).__name__}); cannot resume from it") from e
+        raise RunDirError(f"{path}: unreadable checkpoint ({type(e).__name__}); {fix}") from e
+    if not isinstance(state, dict):
+        raise RunDirError(f"{path}: not a convae checkpoint; {fix}")
+    for name, kind in _CHECKPOINT_FIELDS.items():
+        value = state.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise RunDirError(f"{path}: not a convae checkpoint (field {name!r} missing or malformed); {fix}")
+    if state["epoch"] < 0 or state["step"] < 0 or not math.isfinite(state["elapsed"]):
+        raise RunDirError(f"{path}: not a convae checkpoint (negative epoch or step); {fix}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        raise RunDirError(f"{path}: not a convae checkpoint (field 'model' holds non-tensors); {fix}")
+    if not all(isinstance(r, dict) for r in state["history"]):
+        raise RunDirError(f"{path}: not a convae checkpoint (field 'history' malformed); {fix}")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# starting and resuming runs
+# ---------------------------------------------------------------------------------------------
+def has_progress(run_dir: Path) -> bool:
+    """Whether a run directory holds trained weights or a checkpoint (anything a rerun would lose)."""
+    return (run_dir / CHECKPOINT_FILE).exists() or (run_dir / WEIGHTS_FILE).exists()
+
+
+def lock_run(run_dir: Path):
+    """Create `run_dir` if needed and lock it for this process; RunDirError if another convae holds it.
+
+    The lock (flock on the directory) goes away with the process, even when it is killed.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: is a file, not a run directory; choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create run directory {run_dir}: {e.strerror or e}") from e
+    lock = lock_dir(run_dir)
+    if lock is None:
+        raise RunDirError(
+            f"{run_dir}: another convae process is training into this run directory; "
+            "wait for it to finish or choose another --out"
+        )
+    return lock
+
+
+def clean_run_dir(run_dir: Path) -> None:
+    """Remove the temporary files a killed process left in `run_dir` (call while holding its lock)."""
+    remove_stale_tmp(run_dir, RUN_FILES)
+
+
+def run_files(run_dir: str | os.PathLike) -> dict[str, bool]:
+    run_dir = Path(run_dir)
+    return {name: (run_dir / name).exists() for name in RUN_FILES}

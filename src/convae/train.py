@@ -7,9 +7,15 @@ from its last epoch checkpoint ends with exactly the weights of an uninterrupted
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
 import math
 import os
+import signal
+import threading
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,7 +27,7 @@ from torch import nn
 
 from . import distributed
 from .config import DataConfig, RunConfig, TrainConfig
-from .errors import ConvaeError, RunDirError
+from .errors import ConfigError, ConvaeError, RunDirError
 from .metrics import mse_per_image, psnr_per_image, ssim_per_image
 from .model import ModelConfig, build_model
 
@@ -32,6 +38,80 @@ AUTO_EPOCH_IMAGES = 150_000
 
 class TrainingError(ConvaeError):
     """Training cannot go on (a loss that is no longer finite)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during fit, raised at a step boundary after the checkpoint its message names.
+
+    `signum` is the signal that asked for it (the CLI exits with 128 + signum).
+    """
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+#: What a loss that is NaN or infinite does: see fit().
+NAN_POLICIES = ("stop", "skip", "reduce-lr")
+_NAN_POLICY: contextvars.ContextVar[str] = contextvars.ContextVar("convae_on_nan", default="stop")
+#: A single-process run also writes a mid-epoch checkpoint after this many seconds without
+#: one, so a kill loses at most this much of a long epoch.
+CHECKPOINT_INTERVAL_S = 600.0
+#: reduce-lr: halvings of the learning rate before the run gives up.
+MAX_LR_REDUCTIONS = 10
+#: skip: consecutive skipped steps (at most one epoch's worth) before the run gives up.
+MAX_SKIPPED_IN_A_ROW = 100
+
+
+def _check_nan_policy(policy: str) -> None:
+    if policy not in NAN_POLICIES:
+        raise ConfigError(f"--on-nan {policy!r}: choose one of {', '.join(NAN_POLICIES)}")
+
+
+@contextlib.contextmanager
+def nan_policy(policy: str) -> Iterator[None]:
+    """The default `on_nan` of fit() calls in the block, for callers that do not pass it
+    (``with nan_policy("reduce-lr"): estimator.fit(X, run_dir=...)``)."""
+    _check_nan_policy(policy)
+    token = _NAN_POLICY.set(policy)
+    try:
+        yield
+    finally:
+        _NAN_POLICY.reset(token)
+
+
+class _Interrupts:
+    """Defers Ctrl-C (SIGINT) and SIGTERM to the next step boundary, where a checkpoint is consistent.
+
+    Installed only in the main thread and only over Python's default handlers; the first
+    signal sets `requested` (to its number) and puts the default handler back, so a second one
+    acts at once.
+    """
+
+    _DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.requested = 0
+        self._installed: list[int] = []
+
+    def __enter__(self) -> "_Interrupts":
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for signum, default in self._DEFAULTS.items():
+                if signal.getsignal(signum) is default:
+                    signal.signal(signum, self._handle)
+                    self._installed.append(signum)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signum
+        signal.signal(signum, self._DEFAULTS[signum])
+
+    def __exit__(self, *exc) -> None:
+        for signum in self._installed:
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, self._DEFAULTS[signum])
+        self._installed = []
 
 
 @dataclass
@@ -110,8 +190,29 @@ def iter_uint8_batches(images, indices: np.ndarray, batch_size: int, workers: in
         shuffle=False,
         num_workers=workers,
         persistent_workers=False,
+        worker_init_fn=_ignore_sigint if workers else None,
     )
-    yield from loader
+    try:
+        yield from loader
+    except ConvaeError as e:
+        # A worker's error comes back wrapped in its traceback; give the user its own one line.
+        raise type(e)(_worker_message(e)) from None
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and SIGTERM to the training process, which stops at a step
+    boundary (a worker killed mid-step would make the loader fail at an arbitrary point)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _worker_message(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(e).__name__
+    last = lines[-1].strip()
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1] == type(e).__name__ else last
 
 
 def to_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -185,10 +286,22 @@ def fit(
     resume: bool = False,
     progress: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_nan: str | None = None,
 ) -> FitResult:
-    """Train a model on uint8 images (N, H, W, C); with `run_dir`, checkpoint every epoch."""
-    from . import run as rundir  # run.py builds models; imported here to keep module load light
+    """Train a model on uint8 images (N, H, W, C); with `run_dir`, checkpoint every epoch.
 
+    `on_nan` says what a loss (or, with "skip", a gradient) that is NaN or infinite does:
+    "stop" (the default) raises TrainingError naming the epoch and step and keeps the last good
+    checkpoint; "skip" skips that step (weights, optimizer and BatchNorm statistics stay as they
+    were); "reduce-lr" goes back to the start of the epoch and halves the learning rate. None
+    takes the policy of an enclosing :func:`nan_policy` block.
+
+    Ctrl-C (SIGINT) or SIGTERM, when fit runs in the main thread of a single process, stops at
+    the next step boundary, writes a mid-epoch checkpoint that ``resume=True`` continues
+    exactly, and raises :class:`TrainingInterrupted`. A second signal acts at once.
+    """
+    on_nan = _NAN_POLICY.get() if on_nan is None else on_nan
+    _check_nan_policy(on_nan)
     n, h, w, c = images.shape
     if (h, w) != tuple(model_config.image_size) or c != model_config.in_channels:
         raise ConvaeError(
@@ -206,26 +319,114 @@ def fit(
         torch.set_num_threads(train_config.threads)
 
     run_dir = Path(run_dir) if run_dir is not None else None
-    checkpoint = None
-    if run_dir is not None:
-        ckpt_path = run_dir / rundir.CHECKPOINT_FILE
+    lock = checkpoint = None
+    try:
+        if run_dir is not None:
+            config, checkpoint, lock = _start_run(run_dir, config, resume, images.shape, dist_info)
+        return _train(images, config, checkpoint, device, dist_info, run_dir, progress, on_epoch, on_nan)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _start_run(run_dir: Path, config: RunConfig, resume: bool, shape, dist_info):
+    """Check and lock the run directory; on resume, the run's saved config and its checkpoint.
+
+    A directory whose run never finished an epoch (config.json only: killed early) holds nothing
+    to lose: a plain rerun starts it again with the new settings, --resume with the saved ones.
+    """
+    from . import run as rundir
+
+    ckpt_path = run_dir / rundir.CHECKPOINT_FILE
+    if resume and not (run_dir / rundir.CONFIG_FILE).is_file() and not ckpt_path.is_file():
+        raise RunDirError(f"{run_dir}: nothing to resume (no {rundir.CHECKPOINT_FILE}); start it without --resume")
+    lock = rundir.lock_run(run_dir) if dist_info.is_main else None
+    try:
+        checkpoint = None
         if resume:
-            if not ckpt_path.is_file():
-                raise RunDirError(f"{run_dir}: nothing to resume (no {rundir.CHECKPOINT_FILE}); start it without --resume")
             saved = rundir.load_config(run_dir)
             # The run's own settings win: a resumed run must be the same run.
-            config = replace(saved, data=replace(saved.data, spec=data_config.spec or saved.data.spec))
-            model_config, train_config = config.model, config.train
-            checkpoint = rundir.load_checkpoint(ckpt_path)
-        elif (run_dir / rundir.CONFIG_FILE).exists():
+            config = replace(saved, data=replace(saved.data, spec=config.data.spec or saved.data.spec))
+            n, h, w, c = shape
+            m = saved.model
+            if (h, w) != tuple(m.image_size) or c != m.in_channels:
+                raise RunDirError(
+                    f"{run_dir} was trained on {m.image_size[0]}x{m.image_size[1]}x{m.in_channels} images, "
+                    f"these are {h}x{w}x{c}; resume it with the same data"
+                )
+            if saved.data.num_images and saved.data.num_images != n:
+                raise RunDirError(
+                    f"{run_dir} was trained on {saved.data.num_images} images ({saved.data.spec or 'an array'}), "
+                    f"this data has {n}; resume it with the same data"
+                )
+            if ckpt_path.is_file():
+                checkpoint = rundir.load_checkpoint(ckpt_path)
+                found = {k: (tuple(v.shape), v.dtype) for k, v in checkpoint["model"].items()}
+                rundir.check_state(found, config, ckpt_path)  # before a model of the config is built
+            elif dist_info.is_main:
+                warnings.warn(
+                    f"{run_dir}: no checkpoint yet (the run stopped before its first epoch ended); "
+                    "starting it from the beginning with its saved settings",
+                    stacklevel=3,
+                )
+        elif rundir.has_progress(run_dir):
             raise RunDirError(
                 f"{run_dir} already holds a run: continue it with --resume, or choose another --out "
                 "(convae never overwrites a run)"
             )
         distributed.barrier(dist_info)  # every rank has checked the directory before rank 0 writes
         if dist_info.is_main:
+            rundir.clean_run_dir(run_dir)  # temporary files of a killed run
             rundir.save_config(run_dir, config)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return config, checkpoint, lock
 
+
+def _position(value: Any, steps_per_epoch: int, where: Path) -> dict[str, Any] | None:
+    """The mid-epoch position of a checkpoint, checked (it comes from a file)."""
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, dict)
+        and isinstance(value.get("batches"), int)
+        and 0 <= value["batches"] <= steps_per_epoch
+        and isinstance(value.get("seen"), int)
+        and isinstance(value.get("loss_sum"), float)
+        and isinstance(value.get("seconds"), float)
+        and isinstance(value.get("generator"), torch.Tensor)
+        and value["generator"].dtype == torch.uint8
+    )
+    if not ok:
+        raise RunDirError(f"{where}: its mid-epoch position does not fit this run; cannot resume from it")
+    return value
+
+
+class _NonFinite(Exception):
+    def __init__(self, value: float, step: int):
+        super().__init__(value, step)
+        self.value, self.step = value, step
+
+
+def _seed64(seed: int) -> int:
+    """A seed torch accepts: unchanged where it already did, folded into 64 bits where it did not."""
+    return seed if -(2**63) <= seed < 2**64 else seed % 2**64
+
+
+def _finite_grads(params: list[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
+def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, progress, on_epoch, on_nan):
+    from . import run as rundir
+
+    model_config, train_config = config.model, config.train
+    n = len(images)
     torch.manual_seed(train_config.seed)
     model = build_model(model_config)
     use_channels_last = train_config.channels_last and model_config.arch == "conv"
@@ -244,6 +445,7 @@ def fit(
         [{"params": decay, "weight_decay": train_config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=train_config.lr,
     )
+    params = decay + no_decay
 
     train_idx, val_idx = split_train_val(n, train_config.val_fraction, train_config.seed)
     # DistributedSampler shards (and pads) each epoch's shuffle so every rank takes the same steps.
@@ -260,14 +462,25 @@ def fit(
 
     history: list[dict[str, float]] = []
     start_epoch, step, elapsed = 0, 0, 0.0
+    lr_scale = 1.0  # reduce-lr halves it; saved with the checkpoint, so a resume is exact
+    position = None  # where in its epoch a mid-epoch checkpoint stopped
+    ckpt_path = run_dir / rundir.CHECKPOINT_FILE if run_dir is not None else None
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise RunDirError(f"{run_dir}: checkpoint does not match config.json ({type(e).__name__})") from e
-        start_epoch, step, elapsed = checkpoint["epoch"], checkpoint["step"], checkpoint["elapsed"]
+        start_epoch, step, elapsed = checkpoint["epoch"], checkpoint["step"], float(checkpoint["elapsed"])
         history = list(checkpoint["history"])
+        lr_scale = checkpoint.get("lr_scale", 1.0)
+        if not isinstance(lr_scale, float) or not 0 < lr_scale <= 1:
+            raise RunDirError(f"{ckpt_path}: its learning-rate scale {lr_scale!r} is invalid; cannot resume from it")
+        position = _position(checkpoint.get("position"), steps_per_epoch, ckpt_path)
+        if position is not None and dist_info.enabled:
+            raise RunDirError(f"{ckpt_path} was written mid-epoch by a single process; resume it without --nproc")
+    reductions = round(-math.log2(lr_scale))
+    saved_at = f"epoch {start_epoch}" if checkpoint is not None else None
 
     def progress_of(step: int, elapsed: float) -> float:
         parts = []
@@ -276,6 +489,20 @@ def fit(
         if train_config.max_time:
             parts.append(elapsed / train_config.max_time)
         return max(parts)
+
+    def checkpoint_state(done_epochs: int, pos: dict[str, Any] | None) -> dict[str, Any]:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": done_epochs,
+            "step": step,
+            "elapsed": elapsed,
+            "history": history,
+            "lr_scale": lr_scale,
+        }
+        if pos is not None:
+            state["position"] = pos
+        return state
 
     bar = None
     if progress and dist_info.is_main:
@@ -286,62 +513,166 @@ def fit(
         else:
             bar = tqdm(total=round(train_config.max_time), initial=round(elapsed), unit="s", dynamic_ncols=True)
 
+    # The loss is read every step on a CPU (free there), every 25 steps elsewhere (it syncs the
+    # host); a device-side record keeps the first bad step exact in between. skip reads it
+    # every step: it has to decide before the optimizer steps.
+    check_every = 1 if on_nan == "skip" or (device.type == "cpu" and not dist_info.enabled) else 25
+    pausable = run_dir is not None and not dist_info.enabled  # mid-epoch checkpoints: single process
     model.train()
     epoch = start_epoch
     out_of_time = train_config.max_time and elapsed >= train_config.max_time
+    interrupts = _Interrupts(enabled=not dist_info.enabled)
     try:
+        interrupts.__enter__()
         while (epochs is None or epoch < epochs) and not out_of_time:
             sampler.set_epoch(epoch)
             order = train_idx[np.fromiter(iter(sampler), dtype=np.int64)]
-            generator = torch.Generator().manual_seed(
-                (train_config.seed * 1_000_003 + epoch) * 1009 + dist_info.rank
-            )
-            epoch_start = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            seen = 0
-            for batch in iter_uint8_batches(images, order, batch_size, workers):
-                t0 = time.perf_counter()
-                factor = lr_factor(train_config.schedule, progress_of(step, elapsed), train_config.warmup)
-                for group in optimizer.param_groups:
-                    group["lr"] = train_config.lr * factor
-                x = to_input(batch, device, use_channels_last)
-                x_in = corrupt(x, train_config, generator)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = reconstruction_loss(net, x_in, x, train_config.loss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach() * len(batch)
-                seen += len(batch)
-                step += 1
-                elapsed += time.perf_counter() - t0
-                # Reading the loss syncs the host; do it only now and then.
-                if step % 25 == 0 or seen == len(order):
-                    value = loss.item()
-                    if not math.isfinite(value):
+            start = position or {"batches": 0, "loss_sum": 0.0, "seen": 0, "generator": None, "seconds": 0.0}
+            position = None
+            rollback = None
+            if on_nan == "reduce-lr":  # the state to go back to: this epoch's start (or resumed position)
+                rollback = (
+                    {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    copy.deepcopy(optimizer.state_dict()),
+                    step,
+                )
+            while True:  # one attempt at (the rest of) this epoch; reduce-lr may start it again
+                generator = torch.Generator().manual_seed(
+                    _seed64((train_config.seed * 1_000_003 + epoch) * 1009 + dist_info.rank)
+                )
+                if start["generator"] is not None:
+                    generator.set_state(start["generator"])
+                epoch_start = time.perf_counter() - start["seconds"]
+                last_save = time.perf_counter()
+                loss_sum = torch.full((), start["loss_sum"], device=device)
+                seen, batches, skipped, skipped_in_a_row = start["seen"], start["batches"], 0, 0
+                first_bad = torch.full((), -1, dtype=torch.int64, device=device) if check_every > 1 else None
+                try:
+                    for batch in iter_uint8_batches(images, order[batches * batch_size :], batch_size, workers):
+                        t0 = time.perf_counter()
+                        factor = lr_factor(train_config.schedule, progress_of(step, elapsed), train_config.warmup)
+                        for group in optimizer.param_groups:
+                            group["lr"] = train_config.lr * lr_scale * factor
+                        x = to_input(batch, device, use_channels_last)
+                        x_in = corrupt(x, train_config, generator)
+                        buffers = [b.detach().clone() for b in model.buffers()] if on_nan == "skip" else None
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                            loss = reconstruction_loss(net, x_in, x, train_config.loss)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        if first_bad is not None:
+                            first_bad = torch.where(
+                                (first_bad < 0) & ~torch.isfinite(loss.detach()), step + 1, first_bad
+                            )
+                        bad = False
+                        # Reading the loss syncs the host; do it only now and then.
+                        if (step + 1) % check_every == 0 or batches + 1 == steps_per_epoch:
+                            value = loss.item()
+                            bad_step = int(first_bad.item()) if first_bad is not None else -1
+                            bad = bad_step >= 0 or not math.isfinite(value)
+                            if on_nan == "skip" and not bad:
+                                bad = not _finite_grads(params)
+                            bad = distributed.any_rank(bad, device, dist_info)
+                            if bad and on_nan != "skip":
+                                raise _NonFinite(value, bad_step if bad_step >= 0 else step + 1)
+                            if bar is not None and not bad:
+                                rate = seen / max(time.perf_counter() - epoch_start, 1e-9)
+                                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}", img_s=f"{rate:.0f}", refresh=False)
+                        if bad:  # skip: this step never happened
+                            optimizer.zero_grad(set_to_none=True)
+                            for b, saved_b in zip(model.buffers(), buffers):
+                                b.copy_(saved_b)
+                            skipped += 1
+                            skipped_in_a_row += 1
+                            if skipped_in_a_row >= min(MAX_SKIPPED_IN_A_ROW, steps_per_epoch):
+                                raise TrainingError(
+                                    f"loss or gradients were not finite for {skipped_in_a_row} steps in a row "
+                                    f"(epoch {epoch + 1}, up to step {step + 1}); skipping does not help: "
+                                    "check the data or start again with a lower --lr"
+                                )
+                        else:
+                            optimizer.step()
+                            loss_sum += loss.detach() * len(batch)
+                            seen += len(batch)
+                            skipped_in_a_row = 0
+                        step += 1
+                        batches += 1
+                        elapsed += time.perf_counter() - t0
+                        if bar is not None:
+                            bar.update(1 if total_steps else round(elapsed) - bar.n)
+                        if train_config.max_time and distributed.any_rank(
+                            elapsed >= train_config.max_time, device, dist_info
+                        ):
+                            out_of_time = True
+                            break
+                        if pausable and (
+                            interrupts.requested or time.perf_counter() - last_save >= CHECKPOINT_INTERVAL_S
+                        ):
+                            pos = {
+                                "batches": batches,
+                                "loss_sum": float(loss_sum.item()),
+                                "seen": seen,
+                                "generator": generator.get_state(),
+                                "seconds": time.perf_counter() - epoch_start,
+                            }
+                            rundir.save_checkpoint(ckpt_path, checkpoint_state(epoch, pos))
+                            saved_at, last_save = f"epoch {epoch + 1}, step {step}", time.perf_counter()
+                        if interrupts.requested:
+                            raise TrainingInterrupted(
+                                f"saved a checkpoint at epoch {epoch + 1}, step {step} in {run_dir}; "
+                                "continue with --resume"
+                                if pausable
+                                else f"stopped at epoch {epoch + 1}, step {step}; nothing was saved",
+                                interrupts.requested,
+                            )
+                    sums = torch.stack([loss_sum.float(), torch.tensor(float(seen), device=device)])
+                    totals = distributed.all_reduce_sum(sums, dist_info)
+                    train_loss = (totals[0] / max(totals[1].item(), 1)).item()
+                    # Weights the last step made non-finite never reach a checkpoint.
+                    if not math.isfinite(train_loss) or not all(torch.isfinite(p).all() for p in params):
+                        raise _NonFinite(train_loss if not math.isfinite(train_loss) else float("nan"), step)
+                except _NonFinite as e:
+                    kept = f"the last good checkpoint ({saved_at}) is kept" if saved_at else "nothing was saved"
+                    if on_nan == "stop" or (on_nan == "reduce-lr" and reductions >= MAX_LR_REDUCTIONS):
+                        also = f" even after halving the learning rate {reductions} times" if reductions else ""
+                        if reductions:
+                            fix = "check the data or start again with a much lower --lr"
+                        elif saved_at:
+                            fix = "resume with --on-nan reduce-lr (or skip), or start again with a lower --lr"
+                        else:
+                            fix = "start again with --on-nan reduce-lr (or skip), or with a lower --lr"
                         raise TrainingError(
-                            f"loss became {value} at epoch {epoch + 1}, step {step}; "
-                            "the last good checkpoint is kept; try a lower --lr"
-                        )
+                            f"loss became {e.value} at epoch {epoch + 1}, step {e.step}{also}; "
+                            f"training stopped and {kept}; {fix}"
+                        ) from None
+                    if on_nan == "skip":  # the weights broke although every step was checked
+                        raise TrainingError(
+                            f"the weights became non-finite at epoch {epoch + 1}, step {e.step}; {kept}; "
+                            "start again with a lower --lr"
+                        ) from None
+                    model_state, optimizer_state, step = rollback
+                    model.load_state_dict(model_state)
+                    optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+                    reductions += 1
+                    lr_scale = 0.5**reductions
                     if bar is not None:
-                        rate = seen / max(time.perf_counter() - epoch_start, 1e-9)
-                        bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}", img_s=f"{rate:.0f}", refresh=False)
-                if bar is not None:
-                    bar.update(1 if total_steps else round(elapsed) - bar.n)
-                if train_config.max_time and distributed.any_rank(
-                    elapsed >= train_config.max_time, device, dist_info
-                ):
-                    out_of_time = True
-                    break
+                        bar.n = step
+                        bar.refresh()
+                    warnings.warn(
+                        f"loss became {e.value} at epoch {epoch + 1}, step {e.step}; went back to step {step} "
+                        f"and halved the learning rate (now {lr_scale:g} x --lr)",
+                        stacklevel=3,
+                    )
+                    continue
+                break
             epoch += 1
             distributed.sync_buffers(model, dist_info)
-            totals = distributed.all_reduce_sum(
-                torch.stack([loss_sum.float(), torch.tensor(float(seen), device=device)]), dist_info
-            )
+            if skipped and dist_info.is_main:
+                warnings.warn(
+                    f"epoch {epoch}: skipped {skipped} step(s) whose loss or gradients were not finite",
+                    stacklevel=3,
+                )
             seen = int(totals[1].item())
-            train_loss = (totals[0] / max(seen, 1)).item()
-            if not math.isfinite(train_loss):
-                raise TrainingError(f"loss became {train_loss} in epoch {epoch}; try a lower --lr")
             # Only rank 0 writes; DDP keeps its buffers (BatchNorm statistics) authoritative.
             metrics = (
                 evaluate(model, images, val_idx, device, channels_last=use_channels_last)
@@ -366,20 +697,19 @@ def fit(
                 # Weights and history first, checkpoint last: a resume never skips an epoch's files.
                 rundir.save_weights(run_dir / rundir.WEIGHTS_FILE, model)
                 rundir.write_history(run_dir / rundir.HISTORY_FILE, history)
-                rundir.save_checkpoint(
-                    run_dir / rundir.CHECKPOINT_FILE,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch,
-                        "step": step,
-                        "elapsed": elapsed,
-                        "history": history,
-                    },
-                )
+                rundir.save_checkpoint(ckpt_path, checkpoint_state(epoch, None))
+                saved_at = f"epoch {epoch}"
             if on_epoch is not None:
                 on_epoch(row)
+            if interrupts.requested:
+                raise TrainingInterrupted(
+                    f"saved a checkpoint at the end of epoch {epoch} in {run_dir}; continue with --resume"
+                    if run_dir is not None
+                    else f"stopped after epoch {epoch}; nothing was saved",
+                    interrupts.requested,
+                )
     finally:
+        interrupts.__exit__(None, None, None)
         if bar is not None:
             bar.close()
 
