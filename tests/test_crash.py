@@ -44,7 +44,7 @@ from convae.train import TrainingError, TrainingInterrupted, fit
 from killing import exists, history_rows, kill_when, run, temp_files
 
 ARGS = ["fit", "digits", "--epochs", 6, "--batch-size", 32, "--threads", 1, "--seed", 4, "--widths", "8,16",
-        "--noise", 0.1, "--mask-ratio", 0.25, "-q"]
+        "--noise", 0.1, "--mask-ratio", 0.25, "--device", "cpu", "-q"]
 
 
 def one_line(text: str) -> str:
@@ -128,7 +128,7 @@ def digits() -> np.ndarray:
 
 
 CFG = default_model_config((8, 8, 1), channels=(8, 16))
-TRAIN = TrainConfig(epochs=3, batch_size=32, threads=1, seed=5, noise=0.1, mask_ratio=0.25)
+TRAIN = TrainConfig(epochs=3, batch_size=32, threads=1, device="cpu", seed=5, noise=0.1, mask_ratio=0.25)
 
 
 def assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -207,14 +207,14 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_rerun_or_resumed(digits
 
 
 def test_leftover_temporary_files_are_ignored_then_removed(digits, tmp_path):
-    fit(digits, CFG, TrainConfig(epochs=1, batch_size=64, threads=1), run_dir=tmp_path)
+    fit(digits, CFG, TrainConfig(epochs=1, batch_size=64, threads=1, device="cpu"), run_dir=tmp_path)
     junk = [tmp_path / "checkpoint" / ".last.pt.abc123.tmp", tmp_path / ".model.safetensors.x.tmp"]
     for p in junk:
         p.write_bytes(b"half a file")
     keep = tmp_path / ".notes.tmp"  # not a file convae writes: untouched
     keep.write_text("mine")
     rundir.load_model(tmp_path)
-    fit(digits, CFG, TrainConfig(epochs=2, batch_size=64, threads=1), run_dir=tmp_path, resume=True)
+    fit(digits, CFG, TrainConfig(epochs=2, batch_size=64, threads=1, device="cpu"), run_dir=tmp_path, resume=True)
     assert not any(p.exists() for p in junk) and keep.exists()
 
 
@@ -226,7 +226,7 @@ def test_two_processes_never_train_into_one_run_directory(digits, tmp_path):
             fit(digits, CFG, TRAIN, run_dir=tmp_path)
     finally:
         lock.release()
-    fit(digits, CFG, TrainConfig(epochs=1, threads=1), run_dir=tmp_path)  # free again
+    fit(digits, CFG, TrainConfig(epochs=1, threads=1, device="cpu"), run_dir=tmp_path)  # free again
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_a_full_disk_is_one_clear_line_and_keeps_the_previous_checkpoint(digits,
             before.append(ckpt.read_bytes())
             monkeypatch.setattr(cio, "open", _full_open(open, "last.pt"), raising=False)
 
-    train = TrainConfig(epochs=2, batch_size=64, threads=1)
+    train = TrainConfig(epochs=2, batch_size=64, threads=1, device="cpu")
     with pytest.raises(StorageError) as e:
         fit(digits, CFG, train, run_dir=tmp_path, on_epoch=disk_fills_after_epoch_1)
     message = str(e.value)
@@ -319,7 +319,7 @@ def test_a_really_full_disk(digits, small_disk, tmp_path, monkeypatch):
             filler.append(_fill(small_disk))
 
     with pytest.raises(StorageError, match="no space left on device"):
-        fit(digits, CFG, TrainConfig(epochs=2, batch_size=64, threads=1), run_dir=run_dir,
+        fit(digits, CFG, TrainConfig(epochs=2, batch_size=64, threads=1, device="cpu"), run_dir=run_dir,
             on_epoch=disk_fills_after_epoch_1)
     assert ckpt.read_bytes() == before[0] and not temp_files(run_dir)
     rundir.load_model(run_dir)  # still the whole epoch-1 run
@@ -391,7 +391,7 @@ def test_nan_skip_gives_up_when_every_step_fails(digits, monkeypatch):
 def test_nan_reduce_lr_goes_back_and_halves_the_learning_rate(digits, tmp_path):
     """A real divergence: lr 1e5 without normalization. The resumed run keeps the lowered rate."""
     cfg = default_model_config((8, 8, 1), channels=(8, 16), norm="none")
-    train = TrainConfig(epochs=3, lr=1e5, warmup=0.0, batch_size=32, threads=1, seed=2)
+    train = TrainConfig(epochs=3, lr=1e5, warmup=0.0, batch_size=32, threads=1, device="cpu", seed=2)
     with pytest.raises(TrainingError, match=r"loss became nan at epoch 1, step \d+"):
         fit(digits, cfg, train)
     with pytest.warns(UserWarning, match="went back to step 0 and halved the learning rate") as record:
@@ -419,7 +419,8 @@ def test_nan_reduce_lr_goes_back_and_halves_the_learning_rate(digits, tmp_path):
 
 def test_on_nan_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
-    args = ["fit", "digits", "--widths", "8,16", "--norm", "none", "--lr", "1e5", "--epochs", "1", "--threads", "1", "-q"]
+    args = ["fit", "digits", "--widths", "8,16", "--norm", "none", "--lr", "1e5", "--epochs", "1", "--threads", "1",
+            "--device", "cpu", "-q"]
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])
     assert result.exit_code == 2
     assert "loss became nan at epoch 1, step" in one_line(result.stderr)

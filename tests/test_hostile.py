@@ -284,7 +284,7 @@ def test_lazy_images_that_break_during_training_are_one_line(tmp_path):
         (tmp_path / f"{i}.png").write_bytes(b"gone")
     cfg = default_model_config((8, 8, 3), channels=(4,))
     with pytest.raises(DataError, match=r"^cannot read image .*\.png: .*reload the folder$") as e:
-        fit(lazy, cfg, TrainConfig(epochs=1, batch_size=4, threads=1))
+        fit(lazy, cfg, TrainConfig(epochs=1, batch_size=4, threads=1, device="cpu"))
     one_line(e)
 
 
@@ -401,7 +401,7 @@ def test_hostile_arrays_through_the_cli(tmp_path, name, make, fragment):
 def trained(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("hostile") / "run"
     images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
-    fit(images, default_model_config((8, 8, 1), channels=(4, 8)), TrainConfig(epochs=1, threads=1), run_dir=run)
+    fit(images, default_model_config((8, 8, 1), channels=(4, 8)), TrainConfig(epochs=1, threads=1, device="cpu"), run_dir=run)
     return run
 
 
@@ -537,7 +537,7 @@ def test_checkpoints_load_without_running_code(copy_of, tmp_path, monkeypatch):
     images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
     cfg = default_model_config((8, 8, 1), channels=(4, 8))
     with pytest.raises(RunDirError, match="unreadable checkpoint") as e:
-        fit(images, cfg, TrainConfig(epochs=1, threads=1), run_dir=copy_of, resume=True)
+        fit(images, cfg, TrainConfig(epochs=1, threads=1, device="cpu"), run_dir=copy_of, resume=True)
     one_line(e)
     assert not marker.exists()
 
@@ -555,7 +555,7 @@ def test_checkpoints_of_the_wrong_shape(copy_of, state, fragment):
     torch.save(state, copy_of / rundir.CHECKPOINT_FILE)
     images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
     with pytest.raises(RunDirError, match=fragment):
-        fit(images, default_model_config((8, 8, 1), channels=(4, 8)), TrainConfig(threads=1), run_dir=copy_of,
+        fit(images, default_model_config((8, 8, 1), channels=(4, 8)), TrainConfig(threads=1, device="cpu"), run_dir=copy_of,
             resume=True)
 
 
@@ -565,7 +565,7 @@ def test_checkpoint_of_another_model_is_refused_before_building_it(copy_of):
     torch.save(real, copy_of / rundir.CHECKPOINT_FILE)
     images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
     with pytest.raises(RunDirError, match="has shape"):
-        fit(images, default_model_config((8, 8, 1), channels=(4, 8)), TrainConfig(threads=1), run_dir=copy_of,
+        fit(images, default_model_config((8, 8, 1), channels=(4, 8)), TrainConfig(threads=1, device="cpu"), run_dir=copy_of,
             resume=True)
 
 
@@ -573,10 +573,10 @@ def test_resume_with_other_data_is_refused(copy_of):
     images = np.random.default_rng(0).integers(0, 256, (50, 8, 8, 1), dtype=np.uint8)
     cfg = default_model_config((8, 8, 1), channels=(4, 8))
     with pytest.raises(RunDirError, match="40 images .* this data has 50"):
-        fit(images, cfg, TrainConfig(threads=1), run_dir=copy_of, resume=True)
+        fit(images, cfg, TrainConfig(threads=1, device="cpu"), run_dir=copy_of, resume=True)
     other = np.zeros((40, 10, 10, 1), np.uint8)
     with pytest.raises(RunDirError, match="8x8x1 images, these are 10x10x1"):
-        fit(other, default_model_config((10, 10, 1)), TrainConfig(threads=1), run_dir=copy_of, resume=True)
+        fit(other, default_model_config((10, 10, 1)), TrainConfig(threads=1, device="cpu"), run_dir=copy_of, resume=True)
 
 
 def test_history_csv_that_is_not_a_history(copy_of):

@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +124,6 @@ def expected_state(config: RunConfig) -> dict[str, tuple[tuple[int, ...], torch.
     except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
         raise ConfigError(f"the model of this config cannot be built ({_first_line(e)})") from e
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-
-
-def state_bytes(expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
-    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected.values())
 
 
 def save_weights(path: Path, model: torch.nn.Module) -> None:
@@ -300,8 +295,3 @@ def lock_run(run_dir: Path):
 def clean_run_dir(run_dir: Path) -> None:
     """Remove the temporary files a killed process left in `run_dir` (call while holding its lock)."""
     remove_stale_tmp(run_dir, RUN_FILES)
-
-
-def run_files(run_dir: str | os.PathLike) -> dict[str, bool]:
-    run_dir = Path(run_dir)
-    return {name: (run_dir / name).exists() for name in RUN_FILES}

@@ -4,6 +4,10 @@ Images stay uint8 (in memory, or decoded by DataLoader workers for folders too
 large for memory) and are scaled to [0, 1] per batch. Each epoch's shuffling,
 noise and masks come from a generator seeded by (seed, epoch), so a run resumed
 from its last epoch checkpoint ends with exactly the weights of an uninterrupted one.
+
+Faults: a loss that turns NaN or infinite stops, skips the step or halves the learning
+rate (`on_nan`); Ctrl-C or SIGTERM stops at a step boundary with a mid-epoch checkpoint
+(its position, sums and generator state), from which a resume is exact too.
 """
 from __future__ import annotations
 
