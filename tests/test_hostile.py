@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -286,6 +287,7 @@ def test_lazy_images_that_break_during_training_are_one_line(tmp_path):
     with pytest.raises(DataError, match=r"^cannot read image .*\.png: .*reload the folder$") as e:
         fit(lazy, cfg, TrainConfig(epochs=1, batch_size=4, threads=1, device="cpu"))
     one_line(e)
+    assert not multiprocessing.active_children()  # the workers are gone, even while `e` holds the traceback
 
 
 @pytest.mark.parametrize("case", ["empty-folder", "only-junk", "only-loop", "one-pixel", "fifo-spec"])

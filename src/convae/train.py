@@ -196,11 +196,18 @@ def iter_uint8_batches(images, indices: np.ndarray, batch_size: int, workers: in
         persistent_workers=False,
         worker_init_fn=_ignore_sigint if workers else None,
     )
+    batches = iter(loader)
     try:
-        yield from loader
+        yield from batches
     except ConvaeError as e:
         # A worker's error comes back wrapped in its traceback; give the user its own one line.
         raise type(e)(_worker_message(e)) from None
+    finally:
+        # Stop the workers now: an exception's traceback can keep this generator alive until
+        # exit, where multiprocessing would wait forever for workers still waiting for work.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -551,8 +558,9 @@ def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, pr
                 loss_sum = torch.full((), start["loss_sum"], device=device)
                 seen, batches, skipped, skipped_in_a_row = start["seen"], start["batches"], 0, 0
                 first_bad = torch.full((), -1, dtype=torch.int64, device=device) if check_every > 1 else None
+                source = iter_uint8_batches(images, order[batches * batch_size :], batch_size, workers)
                 try:
-                    for batch in iter_uint8_batches(images, order[batches * batch_size :], batch_size, workers):
+                    for batch in source:
                         t0 = time.perf_counter()
                         factor = lr_factor(train_config.schedule, progress_of(step, elapsed), train_config.warmup)
                         for group in optimizer.param_groups:
@@ -668,6 +676,8 @@ def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, pr
                         stacklevel=3,
                     )
                     continue
+                finally:
+                    source.close()  # its DataLoader workers end here, whatever happened
                 break
             epoch += 1
             distributed.sync_buffers(model, dist_info)
