@@ -12,23 +12,13 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
-
-
-def convae(*args, check=True, timeout=300, **kwargs):
-    proc = subprocess.run([CONVAE, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kwargs)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"convae {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
-    return proc
+from cli_helpers import CONVAE, convae
+from cli_helpers import assert_user_error as _assert_user_error
 
 
 def assert_user_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr
-    assert lines[-1].startswith(("convae: error:", "Error:")), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], proc.stderr
+    # click's own usage errors ("Error: No such option") count as one-line user errors too
+    _assert_user_error(proc, *fragments, prefixes=("convae: error:", "Error:"))
 
 
 @pytest.fixture(scope="module")

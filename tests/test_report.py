@@ -18,7 +18,7 @@ from convae import ConvAutoencoder
 from convae.data import ImageData, load_dataset
 from convae.report import write_report
 
-CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
+from cli_helpers import CONVAE, assert_user_error, convae  # noqa: E402
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 SECTIONS = ["card", "curves", "recon", "filters", "receptive", "maps", "patches", "maximize", "embedding", "probe"]
 PROBE = {
@@ -30,22 +30,6 @@ PROBE = {
         )
     ]
 }
-
-
-def convae(*args, check=True, timeout=300):
-    proc = subprocess.run([CONVAE, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"convae {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
-    return proc
-
-
-def assert_user_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr
-    assert lines[-1].startswith("convae: error:"), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], proc.stderr
 
 
 class Tags(HTMLParser):

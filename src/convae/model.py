@@ -437,6 +437,20 @@ def with_image_shape(config: ModelConfig, image_shape: Sequence[int]) -> ModelCo
     return replace(config, image_size=(h, w), in_channels=c)
 
 
+def depth_layers(model: nn.Module) -> list[str]:
+    """One layer per depth: every stage's output and the bottleneck (every layer of the dense model).
+
+    When the bottleneck is the last stage's maps as they are (no latent layer), that stage is
+    left out: it would repeat the bottleneck.
+    """
+    info = [f for f in model.feature_info if "." not in f["module"]]
+    if len(info) >= 2:
+        last, code = info[-2:]
+        if code["module"] == "bottleneck" and code["params"] == 0 and code["shape"] == last["shape"]:
+            info.remove(last)
+    return [f["module"] for f in info]
+
+
 def describe(model: nn.Module) -> list[dict]:
     """One row per encoder layer, then decoder and totals: what `convae info` prints."""
     rows = []

@@ -114,17 +114,10 @@ def parse_labels_per_class(value: str | int | Iterable[str | int]) -> list[int |
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """Every stage's output and the bottleneck (for the dense autoencoder: every layer).
+    """Every stage's output and the bottleneck (see :func:`convae.model.depth_layers`)."""
+    from .model import depth_layers
 
-    When the bottleneck is the last stage's maps as they are (no latent layer), that stage is
-    left out: its rows would repeat the bottleneck's.
-    """
-    info = [f for f in model.feature_info if "." not in f["module"]]
-    if len(info) >= 2:
-        last, code = info[-2:]
-        if code["module"] == "bottleneck" and code["params"] == 0 and code["shape"] == last["shape"]:
-            info.remove(last)
-    return [f["module"] for f in info]
+    return depth_layers(model)
 
 
 def label_subsets(y: np.ndarray, per_class: int | str, seeds: int) -> list[np.ndarray]:

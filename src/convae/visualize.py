@@ -216,17 +216,10 @@ def check_images(model: nn.Module, images, what: str = "data") -> None:
 
 
 def hierarchy_layers(model: nn.Module) -> list[str]:
-    """One layer per depth: every stage's output and the bottleneck (every layer of the dense model).
+    """One layer per depth (see :func:`convae.model.depth_layers`)."""
+    from .model import depth_layers
 
-    The same choice as probe.default_layers (the last stage is left out when the bottleneck
-    is that stage's maps as they are); repeated here so views load without the classifiers.
-    """
-    info = [f for f in model.feature_info if "." not in f["module"]]
-    if len(info) >= 2:
-        last, code = info[-2:]
-        if code["module"] == "bottleneck" and code["params"] == 0 and code["shape"] == last["shape"]:
-            info.remove(last)
-    return [f["module"] for f in info]
+    return depth_layers(model)
 
 
 def patch_layers(model: nn.Module) -> list[str]:
