@@ -126,3 +126,14 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     assert whole.keys() == resumed.keys()
     for key in whole:
         np.testing.assert_array_equal(whole[key], resumed[key], err_msg=key)
+
+
+def test_fit_option_defaults_are_the_configs_defaults():
+    """The CLI keeps literal defaults (so `convae --help` need not import torch): they must not drift."""
+    from convae.cli import fit as fit_command
+    from convae.config import TrainConfig
+
+    defaults = {p.name: p.default for p in fit_command.params}
+    for name in ("epochs", "max_time", "batch_size", "lr", "weight_decay", "schedule", "loss", "noise", "mask_ratio",
+                 "val_fraction", "seed", "device", "threads"):
+        assert defaults[name] == getattr(TrainConfig, name), name

@@ -17,6 +17,7 @@ is one clear line that keeps the previous checkpoint, and NaN losses follow --on
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -229,6 +230,21 @@ def test_two_processes_never_train_into_one_run_directory(digits, tmp_path):
     fit(digits, CFG, TrainConfig(epochs=1, threads=1, device="cpu"), run_dir=tmp_path)  # free again
 
 
+def test_written_files_follow_the_umask_and_keep_a_mode_the_user_set(tmp_path):
+    target = tmp_path / "notes.txt"
+    old = os.umask(0o027)
+    try:
+        with cio.atomic_path(target) as tmp:
+            tmp.write_text("first")
+        assert target.stat().st_mode & 0o777 == 0o640  # not mkstemp's private 0600
+        target.chmod(0o604)
+        with cio.atomic_path(target) as tmp:
+            tmp.write_text("second")
+        assert target.stat().st_mode & 0o777 == 0o604 and target.read_text() == "second"
+    finally:
+        os.umask(old)
+
+
 # ---------------------------------------------------------------------------------------------
 # full disks
 # ---------------------------------------------------------------------------------------------
@@ -364,13 +380,14 @@ def test_nan_stop_names_epoch_and_step_and_keeps_the_last_good_checkpoint(digits
     assert all(torch.isfinite(t).all() for t in rundir.load_model(tmp_path)[0].state_dict().values())
     monkeypatch.undo()
     fit(digits, CFG, TRAIN, run_dir=tmp_path, resume=True, on_nan="skip")  # the suggested way on
+    assert rundir.load_config(tmp_path).train.on_nan == "skip"  # recorded: a later resume keeps it
 
 
 def test_nan_skip_skips_only_those_steps(digits, monkeypatch):
     _nan_at(monkeypatch, {3, 4, 20})
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        result = fit(digits, CFG, TRAIN, on_nan="skip")
+        result = fit(digits, CFG, dataclasses.replace(TRAIN, on_nan="skip"))  # the policy as a setting
     messages = [str(w.message) for w in record]
     assert [m for m in messages if "skipped" in m] == [
         "epoch 1: skipped 2 step(s) whose loss or gradients were not finite",

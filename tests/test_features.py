@@ -32,7 +32,7 @@ CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "conva
 
 CONFIGS = {
     "conv-odd": ModelConfig(in_channels=3, image_size=(13, 10), channels=(4, 8), convs_per_stage=1),
-    "conv-latent": ModelConfig(image_size=(16, 16), channels=(4, 8), latent_channels=3),
+    "conv-latent": ModelConfig(image_size=(16, 16), channels=(4, 8), convs_per_stage=2, latent_channels=3),
     "conv-dense-code": ModelConfig(image_size=(12, 12), channels=(4, 8), bottleneck="dense", latent_dim=6),
     "dense": ModelConfig(arch="dense", image_size=(8, 8), hidden=(20, 10), latent_dim=5),
 }
@@ -333,8 +333,8 @@ def test_cli_layers_lists_every_layer_and_the_size_of_each_pooling(digits_run):
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["layer", "shape", "channels", "stride", "receptive_field", *POOLS]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
-    assert list(rows) == ["stage1.conv1", "stage1.conv2", "stage1", "stage2.conv1", "stage2.conv2", "stage2", "bottleneck"]
-    assert rows["stage1"][1:] == ["4x4x4", "4", "2", "6", "64", "4", "4", "16", "64"]
+    assert list(rows) == ["stage1.conv1", "stage1", "stage2.conv1", "stage2", "bottleneck"]
+    assert rows["stage1"][1:] == ["4x4x4", "4", "2", "4", "64", "4", "4", "16", "64"]
 
 
 def test_cli_extract_writes_npy_with_labels_or_npz(digits_run, tmp_path):

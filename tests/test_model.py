@@ -15,6 +15,7 @@ from convae.model import (
     describe,
     max_stages,
     stage_sizes,
+    winner_take_all,
 )
 
 SIZES = [(8, 8), (28, 28), (32, 32), (37, 53), (5, 9)]
@@ -133,7 +134,10 @@ def test_defaults_adapt_to_the_image_size(shape, stages):
 
 
 def test_run_config_round_trips_through_json():
-    cfg = RunConfig(model=default_model_config((37, 53, 3), bottleneck="dense"), train=TrainConfig(noise=0.2))
+    cfg = RunConfig(
+        model=default_model_config((37, 53, 3), bottleneck="dense", code_wta=0.1),
+        train=TrainConfig(noise=0.2, on_nan="reduce-lr"),
+    )
     text = json.dumps(to_dict(cfg))
     assert from_dict(RunConfig, json.loads(text)) == cfg
 
@@ -147,6 +151,8 @@ def test_run_config_round_trips_through_json():
         ({"model": {"norm": "layer"}}, "not one of"),
         ({"train": {"lr": True}}, "expected a number"),
         ({"train": {"batch_size": 0}}, "batch_size"),
+        ({"train": {"on_nan": "retry"}}, "on_nan"),
+        ({"model": {"code_wta": 1.5}}, "code_wta"),
     ],
 )
 def test_bad_config_fields_are_named(patch, match):
@@ -157,3 +163,25 @@ def test_bad_config_fields_are_named(patch, match):
         from_dict(RunConfig, data)
     with pytest.raises(ConfigError, match="missing field 'model'"):
         from_dict(RunConfig, {})
+
+
+def test_winner_take_all_keeps_each_maps_peak_in_the_strongest_images():
+    code = torch.rand(10, 4, 3, 3)
+    sparse = winner_take_all(code, 0.2)
+    # per channel: 2 of the 10 images (20%) keep one value each, their map's peak
+    assert ((sparse != 0).sum(dim=(0, 2, 3)) == 2).all()
+    peaks = code.amax(dim=(2, 3))
+    kept = sparse.amax(dim=(2, 3))
+    assert torch.equal(kept[kept != 0], peaks[kept != 0])
+    assert torch.equal(kept != 0, peaks >= peaks.topk(2, dim=0).values[-1:])
+
+
+def test_code_wta_sparsifies_what_the_decoder_sees_but_not_the_features():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(channels=(8, 16), convs_per_stage=1, code_wta=0.25)).eval()
+    dense = build_model(ModelConfig(channels=(8, 16), convs_per_stage=1)).eval()
+    dense.load_state_dict(model.state_dict())
+    x = torch.rand(8, 1, 28, 28)
+    code = model.encode(x)
+    assert torch.equal(code, dense.encode(x)) and (code != 0).float().mean() > 0.3
+    assert torch.allclose(model.forward_logits(x), dense.decode_logits(winner_take_all(code, 0.25)))

@@ -47,6 +47,16 @@ def storage_error(path: str | os.PathLike, e: OSError) -> StorageError:
     return StorageError(message, e.errno, str(path))
 
 
+def _mode_for(path: Path) -> int:
+    """The permissions the file being replaced has, else those of a new file under the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success, fsync and rename it over `path`.
@@ -58,7 +68,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        try:
+            os.fchmod(fd, _mode_for(path))  # mkstemp's 0600 would make every file private
+        finally:
+            os.close(fd)
     except OSError as e:
         raise storage_error(path, e) from e
     tmp_path = Path(tmp)

@@ -153,10 +153,11 @@ def main():
 @click.option("--bottleneck", type=click.Choice(["conv", "dense"]), help="conv: feature maps; dense: a latent vector.")
 @click.option("--latent-channels", type=int, help="conv bottleneck: 1x1 conv to this many channels (0: none).")
 @click.option("--latent-dim", type=int, help="Code size of a dense bottleneck or of --arch dense.")
+@click.option("--code-wta", type=float, help="Winner-take-all sparsity of the code while reconstructing: each map keeps its peak, each channel its top fraction of the batch (e.g. 0.2; 0: off).")
 @click.option("--hidden", help="--arch dense: hidden widths, e.g. 512,256.")
 @click.option("--epochs", type=int, default=0, help="Epochs (default: from the dataset size).")
 @click.option("--max-time", type=float, default=0.0, help="Wall-clock training budget in seconds.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "onecycle", "constant"]), default="cosine", show_default=True)
@@ -168,7 +169,7 @@ def main():
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=0, help="CPU threads (default: torch's).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--on-nan", type=click.Choice(["stop", "skip", "reduce-lr"]), default="stop", show_default=True, help="A loss that turns NaN or infinite: stop (keeping the last good checkpoint), skip the step, or go back to the epoch's start with half the learning rate.")
+@click.option("--on-nan", type=click.Choice(["stop", "skip", "reduce-lr"]), help="A loss that turns NaN or infinite: stop (the default; keeping the last good checkpoint), skip the step, or go back to the epoch's start with half the learning rate. With --resume: the run's saved policy unless given.")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Train with N processes (torchrun + DDP); --batch-size and --lr are per process.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--preset", help="Recommended settings for a dataset (digits, mnist, fashion-mnist, cifar10); options given override them.")
@@ -190,11 +191,8 @@ def fit(data, out, data_dir, split, image_size, channels, no_download, widths, h
     dataset = _load(data, data_dir, split, image_size, channels, no_download, quiet)
     settings["channels"] = _ints(widths, "--widths")
     settings["hidden"] = _ints(hidden, "--hidden")
-    est = ConvAutoencoder(verbose=not quiet, **settings)
-    from .train import nan_policy
-
-    with nan_policy(on_nan):
-        est.fit(dataset.images, run_dir=out, data_spec=dataset.name, resume=resume)
+    est = ConvAutoencoder(verbose=not quiet, on_nan=on_nan or "stop", **settings)
+    est.fit(dataset.images, run_dir=out, data_spec=dataset.name, resume=resume, on_nan=on_nan)
     distributed.shutdown()
     if not distributed.env_info().is_main:
         return

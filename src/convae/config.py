@@ -142,7 +142,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
 class TrainConfig:
     epochs: int = 0  # 0: chosen from the dataset size (unlimited when max_time is set)
     max_time: float = 0.0  # wall-clock budget in seconds; 0: none
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup: float = 0.05  # fraction of the run spent warming the learning rate up
@@ -157,9 +157,11 @@ class TrainConfig:
     threads: int = 0  # CPU threads; 0: torch's default
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True
+    on_nan: Literal["stop", "skip", "reduce-lr"] = "stop"  # a NaN/inf loss: stop, skip the step, or halve the lr
 
     def __post_init__(self) -> None:
         checks = [
+            (self.on_nan in ("stop", "skip", "reduce-lr"), f"on_nan must be stop, skip or reduce-lr, got {self.on_nan!r}"),
             (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
             (self.max_time >= 0, f"max_time must be >= 0, got {self.max_time}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),

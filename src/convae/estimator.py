@@ -74,15 +74,16 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         latent_channels=None,
         latent_dim=None,
         hidden=None,
+        code_wta=None,
         epochs=0,
         max_time=0.0,
-        batch_size=128,
-        lr=2e-3,
-        weight_decay=1e-4,
+        batch_size=TrainConfig.batch_size,
+        lr=TrainConfig.lr,
+        weight_decay=TrainConfig.weight_decay,
         warmup=0.05,
         schedule="cosine",
         loss="mse",
-        noise=0.0,
+        noise=TrainConfig.noise,
         mask_ratio=0.0,
         mask_patch=0,
         val_fraction=0.05,
@@ -91,6 +92,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         threads=0,
         amp=True,
         channels_last=True,
+        on_nan="stop",
         layers="bottleneck",
         pool="flatten",
         image_shape=None,
@@ -108,6 +110,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         self.latent_channels = latent_channels
         self.latent_dim = latent_dim
         self.hidden = hidden
+        self.code_wta = code_wta
         self.epochs = epochs
         self.max_time = max_time
         self.batch_size = batch_size
@@ -125,6 +128,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         self.threads = threads
         self.amp = amp
         self.channels_last = channels_last
+        self.on_nan = on_nan
         self.layers = layers
         self.pool = pool
         self.image_shape = image_shape
@@ -242,10 +246,11 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         )
 
     # -- fitting -----------------------------------------------------------
-    def fit(self, X, y=None, *, run_dir=None, data_spec: str = "", resume: bool = False):
+    def fit(self, X, y=None, *, run_dir=None, data_spec: str = "", resume: bool = False, on_nan: str | None = None):
         """Train on images X (see the class docstring for what X may be). `y` is ignored.
 
-        With `run_dir`, checkpoint every epoch into that run directory (`resume` continues it).
+        With `run_dir`, checkpoint every epoch into that run directory (`resume` continues it,
+        with its saved settings; `on_nan` given here replaces its NaN policy).
         """
         from .train import fit as train_fit
 
@@ -261,6 +266,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
             data_config=DataConfig(spec=data_spec, image_size=(h, w), channels=c, num_images=n),
             resume=resume,
             progress=bool(self.verbose),
+            on_nan=on_nan,
         )
         self._set_fitted(result.model, result.config, result.history)
         return self

@@ -31,7 +31,7 @@ class ModelConfig:
     in_channels: int = 1
     image_size: tuple[int, int] = (28, 28)  # (H, W) the model was built for
     channels: tuple[int, ...] = (32, 64, 128)  # one entry per encoder stage
-    convs_per_stage: int = 2
+    convs_per_stage: int = 1
     kernel_size: int = 3
     norm: Norm = "batch"
     activation: Activation = "relu"
@@ -41,6 +41,10 @@ class ModelConfig:
     latent_channels: int = 0  # conv bottleneck: 0 keeps the last stage's maps as the code
     latent_dim: int = 128  # dense bottleneck, and the code size of arch="dense"
     hidden: tuple[int, ...] = (512,)  # arch="dense": hidden layer widths
+    # Winner-take-all sparsity of the code the decoder sees (conv arch; features are unaffected):
+    # each code map keeps only its largest value per image, and each channel only its top
+    # `code_wta` fraction of the batch's images. 0: off. Makhzani & Frey's conv WTA autoencoder.
+    code_wta: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,6 +67,8 @@ class ModelConfig:
             raise ConfigError(f"convs_per_stage must be at least 1, got {self.convs_per_stage}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ConfigError(f"kernel_size must be odd (same padding), got {self.kernel_size}")
+        if not 0 <= self.code_wta <= 1:
+            raise ConfigError(f"code_wta must be a fraction in [0, 1], got {self.code_wta}")
         if self.latent_channels < 0 or self.latent_dim < 1:
             raise ConfigError("latent_channels must be >= 0 and latent_dim >= 1")
         sizes = stage_sizes(self.image_size, len(self.channels))
@@ -190,6 +196,21 @@ class DecoderStage(nn.Module):
             align = False if self.mode == "bilinear" else None
             x = F.interpolate(x, size=size, mode=self.mode, align_corners=align)
         return self.convs(x)
+
+
+def winner_take_all(code: torch.Tensor, rate: float) -> torch.Tensor:
+    """Spatial then lifetime winner-take-all: the decoder must rebuild the image from a few
+    strong, shift-tolerant activations, which makes the encoder's units part detectors."""
+    if code.dim() == 4:
+        peaks = code.amax(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
+        code = code * (code >= peaks)
+        strength = peaks.flatten(1)  # (N, C)
+    else:
+        strength = code
+    k = max(1, math.ceil(rate * code.shape[0]))
+    threshold = strength.topk(k, dim=0).values[-1:]  # (1, C): the k-th strongest image per channel
+    keep = (strength >= threshold).to(code.dtype)
+    return code * keep.view(*keep.shape, *([1] * (code.dim() - 2)))
 
 
 class ConvAutoencoderNet(nn.Module):
@@ -338,6 +359,8 @@ class ConvAutoencoderNet(nn.Module):
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         code, sizes = self._encode(x)
+        if self.config.code_wta:
+            code = winner_take_all(code, self.config.code_wta)
         return self.decode_logits(code, sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

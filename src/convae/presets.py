@@ -35,20 +35,20 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "mnist",
-            "MNIST 28x28: one conv per stage, denoising, a 2-minute budget on a 2-core CPU",
-            fit=dict(widths="32,64,128", convs_per_stage=1, noise=0.2, max_time=120.0),
+            "MNIST 28x28: the default model (one conv per stage, batch 64), a 3-minute budget on a 2-core CPU",
+            fit=dict(widths="32,64,128", convs_per_stage=1, batch_size=64, max_time=180.0),
             probe=dict(layers="stage2,bottleneck", pool="grid4"),
         ),
         Preset(
             "fashion-mnist",
-            "Fashion-MNIST 28x28: wider early stages, denoising, a 3-minute budget on a 2-core CPU",
-            fit=dict(widths="64,128,128", convs_per_stage=1, noise=0.1, max_time=180.0),
+            "Fashion-MNIST 28x28: the MNIST settings, a 3-minute budget on a 2-core CPU",
+            fit=dict(widths="32,64,128", convs_per_stage=1, batch_size=64, max_time=180.0),
             probe=dict(layers="stage2,bottleneck", pool="grid4"),
         ),
         Preset(
             "cifar10",
-            "CIFAR-10 32x32x3: denoising and masking, a 5-minute budget on a 2-core CPU",
-            fit=dict(widths="64,128,256", convs_per_stage=1, noise=0.05, mask_ratio=0.25, max_time=300.0),
+            "CIFAR-10 32x32x3: the default colour model (64,128,256), light denoising, a 5-minute budget on a 2-core CPU",
+            fit=dict(widths="64,128,256", convs_per_stage=1, batch_size=64, noise=0.05, max_time=300.0),
             probe=dict(layers="stage1,stage2,bottleneck", pool="grid4"),
         ),
     )

@@ -41,14 +41,25 @@ from ._version import __version__
 from .errors import ConfigError
 from .features import FeatureExtractor
 
-# name -> classifier for (seed, number of labelled train images)
-CLASSIFIERS: dict[str, Callable[[int, int], BaseEstimator]] = {
-    "logreg": lambda seed, n: LogisticRegression(C=0.1, max_iter=300),
-    "linsvm": lambda seed, n: LinearSVC(C=0.1, max_iter=5000, random_state=seed),
-    "rbfsvm": lambda seed, n: SVC(kernel="rbf", C=10.0),
-    "rf": lambda seed, n: RandomForestClassifier(n_estimators=200, random_state=seed),
-    "knn": lambda seed, n: KNeighborsClassifier(n_neighbors=min(5, n)),
-    "mlp": lambda seed, n: MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, max_iter=300, random_state=seed),
+def logreg_c(dim: int) -> float:
+    """The logistic regression's C for `dim` standardized features: 64 / dim (at most 1).
+
+    Standardized features make a weight vector's logits grow like sqrt(dim), so a fixed C
+    regularizes wide features less than narrow ones; scaling C by 1/dim (as SVC's gamma="scale"
+    does for its kernel) keeps it even. Measured best on MNIST's 2048-value code (C ~0.03) and on
+    digits' 256-value code (C >= 0.1): see benchmarks/RESULTS.md.
+    """
+    return min(1.0, 64.0 / max(int(dim), 1))
+
+
+# name -> classifier for (seed, number of labelled train images, feature dimension)
+CLASSIFIERS: dict[str, Callable[[int, int, int], BaseEstimator]] = {
+    "logreg": lambda seed, n, dim: LogisticRegression(C=logreg_c(dim), max_iter=300),
+    "linsvm": lambda seed, n, dim: LinearSVC(C=0.1, max_iter=5000, random_state=seed),
+    "rbfsvm": lambda seed, n, dim: SVC(kernel="rbf", C=10.0),
+    "rf": lambda seed, n, dim: RandomForestClassifier(n_estimators=200, random_state=seed),
+    "knn": lambda seed, n, dim: KNeighborsClassifier(n_neighbors=min(5, n)),
+    "mlp": lambda seed, n, dim: MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, max_iter=300, random_state=seed),
 }
 BASELINES: tuple[str, ...] = ("pixels", "pca", "random")
 COLUMNS = (
@@ -151,7 +162,7 @@ def evaluate_features(
                 for seed, idx in enumerate(subsets[k]):
                     rows = slice(None) if k == "all" else idx  # all labels: a view, not a copy
                     scaler = [StandardScaler()] if fs.standardize else []
-                    clf = make_pipeline(*scaler, CLASSIFIERS[name](seed, len(idx)))
+                    clf = make_pipeline(*scaler, CLASSIFIERS[name](seed, len(idx), fs.dim))
                     t0 = time.perf_counter()
                     with warnings.catch_warnings():
                         # an unconverged probe is still a fair, if slightly low, measurement

@@ -12,7 +12,6 @@ rate (`on_nan`); Ctrl-C or SIGTERM stops at a step boundary with a mid-epoch che
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import math
 import os
@@ -57,7 +56,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 #: What a loss that is NaN or infinite does: see fit().
 NAN_POLICIES = ("stop", "skip", "reduce-lr")
-_NAN_POLICY: contextvars.ContextVar[str] = contextvars.ContextVar("convae_on_nan", default="stop")
 #: A single-process run also writes a mid-epoch checkpoint after this many seconds without
 #: one, so a kill loses at most this much of a long epoch.
 CHECKPOINT_INTERVAL_S = 600.0
@@ -70,18 +68,6 @@ MAX_SKIPPED_IN_A_ROW = 100
 def _check_nan_policy(policy: str) -> None:
     if policy not in NAN_POLICIES:
         raise ConfigError(f"--on-nan {policy!r}: choose one of {', '.join(NAN_POLICIES)}")
-
-
-@contextlib.contextmanager
-def nan_policy(policy: str) -> Iterator[None]:
-    """The default `on_nan` of fit() calls in the block, for callers that do not pass it
-    (``with nan_policy("reduce-lr"): estimator.fit(X, run_dir=...)``)."""
-    _check_nan_policy(policy)
-    token = _NAN_POLICY.set(policy)
-    try:
-        yield
-    finally:
-        _NAN_POLICY.reset(token)
 
 
 class _Interrupts:
@@ -305,14 +291,16 @@ def fit(
     "stop" (the default) raises TrainingError naming the epoch and step and keeps the last good
     checkpoint; "skip" skips that step (weights, optimizer and BatchNorm statistics stay as they
     were); "reduce-lr" goes back to the start of the epoch and halves the learning rate. None
-    takes the policy of an enclosing :func:`nan_policy` block.
+    takes ``train_config.on_nan`` (on resume, the run's saved policy); a value given here
+    replaces it and is recorded in config.json.
 
     Ctrl-C (SIGINT) or SIGTERM, when fit runs in the main thread of a single process, stops at
     the next step boundary, writes a mid-epoch checkpoint that ``resume=True`` continues
     exactly, and raises :class:`TrainingInterrupted`. A second signal acts at once.
     """
-    on_nan = _NAN_POLICY.get() if on_nan is None else on_nan
-    _check_nan_policy(on_nan)
+    if on_nan is not None:
+        _check_nan_policy(on_nan)
+        train_config = replace(train_config, on_nan=on_nan)
     n, h, w, c = images.shape
     if (h, w) != tuple(model_config.image_size) or c != model_config.in_channels:
         raise ConvaeError(
@@ -333,14 +321,14 @@ def fit(
     lock = checkpoint = None
     try:
         if run_dir is not None:
-            config, checkpoint, lock = _start_run(run_dir, config, resume, images.shape, dist_info)
-        return _train(images, config, checkpoint, device, dist_info, run_dir, progress, on_epoch, on_nan)
+            config, checkpoint, lock = _start_run(run_dir, config, resume, images.shape, dist_info, on_nan)
+        return _train(images, config, checkpoint, device, dist_info, run_dir, progress, on_epoch, config.train.on_nan)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _start_run(run_dir: Path, config: RunConfig, resume: bool, shape, dist_info):
+def _start_run(run_dir: Path, config: RunConfig, resume: bool, shape, dist_info, on_nan: str | None = None):
     """Check and lock the run directory; on resume, the run's saved config and its checkpoint.
 
     A directory whose run never finished an epoch (config.json only: killed early) holds nothing
@@ -356,8 +344,10 @@ def _start_run(run_dir: Path, config: RunConfig, resume: bool, shape, dist_info)
         checkpoint = None
         if resume:
             saved = rundir.load_config(run_dir)
-            # The run's own settings win: a resumed run must be the same run.
-            config = replace(saved, data=replace(saved.data, spec=config.data.spec or saved.data.spec))
+            # The run's own settings win: a resumed run must be the same run. Only the NaN policy,
+            # which does not change the weights of steps that go well, may be changed on resume.
+            train = saved.train if on_nan is None else replace(saved.train, on_nan=on_nan)
+            config = replace(saved, train=train, data=replace(saved.data, spec=config.data.spec or saved.data.spec))
             n, h, w, c = shape
             m = saved.model
             if (h, w) != tuple(m.image_size) or c != m.in_channels:
