@@ -306,7 +306,10 @@ def test_folders_that_cannot_train_through_the_cli(tmp_path, case):
         root = tmp_path / "data.npy"
         os.mkfifo(root)
     result = no_hang(lambda: cli("fit", root, "--out", tmp_path / "r", "--epochs", 1, "-q"))
-    assert_cli_error(result, "too small" if case == "one-pixel" else str(root))
+    if case == "one-pixel":
+        assert_cli_error(result, "too small", str(root), "--image-size")
+    else:
+        assert_cli_error(result, str(root))
 
 
 def test_one_pixel_images_train_once_resized(tmp_path):

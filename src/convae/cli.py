@@ -189,6 +189,11 @@ def fit(data, out, data_dir, split, image_size, channels, no_download, widths, h
     if preset:
         widths = _apply_preset(preset, settings, widths)
     dataset = _load(data, data_dir, split, image_size, channels, no_download, quiet)
+    h, w = dataset.images.shape[1:3]
+    if min(h, w) < 2:
+        raise ConvaeError(
+            f"{dataset.name}: images are {h}x{w} pixels, too small to train on: resize them with --image-size (e.g. 28)"
+        )
     settings["channels"] = _ints(widths, "--widths")
     settings["hidden"] = _ints(hidden, "--hidden")
     est = ConvAutoencoder(verbose=not quiet, on_nan=on_nan or "stop", **settings)

@@ -75,6 +75,11 @@ class ModelConfig:
         for i, (sh, sw) in enumerate(sizes[:-1], start=1):
             if sh < 2 or sw < 2:
                 usable = max_stages(self.image_size)
+                if usable == 0:
+                    raise ConfigError(
+                        f"images of {h}x{w} pixels are too small for a convolutional autoencoder (it needs "
+                        "at least 2x2): use larger images, or resize them (--image-size 28)"
+                    )
                 raise ConfigError(
                     f"image size {h}x{w} is too small for {len(self.channels)} stages "
                     f"(stage {i} would get {sh}x{sw}; each stage halves the size): "
