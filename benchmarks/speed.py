@@ -172,7 +172,7 @@ def main() -> None:
 
     lines = [
         "",
-        f"## Speed — {datetime.date.today().isoformat()}",
+        f"## Speed — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         "",
         f"Machine: {machine()}.",
         f"Command: `.venv/bin/python benchmarks/speed.py{' --quick' if args.quick else ''}` "
