@@ -201,7 +201,7 @@ _KILLED_SCRIPT = textwrap.dedent(
             time.sleep(0.002)
             return self.arr[i]
 
-    model = build_model(ModelConfig(image_size=(16, 16), channels=(4, 8), latent_channels=3))
+    model = build_model(ModelConfig(image_size=(16, 16), channels=(4, 8), convs_per_stage=2, latent_channels=3))
     model.load_state_dict(load_file(sys.argv[1]))
     images = np.load(sys.argv[2])
     ex = FeatureExtractor(model, "stage1,bottleneck", "grid2", batch_size=32)
