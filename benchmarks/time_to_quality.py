@@ -40,6 +40,7 @@ host's speed):
 | **1 conv/stage, batch 64** (no noise / noise 0.1 / noise 0.2, two seeds) | 33k-39k | 0.9896 | **0.9906 / 0.9904 / 0.9901, 0.9900** |
 | 1 conv/stage, batch 32 (no noise / noise 0.2) | 28k-35k | 0.9892 / 0.9903 | 0.9898 / 0.9908 |
 | 1 conv/stage, batch 16, noise 0.2 | 37k | 0.9879 | 0.9892 |
+| new defaults with lr 3e-3 / one-cycle schedule / average-pool downsampling (C=64/2048) | 42k | | 0.9899 / 0.9907 / 0.9897 |
 | random weights (1 conv/stage) | 0 | 0.9849 | |
 
 Other feature sets of those runs were weaker: stage1/grid4 0.982-0.983, stage2/grid4 0.985-0.987,
