@@ -40,7 +40,7 @@ def test_fit_with_a_preset_and_an_explicit_option(tmp_path):
     config = json.loads((run / "config.json").read_text())
     preset = get_preset("digits").fit
     assert config["train"]["epochs"] == 1  # the explicit option wins
-    assert config["train"]["noise"] == preset["noise"]  # the preset fills the rest
+    assert config["train"]["lr"] == preset["lr"]  # the preset fills the rest
     assert config["model"]["channels"] == [int(w) for w in preset["widths"].split(",")]
     bad = subprocess.run([CONVAE, "fit", "digits", "--preset", "nope", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
