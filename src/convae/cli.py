@@ -196,7 +196,7 @@ def fit(data, out, data_dir, split, image_size, channels, no_download, widths, h
         )
     settings["channels"] = _ints(widths, "--widths")
     settings["hidden"] = _ints(hidden, "--hidden")
-    est = ConvAutoencoder(verbose=not quiet, on_nan=on_nan or "stop", **settings)
+    est = ConvAutoencoder(verbose=not quiet, **settings)
     est.fit(dataset.images, run_dir=out, data_spec=dataset.name, resume=resume, on_nan=on_nan)
     distributed.shutdown()
     if not distributed.env_info().is_main:

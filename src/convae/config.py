@@ -138,6 +138,11 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
         raise ConfigError(f"{where}: {message[:200]}") from e
 
 
+#: What a loss that is NaN or infinite does (see convae.train.fit).
+NanPolicy = Literal["stop", "skip", "reduce-lr"]
+NAN_POLICIES: tuple[str, ...] = typing.get_args(NanPolicy)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 0  # 0: chosen from the dataset size (unlimited when max_time is set)
@@ -157,11 +162,11 @@ class TrainConfig:
     threads: int = 0  # CPU threads; 0: torch's default
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True
-    on_nan: Literal["stop", "skip", "reduce-lr"] = "stop"  # a NaN/inf loss: stop, skip the step, or halve the lr
+    on_nan: NanPolicy = "stop"  # a NaN/inf loss: stop, skip the step, or halve the lr
 
     def __post_init__(self) -> None:
         checks = [
-            (self.on_nan in ("stop", "skip", "reduce-lr"), f"on_nan must be stop, skip or reduce-lr, got {self.on_nan!r}"),
+            (self.on_nan in NAN_POLICIES, f"on_nan must be one of {', '.join(NAN_POLICIES)}, got {_short(self.on_nan)}"),
             (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
             (self.max_time >= 0, f"max_time must be >= 0, got {self.max_time}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),

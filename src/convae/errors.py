@@ -1,8 +1,6 @@
 """Errors a user can cause. The CLI turns each into a one-line message and exit code 2."""
 from __future__ import annotations
 
-import errno as _errno
-
 
 class ConvaeError(Exception):
     """Base class: the message is meant for the user, as one line."""
@@ -34,10 +32,6 @@ class StorageError(ConvaeError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
-
-    @property
-    def disk_full(self) -> bool:
-        return self.errno in (_errno.ENOSPC, _errno.EDQUOT)
 
 
 class SkippedFileWarning(UserWarning):

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import distributed
 from .config import DataConfig, RunConfig, TrainConfig
-from .errors import ConfigError, ConvaeError, RunDirError
+from .errors import ConvaeError, RunDirError
 from .metrics import mse_per_image, psnr_per_image, ssim_per_image
 from .model import ModelConfig, build_model
 
@@ -54,8 +54,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum = int(signum)
 
 
-#: What a loss that is NaN or infinite does: see fit().
-NAN_POLICIES = ("stop", "skip", "reduce-lr")
 #: A single-process run also writes a mid-epoch checkpoint after this many seconds without
 #: one, so a kill loses at most this much of a long epoch.
 CHECKPOINT_INTERVAL_S = 600.0
@@ -63,11 +61,6 @@ CHECKPOINT_INTERVAL_S = 600.0
 MAX_LR_REDUCTIONS = 10
 #: skip: consecutive skipped steps (at most one epoch's worth) before the run gives up.
 MAX_SKIPPED_IN_A_ROW = 100
-
-
-def _check_nan_policy(policy: str) -> None:
-    if policy not in NAN_POLICIES:
-        raise ConfigError(f"--on-nan {policy!r}: choose one of {', '.join(NAN_POLICIES)}")
 
 
 class _Interrupts:
@@ -299,8 +292,7 @@ def fit(
     exactly, and raises :class:`TrainingInterrupted`. A second signal acts at once.
     """
     if on_nan is not None:
-        _check_nan_policy(on_nan)
-        train_config = replace(train_config, on_nan=on_nan)
+        train_config = replace(train_config, on_nan=on_nan)  # checked by TrainConfig
     n, h, w, c = images.shape
     if (h, w) != tuple(model_config.image_size) or c != model_config.in_channels:
         raise ConvaeError(
@@ -322,7 +314,7 @@ def fit(
     try:
         if run_dir is not None:
             config, checkpoint, lock = _start_run(run_dir, config, resume, images.shape, dist_info, on_nan)
-        return _train(images, config, checkpoint, device, dist_info, run_dir, progress, on_epoch, config.train.on_nan)
+        return _train(images, config, checkpoint, device, dist_info, run_dir, progress, on_epoch)
     finally:
         if lock is not None:
             lock.release()
@@ -423,10 +415,11 @@ def _finite_grads(params: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
-def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, progress, on_epoch, on_nan):
+def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, progress, on_epoch):
     from . import run as rundir
 
     model_config, train_config = config.model, config.train
+    on_nan = train_config.on_nan
     n = len(images)
     torch.manual_seed(train_config.seed)
     model = build_model(model_config)
