@@ -185,3 +185,5 @@ def test_code_wta_sparsifies_what_the_decoder_sees_but_not_the_features():
     code = model.encode(x)
     assert torch.equal(code, dense.encode(x)) and (code != 0).float().mean() > 0.3
     assert torch.allclose(model.forward_logits(x), dense.decode_logits(winner_take_all(code, 0.25)))
+    with pytest.raises(ConfigError, match="code_wta applies to the conv autoencoder"):
+        ModelConfig(arch="dense", code_wta=0.2)

@@ -58,6 +58,8 @@ class ModelConfig:
         if self.arch == "dense":
             if self.latent_dim < 1 or any(u < 1 for u in self.hidden):
                 raise ConfigError("dense autoencoder: latent_dim and hidden widths must be positive")
+            if self.code_wta:
+                raise ConfigError("code_wta applies to the conv autoencoder; the dense baseline ignores it, so leave it 0")
             return
         if not self.channels:
             raise ConfigError("channels: give at least one stage width, e.g. 32,64,128")
