@@ -37,17 +37,50 @@ def test_reconstruction_has_the_input_shape(size, c):
 
 
 @pytest.mark.parametrize(
-    "downsample,upsample,bottleneck,norm",
-    list(itertools.product(["max", "avg", "stride"], ["nearest", "bilinear", "transpose"], ["conv", "dense"], ["batch", "group", "none"])),
+    "downsample,upsample,decoder,bottleneck,norm",
+    list(itertools.product(["max", "avg", "stride"], ["nearest", "bilinear", "transpose"], ["mirror", "light"], ["conv", "dense"], ["batch", "group", "none"])),
 )
-def test_every_kind_keeps_odd_non_square_shapes(downsample, upsample, bottleneck, norm):
-    cfg = _config((37, 53), 3, 3, downsample=downsample, upsample=upsample, bottleneck=bottleneck, norm=norm, latent_dim=16)
+def test_every_kind_keeps_odd_non_square_shapes(downsample, upsample, decoder, bottleneck, norm):
+    cfg = _config((37, 53), 3, 3, downsample=downsample, upsample=upsample, decoder=decoder, bottleneck=bottleneck,
+                  norm=norm, latent_dim=16)
     model = build_model(cfg).eval()
     x = torch.rand(2, 3, 37, 53)
     code = model.encode(x)
     assert code.flatten(1).shape[1] == code_size(cfg)
     assert model(x).shape == x.shape
     assert model.decode(code).shape == x.shape
+
+
+def _decoder_conv_flops(model, x) -> int:
+    flops = 0
+
+    def count(module, args, out):
+        nonlocal flops
+        if isinstance(module, torch.nn.Conv2d):
+            flops += out.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+
+    hooks = [m.register_forward_hook(count) for m in model.decoder.modules()]
+    model.decode(model.encode(x))
+    for h in hooks:
+        h.remove()
+    return flops
+
+
+def test_light_decoder_convolves_before_upsampling_with_the_same_weights():
+    mirror = build_model(_config((28, 28), 1, 3, convs_per_stage=1)).eval()
+    light = build_model(_config((28, 28), 1, 3, convs_per_stage=1, decoder="light")).eval()
+    light.load_state_dict(mirror.state_dict())  # same tensors, only the order of operations differs
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(light.encode(x), mirror.encode(x))
+    assert light(x).shape == x.shape and not torch.allclose(light(x), mirror(x))
+    assert _decoder_conv_flops(light, x) * 3 < _decoder_conv_flops(mirror, x)
+
+
+def test_configs_written_before_the_decoder_option_load_as_the_mirrored_decoder():
+    data = to_dict(RunConfig(model=ModelConfig(decoder="light")))
+    assert from_dict(RunConfig, data).model.decoder == "light"
+    del data["model"]["decoder"]
+    assert from_dict(RunConfig, data).model.decoder == "mirror"
 
 
 def test_latent_channels_makes_a_1x1_code():
@@ -135,7 +168,7 @@ def test_defaults_adapt_to_the_image_size(shape, stages):
 
 def test_run_config_round_trips_through_json():
     cfg = RunConfig(
-        model=default_model_config((37, 53, 3), bottleneck="dense", code_wta=0.1),
+        model=default_model_config((37, 53, 3), bottleneck="dense", code_wta=0.1, decoder="light"),
         train=TrainConfig(noise=0.2, on_nan="reduce-lr"),
     )
     text = json.dumps(to_dict(cfg))

@@ -123,7 +123,11 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
         shown = ", ".join(_short(k, 40).strip("'") for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise ConfigError(f"{where}: unknown field(s) {shown}")
     kwargs = {}
+    legacy = getattr(cls, "LEGACY_DEFAULTS", {})
     for name, field in fields.items():
+        if name not in data and name in legacy:  # written before the field existed
+            kwargs[name] = legacy[name]
+            continue
         if name not in data:
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{where}: missing field '{name}'")

@@ -70,6 +70,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         activation=None,
         downsample=None,
         upsample=None,
+        decoder=None,
         bottleneck=None,
         latent_channels=None,
         latent_dim=None,
@@ -106,6 +107,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         self.activation = activation
         self.downsample = downsample
         self.upsample = upsample
+        self.decoder = decoder
         self.bottleneck = bottleneck
         self.latent_channels = latent_channels
         self.latent_dim = latent_dim

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ Activation = Literal["relu", "leaky_relu", "gelu", "silu", "elu"]
 Downsample = Literal["max", "avg", "stride"]
 Upsample = Literal["nearest", "bilinear", "transpose"]
 Bottleneck = Literal["conv", "dense"]
+Decoder = Literal["mirror", "light"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class ModelConfig:
     activation: Activation = "relu"
     downsample: Downsample = "max"
     upsample: Upsample = "nearest"
+    # "mirror": each decoder stage upsamples, then convolves at the finer size (the encoder
+    # mirrored). "light": it convolves first, at the coarser size (a quarter of the pixels),
+    # then upsamples: the decoder's FLOPs fall about fourfold, so training sees more images a
+    # minute, and the encoder's features are what the decoder is for.
+    decoder: Decoder = "mirror"
     bottleneck: Bottleneck = "conv"
     latent_channels: int = 0  # conv bottleneck: 0 keeps the last stage's maps as the code
     latent_dim: int = 128  # dense bottleneck, and the code size of arch="dense"
@@ -45,6 +51,9 @@ class ModelConfig:
     # each code map keeps only its largest value per image, and each channel only its top
     # `code_wta` fraction of the batch's images. 0: off. Makhzani & Frey's conv WTA autoencoder.
     code_wta: float = 0.0
+
+    # Fields added after config.json files were first written: what such a file meant.
+    LEGACY_DEFAULTS: ClassVar[dict] = {"decoder": "mirror"}
 
     def __post_init__(self) -> None:
         self.validate()
@@ -186,23 +195,28 @@ class EncoderStage(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    """Upsample to the mirrored encoder stage's input size, then convs."""
+    """Upsample to the mirrored encoder stage's input size, then convs ("light": convs, then upsample)."""
 
     def __init__(self, cin: int, cout: int, config: ModelConfig):
         super().__init__()
         self.mode = config.upsample
-        self.up = nn.ConvTranspose2d(cin, cin, 2, stride=2) if self.mode == "transpose" else None
+        self.convs_first = config.decoder == "light"
+        up_channels = cout if self.convs_first else cin
+        self.up = nn.ConvTranspose2d(up_channels, up_channels, 2, stride=2) if self.mode == "transpose" else None
         self.convs = nn.Sequential(
             *[ConvBlock(cin if j == 0 else cout, cout, config) for j in range(config.convs_per_stage)]
         )
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def upsample(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self.up is not None:
-            x = self.up(x)[..., : size[0], : size[1]]  # (N, C, 2h, 2w) cropped to the encoder's size
-        else:
-            align = False if self.mode == "bilinear" else None
-            x = F.interpolate(x, size=size, mode=self.mode, align_corners=align)
-        return self.convs(x)
+            return self.up(x)[..., : size[0], : size[1]]  # (N, C, 2h, 2w) cropped to the encoder's size
+        align = False if self.mode == "bilinear" else None
+        return F.interpolate(x, size=size, mode=self.mode, align_corners=align)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.convs_first:
+            return self.upsample(self.convs(x), size)  # (N, cout, h, w) -> (N, cout, size)
+        return self.convs(self.upsample(x, size))
 
 
 def winner_take_all(code: torch.Tensor, rate: float) -> torch.Tensor:
