@@ -97,6 +97,30 @@ def test_random_weights_is_the_same_architecture_untrained(runs, digits):
     assert rows[0]["dim"] == rows[1]["dim"] and rows[0]["accuracy"] != rows[1]["accuracy"]
 
 
+def test_layers_joined_with_plus_are_probed_as_one_concatenated_feature_set(runs, digits):
+    conv, dense = runs
+    rows = run_probe(conv, *digits, layers="bottleneck+stage1,stage1", pool="avg,max", baselines="random,pca",
+                     compare=[dense])
+    assert [r["features"] for r in rows] == [
+        "stage1+bottleneck/avg", "stage1+bottleneck/max", "stage1/avg", "stage1/max",  # network order inside
+        "random/stage1+bottleneck/avg", "random/stage1+bottleneck/max", "random/stage1/avg", "random/stage1/max",
+        # the dense run has neither feature set: its own default layers
+        "dense/fc1/avg", "dense/fc1/max", "dense/bottleneck/avg", "dense/bottleneck/max",
+        "pca", "pca",
+    ]
+    by = {r["features"]: r for r in rows}
+    assert by["stage1+bottleneck/avg"]["dim"] == 16 + 32 and by["stage1/max"]["dim"] == 16
+    assert [r["dim"] for r in rows if r["features"] == "pca"] == [16, 48]  # each feature set's size
+    # the group is exactly the two layers' features side by side
+    model = ConvAutoencoder.load(conv)
+    X = digits[1].images[:5]
+    both = model.set_params(layers="stage1,bottleneck", pool="avg").transform(X)
+    singles = [model.set_params(layers=name).transform(X) for name in ("stage1", "bottleneck")]
+    np.testing.assert_array_equal(both, np.hstack(singles))
+    with pytest.raises(ConfigError, match="unknown layer"):
+        run_probe(conv, *digits, layers="stage1+stage9", baselines="none")
+
+
 def test_pca_with_the_dimension_of_the_bottleneck_is_expressible(runs, digits):
     conv, _ = runs
     est = ConvAutoencoder.load(conv)

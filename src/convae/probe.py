@@ -39,7 +39,7 @@ from torch import nn
 from ._io import atomic_write_text
 from ._version import __version__
 from .errors import ConfigError
-from .features import FeatureExtractor
+from .features import FeatureExtractor, _names, resolve_layers
 
 def logreg_c(dim: int) -> float:
     """The logistic regression's C for `dim` standardized features: 64 / dim (at most 1).
@@ -215,10 +215,44 @@ def _images_labels(data, which: str):
     return images, labels
 
 
-def _layer_sets(extractor: FeatureExtractor, train, test, prefix: str, progress: bool) -> list[FeatureSet]:
+def layer_groups(model: nn.Module, layers: str | Iterable[str] | None) -> list[tuple[str, ...]]:
+    """The feature sets a probe's `layers` asks for, each a tuple of layers in network order.
+
+    "stage2,bottleneck" is two sets; "stage2+bottleneck" is one, both layers' pooled features
+    concatenated (depths combined); "all" is every layer; None, every stage and the bottleneck.
+    """
+    if layers is None:
+        return [(name,) for name in default_layers(model)]
+    items = _names(layers, "layers")
+    if items == ["all"]:
+        return [(name,) for name in model.layer_names]
+    groups = [tuple(resolve_layers(model, [n.strip() for n in item.split("+")])) for item in items]
+    return list(dict.fromkeys(groups))
+
+
+def _group_blocks(extractor: FeatureExtractor, groups: Sequence[tuple[str, ...]]) -> list[tuple[str, list]]:
+    """(name, blocks) of each feature set: every group at every pooling, "a+b/pool" for a group."""
+    out = []
+    for group in groups:
+        for pool in extractor.pools:
+            blocks = [b for b in extractor.blocks if b.layer in group and b.pool == pool]
+            out.append(("+".join(b.layer for b in blocks) + f"/{pool}", blocks))
+    return out
+
+
+def _layer_sets(
+    extractor: FeatureExtractor, groups: Sequence[tuple[str, ...]], train, test, prefix: str, progress: bool
+) -> list[FeatureSet]:
     xtr = extractor.transform(train, progress=progress)
     xte = extractor.transform(test, progress=progress)
-    return [FeatureSet(prefix + b.name, xtr[:, b.columns], xte[:, b.columns]) for b in extractor.blocks]
+    sets = []
+    for name, blocks in _group_blocks(extractor, groups):
+        if len(blocks) == 1:
+            columns = blocks[0].columns  # a view, no copy
+        else:
+            columns = np.concatenate([np.arange(b.start, b.stop) for b in blocks])
+        sets.append(FeatureSet(prefix + name, xtr[:, columns], xte[:, columns]))
+    return sets
 
 
 def _pixels(images, batch: int = 4096) -> np.ndarray:
@@ -260,7 +294,8 @@ def run_probe(
     """Probe the features of `run` (a run directory, a fitted ConvAutoencoder or a model).
 
     `train` and `test` are :class:`convae.data.ImageData` with labels, or (images, labels)
-    pairs, of the model's image shape. `layers` defaults to every stage and the bottleneck.
+    pairs, of the model's image shape. `layers` defaults to every stage and the bottleneck;
+    "stage2+bottleneck" probes those layers' features concatenated (see :func:`layer_groups`).
     `compare` takes other runs (e.g. the dense autoencoder), probed at the requested layers
     they have, or at their own default layers. `pca_dims` sets the PCA baseline's dimensions,
     e.g. ``[code_size(config.model)]`` for the bottleneck's; by default one PCA per distinct
@@ -277,8 +312,10 @@ def run_probe(
     test_images, y_test = _images_labels(test, "test")
 
     model, _ = _model_of(run)
-    layers = default_layers(model) if layers is None else layers
-    extractor = FeatureExtractor(model, layers, pool, device=device, batch_size=batch_size)
+    groups = layer_groups(model, layers)
+    needed = {name for group in groups for name in group}
+    extractor = FeatureExtractor(model, [n for n in model.layer_names if n in needed], pool, device=device,
+                                 batch_size=batch_size)
     for name, images in (("train", train_images), ("test", test_images)):
         shape = tuple(int(s) for s in images.shape[1:])
         if shape != extractor.image_shape:
@@ -289,7 +326,7 @@ def run_probe(
 
     def sources() -> Iterator[list[FeatureSet]]:
         # One source at a time, so only one source's features are held in memory.
-        yield _layer_sets(extractor, train_images, test_images, "", progress)
+        yield _layer_sets(extractor, groups, train_images, test_images, "", progress)
         if "random" in baselines:
             with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
                 torch.manual_seed(random_seed)
@@ -297,21 +334,25 @@ def run_probe(
             random_ex = FeatureExtractor(
                 untrained, extractor.layers, extractor.pools, device=device, batch_size=batch_size
             )
-            yield _layer_sets(random_ex, train_images, test_images, "random/", progress)
+            yield _layer_sets(random_ex, groups, train_images, test_images, "random/", progress)
         used = {"random", "pixels", "pca"}
         for i, other in enumerate(compare, start=1):
             other_model, name = _model_of(other)
             name = name if name not in used else f"compare{i}"
             used.add(name)
-            wanted = [n for n in extractor.layers if n in other_model.layer_names] or default_layers(other_model)
-            ex = FeatureExtractor(other_model, wanted, extractor.pools, device=device, batch_size=batch_size)
-            yield _layer_sets(ex, train_images, test_images, f"{name}/", progress)
+            theirs = [g for g in groups if set(g) <= set(other_model.layer_names)] or layer_groups(other_model, None)
+            wanted = {n for g in theirs for n in g}
+            ex = FeatureExtractor(other_model, [n for n in other_model.layer_names if n in wanted], extractor.pools,
+                                  device=device, batch_size=batch_size)
+            yield _layer_sets(ex, theirs, train_images, test_images, f"{name}/", progress)
         if "pixels" in baselines or "pca" in baselines:
             xtr, xte = _pixels(train_images), _pixels(test_images)
             if "pixels" in baselines:
                 yield [FeatureSet("pixels", xtr, xte)]
             if "pca" in baselines:
-                dims = pca_dims if pca_dims is not None else [b.dim for b in extractor.blocks]
+                dims = pca_dims if pca_dims is not None else [
+                    sum(b.dim for b in blocks) for _, blocks in _group_blocks(extractor, groups)
+                ]
                 for d in _pca_dims(dims, xtr.shape):
                     # The standardized pixels on their first d principal axes. Standardizing the
                     # scores again would whiten them: noise axes blown up to the signal's scale.
