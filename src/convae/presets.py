@@ -48,9 +48,10 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "cifar10",
-            "CIFAR-10 32x32x3: the default colour model (64,128,256), light denoising, a 5-minute budget on a 2-core CPU",
+            "CIFAR-10 32x32x3: the default colour model (64,128,256), light denoising, a 5-minute budget on a 2-core "
+            "CPU; probed with stage1 and stage2 concatenated too",
             fit=dict(widths="64,128,256", convs_per_stage=1, batch_size=64, noise=0.05, max_time=300.0),
-            probe=dict(layers="stage1,stage2,bottleneck", pool="grid4"),
+            probe=dict(layers="stage1,stage2,bottleneck,stage1+stage2", pool="grid4"),
         ),
     )
 }
