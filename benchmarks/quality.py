@@ -119,7 +119,8 @@ def probe_dataset(name: str, run: Path, data_dir: Path, labels_per_class) -> tup
         baselines="random,pixels,pca", labels_per_class=labels_per_class, seeds=3, pca_dims=[code], device="cpu",
     )
     info = dict(code_size=code, train_images=len(train), test_images=len(test),
-                epochs=None, model=dict(channels=list(config.model.channels), convs_per_stage=config.model.convs_per_stage))
+                epochs=None, model=dict(channels=list(config.model.channels), convs_per_stage=config.model.convs_per_stage,
+                           decoder=config.model.decoder))
     hist = run / "history.csv"
     if hist.exists():
         lines = hist.read_text().strip().splitlines()

@@ -313,9 +313,8 @@ def run_probe(
 
     model, _ = _model_of(run)
     groups = layer_groups(model, layers)
-    needed = {name for group in groups for name in group}
-    extractor = FeatureExtractor(model, [n for n in model.layer_names if n in needed], pool, device=device,
-                                 batch_size=batch_size)
+    # every layer of every group, once (the extractor puts them in network order)
+    extractor = FeatureExtractor(model, {n for g in groups for n in g}, pool, device=device, batch_size=batch_size)
     for name, images in (("train", train_images), ("test", test_images)):
         shape = tuple(int(s) for s in images.shape[1:])
         if shape != extractor.image_shape:
@@ -341,9 +340,8 @@ def run_probe(
             name = name if name not in used else f"compare{i}"
             used.add(name)
             theirs = [g for g in groups if set(g) <= set(other_model.layer_names)] or layer_groups(other_model, None)
-            wanted = {n for g in theirs for n in g}
-            ex = FeatureExtractor(other_model, [n for n in other_model.layer_names if n in wanted], extractor.pools,
-                                  device=device, batch_size=batch_size)
+            ex = FeatureExtractor(other_model, {n for g in theirs for n in g}, extractor.pools, device=device,
+                                  batch_size=batch_size)
             yield _layer_sets(ex, theirs, train_images, test_images, f"{name}/", progress)
         if "pixels" in baselines or "pca" in baselines:
             xtr, xte = _pixels(train_images), _pixels(test_images)
