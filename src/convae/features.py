@@ -47,7 +47,8 @@ DTYPES: tuple[str, ...] = ("float32", "float16")
 _PROGRESS_EVERY_S = 0.5
 
 
-def _names(value: str | Iterable[str], what: str) -> list[str]:
+def split_names(value: str | Iterable[str], what: str) -> list[str]:
+    """Names from "a,b" or a list, stripped; none at all is an error naming option `what`."""
     items = value.split(",") if isinstance(value, str) else list(value)
     out = [str(v).strip() for v in items if str(v).strip()]
     if not out:
@@ -58,7 +59,7 @@ def _names(value: str | Iterable[str], what: str) -> list[str]:
 def resolve_layers(model: nn.Module, layers: str | Iterable[str] = "bottleneck") -> list[str]:
     """Layer names in network order, from "all", "a,b" or a list; unknown names list the valid ones."""
     valid = list(model.layer_names)
-    asked = _names(layers, "layers")
+    asked = split_names(layers, "layers")
     if asked == ["all"]:
         return valid
     unknown = [name for name in asked if name not in valid]
@@ -72,7 +73,7 @@ def resolve_layers(model: nn.Module, layers: str | Iterable[str] = "bottleneck")
 
 def resolve_pools(pool: str | Iterable[str] = "flatten") -> list[str]:
     """Pooling names in the order of POOLS, from "avg", "avg,grid2" or a list."""
-    asked = _names(pool, "pool")
+    asked = split_names(pool, "pool")
     unknown = [name for name in asked if name not in POOLS]
     if unknown:
         raise ConfigError(f"pool: unknown pooling {', '.join(unknown)}: choose from {', '.join(POOLS)}")

@@ -39,7 +39,7 @@ from torch import nn
 from ._io import atomic_write_text
 from ._version import __version__
 from .errors import ConfigError
-from .features import FeatureExtractor, _names, resolve_layers
+from .features import FeatureExtractor, resolve_layers, split_names
 
 def logreg_c(dim: int) -> float:
     """The logistic regression's C for `dim` standardized features: 64 / dim (at most 1).
@@ -223,7 +223,7 @@ def layer_groups(model: nn.Module, layers: str | Iterable[str] | None) -> list[t
     """
     if layers is None:
         return [(name,) for name in default_layers(model)]
-    items = _names(layers, "layers")
+    items = split_names(layers, "layers")
     if items == ["all"]:
         return [(name,) for name in model.layer_names]
     groups = [tuple(resolve_layers(model, [n.strip() for n in item.split("+")])) for item in items]
