@@ -230,9 +230,22 @@ def test_cli_probe_baselines_none(runs, tmp_path):
     assert [r["features"] for r in json.loads((tmp_path / "r.json").read_text())["rows"]] == ["bottleneck/max"]
 
 
+def test_cli_probe_preset_gives_the_recommended_layers_and_pooling_unless_overridden(runs, tmp_path):
+    conv, _ = runs
+    common = ["probe", conv, "--train", "digits", "--test", "digits:test", "--baselines", "none", "-q", "--preset", "digits"]
+    proc = convae(*common, "-o", tmp_path / "a.json")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["features"] for r in json.loads((tmp_path / "a.json").read_text())["rows"]] == [
+        "stage1/grid4", "bottleneck/grid4"]  # the digits preset's probe: stage1,bottleneck pooled grid4
+    proc = convae(*common, "-o", tmp_path / "b.json", "--pool", "max", "--layers", "stage1+bottleneck")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["features"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]] == ["stage1+bottleneck/max"]
+
+
 @pytest.mark.parametrize(
     "args,fragment",
     [
+        (["--preset", "imagenet"], "unknown preset 'imagenet': choose from digits, mnist"),
         (["--classifiers", "svm"], "classifiers: unknown svm"),
         (["--labels-per-class", "ten"], "labels per class 'ten'"),
         (["-o", "results.txt"], "name it .json"),

@@ -450,7 +450,8 @@ def extract(
 @click.option("--test", "test_data", required=True, help="Labelled data they are scored on, e.g. mnist:test.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="results.json; a Markdown copy goes beside it.")
 @click.option("--layers", help="Encoder layers, comma-separated, or all (default: every stage and the bottleneck; see `convae layers`); join layers with + to probe their features concatenated, e.g. stage2+bottleneck.")
-@click.option("--pool", default="grid4", show_default=True, help="flatten, avg, max, grid2, grid4; several, comma-separated, each get rows.")
+@click.option("--pool", help="flatten, avg, max, grid2, grid4; several, comma-separated, each get rows (default: grid4).")
+@click.option("--preset", help="The layers and pooling a dataset's preset is probed with (digits, mnist, fashion-mnist, cifar10); --layers and --pool override them.")
 @click.option("--classifiers", default="logreg", show_default=True, help="Any of logreg, linsvm, rbfsvm, rf, knn, mlp, comma-separated.")
 @click.option("--baselines", default="pixels,pca,random", show_default=True, help="Any of pixels, pca, random (untrained weights), or none.")
 @click.option("--compare", multiple=True, type=click.Path(path_type=Path), help="Another run directory to probe alongside (repeatable).")
@@ -464,7 +465,7 @@ def extract(
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def probe(run_dir, train_data, test_data, output, layers, pool, classifiers, baselines, compare, labels_per_class,
+def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifiers, baselines, compare, labels_per_class,
           seeds, pca_dim, data_dir, image_size, channels, no_download, batch_size, device, quiet):
     """How good the features are: classifiers on each layer's features, beside baselines.
 
@@ -478,6 +479,12 @@ def probe(run_dir, train_data, test_data, output, layers, pool, classifiers, bas
 
     if not str(output).lower().endswith(".json"):
         raise ConvaeError(f"--output {output}: name it .json (a Markdown copy is written beside it)")
+    if preset:
+        from .presets import get_preset
+
+        recommended = get_preset(preset).probe
+        layers, pool = layers or recommended.get("layers"), pool or recommended.get("pool")
+    pool = pool or "grid4"
     if is_feature_file(train_data) and is_feature_file(test_data):
         from .probe import probe_feature_files
 

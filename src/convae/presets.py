@@ -1,7 +1,8 @@
 """Named presets: recommended `convae fit` settings (and the probe that goes with them) per dataset.
 
 ``convae fit mnist --preset mnist`` takes the preset's values as defaults; options given on
-the command line override them. The values are those measured by ``benchmarks/quality.py``
+the command line override them. ``convae probe RUN --preset mnist`` probes the layers and
+pooling the preset was measured with. The values are those measured by ``benchmarks/quality.py``
 on a 2-core CPU (see ``benchmarks/RESULTS.md``); a preset's `max_time` is the wall-clock training budget
 the preset was measured with there.
 """
@@ -42,16 +43,16 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "fashion-mnist",
             "Fashion-MNIST 28x28: the MNIST model with the light decoder (more epochs a minute), a 10-minute "
-            "budget on a 2-core CPU; probed with stage2 and the code concatenated",
+            "budget on a 2-core CPU; probed with stage2's maps before and after pooling and the code concatenated",
             fit=dict(widths="32,64,128", convs_per_stage=1, decoder="light", batch_size=64, max_time=600.0),
-            probe=dict(layers="stage2,bottleneck,stage2+bottleneck", pool="grid4"),
+            probe=dict(layers="stage2,bottleneck,stage2.conv1+stage2+bottleneck", pool="grid4"),
         ),
         Preset(
             "cifar10",
             "CIFAR-10 32x32x3: the default colour model (64,128,256), light denoising, a 5-minute budget on a 2-core "
-            "CPU; probed with stage1 and stage2 concatenated too",
+            "CPU; probed with stage1's and stage2's maps, before and after pooling, concatenated too",
             fit=dict(widths="64,128,256", convs_per_stage=1, batch_size=64, noise=0.05, max_time=300.0),
-            probe=dict(layers="stage1,stage2,bottleneck,stage1+stage2", pool="grid4"),
+            probe=dict(layers="stage1,stage2,bottleneck,stage1.conv1+stage1+stage2.conv1+stage2", pool="grid4"),
         ),
     )
 }
