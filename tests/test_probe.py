@@ -242,6 +242,15 @@ def test_cli_probe_preset_gives_the_recommended_layers_and_pooling_unless_overri
     assert [r["features"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]] == ["stage1+bottleneck/max"]
 
 
+def test_cli_probe_preset_whose_layers_the_run_lacks_is_one_line_before_loading_data(runs, tmp_path):
+    _, dense = runs  # the dense autoencoder has no stages
+    proc = convae("probe", dense, "--train", "digits", "--test", "digits:test", "-o", tmp_path / "r.json",
+                  "--preset", "mnist")
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"convae: error: --preset mnist: {dense} has no layer stage2") and "--layers" in line
+
+
 @pytest.mark.parametrize(
     "args,fragment",
     [
