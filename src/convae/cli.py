@@ -502,14 +502,12 @@ def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifi
     m = load_config(run_dir).model
     if preset_layers:  # say so before any data is loaded
         from .model import build_model
+        from .probe import layer_groups
 
-        valid = build_model(m).layer_names
-        missing = [n for item in preset_layers.split(",") for n in item.split("+") if n not in valid]
-        if missing:
-            raise ConvaeError(
-                f"--preset {preset}: {run_dir} has no layer {', '.join(dict.fromkeys(missing))} "
-                f"(it has {', '.join(valid)}); choose them with --layers"
-            )
+        try:
+            layer_groups(build_model(m), preset_layers)
+        except ConvaeError as e:
+            raise ConvaeError(f"--preset {preset} does not fit {run_dir}: {e}; give --layers instead") from e
     h, w = m.image_size
     size, chans = image_size or f"{h}x{w}", channels or (m.in_channels if m.in_channels in (1, 3) else None)
     train = _load(train_data, data_dir, None, size, chans, no_download, quiet)
