@@ -479,13 +479,12 @@ def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifi
 
     if not str(output).lower().endswith(".json"):
         raise ConvaeError(f"--output {output}: name it .json (a Markdown copy is written beside it)")
-    preset_layers = None
+    layers_from_preset = bool(preset) and not layers
     if preset:
         from .presets import get_preset
 
         recommended = get_preset(preset).probe
-        preset_layers = None if layers else recommended.get("layers")
-        layers, pool = layers or preset_layers, pool or recommended.get("pool")
+        layers, pool = layers or recommended.get("layers"), pool or recommended.get("pool")
     pool = pool or "grid4"
     if is_feature_file(train_data) and is_feature_file(test_data):
         from .probe import probe_feature_files
@@ -500,14 +499,16 @@ def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifi
         click.echo(f"wrote {json_path} and {md_path}")
         return
     m = load_config(run_dir).model
-    if preset_layers:  # say so before any data is loaded
+    if layers:  # an unknown layer is said before any data is loaded
         from .model import build_model
         from .probe import layer_groups
 
         try:
-            layer_groups(build_model(m), preset_layers)
+            layer_groups(build_model(m), layers)
         except ConvaeError as e:
-            raise ConvaeError(f"--preset {preset} does not fit {run_dir}: {e}; give --layers instead") from e
+            if layers_from_preset:
+                raise ConvaeError(f"--preset {preset} does not fit {run_dir}: {e}; give --layers instead") from e
+            raise
     h, w = m.image_size
     size, chans = image_size or f"{h}x{w}", channels or (m.in_channels if m.in_channels in (1, 3) else None)
     train = _load(train_data, data_dir, None, size, chans, no_download, quiet)
