@@ -21,6 +21,7 @@ from convae.features import (
     POOLS,
     FeatureExtractor,
     extract_to_file,
+    feature_layer_names,
     layer_table,
     partial_paths,
     plan_blocks,
@@ -56,11 +57,10 @@ def _images(cfg: ModelConfig, n=5, seed=0):
 def test_every_layer_and_pooling_has_the_announced_shape_and_names(name, pool):
     model = _model(name)
     images = _images(model.config)
-    info = {f["module"]: f for f in model.feature_info}
-    for layer in model.layer_names:
+    for layer in feature_layer_names(model):
         ex = FeatureExtractor(model, layer, pool, batch_size=2)
         feats = ex.transform(images)
-        expected = int(np.prod(pooled_shape(info[layer]["shape"], pool)))
+        expected = int(np.prod(pooled_shape(model.layer_shape(layer), pool)))
         assert feats.shape == (5, expected) and feats.dtype == np.float32
         assert ex.dim == expected and np.isfinite(feats).all()
         names = ex.feature_names
@@ -86,6 +86,37 @@ def test_poolings_compute_what_they_say():
     torch.testing.assert_close(feats("stage2", "grid4"), s2.flatten(1))
     assert FeatureExtractor(model, "stage2", "grid4").feature_names[:2] == ["stage2/grid4/c0_g0_0", "stage2/grid4/c0_g0_1"]
     assert FeatureExtractor(model, "stage2", "flatten").feature_names[5] == "stage2/flatten/c0_y1_x1"
+
+
+def test_a_sign_split_is_the_blocks_normalized_pre_activation_thresholded_both_ways():
+    model = _model("conv-latent")
+    assert model.split_layer_names == ["stage1.conv1.split", "stage1.conv2.split", "stage2.conv1.split", "stage2.conv2.split"]
+    assert feature_layer_names(model)[:3] == ["stage1.conv1", "stage1.conv1.split", "stage1.conv2"]
+    x = torch.from_numpy(_images(model.config)).permute(0, 3, 1, 2).float() / 255
+    block = model.encoder["stage1"].conv2
+    pre = []
+    block[1].register_forward_hook(lambda m, args, out: pre.append(out.clone()))  # before the in-place ReLU
+    plain = FeatureExtractor(model, "stage1.conv2", "flatten")(x)
+    z = pre[-1]  # (5, 4, 16, 16), batch-normalized with the running statistics
+    both = FeatureExtractor(model, "stage1.conv2,stage1.conv2.split", "flatten")
+    assert model.layer_shape("stage1.conv2.split") == [8, 16, 16]
+    assert [b.shape for b in both.blocks] == [(4, 16, 16), (8, 16, 16)]
+    feats = both(x)
+    expected = torch.cat([torch.relu(z - 0.5), torch.relu(-z - 0.5)], dim=1)
+    torch.testing.assert_close(feats[:, 4 * 256 :], expected.flatten(1))
+    torch.testing.assert_close(feats[:, : 4 * 256], plain)  # the block's own output is untouched
+    assert (expected > 0).float().mean() < (plain > 0).float().mean()  # sparser than the ReLU output
+    # the split is taken inside the block: nothing after the block's normalization runs
+    calls = []
+    block[2].register_forward_hook(lambda *a: calls.append("relu"))
+    FeatureExtractor(model, "stage1.conv2.split", "avg")(x)
+    assert calls == []
+    assert FeatureExtractor(model, "all", "avg").layers == model.layer_names  # `all` leaves splits out
+    assert _model("dense").split_layer_names == []
+    with pytest.raises(ConfigError, match=r"unknown layer\(s\) fc1.split"):
+        plan_blocks(_model("dense"), "fc1.split")
+    with pytest.raises(ConfigError, match=r"unknown layer\(s\) stage1.split"):
+        plan_blocks(model, "stage1.split")
 
 
 def test_grid_on_a_map_smaller_than_the_grid_keeps_the_map():
@@ -122,7 +153,7 @@ def test_the_forward_pass_stops_after_the_deepest_requested_layer():
 
 def test_unknown_layers_and_poolings_list_the_valid_names():
     model = _model("conv-odd")
-    with pytest.raises(ConfigError, match=r"unknown layer\(s\) stage9: choose from all, stage1.conv1, stage1, stage2.conv1"):
+    with pytest.raises(ConfigError, match=r"unknown layer\(s\) stage9: choose from all, stage1.conv1, stage1.conv1.split, stage1, stage2.conv1"):
         plan_blocks(model, "stage1,stage9")
     with pytest.raises(ConfigError, match="unknown pooling grid3: choose from flatten, avg, max, grid2, grid4"):
         plan_blocks(model, "stage1", "grid3")
@@ -333,8 +364,10 @@ def test_cli_layers_lists_every_layer_and_the_size_of_each_pooling(digits_run):
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["layer", "shape", "channels", "stride", "receptive_field", *POOLS]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
-    assert list(rows) == ["stage1.conv1", "stage1", "stage2.conv1", "stage2", "bottleneck"]
+    assert list(rows) == ["stage1.conv1", "stage1.conv1.split", "stage1", "stage2.conv1", "stage2.conv1.split", "stage2",
+                          "bottleneck"]
     assert rows["stage1"][1:] == ["4x4x4", "4", "2", "4", "64", "4", "4", "16", "64"]
+    assert rows["stage1.conv1.split"][1:] == ["8x8x8", "8", "1", "3", "512", "8", "8", "32", "128"]
 
 
 def test_cli_extract_writes_npy_with_labels_or_npz(digits_run, tmp_path):

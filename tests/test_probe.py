@@ -121,6 +121,21 @@ def test_layers_joined_with_plus_are_probed_as_one_concatenated_feature_set(runs
         run_probe(conv, *digits, layers="stage1+stage9", baselines="none")
 
 
+def test_sign_split_layers_are_probed_like_any_layer_and_their_random_twins_too(runs, digits):
+    conv, _ = runs
+    rows = run_probe(conv, *digits, layers="stage1.conv1.split+stage2.conv1.split,stage1", pool="grid2",
+                     baselines="random")
+    assert [r["features"] for r in rows] == [
+        "stage1.conv1.split+stage2.conv1.split/grid2", "stage1/grid2",
+        "random/stage1.conv1.split+stage2.conv1.split/grid2", "random/stage1/grid2",
+    ]
+    assert rows[0]["dim"] == (2 * 16 + 2 * 32) * 4 and rows[1]["dim"] == 16 * 4
+    assert rows[0]["accuracy"] > 0.9
+    # the estimator takes the same names
+    feats = ConvAutoencoder.load(conv).set_params(layers="stage2.conv1.split", pool="avg").transform(digits[1].images[:3])
+    assert feats.shape == (3, 64) and (feats >= 0).all()
+
+
 def test_pca_with_the_dimension_of_the_bottleneck_is_expressible(runs, digits):
     conv, _ = runs
     est = ConvAutoencoder.load(conv)

@@ -29,7 +29,8 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
     """A convolutional autoencoder trained without labels; its encoder gives the features.
 
     ``fit(X)`` trains on images; ``transform(X)`` gives the features of the encoder layers
-    `layers` ("bottleneck", "stage2,bottleneck", "all"; see ``model_.layer_names``) pooled by
+    `layers` ("bottleneck", "stage2,bottleneck", "all", a conv block's sign split such as
+    "stage2.conv1.split"; see :func:`convae.features.feature_layer_names`) pooled by
     `pool` ("flatten", "avg", "max", "grid2", "grid4", or several joined by commas), one row per
     image, named by :meth:`get_feature_names_out`. ``inverse_transform`` decodes bottleneck codes
     (``layers="bottleneck", pool="flatten"``) back to images; ``score`` is the negative

@@ -9,6 +9,10 @@ Layer names are those of ``model.feature_info`` (``stage1.conv1`` ... ``stage2``
     grid2/4   average over a 2x2 / 4x4 grid of regions, concatenated (spatial-pyramid style):
               C*4 / C*16 values; a map smaller than the grid keeps its own size
 
+``stage1.conv1.split`` (any conv block's name plus ``.split``) is that block's sign-split maps:
+its normalized pre-activation z as [relu(z - 0.5), relu(-z - 0.5)], 2C channels, pooled like any
+layer; `all` leaves them out.
+
 The outputs of dense layers are already global vectors, and every pooling leaves them as they are.
 Blocks are concatenated layer by layer in network order, and within a layer in the order of
 ``POOLS``, so a feature set is the same whatever order it was asked for in. One forward pass
@@ -38,6 +42,7 @@ from torch import nn
 from ._io import _fsync_dir, atomic_open, atomic_path, atomic_write_text
 from ._version import __version__
 from .errors import ConfigError
+from .model import SPLIT_SUFFIX
 
 POOLS: tuple[str, ...] = ("flatten", "avg", "max", "grid2", "grid4")
 _GRIDS = {"grid2": 2, "grid4": 4}
@@ -58,10 +63,10 @@ def split_names(value: str | Iterable[str], what: str) -> list[str]:
 
 def resolve_layers(model: nn.Module, layers: str | Iterable[str] = "bottleneck") -> list[str]:
     """Layer names in network order, from "all", "a,b" or a list; unknown names list the valid ones."""
-    valid = list(model.layer_names)
     asked = split_names(layers, "layers")
     if asked == ["all"]:
-        return valid
+        return list(model.layer_names)
+    valid = feature_layer_names(model)
     unknown = [name for name in asked if name not in valid]
     if unknown:
         raise ConfigError(
@@ -69,6 +74,17 @@ def resolve_layers(model: nn.Module, layers: str | Iterable[str] = "bottleneck")
             "(`convae layers RUN_DIR` lists them)"
         )
     return [name for name in valid if name in asked]
+
+
+def feature_layer_names(model: nn.Module) -> list[str]:
+    """Every layer name features accept, in network order (a conv block's sign split after it)."""
+    splits = set(getattr(model, "split_layer_names", ()))
+    out = []
+    for name in model.layer_names:
+        out.append(name)
+        if name + SPLIT_SUFFIX in splits:
+            out.append(name + SPLIT_SUFFIX)
+    return out
 
 
 def resolve_pools(pool: str | Iterable[str] = "flatten") -> list[str]:
@@ -145,11 +161,10 @@ class Block:
 
 def plan_blocks(model: nn.Module, layers="bottleneck", pool="flatten") -> list[Block]:
     """The blocks a (layers, pool) request gives on `model`, in concatenation order."""
-    info = {f["module"]: f for f in model.feature_info}
     blocks, start = [], 0
     for layer in resolve_layers(model, layers):
         for p in resolve_pools(pool):
-            shape = pooled_shape(info[layer]["shape"], p)
+            shape = pooled_shape(model.layer_shape(layer), p)
             blocks.append(Block(layer, p, shape, start))
             start = blocks[-1].stop
     return blocks
@@ -157,17 +172,20 @@ def plan_blocks(model: nn.Module, layers="bottleneck", pool="flatten") -> list[B
 
 def layer_table(model: nn.Module) -> list[dict]:
     """One row per encoder layer with its channels, stride, receptive field and each pooling's size."""
+    info = {f["module"]: f for f in model.feature_info}
     rows = []
-    for f in model.feature_info:
+    for name in feature_layer_names(model):
+        f = info[name.removesuffix(SPLIT_SUFFIX)]
+        shape = model.layer_shape(name)
         row = dict(
-            layer=f["module"],
-            shape="x".join(str(s) for s in f["shape"]),
-            channels=f["num_chs"],
+            layer=name,
+            shape="x".join(str(s) for s in shape),
+            channels=shape[0],
             stride=f["reduction"] if f["reduction"] is not None else "-",
             receptive_field=f["receptive_field"],
         )
         for p in POOLS:
-            row[p] = int(np.prod(pooled_shape(f["shape"], p)))
+            row[p] = int(np.prod(pooled_shape(shape, p)))
         rows.append(row)
     return rows
 

@@ -39,7 +39,7 @@ from torch import nn
 from ._io import atomic_write_text
 from ._version import __version__
 from .errors import ConfigError
-from .features import FeatureExtractor, resolve_layers, split_names
+from .features import FeatureExtractor, feature_layer_names, resolve_layers, split_names
 
 def logreg_c(dim: int) -> float:
     """The logistic regression's C for `dim` standardized features: 64 / dim (at most 1).
@@ -339,7 +339,7 @@ def run_probe(
             other_model, name = _model_of(other)
             name = name if name not in used else f"compare{i}"
             used.add(name)
-            theirs = [g for g in groups if set(g) <= set(other_model.layer_names)] or layer_groups(other_model, None)
+            theirs = [g for g in groups if set(g) <= set(feature_layer_names(other_model))] or layer_groups(other_model, None)
             ex = FeatureExtractor(other_model, {n for g in theirs for n in g}, extractor.pools, device=device,
                                   batch_size=batch_size)
             yield _layer_sets(ex, theirs, train_images, test_images, f"{name}/", progress)

@@ -22,6 +22,7 @@ from . import visualize as V
 from ._io import atomic_write_text
 from ._version import __version__
 from .errors import ConfigError
+from .features import feature_layer_names
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
@@ -303,7 +304,7 @@ class _Report:
                 "no probe results given: run `convae probe RUN_DIR --train DATA:train --test DATA:test "
                 "-o results.json` (it needs labelled data) and pass `--probe results.json`"
             )
-        fig = V.probe_figure(self.probe_rows, self.model.layer_names)
+        fig = V.probe_figure(self.probe_rows, feature_layer_names(self.model))
         columns = [c for c in PROBE_COLUMNS if c in self.probe_rows[0]]
         return figure_html(fig, "probe accuracy by layer") + html_table(self.probe_rows, columns)
 

@@ -1111,7 +1111,9 @@ def render_view(
     if view == "probe":
         if not probe_rows:
             raise ConfigError("--view probe needs --probe results.json (written by `convae probe`)")
-        return probe_figure(probe_rows, model.layer_names, title=title)
+        from .features import feature_layer_names
+
+        return probe_figure(probe_rows, feature_layer_names(model), title=title)
     if view == "maximize":
         chosen = resolve_view_layers(model, layers, hierarchy_layers)
         picks = {}
