@@ -18,6 +18,7 @@ from convae.probe import (
     COLUMNS,
     FeatureSet,
     _pca_dims,
+    calibrate_batchnorm,
     default_layers,
     evaluate_features,
     label_subsets,
@@ -95,6 +96,28 @@ def test_random_weights_is_the_same_architecture_untrained(runs, digits):
     rows = run_probe(conv, *digits, layers="bottleneck", pool="avg", baselines="random")
     assert [r["features"] for r in rows] == ["bottleneck/avg", "random/bottleneck/avg"]
     assert rows[0]["dim"] == rows[1]["dim"] and rows[0]["accuracy"] != rows[1]["accuracy"]
+
+
+def test_random_weights_get_batchnorm_statistics_from_the_train_images_without_training(runs, digits):
+    train, _ = digits
+    model = ConvAutoencoder.load(runs[0]).model_
+    torch.manual_seed(0)
+    untrained = type(model)(model.config).eval()
+    weights = {k: v.clone() for k, v in untrained.state_dict().items() if "running" not in k and "num_batches" not in k}
+    calibrate_batchnorm(untrained, train.images, ["stage2"], batch_size=100)
+    assert not untrained.training
+    assert all(torch.equal(v, untrained.state_dict()[k]) for k, v in weights.items())  # no weight moved
+    # stage1's normalized pre-activation over those images: mean 0, variance 1 per channel
+    pre = []
+    block = untrained.encoder["stage1"].conv1
+    block[1].register_forward_hook(lambda m, args, out: pre.append(out.clone()))
+    x = torch.from_numpy(train.images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        untrained.forward_intermediates(x, ["stage1.conv1"])
+    z = pre[0].transpose(0, 1).flatten(1)  # (C, N*H*W)
+    torch.testing.assert_close(z.mean(1), torch.zeros(len(z)), atol=1e-2, rtol=0)
+    torch.testing.assert_close(z.var(1), torch.ones(len(z)), atol=2e-2, rtol=0)
+    assert block[1].momentum == 0.1  # restored
 
 
 def test_layers_joined_with_plus_are_probed_as_one_concatenated_feature_set(runs, digits):

@@ -453,7 +453,7 @@ def extract(
 @click.option("--pool", help="flatten, avg, max, grid2, grid4; several, comma-separated, each get rows (default: grid4).")
 @click.option("--preset", help="The layers and pooling a dataset's preset is probed with (digits, mnist, fashion-mnist, cifar10); --layers and --pool override them.")
 @click.option("--classifiers", default="logreg", show_default=True, help="Any of logreg, linsvm, rbfsvm, rf, knn, mlp, comma-separated.")
-@click.option("--baselines", default="pixels,pca,random", show_default=True, help="Any of pixels, pca, random (untrained weights), or none.")
+@click.option("--baselines", default="pixels,pca,random", show_default=True, help="Any of pixels, pca, random (untrained weights, batch-norm statistics from the train images), or none.")
 @click.option("--compare", multiple=True, type=click.Path(path_type=Path), help="Another run directory to probe alongside (repeatable).")
 @click.option("--labels-per-class", default="all", show_default=True, help="e.g. 10,100,1000,all: accuracy with few labels.")
 @click.option("--seeds", type=int, default=3, show_default=True, help="Label subsets averaged for each labels-per-class below all.")

@@ -4,7 +4,8 @@ For each feature set (an encoder layer under a pooling) and classifier, fit
 ``StandardScaler -> classifier`` on the train features and report test accuracy and
 macro-F1, beside baselines given the same classifier: raw pixels, PCA of the pixels with the
 same dimension as the compared features, the same architecture with random untrained weights
-(what training adds), and other runs. The PCA baseline is the standardized pixels projected on
+(what training adds; its batch-norm statistics measured on the train images, no gradient step),
+and other runs. The PCA baseline is the standardized pixels projected on
 their first principal axes, not standardized again: that would whiten the scores, raising noise
 axes to the scale of the signal, and make PCA a straw man. With few labels per class, the label subsets are drawn
 per seed (the same subsets for every feature set) and the scores averaged over seeds.
@@ -129,6 +130,38 @@ def default_layers(model: nn.Module) -> list[str]:
     from .model import depth_layers
 
     return depth_layers(model)
+
+
+def calibrate_batchnorm(model: nn.Module, images, layers: Sequence[str], *, max_images: int = 10_000,
+                        batch_size: int = 256) -> None:
+    """Set the batch-norm statistics of `model`'s encoder, up to `layers`, from `images` (no gradient step).
+
+    An untrained model's running statistics are the identity (mean 0, variance 1), so its
+    normalized maps are on whatever scale the random weights give: a strawman next to a trained
+    model, and meaningless for sign splits, whose threshold is in standard deviations. Up to
+    `max_images` images, evenly spaced (a class-sorted file still gives every class), feed a
+    cumulative average.
+    """
+    from .train import iter_uint8_batches, to_input
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    device = next(model.parameters()).device
+    indices = np.unique(np.linspace(0, len(images) - 1, min(len(images), max_images)).astype(np.int64))
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over every batch
+    model.train()
+    try:
+        with torch.no_grad():
+            for batch in iter_uint8_batches(images, indices, batch_size):
+                model.forward_intermediates(to_input(batch, device, False), layers)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
 
 
 def label_subsets(y: np.ndarray, per_class: int | str, seeds: int) -> list[np.ndarray]:
@@ -333,6 +366,7 @@ def run_probe(
             random_ex = FeatureExtractor(
                 untrained, extractor.layers, extractor.pools, device=device, batch_size=batch_size
             )
+            calibrate_batchnorm(untrained, train_images, extractor.layers, batch_size=batch_size)
             yield _layer_sets(random_ex, groups, train_images, test_images, "random/", progress)
         used = {"random", "pixels", "pca"}
         for i, other in enumerate(compare, start=1):
