@@ -87,6 +87,13 @@ def feature_layer_names(model: nn.Module) -> list[str]:
     return out
 
 
+def layer_shape(model: nn.Module, name: str) -> list[int]:
+    """Output shape of a layer `feature_layer_names` gives: [C, H, W], or [D] for dense layers."""
+    if hasattr(model, "layer_shape"):
+        return model.layer_shape(name)
+    return list(next(f["shape"] for f in model.feature_info if f["module"] == name))  # a timm-style model
+
+
 def resolve_pools(pool: str | Iterable[str] = "flatten") -> list[str]:
     """Pooling names in the order of POOLS, from "avg", "avg,grid2" or a list."""
     asked = split_names(pool, "pool")
@@ -164,7 +171,7 @@ def plan_blocks(model: nn.Module, layers="bottleneck", pool="flatten") -> list[B
     blocks, start = [], 0
     for layer in resolve_layers(model, layers):
         for p in resolve_pools(pool):
-            shape = pooled_shape(model.layer_shape(layer), p)
+            shape = pooled_shape(layer_shape(model, layer), p)
             blocks.append(Block(layer, p, shape, start))
             start = blocks[-1].stop
     return blocks
@@ -176,7 +183,7 @@ def layer_table(model: nn.Module) -> list[dict]:
     rows = []
     for name in feature_layer_names(model):
         f = info[name.removesuffix(SPLIT_SUFFIX)]
-        shape = model.layer_shape(name)
+        shape = layer_shape(model, name)
         row = dict(
             layer=name,
             shape="x".join(str(s) for s in shape),
