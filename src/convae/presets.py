@@ -36,23 +36,24 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "mnist",
-            "MNIST 28x28: the default model (one conv per stage, batch 64), a 3-minute budget on a 2-core CPU",
+            "MNIST 28x28: the default model (one conv per stage, batch 64), a 3-minute budget on a 2-core CPU; "
+            "probed with stage2's and stage3's conv maps sign-split, concatenated",
             fit=dict(widths="32,64,128", convs_per_stage=1, batch_size=64, max_time=180.0),
-            probe=dict(layers="stage2,bottleneck", pool="grid4"),
+            probe=dict(layers="stage2,bottleneck,stage2.conv1.split+stage3.conv1.split", pool="grid4"),
         ),
         Preset(
             "fashion-mnist",
             "Fashion-MNIST 28x28: the MNIST model with the light decoder (more epochs a minute), a 10-minute "
-            "budget on a 2-core CPU; probed with stage2's maps before and after pooling and the code concatenated",
+            "budget on a 2-core CPU; probed with stage1's and stage2's conv maps sign-split and the code, concatenated",
             fit=dict(widths="32,64,128", convs_per_stage=1, decoder="light", batch_size=64, max_time=600.0),
-            probe=dict(layers="stage2,bottleneck,stage2.conv1+stage2+bottleneck", pool="grid4"),
+            probe=dict(layers="stage2,bottleneck,stage1.conv1.split+stage2.conv1.split+bottleneck", pool="grid4"),
         ),
         Preset(
             "cifar10",
             "CIFAR-10 32x32x3: the default colour model (64,128,256), light denoising, a 5-minute budget on a 2-core "
-            "CPU; probed with stage1's and stage2's maps, before and after pooling, concatenated too",
+            "CPU; probed with stage1's and stage2's conv maps sign-split (stage1.conv1.split+stage2.conv1.split)",
             fit=dict(widths="64,128,256", convs_per_stage=1, batch_size=64, noise=0.05, max_time=300.0),
-            probe=dict(layers="stage1,stage2,bottleneck,stage1.conv1+stage1+stage2.conv1+stage2", pool="grid4"),
+            probe=dict(layers="stage1,stage2,bottleneck,stage1.conv1.split+stage2.conv1.split", pool="grid4"),
         ),
     )
 }
