@@ -13,10 +13,12 @@ import torch
 from convae import ConvAutoencoder
 from convae.data import load_dataset
 from convae.errors import ConfigError
+from convae.features import FeatureExtractor
 from convae.model import code_size
 from convae.probe import (
     COLUMNS,
     FeatureSet,
+    _layer_sets,
     _pca_dims,
     calibrate_batchnorm,
     default_layers,
@@ -142,6 +144,26 @@ def test_layers_joined_with_plus_are_probed_as_one_concatenated_feature_set(runs
     np.testing.assert_array_equal(both, np.hstack(singles))
     with pytest.raises(ConfigError, match="unknown layer"):
         run_probe(conv, *digits, layers="stage1+stage9", baselines="none")
+
+
+def test_a_concatenated_set_of_adjacent_blocks_is_a_view_with_the_same_values(runs, digits):
+    # wide concatenated sets (MNIST's 6,144 values) took seconds and gigabytes to copy
+    conv, _ = runs
+    model = ConvAutoencoder.load(conv).model_
+    train, test = (d.images[:40] for d in digits)
+    extractor = FeatureExtractor(model, ["stage1.conv1.split", "stage1", "stage2.conv1.split"], "grid2")
+    joined, apart, single = _layer_sets(
+        extractor, [("stage1.conv1.split", "stage1"), ("stage1.conv1.split", "stage2.conv1.split"), ("stage1",)],
+        train, test, "", False,
+    )
+    assert joined.name == "stage1.conv1.split+stage1/grid2" and apart.name == "stage1.conv1.split+stage2.conv1.split/grid2"
+    everything = extractor.transform(train)
+    singles = {b.layer: everything[:, b.columns] for b in extractor.blocks}
+    np.testing.assert_array_equal(joined.train, np.hstack([singles["stage1.conv1.split"], singles["stage1"]]))
+    np.testing.assert_array_equal(apart.train, np.hstack([singles["stage1.conv1.split"], singles["stage2.conv1.split"]]))
+    # adjacent blocks: a view of the extracted features, as one layer's set is; apart: a copy
+    assert np.shares_memory(joined.train, single.train) and not np.shares_memory(apart.train, single.train)
+    assert joined.test.shape == (40, joined.dim)
 
 
 def test_sign_split_layers_are_probed_like_any_layer_and_their_random_twins_too(runs, digits):

@@ -280,8 +280,8 @@ def _layer_sets(
     xte = extractor.transform(test, progress=progress)
     sets = []
     for name, blocks in _group_blocks(extractor, groups):
-        if len(blocks) == 1:
-            columns = blocks[0].columns  # a view, no copy
+        if all(a.stop == b.start for a, b in zip(blocks, blocks[1:])):
+            columns = slice(blocks[0].start, blocks[-1].stop)  # a view: wide sets take GBs to copy
         else:
             columns = np.concatenate([np.arange(b.start, b.stop) for b in blocks])
         sets.append(FeatureSet(prefix + name, xtr[:, columns], xte[:, columns]))
