@@ -341,12 +341,16 @@ class ConvAutoencoderNet(nn.Module):
         """`stage1.conv1.split` ...: each conv block's sign-split maps (see :data:`SPLIT_THRESHOLD`)."""
         return [f"{f['module']}{SPLIT_SUFFIX}" for f in self.feature_info if "." in f["module"]]
 
+    def _unknown_layers(self, names) -> ConfigError:
+        valid = self.layer_names + self.split_layer_names
+        return ConfigError(f"unknown layer(s) {', '.join(sorted(names))}: choose from {', '.join(valid)}")
+
     def layer_shape(self, name: str) -> list[int]:
         """Output shape [C, H, W] of a layer of `layer_names` or `split_layer_names`."""
         base = name[: -len(SPLIT_SUFFIX)] if name.endswith(SPLIT_SUFFIX) else name
         info = next((f for f in self.feature_info if f["module"] == base), None)
         if info is None or (base != name and name not in self.split_layer_names):
-            raise ConfigError(f"unknown layer {name!r}: choose from {', '.join(self.layer_names + self.split_layer_names)}")
+            raise self._unknown_layers([name])
         c, *hw = info["shape"]
         return [2 * c if base != name else c, *hw]
 
@@ -371,10 +375,7 @@ class ConvAutoencoderNet(nn.Module):
         wanted = set(layers)
         unknown = wanted - set(self.layer_names) - set(self.split_layer_names)
         if unknown:
-            raise ConfigError(
-                f"unknown layer(s) {', '.join(sorted(unknown))}: choose from "
-                f"{', '.join(self.layer_names + self.split_layer_names)}"
-            )
+            raise self._unknown_layers(unknown)
         out: dict[str, torch.Tensor] = {}
         for name, module in self._layer_sequence():
             split = name + SPLIT_SUFFIX
