@@ -36,7 +36,9 @@ line. The sign-split maps of the same one-minute training are clearly above it:
 `stage2.conv1.split+stage3.conv1.split` (6,144 values) gave 0.9910, 0.9906 and 0.9917 in three
 runs (139, 148 and 135 s; random weights 0.9895). The probe used to copy a concatenated set's
 columns out of the extracted features, 1.5 GB for MNIST's train split, even when they were
-adjacent; it takes a view now, which saved 10-17 s a probe (147-149 s before). On one run,
+adjacent among the probed layers, as here; it takes a view now (the copy took 7 s in a profile,
+and one probe went from 78 to 61 s; the three runs' totals went from 147-149 s to 135-148 s,
+the fit's own time varying by up to 10 s). On one run,
 `stage3.conv1.split` alone (4,096 values, fit in 29 s) gave 0.9908 against 0.9909 for the pair
 (36 s) and 0.9902 for `stage2.conv1.split+bottleneck`, so the benchmark probes it, for a margin
 under 150 s.
