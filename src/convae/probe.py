@@ -132,6 +132,17 @@ def default_layers(model: nn.Module) -> list[str]:
     return depth_layers(model)
 
 
+class _EncoderUpTo(nn.Module):
+    """`model`'s forward pass up to `layers` as a module's forward (for torch's update_bn)."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]):
+        super().__init__()
+        self.model, self.layers = model, list(layers)
+
+    def forward(self, x: torch.Tensor):
+        return self.model.forward_intermediates(x, self.layers)
+
+
 def calibrate_batchnorm(model: nn.Module, images, layers: Sequence[str], *, max_images: int = 10_000,
                         batch_size: int = 256) -> None:
     """Set the batch-norm statistics of `model`'s encoder, up to `layers`, from `images` (no gradient step).
@@ -140,28 +151,17 @@ def calibrate_batchnorm(model: nn.Module, images, layers: Sequence[str], *, max_
     normalized maps are on whatever scale the random weights give: a strawman next to a trained
     model, and meaningless for sign splits, whose threshold is in standard deviations. Up to
     `max_images` images, evenly spaced (a class-sorted file still gives every class), feed a
-    cumulative average.
+    cumulative average (torch's ``update_bn``). Leaves `model` in eval mode.
     """
+    from torch.optim.swa_utils import update_bn
+
     from .train import iter_uint8_batches, to_input
 
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
     device = next(model.parameters()).device
     indices = np.unique(np.linspace(0, len(images) - 1, min(len(images), max_images)).astype(np.int64))
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over every batch
-    model.train()
-    try:
-        with torch.no_grad():
-            for batch in iter_uint8_batches(images, indices, batch_size):
-                model.forward_intermediates(to_input(batch, device, False), layers)
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.eval()
+    batches = (to_input(batch, device, False) for batch in iter_uint8_batches(images, indices, batch_size))
+    update_bn(batches, _EncoderUpTo(model, layers))
+    model.eval()
 
 
 def label_subsets(y: np.ndarray, per_class: int | str, seeds: int) -> list[np.ndarray]:
