@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._io import _fsync_dir, atomic_open, atomic_path, atomic_write_text
+from ._memory import keep_freed_memory
 from ._version import __version__
 from .errors import ConfigError
 from .model import SPLIT_SUFFIX
@@ -263,6 +264,7 @@ class FeatureExtractor:
                 f"{'x'.join(map(str, self.image_shape))}; resize them (--image-size, --channels)"
             )
         workers = default_workers(images) if workers is None else workers
+        keep_freed_memory()
         indices = np.arange(start, len(images))
         row = start
         for batch in iter_uint8_batches(images, indices, self.batch_size, workers):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from ._memory import keep_freed_memory
 from .config import DataConfig, RunConfig, TrainConfig
 from .errors import ConvaeError, RunDirError
 from .metrics import mse_per_image, psnr_per_image, ssim_per_image
@@ -290,6 +291,9 @@ def fit(
     Ctrl-C (SIGINT) or SIGTERM, when fit runs in the main thread of a single process, stops at
     the next step boundary, writes a mid-epoch checkpoint that ``resume=True`` continues
     exactly, and raises :class:`TrainingInterrupted`. A second signal acts at once.
+
+    On Linux with glibc, the first call asks malloc (once per process) to keep freed buffers for
+    reuse, so steps don't page-fault their activations back in (``convae._memory``).
     """
     if on_nan is not None:
         train_config = replace(train_config, on_nan=on_nan)  # checked by TrainConfig
@@ -308,6 +312,7 @@ def fit(
     device = distributed.process_device(device, dist_info)
     if train_config.threads:
         torch.set_num_threads(train_config.threads)
+    keep_freed_memory()
 
     run_dir = Path(run_dir) if run_dir is not None else None
     lock = checkpoint = None
