@@ -52,6 +52,22 @@ def test_module_entry_point_works():
     assert proc.returncode == 0 and "fit" in proc.stdout
 
 
+def test_help_does_not_load_torch_and_every_public_name_resolves():
+    code = (
+        "import sys; from convae.cli import main\n"
+        "try: main(['fit', '--help'], standalone_mode=False)\n"
+        "finally: print('torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--widths" in proc.stdout and proc.stdout.split()[-1] == "False"
+    import convae
+
+    for name in convae.__all__:
+        assert getattr(convae, name) is not None, name
+    assert set(convae.__all__) <= set(dir(convae))
+
+
 def test_fit_on_a_folder_and_an_npz(tmp_path):
     rng = np.random.default_rng(0)
     folder = tmp_path / "imgs"

@@ -72,10 +72,10 @@ def test_sharded_extraction_reads_as_the_single_process_result(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("sharded.*")) == [
         "sharded.rank0-of-2.labels.npy", "sharded.rank0-of-2.npy", "sharded.rank1-of-2.labels.npy", "sharded.rank1-of-2.npy",
     ]
-    from convae.features import load_features
+    import convae  # the public name the README gives
 
-    one, one_labels = load_features(tmp_path / "one.npy")
-    both, both_labels = load_features(tmp_path / "sharded.npy")
+    one, one_labels = convae.load_features(tmp_path / "one.npy")
+    both, both_labels = convae.load_features(tmp_path / "sharded.npy")
     np.testing.assert_allclose(both, one, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(both_labels, one_labels)
 
