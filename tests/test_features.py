@@ -151,6 +151,31 @@ def test_the_forward_pass_stops_after_the_deepest_requested_layer():
     assert calls == ["stage2.conv1"]
 
 
+def test_the_default_batch_keeps_the_largest_map_under_the_allocators_reuse_limit():
+    """On CPU a batch's largest map stays under 24 MiB (glibc serves it from reused heap
+    memory, not fresh page-faulted pages); the batch never changes the features."""
+    from convae.model import default_model_config
+
+    def default_batch(cfg, layers="bottleneck"):
+        return FeatureExtractor(build_model(cfg), layers, "avg").batch_size
+
+    assert default_batch(default_model_config((28, 28, 1))) == 248  # 32 x 28 x 28 floats an image
+    assert default_batch(default_model_config((28, 28, 1)), "stage1.conv1.split") == 120  # twice the channels
+    assert default_batch(default_model_config((32, 32, 3))) == 96  # 64 x 32 x 32
+    assert default_batch(default_model_config((32, 32, 3), channels=(256, 128, 256))) == 24
+    assert default_batch(default_model_config((8, 8, 1))) == 256  # small maps: the cap
+    assert default_batch(CONFIGS["dense"]) == 256
+    wide = build_model(default_model_config((32, 32, 3), channels=(256, 8))).eval()
+    images = _images(wide.config, n=30)
+    auto = FeatureExtractor(wide, "stage1.conv1.split,bottleneck", "grid2")
+    assert auto.batch_size == 8
+    np.testing.assert_allclose(
+        auto.transform(images),
+        FeatureExtractor(wide, "stage1.conv1.split,bottleneck", "grid2", batch_size=7).transform(images),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
 def test_unknown_layers_and_poolings_list_the_valid_names():
     model = _model("conv-odd")
     with pytest.raises(ConfigError, match=r"unknown layer\(s\) stage9: choose from all, stage1.conv1, stage1.conv1.split, stage1, stage2.conv1"):

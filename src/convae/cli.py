@@ -404,7 +404,7 @@ def layers_command(run_dir):
 @click.option("--layers", default="bottleneck", show_default=True, help="Encoder layers, comma-separated, or all (see `convae layers`).")
 @click.option("--pool", default="flatten", show_default=True, help="flatten, avg, max, grid2 or grid4; several, comma-separated, are concatenated.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, help="Images per forward pass (default: sized to the model's largest map, at most 256).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(
@@ -462,7 +462,7 @@ def extract(
 @click.option("--image-size", help="Resize and centre-crop images to this size (default: the run's).")
 @click.option("--channels", type=int, help="Image channels: 1 or 3 (default: the run's).")
 @click.option("--no-download", is_flag=True, help="Never download a missing built-in dataset.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", type=int, help="Images per forward pass (default: sized to the model's largest map, at most 256).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifiers, baselines, compare, labels_per_class,

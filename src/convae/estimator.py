@@ -18,7 +18,7 @@ from .model import ModelConfig, build_model, default_model_config
 
 _MODEL_PARAMS = [f.name for f in fields(ModelConfig) if f.name not in ("in_channels", "image_size")]
 _TRAIN_PARAMS = [f.name for f in fields(TrainConfig)]
-_BATCH = 256  # images per forward pass in transform and friends
+_BATCH = 256  # images per forward pass in inverse_transform and score (transform sizes its own)
 
 
 class InputError(DataError, ValueError):
@@ -245,7 +245,6 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
             self.layers if layers is None else layers,
             self.pool if pool is None else pool,
             device=self._device(),
-            batch_size=_BATCH,
         )
 
     # -- fitting -----------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -198,6 +199,26 @@ def layer_table(model: nn.Module) -> list[dict]:
     return rows
 
 
+# Per batch, the largest encoder map stays under glibc's 32 MiB mmap threshold on CPU, so
+# extraction reuses freed heap buffers instead of page-faulting fresh ones every batch (see
+# _memory.py): CIFAR-10's 64-channel first stage extracted at 385 images/s in batches of 256,
+# 800-880 in batches of 64 or 32.
+_BATCH_MAP_BYTES = 24 << 20
+MAX_BATCH = 256
+
+
+def auto_batch_size(model: nn.Module, device: torch.device, layers: Iterable[str] = ()) -> int:
+    """Images per extraction batch: MAX_BATCH, fewer on CPU for models with large maps.
+
+    Counts the model's layers and, of the sign splits (computed only when asked for), `layers`'.
+    """
+    if device.type != "cpu":
+        return MAX_BATCH
+    names = [*model.layer_names, *(n for n in layers if n.endswith(SPLIT_SUFFIX))]
+    largest = max(math.prod(layer_shape(model, name)) for name in names) * 4
+    return int(min(MAX_BATCH, max(8, _BATCH_MAP_BYTES // largest // 8 * 8)))
+
+
 def default_workers(images) -> int:
     """Decoding processes: none for arrays in memory, a few for images decoded from files."""
     return 0 if isinstance(images, np.ndarray) else min(4, os.cpu_count() or 1)
@@ -221,18 +242,18 @@ class FeatureExtractor:
         pool: str | Iterable[str] = "flatten",
         *,
         device: str | torch.device = "cpu",
-        batch_size: int = 256,
+        batch_size: int | None = None,
     ):
         from .train import resolve_device
 
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         self.blocks = plan_blocks(model, layers, pool)
         self.layers = list(dict.fromkeys(b.layer for b in self.blocks))
         self.pools = list(dict.fromkeys(b.pool for b in self.blocks))
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size) if batch_size else auto_batch_size(model, self.device, self.layers)
 
     @property
     def dim(self) -> int:

@@ -321,7 +321,7 @@ def run_probe(
     pca_dims: Sequence[int] | None = None,
     random_seed: int = 0,
     device: str = "auto",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     progress: bool = False,
 ) -> list[dict]:
     """Probe the features of `run` (a run directory, a fitted ConvAutoencoder or a model).
@@ -366,7 +366,7 @@ def run_probe(
             random_ex = FeatureExtractor(
                 untrained, extractor.layers, extractor.pools, device=device, batch_size=batch_size
             )
-            calibrate_batchnorm(untrained, train_images, extractor.layers, batch_size=batch_size)
+            calibrate_batchnorm(untrained, train_images, extractor.layers, batch_size=random_ex.batch_size)
             yield _layer_sets(random_ex, groups, train_images, test_images, "random/", progress)
         used = {"random", "pixels", "pca"}
         for i, other in enumerate(compare, start=1):
