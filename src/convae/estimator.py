@@ -13,12 +13,11 @@ from sklearn.utils.validation import _check_feature_names_in, check_array, check
 from .config import DataConfig, TrainConfig
 from .data import LazyImages, as_uint8_images
 from .errors import DataError
-from .features import FeatureExtractor, plan_blocks
+from .features import FeatureExtractor, auto_batch_size, plan_blocks
 from .model import ModelConfig, build_model, default_model_config
 
 _MODEL_PARAMS = [f.name for f in fields(ModelConfig) if f.name not in ("in_channels", "image_size")]
 _TRAIN_PARAMS = [f.name for f in fields(TrainConfig)]
-_BATCH = 256  # images per forward pass in inverse_transform and score (transform sizes its own)
 
 
 class InputError(DataError, ValueError):
@@ -319,9 +318,10 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         device = self._device()
         model = self.model_.to(device)
         out = np.empty((len(codes), *self.image_shape_), dtype=np.float32)
-        for s in range(0, len(codes), _BATCH):
-            code = torch.from_numpy(codes[s : s + _BATCH]).to(device).view(-1, *code_shape)
-            out[s : s + _BATCH] = model.decode(code).float().permute(0, 2, 3, 1).cpu().numpy()
+        step = auto_batch_size(model, device)  # the decoder's largest map is the encoder's first one
+        for s in range(0, len(codes), step):
+            code = torch.from_numpy(codes[s : s + step]).to(device).view(-1, *code_shape)
+            out[s : s + step] = model.decode(code).float().permute(0, 2, 3, 1).cpu().numpy()
         return self._as_input_format(out)
 
     def _as_input_format(self, images: np.ndarray) -> np.ndarray:
@@ -339,7 +339,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         images = self._images(X, reset=False)
         device = self._device()
         model = self.model_.to(device)
-        for batch in iter_uint8_batches(images, np.arange(len(images)), _BATCH):
+        for batch in iter_uint8_batches(images, np.arange(len(images)), auto_batch_size(model, device)):
             x = to_input(batch, device, False)
             yield x, model(x).float()
 

@@ -208,7 +208,7 @@ MAX_BATCH = 256
 
 
 def auto_batch_size(model: nn.Module, device: torch.device, layers: Iterable[str] = ()) -> int:
-    """Images per extraction batch: MAX_BATCH, fewer on CPU for models with large maps.
+    """Images per inference batch (extraction, decoding): MAX_BATCH, fewer on CPU for models with large maps.
 
     Counts the model's layers and, of the sign splits (computed only when asked for), `layers`'.
     """
