@@ -15,7 +15,7 @@ from convae import run as rundir
 from convae.config import TrainConfig
 from convae.errors import ConvaeError, RunDirError
 from convae.model import default_model_config
-from convae.train import corrupt, fit, lr_factor, resolve_epochs, split_train_val
+from convae.train import corrupt, evaluate, fit, lr_factor, resolve_epochs, split_train_val
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,16 @@ def test_run_directory_holds_config_weights_history_and_checkpoint(digits, tmp_p
     assert loaded == result.config
     x = torch.rand(4, 1, 8, 8)
     assert torch.equal(model(x), result.model.eval()(x))
+
+
+def test_validation_metrics_do_not_depend_on_the_batch_size(digits):
+    model = fit(digits[:200], default_model_config(digits.shape[1:]), TrainConfig(epochs=1, batch_size=50)).model
+    indices = np.arange(len(digits))
+    auto = evaluate(model, digits, indices, torch.device("cpu"))
+    small = evaluate(model, digits, indices, torch.device("cpu"), batch_size=7)
+    assert auto.keys() == small.keys() == {"mse", "psnr", "ssim"}
+    for key in auto:
+        assert math.isclose(auto[key], small[key], rel_tol=1e-5), key
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(digits, tmp_path):

@@ -248,11 +248,14 @@ def reconstruction_loss(net: nn.Module, x_in: torch.Tensor, target: torch.Tensor
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, images, indices: np.ndarray, device: torch.device, batch_size: int = 256, channels_last=True
+    model: nn.Module, images, indices: np.ndarray, device: torch.device, batch_size: int | None = None, channels_last=True
 ) -> dict[str, float]:
-    """Mean reconstruction MSE, PSNR (dB) and SSIM over `images[indices]`."""
+    """Mean reconstruction MSE, PSNR (dB) and SSIM over `images[indices]` (batches sized to the model by default)."""
+    from .features import auto_batch_size
+
     if len(indices) == 0:
         return {"mse": float("nan"), "psnr": float("nan"), "ssim": float("nan")}
+    batch_size = batch_size or auto_batch_size(model, device)
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
