@@ -97,7 +97,7 @@ def _table(rows: list[dict]) -> str:
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, int) and abs(value) >= 10000:
+    if isinstance(value, int) and abs(value) >= 1000:
         return f"{value:,}"
     return str(value)
 
