@@ -50,9 +50,10 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "cifar10",
-            "CIFAR-10 32x32x3: the default colour model (64,128,256), light denoising, a 5-minute budget on a 2-core "
-            "CPU; probed with stage1's and stage2's conv maps sign-split (stage1.conv1.split+stage2.conv1.split)",
-            fit=dict(widths="64,128,256", convs_per_stage=1, batch_size=64, noise=0.05, max_time=300.0),
+            "CIFAR-10 32x32x3: a wide first stage (256,128,256) with the light decoder, light denoising, a 15-minute "
+            "budget on a 2-core CPU; probed with stage1's and stage2's conv maps sign-split "
+            "(stage1.conv1.split+stage2.conv1.split)",
+            fit=dict(widths="256,128,256", convs_per_stage=1, decoder="light", batch_size=64, noise=0.05, max_time=900.0),
             probe=dict(layers="stage1,stage2,bottleneck,stage1.conv1.split+stage2.conv1.split", pool="grid4"),
         ),
     )
