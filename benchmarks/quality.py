@@ -39,88 +39,8 @@ TARGETS = {
     "cifar10": (0.80, "k-means single layer + linear SVM 0.796; sparse AE 0.734; pixels ≈ 0.40"),
 }
 
-NOTES = """\
-Notes (2026-11-24/25, second to fifth sessions; written by hand from the runs above):
-
-- Targets met: digits (0.9917 >= 0.98, with 8 s of training) and Fashion-MNIST (0.9222 >=
-  0.915). Not met: MNIST (0.9917 < 0.993), CIFAR-10 (0.7153 < 0.80). The budgets are minutes on
-  2 CPU cores; the targets' reference results (k-means with 4,000 whitened features and an
-  SVM, conv WTA autoencoders) train far longer.
-- The random-weights baseline takes its batch-norm statistics from the train images (fifth
-  session; up to 10,000 images, no gradient step). Before, its statistics were the untrained
-  identity, which made it weaker than an honest random network: on CIFAR-10, the fourth
-  session's concatenation went 0.6807 -> 0.6993 with calibrated statistics, stage1 0.6481 ->
-  0.6555, and a sign split of uncalibrated maps was a strawman (0.4606 -> 0.7054). All rows of
-  the table were re-probed with it by `quality.py --reuse-runs` (the runs trained earlier, their
-  training times and epochs as measured then; CIFAR-10's was trained this session).
-- What training adds, against that baseline, with all labels: +0.3 (digits), +0.2 (MNIST),
-  +0.8 (Fashion-MNIST) and +1.0 (CIFAR-10) points for the best trained layer over the best
-  random one. With few labels it is not always positive: on MNIST, at 10 labels per class,
-  the random sign-split set beats the trained one (0.8657 vs 0.8613; trained code 0.8447) and
-  they tie at 100 (0.9602 / 0.9607). Random convolutional features are strong on these
-  datasets, as the issue warned; most of what the sign split gains, it gains for random
-  weights as well. The code beats PCA and raw pixels everywhere.
-- Sign-split conv maps (fifth session, `stageN.convM.split`: a block's batch-normalized
-  pre-activation z as [relu(z - 0.5), relu(-z - 0.5)], Coates and Ng's polarity split): the
-  presets now probe `stage2.conv1.split+stage3.conv1.split` (MNIST), `stage1.conv1.split+
-  stage2.conv1.split+bottleneck` (Fashion-MNIST) and `stage1.conv1.split+stage2.conv1.split`
-  (CIFAR-10). On the same runs: MNIST 0.9904 (code) -> 0.9917; Fashion-MNIST 0.9204 (the
-  fourth session's concatenation) -> 0.9222, within its run-to-run spread; CIFAR-10, on the
-  fourth session's run, 0.7018 for the two conv maps without the split, 0.6969 with the
-  threshold but no negative half, 0.7110 split at threshold 0, 0.7169 at 0.5 (the
-  concatenation the preset had: 0.7072); a fresh preset run gives the table's 0.7153.
-  Also measured on MNIST's 60-second runs, not kept: max pooling with overlapping 3x3 windows
-  for the code (0.9902, as 2x2), max and average pooling side by side (0.9906), stage2's
-  maps max-pooled to 4x4 beside the code (0.9907-0.9913): within the spread of 0.05 points.
-- Concatenated depths with a stage's maps before pooling (fourth session): the fashion-mnist
-  preset probes `stage2.conv1+stage2+bottleneck` (stage2's 64x14x14 maps before pooling,
-  grid4 pooled, 1,024 values, beside stage2 after pooling and the code: 4,096 values), the
-  cifar10 preset `stage1.conv1+stage1+stage2.conv1+stage2` (6,144 values). On the third
-  session's runs, probe only: Fashion-MNIST 0.9143 -> 0.9190 (adding stage1 as well: 0.9191),
-  CIFAR-10 0.6851 -> 0.7084; then fresh preset runs gave the table's 0.9204 and 0.7072. Random
-  weights gain from the same sets (Fashion-MNIST 0.9021 -> 0.9079), so what training adds
-  stays 1-2 points. On MNIST it changes nothing (0.9905 vs 0.9904 for the code alone). lbfgs
-  stops at 300 iterations before converging on these wider sets; run to convergence (459
-  iterations) Fashion-MNIST's gave the same accuracy (0.9189 vs 0.9190).
-- CIFAR-10 (third session, 0.6648 -> 0.6851): stage1 and stage2 concatenated (3072 values)
-  gained +2.3 points over stage2 alone. Training is the same 5-minute preset throughout (the
-  light decoder saw 1.7x the images there but gave the same stage2 accuracy, 0.6647).
-- When the code has more values than the image has pixels (MNIST 2048 > 784, digits 256 >
-  64, CIFAR-10 4096 > 3072), a PCA of that size is only a rotation of the pixels, so the PCA
-  row keeps 95% of the variance instead (331 / 39 / 221 dims).
-- Fashion-MNIST (third session, 0.9072 -> 0.9143): the preset trains 10 minutes with the
-  light decoder (`--decoder light`: decoder convs before upsampling, 1.6x the images a minute;
-  11-13 epochs). In 3-minute runs the light decoder gave 0.9120 where the mirrored one gave
-  0.9094 (the same minute, the same machine); 10 minutes lifted the code to 0.912-0.913;
-  concatenating stage2 and the code added 0.2-0.4 points (0.9143, and 0.9168 in a first
-  10-minute run: run-to-run spread is about 0.25 points). The probe's C barely matters there
-  (C from 0.010 to 0.021: 0.9143-0.9148; 0.031: 0.9120; chosen by the 64/dim rule, not on the
-  test set).
-- On MNIST no lever of the last two sessions helps: the light decoder's code gave 0.9885 in
-  180 s (0.9904 mirrored), concatenated depths 0.9886-0.9905, C from 0.01 to 0.05
-  0.9899-0.9904, binary cross-entropy instead of MSE 0.9896 (60 s), L2-normalizing the
-  features 0.9901; see "Time to quality" for the 60-second experiments.
-- CIFAR-10, patch whitening (third session): 5x5 ZCA of per-image-normalized images (eps 0.1 x
-  the mean eigenvalue) fed to the cifar10 preset for 300 s gave stage2 0.6548 and code 0.6318,
-  against 0.6648 / 0.6358 unwhitened: the lever behind the k-means result does not carry over to
-  this batch-normalized ConvAE, so it was not built in.
-- What changed since the first session's table (MNIST 0.9876, digits 0.9889 then): one conv per
-  stage and batch 64 as defaults (more updates per minute), and the probe's C = 64/dim instead
-  of 0.1; the digits preset is now the demo's settings (defaults, 20 epochs at lr 3e-3);
-  the 60-second experiments behind both are in the "Time to quality" section.
-- Tried and not kept (MNIST, 60 s): wider stages (64,128,256: 4x slower, fewer images seen,
-  0.987), a 256-channel last stage (0.989), lr 5e-3, noise 0.4, masking 0.3 (0.987), code
-  winner-take-all (0.9876), batch 16/32, square-root feature normalization (-0.1 point),
-  the pre-pooling stage3 maps (6272 values, 0.9886). A 256-channel first stage (256,64,128)
-  trains at 25 images/s against 650 (its mirrored decoder convolves 256 channels at 28x28):
-  stopped, not measured.
-- CIFAR-10, a longer budget (fourth session): the cifar10 preset's training for 600 s instead
-  of 300 (1.8 epochs, val MSE 0.0037 vs 0.0046) gave 0.7102 on the concatenated set, against
-  0.7072-0.7084 in 300 s: the features gain little from the second epoch, so the preset keeps
-  its 5 minutes.
-- Not tried for lack of time: SVM probes, sparsity of the intermediate maps (conv
-  winner-take-all), which the reference conv WTA results rely on.
-"""
+# The section's hand-written notes start with this line; a rewrite of the section keeps them.
+NOTES_START = "Notes ("
 
 
 def run_fit(name: str, data_dir: Path, runs: Path, threads: int, max_time: float | None) -> tuple[Path, float, list[str]]:
@@ -188,7 +108,7 @@ def fmt(r) -> str:
     return "–" if r is None else f"{r['accuracy']:.4f}"
 
 
-def section(results: dict, meta: dict) -> str:
+def section(results: dict, meta: dict, notes: str = "") -> str:
     lines = ["## Quality", ""]
     dates = {}
     for name, res in results.items():
@@ -236,10 +156,16 @@ def section(results: dict, meta: dict) -> str:
         "pool=PRESET.probe['pool'], baselines='random,pixels,pca', labels_per_class=(10, 100, 'all'), "
         "pca_dims=[code_size(config.model)])`; all of it: `.venv/bin/python benchmarks/quality.py`.",
         "",
-        NOTES,
+        notes,
         "",
     ]
     return "\n".join(lines)
+
+
+def current_notes(text: str, title: str) -> str:
+    """The hand-written notes of the `## title` section of `text` (from NOTES_START to the next `## `)."""
+    m = re.search(rf"^## {re.escape(title)}\n.*?^({re.escape(NOTES_START)}.*?)(?=^## |\Z)", text, re.S | re.M)
+    return m.group(1).rstrip("\n") if m else ""
 
 
 def replace_section(text: str, title: str, body: str) -> str:
@@ -306,11 +232,11 @@ def main() -> None:
         if not args.no_write:
             raw_path.write_text(json.dumps(raw, indent=2) + "\n")
     order = [n for n in TARGETS if n in raw]
-    body = section({n: raw[n] for n in order}, meta_info(args.threads))
+    text = results_path.read_text() if results_path.exists() else ""
+    body = section({n: raw[n] for n in order}, meta_info(args.threads), current_notes(text, "Quality"))
     if args.no_write:
         print(body)
         return
-    text = results_path.read_text() if results_path.exists() else ""
     results_path.write_text(replace_section(text, "Quality", body))
     print(f"wrote {results_path}")
 
