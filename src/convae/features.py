@@ -200,15 +200,15 @@ def layer_table(model: nn.Module) -> list[dict]:
 
 
 # Per batch, the largest encoder map stays under glibc's 32 MiB mmap threshold on CPU, so
-# extraction reuses freed heap buffers instead of page-faulting fresh ones every batch (see
-# _memory.py): CIFAR-10's 64-channel first stage extracted at 385 images/s in batches of 256,
-# 800-880 in batches of 64 or 32.
+# inference reuses freed heap buffers instead of page-faulting fresh ones every batch (see
+# _memory.py): the former CIFAR-10 preset's probed layers extracted at 380 images/s in batches
+# of 256, 1,080-1,090 at this size (48).
 _BATCH_MAP_BYTES = 24 << 20
 MAX_BATCH = 256
 
 
 def auto_batch_size(model: nn.Module, device: torch.device, layers: Iterable[str] = ()) -> int:
-    """Images per inference batch (extraction, decoding): MAX_BATCH, fewer on CPU for models with large maps.
+    """Images per inference batch (extraction, decoding, validation): MAX_BATCH, fewer on CPU for models with large maps.
 
     Counts the model's layers and, of the sign splits (computed only when asked for), `layers`'.
     """
