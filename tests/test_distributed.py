@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.numpy import load_file
 
@@ -62,7 +63,8 @@ def test_sharded_extraction_reads_as_the_single_process_result(tmp_path):
 
     run = tmp_path / "run"  # trained in this process: the extraction is what runs in subprocesses
     ConvAutoencoder(epochs=1, seed=0).fit(load_dataset("digits", "train").images, run_dir=run, data_spec="digits")
-    common = ["extract", str(run), "digits:test", "--layers", "stage1,bottleneck", "--pool", "grid2", "-q"]
+    # both on CPU: on a 1-GPU machine the two ranks run on CPU while a single process would take the GPU
+    common = ["extract", str(run), "digits:test", "--layers", "stage1,bottleneck", "--pool", "grid2", "-q", "--device", "cpu"]
     single = subprocess.run([CONVAE, *common, "-o", str(tmp_path / "one.npy")], capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     sharded = subprocess.run(
@@ -98,3 +100,25 @@ def test_sharded_extraction_reads_as_the_single_process_result(tmp_path):
                              str(tmp_path / "one.npy"), "-o", str(tmp_path / "r2.json"), "-q"],
                             capture_output=True, text=True, timeout=300)
     assert broken.returncode == 2 and "Traceback" not in broken.stderr
+
+
+def test_more_processes_than_gpus_run_on_cpu_or_stop_with_a_message(monkeypatch):
+    """NCCL cannot share a GPU between processes: 2 ranks on a 1-GPU node."""
+    from convae import distributed
+    from convae.errors import ConvaeError
+    from convae.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cpu")
+    info = distributed.env_info()
+    assert distributed.process_device(torch.device("cpu"), info) == torch.device("cpu")
+    with pytest.raises(ConvaeError, match=r"2 processes on this node need a GPU each, but it has 1"):
+        distributed.process_device(torch.device("cuda"), info)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node, on several nodes
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("auto") == torch.device("cuda")

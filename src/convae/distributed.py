@@ -14,12 +14,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import ConvaeError
+
 
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this node
 
     @property
     def enabled(self) -> bool:
@@ -36,7 +39,23 @@ def env_info() -> DistInfo:
         rank=int(os.environ.get("RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     )
+
+
+def gpu_for_every_process(info: DistInfo | None = None) -> bool:
+    """Whether each of this node's processes can have a GPU of its own (NCCL refuses to share one)."""
+    info = info or env_info()
+    return torch.cuda.is_available() and torch.cuda.device_count() >= info.local_world_size
+
+
+def _check_gpu_for(device: torch.device, info: DistInfo) -> None:
+    if info.enabled and device.type == "cuda" and info.local_rank >= torch.cuda.device_count():
+        raise ConvaeError(
+            f"--device {device}: {info.local_world_size} processes on this node need a GPU each, "
+            f"but it has {torch.cuda.device_count()}; start at most that many (--nproc / --nproc_per_node), "
+            "or use --device cpu to train on CPU processes with gloo"
+        )
 
 
 def init(device: torch.device) -> DistInfo:
@@ -44,6 +63,7 @@ def init(device: torch.device) -> DistInfo:
     info = env_info()
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        _check_gpu_for(device, info)
         if device.type == "cuda":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend)
@@ -52,6 +72,7 @@ def init(device: torch.device) -> DistInfo:
 
 def process_device(device: torch.device, info: DistInfo) -> torch.device:
     """Each process of a multi-GPU run gets its own GPU."""
+    _check_gpu_for(device, info)
     if info.enabled and device.type == "cuda":
         return torch.device("cuda", info.local_rank)
     return device

@@ -106,8 +106,8 @@ class FitResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # under torchrun: a GPU per process, or every process on CPU
+        return torch.device("cuda" if distributed.gpu_for_every_process() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConvaeError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     try:
