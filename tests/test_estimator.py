@@ -154,7 +154,8 @@ def test_save_and_load_a_run_directory(fitted, digits, tmp_path):
     loaded = ConvAutoencoder.load(tmp_path / "run", layers="stage1", pool="grid2")
     assert loaded.get_params()["channels"] == (4, 8) and loaded.pool == "grid2"
     expected = copy.deepcopy(fitted).set_params(layers="stage1", pool="grid2")
-    np.testing.assert_array_equal(loaded.transform(images[:8]), expected.transform(images[:8]))
+    # equal on CPU; on CUDA the two may pick different cuDNN algorithms (1e-7 apart)
+    np.testing.assert_allclose(loaded.transform(images[:8]), expected.transform(images[:8]), rtol=1e-5, atol=1e-6)
     assert len(loaded.history_) == 2
 
 

@@ -41,7 +41,7 @@ def test_training_lowers_the_loss_on_real_digits(digits):
 
 def test_run_directory_holds_config_weights_history_and_checkpoint(digits, tmp_path):
     cfg = default_model_config(digits.shape[1:])
-    result = fit(digits[:300], cfg, TrainConfig(epochs=2, batch_size=50), run_dir=tmp_path / "run")
+    result = fit(digits[:300], cfg, TrainConfig(epochs=2, batch_size=50, device="cpu"), run_dir=tmp_path / "run")
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {"config.json", "model.safetensors", "history.csv", "checkpoint"}
     config = json.loads((run / "config.json").read_text())
@@ -60,7 +60,7 @@ def test_run_directory_holds_config_weights_history_and_checkpoint(digits, tmp_p
 
 
 def test_validation_metrics_do_not_depend_on_the_batch_size(digits):
-    model = fit(digits[:200], default_model_config(digits.shape[1:]), TrainConfig(epochs=1, batch_size=50)).model
+    model = fit(digits[:200], default_model_config(digits.shape[1:]), TrainConfig(epochs=1, batch_size=50, device="cpu")).model
     indices = np.arange(len(digits))
     auto = evaluate(model, digits, indices, torch.device("cpu"))
     small = evaluate(model, digits, indices, torch.device("cpu"), batch_size=7)
@@ -152,7 +152,7 @@ if sys.argv[1] == "off":
     T.keep_freed_memory = lambda: False
 images = np.random.default_rng(0).integers(0, 256, (320, 16, 16, 1), dtype=np.uint8)
 faults = []
-T.fit(images, default_model_config((16, 16, 1)), TrainConfig(epochs=3, batch_size=64, val_fraction=0.0, threads=1),
+T.fit(images, default_model_config((16, 16, 1)), TrainConfig(epochs=3, batch_size=64, val_fraction=0.0, threads=1, device="cpu"),
       on_epoch=lambda row: faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
 print((faults[-1] - faults[0]) / 10)  # after a first epoch's warm-up
 """
