@@ -206,9 +206,17 @@ def _worker_message(e: BaseException) -> str:
     return rest if sep and head.rsplit(".", 1)[-1] == type(e).__name__ else last
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory: a copy from pageable memory
+    waits for the GPU's queue to drain, so the host could not queue the next step meanwhile."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def to_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """uint8 (B, H, W, C) -> float (B, C, H, W) in [0, 1] on `device`."""
-    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    x = to_device(batch, device).permute(0, 3, 1, 2).float().div_(255)
     # permute of an NHWC tensor already has channels_last strides; contiguous() would undo it
     return x if channels_last else x.contiguous()
 
@@ -216,13 +224,13 @@ def to_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> 
 def corrupt(x: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     """Denoising and masking corruptions of the input; the target stays clean."""
     if config.noise > 0:
-        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        noise = to_device(torch.randn(x.shape, generator=generator), x.device)
         x = (x + config.noise * noise).clamp_(0, 1)
     if config.mask_ratio > 0:
         h, w = x.shape[-2:]
         patch = config.mask_patch or max(1, round(min(h, w) / 7))
         gh, gw = math.ceil(h / patch), math.ceil(w / patch)
-        keep = (torch.rand((x.shape[0], 1, gh, gw), generator=generator) >= config.mask_ratio).to(x.device)
+        keep = to_device(torch.rand((x.shape[0], 1, gh, gw), generator=generator) >= config.mask_ratio, x.device)
         keep = keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., :h, :w]
         x = x * keep
     return x
@@ -446,6 +454,7 @@ def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, pr
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": train_config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=train_config.lr,
+        fused=device.type == "cuda",  # one kernel per step instead of a dozen: small models are launch-bound there
     )
     params = decay + no_decay
 
