@@ -1,6 +1,7 @@
 """Speed benchmark: matmul peak, training and extraction throughput, memory.
 
     .venv/bin/python benchmarks/speed.py [--data-dir ../shared/datasets] [--repeat 3] [--quick]
+    python benchmarks/speed.py --device cuda [--cifar cifar10-subset.npy]   # on a GPU machine
 
 Measures on this machine, in one run, and appends a section to benchmarks/RESULTS.md:
 - fp32 matmul peak (GFLOP/s);
@@ -13,6 +14,11 @@ Measures on this machine, in one run, and appends a section to benchmarks/RESULT
   alternate `--repeat` times, the best of each kept (this host's speed drifts);
 - extraction throughput and peak memory (max RSS of a fresh process) for 10,000 and
   100,000 images read from a memmap, to show that memory stays flat.
+
+With `--device cuda` the same, on the GPU: fp32 (no TF32) and bf16 matmul peaks, convae's
+loop (bf16 autocast, channels_last) at the default batch and at `--gpu-batch`, against the
+tutorial loop on the GPU (fp32, each batch copied from a CPU DataLoader), and extraction with
+the GPU's peak memory beside the process's.
 """
 from __future__ import annotations
 
@@ -57,6 +63,30 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def train_images(source: str, data_dir: str) -> np.ndarray:
+    """A built-in dataset's train split, or every image of an .npy file."""
+    if source.endswith(".npy"):
+        return load_dataset(source).images
+    return load_dataset(source, "train", data_dir=data_dir).images
+
+
+def gpu_matmul_peak(dtype: torch.dtype, n: int = 8192, repeats: int = 20) -> float:
+    """Median TFLOP/s of an n^3 product on random data, timed with CUDA events."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / float(np.median(times)) / 1e12
+
+
 def train_flops_per_image(config, batch: int = 32) -> float:
     model = build_model(config)
     x = torch.rand(batch, config.in_channels, *config.image_size)
@@ -71,16 +101,17 @@ def in_fresh_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def convae_throughput(images: np.ndarray, config, batch_size: int, epochs: int = 2) -> float:
+def convae_throughput(images: np.ndarray, config, batch_size: int, epochs: int = 2, device: str = "cpu") -> float:
     """Images/s of convae's own loop (steady state: the last epoch, validation excluded)."""
-    result = fit(images, config, TrainConfig(epochs=epochs, batch_size=batch_size, val_fraction=0.0, warmup=0.0))
+    train = TrainConfig(epochs=epochs, batch_size=batch_size, val_fraction=0.0, warmup=0.0, device=device)
+    result = fit(images, config, train)
     return result.history[-1]["images_per_s"]
 
 
-def reference_throughput(images: np.ndarray, config, batch_size: int, epochs: int = 2) -> float:
+def reference_throughput(images: np.ndarray, config, batch_size: int, epochs: int = 2, device: str = "cpu") -> float:
     """The loop tutorials write: float TensorDataset, DataLoader(shuffle), .item() every step."""
     torch.manual_seed(0)
-    model = build_model(config)
+    model = build_model(config).to(device)
     data = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch_size, shuffle=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -89,6 +120,7 @@ def reference_throughput(images: np.ndarray, config, batch_size: int, epochs: in
     for _ in range(epochs):
         start, seen, running = time.perf_counter(), 0, 0.0
         for (x,) in loader:
+            x = x.to(device)
             optimizer.zero_grad()
             loss = F.mse_loss(model(x), x)
             loss.backward()
@@ -103,20 +135,21 @@ EXTRACT_CHILD = r"""
 import json, resource, sys, time, numpy as np, torch
 from convae.features import FeatureExtractor, extract_to_file
 from convae.model import build_model, default_model_config
-path, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+path, n, out, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 images = np.load(path, mmap_mode="r")[:n]
 torch.manual_seed(0)
 model = build_model(default_model_config(images.shape[1:]))
-extractor = FeatureExtractor(model, "stage2", "grid2", batch_size=256)
+extractor = FeatureExtractor(model, "stage2", "grid2", batch_size=256 if device == "cpu" else None, device=device)
 t = time.perf_counter()
 extract_to_file(extractor, images, out, workers=0)
 seconds = time.perf_counter() - t
+gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
 print(json.dumps({"images": n, "seconds": seconds, "images_per_s": n / seconds, "dim": extractor.dim,
-                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "gpu_mb": gpu_mb}))
 """
 
 
-def extraction_runs(base: np.ndarray, sizes=(10_000, 100_000)) -> list[dict]:
+def extraction_runs(base: np.ndarray, sizes=(10_000, 100_000), device: str = "cpu") -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "images.npy"
@@ -129,7 +162,7 @@ def extraction_runs(base: np.ndarray, sizes=(10_000, 100_000)) -> list[dict]:
         for n in sizes:
             out = Path(tmp) / f"features-{n}.npy"
             proc = subprocess.run(
-                [sys.executable, "-c", EXTRACT_CHILD, str(path), str(n), str(out)],
+                [sys.executable, "-c", EXTRACT_CHILD, str(path), str(n), str(out), device],
                 capture_output=True, text=True, check=True,
             )
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -158,9 +191,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="alternating runs of each training loop (best kept)")
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--gpu-batch", type=int, default=512, help="the larger batch measured on the GPU")
+    parser.add_argument("--mnist", default="mnist", help="MNIST: the built-in name or an .npy of its images")
+    parser.add_argument("--cifar", default="cifar10", help="CIFAR-10: the built-in name or an .npy of its images")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: this machine has no CUDA GPU")
+        return gpu_main(args)
     n_train = {"mnist": 1_280 if args.quick else args.train_images, "cifar10": 256 if args.quick else args.cifar_images}
     sizes = (2_000, 20_000) if args.quick else (10_000, 100_000)
 
@@ -169,8 +210,8 @@ def main() -> None:
     rows = []
     batch = TrainConfig.batch_size  # the defaults a user gets
     for name, spec in (("MNIST", "mnist"), ("CIFAR-10", "cifar10")):
-        data = load_dataset(spec, "train", data_dir=args.data_dir)
-        images = np.ascontiguousarray(data.images[: n_train[spec]])
+        data = train_images(getattr(args, "cifar" if spec == "cifar10" else spec), args.data_dir)
+        images = np.ascontiguousarray(data[: n_train[spec]])
         config = default_model_config(images.shape[1:])
         flops = train_flops_per_image(config)
         ours_runs, ref_runs = [], []
@@ -222,6 +263,71 @@ def main() -> None:
     ]
     for e in extraction:
         lines.append(f"| {e['images']:,} | {e['seconds']:.1f} | {e['images_per_s']:.0f} | {e['dim']} | {e['max_rss_mb']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    with open(args.results, "a", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+
+
+def gpu_main(args) -> None:
+    started = time.time()
+    fp32, bf16 = gpu_matmul_peak(torch.float32), gpu_matmul_peak(torch.bfloat16)
+    rows = []
+    batches = (TrainConfig.batch_size, args.gpu_batch)
+    for name, source in (("MNIST", args.mnist), ("CIFAR-10", args.cifar)):
+        images = np.ascontiguousarray(train_images(source, args.data_dir))
+        config = default_model_config(images.shape[1:])
+        flops = train_flops_per_image(config)
+        for batch in batches:
+            ours_runs, ref_runs = [], []
+            for _ in range(args.repeat):
+                ours_runs.append(in_fresh_process(convae_throughput, images, config, batch, 2, "cuda"))
+                ref_runs.append(in_fresh_process(reference_throughput, images, config, batch, 2, "cuda"))
+            rows.append(dict(model=f"{name} default {list(config.channels)} x{config.convs_per_stage}, batch {batch}",
+                             images=len(images), flops=flops, ours_runs=ours_runs, ref_runs=ref_runs,
+                             ours=max(ours_runs), ref=max(ref_runs)))
+        if name == "MNIST":
+            extraction = extraction_runs(images[:10_000], (10_000, 100_000), "cuda")
+
+    lines = [
+        "",
+        f"## Speed on a GPU — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "",
+        f"Machine: {machine()}.",
+        f"Command: `python benchmarks/speed.py --device cuda --repeat {args.repeat} --gpu-batch {args.gpu_batch}"
+        f"{'' if args.cifar == 'cifar10' else ' --cifar ' + Path(args.cifar).name}` "
+        f"(training: {rows[0]['images']:,} MNIST / {rows[-1]['images']:,} CIFAR-10 images a timed epoch, after one "
+        f"warm-up epoch; each loop in a fresh process, the two alternating, best of {args.repeat} each) "
+        f"({time.time() - started:.0f} s in all).",
+        "",
+        f"Matmul peaks (8192^3, median of 20, CUDA events): fp32 without TF32 **{fp32:.1f} TFLOP/s**, "
+        f"bf16 **{bf16:.0f} TFLOP/s**. convae trains in bf16 autocast with channels_last; the tutorial loop in fp32.",
+        "",
+        "| model | train GFLOP/image | convae images/s | achieved TFLOP/s | % of bf16 peak | tutorial loop images/s | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        achieved = r["ours"] * r["flops"] / 1e12
+        lines.append(
+            f"| {r['model']} | {r['flops'] / 1e9:.3f} | {r['ours']:,.0f} | {achieved:.2f} | "
+            f"{100 * achieved / bf16:.1f}% | {r['ref']:,.0f} | {r['ours'] / r['ref']:.2f}x |"
+        )
+    lines.append("")
+    for r in rows:
+        lines.append(
+            f"- {r['model']}, every run in order (images/s): convae {', '.join(f'{v:,.0f}' for v in r['ours_runs'])}; "
+            f"tutorial loop {', '.join(f'{v:,.0f}' for v in r['ref_runs'])}."
+        )
+    lines += [
+        "",
+        "Extraction on the GPU (MNIST default model, `stage2` with `grid2` pooling, from a uint8 memmap, fresh process each):",
+        "",
+        "| images | seconds | images/s | feature dim | peak RSS (MB) | peak GPU memory (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in extraction:
+        lines.append(f"| {e['images']:,} | {e['seconds']:.1f} | {e['images_per_s']:,.0f} | {e['dim']} | "
+                     f"{e['max_rss_mb']:.0f} | {e['gpu_mb']:.0f} |")
     text = "\n".join(lines) + "\n"
     with open(args.results, "a", encoding="utf-8") as f:
         f.write(text)
