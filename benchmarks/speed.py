@@ -131,6 +131,23 @@ def reference_throughput(images: np.ndarray, config, batch_size: int, epochs: in
     return rate
 
 
+def compare_loops(name: str, images: np.ndarray, config, batch: int, repeat: int, device: str) -> dict:
+    """convae's loop and the tutorial loop, alternating `repeat` times, each in a fresh process."""
+    ours_runs, ref_runs = [], []
+    for _ in range(repeat):
+        ours_runs.append(in_fresh_process(convae_throughput, images, config, batch, 2, device))
+        ref_runs.append(in_fresh_process(reference_throughput, images, config, batch, 2, device))
+    return dict(model=f"{name} default {list(config.channels)} x{config.convs_per_stage}, batch {batch}",
+                images=len(images), ours_runs=ours_runs, ref_runs=ref_runs, ours=max(ours_runs), ref=max(ref_runs))
+
+
+def append_section(lines: list[str], path: str) -> None:
+    text = "\n".join(lines) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+
+
 EXTRACT_CHILD = r"""
 import json, resource, sys, time, numpy as np, torch
 from convae.features import FeatureExtractor, extract_to_file
@@ -214,15 +231,7 @@ def main() -> None:
         images = np.ascontiguousarray(data[: n_train[spec]])
         config = default_model_config(images.shape[1:])
         flops = train_flops_per_image(config)
-        ours_runs, ref_runs = [], []
-        for _ in range(args.repeat):
-            ours_runs.append(in_fresh_process(convae_throughput, images, config, batch))
-            ref_runs.append(in_fresh_process(reference_throughput, images, config, batch))
-        ours, ref = max(ours_runs), max(ref_runs)
-        rows.append(
-            dict(model=f"{name} default {list(config.channels)} x{config.convs_per_stage}, batch {batch}", flops=flops,
-                 ours=ours, ref=ref, ours_runs=ours_runs, ref_runs=ref_runs)
-        )
+        rows.append(compare_loops(name, images, config, batch, args.repeat, "cpu") | dict(flops=flops))
         if name == "MNIST":
             extraction = extraction_runs(images, sizes)
 
@@ -263,10 +272,7 @@ def main() -> None:
     ]
     for e in extraction:
         lines.append(f"| {e['images']:,} | {e['seconds']:.1f} | {e['images_per_s']:.0f} | {e['dim']} | {e['max_rss_mb']:.0f} |")
-    text = "\n".join(lines) + "\n"
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write(text)
-    print(text)
+    append_section(lines, args.results)
 
 
 def gpu_main(args) -> None:
@@ -279,13 +285,7 @@ def gpu_main(args) -> None:
         config = default_model_config(images.shape[1:])
         flops = train_flops_per_image(config)
         for batch in batches:
-            ours_runs, ref_runs = [], []
-            for _ in range(args.repeat):
-                ours_runs.append(in_fresh_process(convae_throughput, images, config, batch, 2, "cuda"))
-                ref_runs.append(in_fresh_process(reference_throughput, images, config, batch, 2, "cuda"))
-            rows.append(dict(model=f"{name} default {list(config.channels)} x{config.convs_per_stage}, batch {batch}",
-                             images=len(images), flops=flops, ours_runs=ours_runs, ref_runs=ref_runs,
-                             ours=max(ours_runs), ref=max(ref_runs)))
+            rows.append(compare_loops(name, images, config, batch, args.repeat, "cuda") | dict(flops=flops))
         if name == "MNIST":
             extraction = extraction_runs(images[:10_000], (10_000, 100_000), "cuda")
 
@@ -328,10 +328,7 @@ def gpu_main(args) -> None:
     for e in extraction:
         lines.append(f"| {e['images']:,} | {e['seconds']:.1f} | {e['images_per_s']:,.0f} | {e['dim']} | "
                      f"{e['max_rss_mb']:.0f} | {e['gpu_mb']:.0f} |")
-    text = "\n".join(lines) + "\n"
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write(text)
-    print(text)
+    append_section(lines, args.results)
 
 
 if __name__ == "__main__":
