@@ -318,12 +318,16 @@ def test_cli_probe_preset_whose_layers_the_run_lacks_is_one_line_before_loading_
         (["--preset", "imagenet"], "unknown preset 'imagenet': choose from digits, mnist"),
         (["--classifiers", "svm"], "classifiers: unknown svm"),
         (["--labels-per-class", "ten"], "labels per class 'ten'"),
+        (["--baselines", "pixel"], "baselines: unknown pixel"),
+        (["--pool", "grid3"], "unknown pooling grid3"),
         (["-o", "results.txt"], "name it .json"),
     ],
 )
 def test_cli_probe_user_errors_are_one_line_with_exit_code_2(runs, tmp_path, args, fragment):
     conv, _ = runs
-    proc = convae("probe", conv, "--train", "digits", "--test", "digits:test", "-o", "r.json", "-q", *args, cwd=tmp_path)
+    # said before any data is loaded: the --train file does not exist
+    proc = convae("probe", conv, "--train", "not-loaded.npy", "--test", "digits:test", "-o", "r.json", "-q", *args,
+                  cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

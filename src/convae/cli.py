@@ -474,7 +474,7 @@ def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifi
     pixels, on the same architecture with random weights and on any --compare run.
     """
     from .features import is_feature_file
-    from .probe import run_probe, write_results
+    from .probe import check_options, run_probe, write_results
     from .run import load_config
 
     if not str(output).lower().endswith(".json"):
@@ -498,8 +498,9 @@ def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifi
         click.echo(_table(rows))
         click.echo(f"wrote {json_path} and {md_path}")
         return
+    check_options(classifiers, baselines, labels_per_class, seeds, pool)  # before any data is loaded
     m = load_config(run_dir).model
-    if layers:  # an unknown layer is said before any data is loaded
+    if layers:  # so is an unknown layer
         from .model import build_model
         from .probe import layer_groups
 

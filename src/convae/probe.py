@@ -40,7 +40,7 @@ from torch import nn
 from ._io import atomic_write_text
 from ._version import __version__
 from .errors import ConfigError
-from .features import FeatureExtractor, feature_layer_names, resolve_layers, split_names
+from .features import FeatureExtractor, feature_layer_names, resolve_layers, resolve_pools, split_names
 
 def logreg_c(dim: int) -> float:
     """The logistic regression's C for `dim` standardized features: 64 / dim (at most 1).
@@ -123,6 +123,20 @@ def parse_labels_per_class(value: str | int | Iterable[str | int]) -> list[int |
     if not out:
         raise ConfigError("labels per class: give at least one value, e.g. 10,100,all")
     return list(dict.fromkeys(out))
+
+
+def check_options(classifiers, baselines, labels_per_class, seeds: int, pool) -> tuple[list, list, list]:
+    """The probe's options parsed: classifiers, baselines, labels per class. Needs no data, so a
+    caller can say what is wrong before loading any."""
+    checked = (
+        parse_list(classifiers, "classifiers", list(CLASSIFIERS)),
+        parse_list(baselines, "baselines", BASELINES, allow_none=True),
+        parse_labels_per_class(labels_per_class),
+    )
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    resolve_pools(pool)
+    return checked
 
 
 def default_layers(model: nn.Module) -> list[str]:
@@ -336,11 +350,7 @@ def run_probe(
     when none is left the PCA keeps 95% of the pixel variance.
     Returns one dict per row (keys ``COLUMNS``), grouped by labels per class.
     """
-    classifiers = parse_list(classifiers, "classifiers", list(CLASSIFIERS))
-    baselines = parse_list(baselines, "baselines", BASELINES, allow_none=True)
-    lpc = parse_labels_per_class(labels_per_class)
-    if seeds < 1:
-        raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    classifiers, baselines, lpc = check_options(classifiers, baselines, labels_per_class, seeds, pool)
     train_images, y_train = _images_labels(train, "train")
     test_images, y_test = _images_labels(test, "test")
 
