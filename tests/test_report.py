@@ -144,6 +144,14 @@ def test_show_writes_a_view(view, digits_run, tmp_path):
         assert np.asarray(img.convert("L")).std() > 10
 
 
+def test_show_takes_split_layer_names(digits_run, tmp_path):
+    out = tmp_path / "maps.png"
+    proc = convae("show", digits_run, "digits:test", "--view", "maps", "--layers", "stage1.conv1.split,stage1", "-o", out, "-q")
+    assert proc.stdout.strip() == f"wrote {out}"
+    with Image.open(out) as img:
+        assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 10
+
+
 def test_user_errors_are_one_line_and_exit_2(digits_run, tmp_path):
     assert_user_error(convae("show", digits_run, "digits", "--view", "colours", "-o", tmp_path / "x.png", check=False), "--view colours", "filters")
     assert_user_error(convae("show", digits_run, "--view", "maps", "-o", tmp_path / "x.png", check=False), "needs DATA")

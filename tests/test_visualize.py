@@ -282,6 +282,20 @@ def test_wrong_image_shape_and_unknown_layers_are_user_errors(conv, rgb):
         V.curves_figure([])
 
 
+def test_views_take_a_blocks_sign_split_maps_as_layers(conv, digits):
+    """The split maps a probe reads (stage1.conv1.split) can be looked at too."""
+    assert V.resolve_view_layers(conv, "stage2.conv1.split,stage1,stage1.conv1.split,stage1.conv1", None) == [
+        "stage1.conv1", "stage1.conv1.split", "stage1", "stage2.conv1.split",
+    ]
+    (split,) = V.top_patches(conv, digits[1].images[:100], "stage1.conv1.split", channels=16, k=2)
+    assert len(split.variance) == 16 and split.receptive_field == 3  # 8 channels, split in two; one 3x3 conv
+    for row in split.patches:
+        for patch in row:
+            assert patch.box == conv.receptive_box("stage1.conv1", patch.y, patch.x)
+    maps = V.feature_maps(conv, digits[1].images[:2], ["stage1.conv1.split"])["stage1.conv1.split"]
+    assert maps.shape == (2, 16, 8, 8) and maps.min() >= 0
+
+
 def test_reconstruction_figure_still_draws_two_rows(conv, digits, tmp_path):
     images = digits[1].images[:4]
     recon = np.clip(images / 255 + 0.05, 0, 1).astype(np.float32)

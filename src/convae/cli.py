@@ -319,7 +319,7 @@ def with_view_options(f):
 @click.option("--view", "view", required=True, help="filters, maps, patches, maximize, receptive, recon, curves, embedding or probe.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="PNG file to write.")
 @with_data_options
-@click.option("--layers", help="Encoder layers for maps/patches/maximize, comma-separated, or all (see `convae layers`).")
+@click.option("--layers", help="Encoder layers for maps/patches/maximize, comma-separated, or all; a block's sign-split maps too, e.g. stage1.conv1.split (see `convae layers`).")
 @click.option("--index", help="Images to show (maps, recon, receptive), e.g. 0,5,9.")
 @click.option("--count", "-n", type=int, default=8, show_default=True, help="Images for recon (maps: up to 3).")
 @with_view_options

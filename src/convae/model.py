@@ -355,7 +355,10 @@ class ConvAutoencoderNet(nn.Module):
         return [2 * c if base != name else c, *hw]
 
     def receptive_box(self, layer: str, y: int, x: int) -> tuple[int, int, int, int]:
-        """Input region (top, left, bottom, right; exclusive, clipped) seen by unit (y, x) of `layer`."""
+        """Input region (top, left, bottom, right; exclusive, clipped) seen by unit (y, x) of `layer`
+        (a split layer's units see what its block's do)."""
+        if layer in self.split_layer_names:
+            layer = layer.removesuffix(SPLIT_SUFFIX)
         info = next((f for f in self.feature_info if f["module"] == layer), None)
         if info is None:
             raise ConfigError(f"unknown layer {layer!r}: choose from {', '.join(self.layer_names)}")

@@ -28,6 +28,7 @@ from torch import nn  # noqa: E402
 
 from ._io import atomic_path  # noqa: E402
 from .errors import ConfigError, ConvaeError  # noqa: E402
+from .model import SPLIT_SUFFIX  # noqa: E402
 
 VIEWS: tuple[str, ...] = (
     "filters", "maps", "patches", "maximize", "receptive", "recon", "curves", "embedding", "probe",
@@ -72,11 +73,20 @@ def _image_shape(model: nn.Module) -> tuple[int, int, int]:
     return int(h), int(w), int(model.config.in_channels)
 
 
+def _view_layer_names(model: nn.Module) -> list[str]:
+    """Layers a view can show: the model's, then each conv block's sign-split maps."""
+    return [*model.layer_names, *getattr(model, "split_layer_names", [])]
+
+
 def _info(model: nn.Module, layer: str) -> dict:
+    base = layer.removesuffix(SPLIT_SUFFIX) if layer in getattr(model, "split_layer_names", []) else layer
     for f in model.feature_info:
-        if f["module"] == layer:
-            return f
-    raise ConfigError(f"unknown layer {layer!r}: choose from {', '.join(model.layer_names)}")
+        if f["module"] == base:
+            if base == layer:
+                return f
+            c, *hw = f["shape"]  # the split doubles the channels: [relu(z - t), relu(-z - t)]
+            return dict(f, module=layer, num_chs=2 * c, shape=[2 * c, *hw])
+    raise ConfigError(f"unknown layer {layer!r}: choose from {', '.join(_view_layer_names(model))}")
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -237,13 +247,15 @@ def resolve_view_layers(model: nn.Module, layers: str | Sequence[str] | None, de
     names = [s.strip() for s in layers.split(",") if s.strip()] if isinstance(layers, str) else list(layers)
     if names == ["all"]:
         return list(model.layer_names)
-    unknown = [n for n in names if n not in model.layer_names]
+    valid = _view_layer_names(model)
+    unknown = [n for n in names if n not in valid]
     if unknown or not names:
         raise ConfigError(
-            f"--layers {','.join(unknown) or '(empty)'}: unknown layer; "
-            f"choose from {', '.join(model.layer_names)} or all"
+            f"--layers {','.join(unknown) or '(empty)'}: unknown layer; choose from {', '.join(valid)} or all"
         )
-    order = {n: i for i, n in enumerate(model.layer_names)}
+    # network order; a block's split maps right after the block
+    order = {n: (i, 0) for i, n in enumerate(model.layer_names)}
+    order.update({n: (order[n.removesuffix(SPLIT_SUFFIX)][0], 1) for n in valid if n not in order})
     return sorted(dict.fromkeys(names), key=order.__getitem__)
 
 
