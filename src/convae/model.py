@@ -361,7 +361,7 @@ class ConvAutoencoderNet(nn.Module):
             layer = layer.removesuffix(SPLIT_SUFFIX)
         info = next((f for f in self.feature_info if f["module"] == layer), None)
         if info is None:
-            raise ConfigError(f"unknown layer {layer!r}: choose from {', '.join(self.layer_names)}")
+            raise self._unknown_layers([layer])
         half = info["receptive_field"] / 2
         cy = info["rf_start"] + y * info["reduction"]
         cx = info["rf_start"] + x * info["reduction"]
