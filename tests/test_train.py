@@ -158,6 +158,36 @@ print((faults[-1] - faults[0]) / 10)  # after a first epoch's warm-up
 """
 
 
+BIG_MAPS_CHILD = r"""
+import resource, sys
+import numpy as np
+import convae.train as T
+from convae._memory import keep_freed_memory
+from convae.config import TrainConfig
+from convae.model import default_model_config
+keep_freed_memory(all_sizes=sys.argv[1] == "on")  # what `convae fit` asks for
+images = np.random.default_rng(0).integers(0, 256, (160, 64, 64, 1), dtype=np.uint8)
+faults = []
+# 128 maps of 64x64 floats, 32 images a batch: 64 MiB, past the 32 MiB that glibc's mmap threshold can be raised to
+T.fit(images, default_model_config((64, 64, 1), channels=(128,), decoder="light"),
+      TrainConfig(epochs=3, batch_size=32, val_fraction=0.0, threads=1, device="cpu"),
+      on_epoch=lambda row: faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
+print((faults[-1] - faults[0]) / 10)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_all_sizes_keeps_maps_over_32_mib_too():
+    """What `convae fit` asks for, and the training that follows (asking for less) keeps."""
+    def faults_per_step(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", BIG_MAPS_CHILD, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout.split()[-1])
+
+    threshold_only, all_sizes = faults_per_step("off"), faults_per_step("on")
+    assert threshold_only > 10_000, threshold_only  # each 64 MiB map mmapped and faulted in afresh
+    assert all_sizes < threshold_only / 10, (all_sizes, threshold_only)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_training_steps_do_not_page_fault_their_buffers_back():
     """Freed activation buffers are reused, not returned to the kernel and faulted in again next step."""

@@ -181,12 +181,14 @@ def fit(data, out, data_dir, split, image_size, channels, no_download, widths, h
     a folder of images, or a .npy/.npz file.
     """
     from . import distributed
+    from ._memory import keep_freed_memory
     from .estimator import ConvAutoencoder
 
     if nproc < 1:
         raise ConvaeError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not distributed.env_info().enabled:
         sys.exit(distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc")))
+    keep_freed_memory(all_sizes=True)  # this process only trains
     if preset:
         widths = _apply_preset(preset, settings, widths)
     dataset = _load(data, data_dir, split, image_size, channels, no_download, quiet)
