@@ -176,25 +176,28 @@ print((faults[-1] - faults[0]) / 10)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def faults_per_step(child: str, mode: str) -> float:
+    """Minor page faults a training step, in a fresh process (malloc settings are per process)."""
+    out = subprocess.run([sys.executable, "-c", child, mode], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+glibc_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+
+
+@glibc_only
 def test_all_sizes_keeps_maps_over_32_mib_too():
     """What `convae fit` asks for, and the training that follows (asking for less) keeps."""
-    def faults_per_step(mode: str) -> float:
-        out = subprocess.run([sys.executable, "-c", BIG_MAPS_CHILD, mode], capture_output=True, text=True, check=True)
-        return float(out.stdout.split()[-1])
-
-    threshold_only, all_sizes = faults_per_step("off"), faults_per_step("on")
+    threshold_only, all_sizes = faults_per_step(BIG_MAPS_CHILD, "off"), faults_per_step(BIG_MAPS_CHILD, "on")
     assert threshold_only > 10_000, threshold_only  # each 64 MiB map mmapped and faulted in afresh
     assert all_sizes < threshold_only / 10, (all_sizes, threshold_only)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@glibc_only
 def test_training_steps_do_not_page_fault_their_buffers_back():
     """Freed activation buffers are reused, not returned to the kernel and faulted in again next step."""
-    def faults_per_step(mode: str) -> float:
-        out = subprocess.run([sys.executable, "-c", FAULTS_CHILD, mode], capture_output=True, text=True, check=True)
-        return float(out.stdout.split()[-1])
-
-    off, on = faults_per_step("off"), faults_per_step("on")
+    off, on = faults_per_step(FAULTS_CHILD, "off"), faults_per_step(FAULTS_CHILD, "on")
     assert off > 1000, off  # glibc's defaults, for contrast
     assert on < off / 10, (on, off)
