@@ -33,10 +33,10 @@ def keep_freed_memory(all_sizes: bool = False) -> bool:
     it frees. Once set, it stays: a later call without it changes nothing. A setting the
     user made through glibc's environment variables is left as it is.
     """
-    for level in (True, all_sizes):
-        if level in _applied:
-            return _applied[level]
-    _applied[all_sizes] = _tune(all_sizes)
+    if True in _applied:  # the stronger setting stays
+        return _applied[True]
+    if all_sizes not in _applied:
+        _applied[all_sizes] = _tune(all_sizes)
     return _applied[all_sizes]
 
 

@@ -43,10 +43,9 @@ def env_info() -> DistInfo:
     )
 
 
-def gpu_for_every_process(info: DistInfo | None = None) -> bool:
+def gpu_for_every_process() -> bool:
     """Whether each of this node's processes can have a GPU of its own (NCCL refuses to share one)."""
-    info = info or env_info()
-    return torch.cuda.is_available() and torch.cuda.device_count() >= info.local_world_size
+    return torch.cuda.is_available() and torch.cuda.device_count() >= env_info().local_world_size
 
 
 def _check_gpu_for(device: torch.device, info: DistInfo) -> None:
