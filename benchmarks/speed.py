@@ -4,13 +4,17 @@
     python benchmarks/speed.py --device cuda [--cifar cifar10-subset.npy]   # on a GPU machine
 
 Measures on this machine, in one run, and appends a section to benchmarks/RESULTS.md:
-- fp32 matmul peak (GFLOP/s);
+- fp32 matmul peak (GFLOP/s; the faster of torch.mm and the same product as a 1x1
+  convolution), and the bf16 one where the CPU computes bf16 natively;
 - training throughput (images/s) of the default MNIST and CIFAR-10 models through
-  convae's own training loop, the model's FLOPs per image (forward + backward, counted
-  by torch.utils.flop_counter), achieved GFLOP/s and the fraction of the peak;
+  convae's own training loop (bf16 autocast where the CPU has it, as `convae fit` does),
+  the model's FLOPs per image (forward + backward, counted by torch.utils.flop_counter),
+  achieved GFLOP/s and the fraction of the peak;
 - the same model trained by a tutorial-style loop (DataLoader over a float TensorDataset,
-  `.item()` every step) and the ratio between the two; each loop runs in a fresh process,
-  so neither inherits the other's allocator state or warmed-up memory, and the two
+  `.item()` every step, fp32) and the ratio between the two; on a CPU with native bf16 also
+  convae's loop in fp32 (`--no-amp`) and the tutorial loop with bf16 autocast added, so the
+  precision's share of the speed-up is told apart from the loop's. Each loop runs in a fresh
+  process, so none inherits another's allocator state or warmed-up memory, and they
   alternate `--repeat` times, the best of each kept (this host's speed drifts);
 - extraction throughput and peak memory (max RSS of a fresh process) for 10,000 and
   100,000 images read from a memmap, to show that memory stays flat.
@@ -45,22 +49,31 @@ import convae
 from convae.config import TrainConfig
 from convae.data import load_dataset
 from convae.model import build_model, default_model_config
-from convae.train import fit
+from convae.train import fit, native_bf16
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "datasets"
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+def matmul_peak(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """GFLOP/s of an n^3 product two ways: torch.mm (MKL's GEMM for fp32) and the same product as a
+    1x1 convolution (oneDNN, which runs the model's convolutions). On AMD CPUs MKL's fp32 GEMM
+    can run at half of oneDNN's, so the peak is the faster of the two."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    x = a.T.reshape(1, n, 32, n // 32).contiguous(memory_format=torch.channels_last)
+    w = b.T.reshape(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
+    rates = {}
+    for name, product in (("mm", lambda: a @ b), ("conv", lambda: F.conv2d(x, w))):
+        for _ in range(3):
+            product()
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - t)
+        rates[name] = 2 * n**3 / best / 1e9
+    rates["peak"] = max(rates["mm"], rates["conv"])
+    return rates
 
 
 def train_images(source: str, data_dir: str) -> np.ndarray:
@@ -101,15 +114,20 @@ def in_fresh_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def convae_throughput(images: np.ndarray, config, batch_size: int, epochs: int = 2, device: str = "cpu") -> float:
+def convae_throughput(images: np.ndarray, config, batch_size: int, epochs: int = 2, device: str = "cpu",
+                      amp: bool = True) -> float:
     """Images/s of convae's own loop (steady state: the last epoch, validation excluded)."""
-    train = TrainConfig(epochs=epochs, batch_size=batch_size, val_fraction=0.0, warmup=0.0, device=device)
+    train = TrainConfig(epochs=epochs, batch_size=batch_size, val_fraction=0.0, warmup=0.0, device=device, amp=amp)
     result = fit(images, config, train)
     return result.history[-1]["images_per_s"]
 
 
-def reference_throughput(images: np.ndarray, config, batch_size: int, epochs: int = 2, device: str = "cpu") -> float:
-    """The loop tutorials write: float TensorDataset, DataLoader(shuffle), .item() every step."""
+def reference_throughput(images: np.ndarray, config, batch_size: int, epochs: int = 2, device: str = "cpu",
+                         amp: bool = False) -> float:
+    """The loop tutorials write: float TensorDataset, DataLoader(shuffle), .item() every step.
+
+    `amp` wraps its forward pass in bf16 autocast: the one line a tutorial would add for it.
+    """
     torch.manual_seed(0)
     model = build_model(config).to(device)
     data = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255
@@ -122,7 +140,8 @@ def reference_throughput(images: np.ndarray, config, batch_size: int, epochs: in
         for (x,) in loader:
             x = x.to(device)
             optimizer.zero_grad()
-            loss = F.mse_loss(model(x), x)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                loss = F.mse_loss(model(x).float(), x)
             loss.backward()
             optimizer.step()
             running += loss.item()
@@ -131,14 +150,23 @@ def reference_throughput(images: np.ndarray, config, batch_size: int, epochs: in
     return rate
 
 
-def compare_loops(name: str, images: np.ndarray, config, batch: int, repeat: int, device: str) -> dict:
-    """convae's loop and the tutorial loop, alternating `repeat` times, each in a fresh process."""
-    ours_runs, ref_runs = [], []
+def compare_loops(name: str, images: np.ndarray, config, batch: int, repeat: int, device: str,
+                  fp32_too: bool = False) -> dict:
+    """convae's loop and the tutorial loop, alternating `repeat` times, each in a fresh process.
+
+    `fp32_too` adds convae's loop with --no-amp and the tutorial loop with bf16 autocast, so
+    a bf16 speed-up is told apart from the loop's own.
+    """
+    loops = {"ours": (convae_throughput, True), "ref": (reference_throughput, False)}
+    if fp32_too:
+        loops |= {"ours_fp32": (convae_throughput, False), "ref_bf16": (reference_throughput, True)}
+    runs: dict[str, list[float]] = {key: [] for key in loops}
     for _ in range(repeat):
-        ours_runs.append(in_fresh_process(convae_throughput, images, config, batch, 2, device))
-        ref_runs.append(in_fresh_process(reference_throughput, images, config, batch, 2, device))
+        for key, (loop, amp) in loops.items():
+            runs[key].append(in_fresh_process(loop, images, config, batch, 2, device, amp))
     return dict(model=f"{name} default {list(config.channels)} x{config.convs_per_stage}, batch {batch}",
-                images=len(images), ours_runs=ours_runs, ref_runs=ref_runs, ours=max(ours_runs), ref=max(ref_runs))
+                images=len(images), **{f"{key}_runs": values for key, values in runs.items()},
+                **{key: max(values) for key, values in runs.items()})
 
 
 def append_section(lines: list[str], path: str) -> None:
@@ -223,7 +251,11 @@ def main() -> None:
     sizes = (2_000, 20_000) if args.quick else (10_000, 100_000)
 
     started = time.time()
-    peak = matmul_peak()
+    fp32_rates = matmul_peak()
+    peak = fp32_rates["peak"]
+    bf16 = native_bf16(torch.device("cpu"))
+    bf16_rates = matmul_peak(dtype=torch.bfloat16) if bf16 else None
+    bf16_peak = bf16_rates["peak"] if bf16 else None
     rows = []
     batch = TrainConfig.batch_size  # the defaults a user gets
     for name, spec in (("MNIST", "mnist"), ("CIFAR-10", "cifar10")):
@@ -231,7 +263,7 @@ def main() -> None:
         images = np.ascontiguousarray(data[: n_train[spec]])
         config = default_model_config(images.shape[1:])
         flops = train_flops_per_image(config)
-        rows.append(compare_loops(name, images, config, batch, args.repeat, "cpu") | dict(flops=flops))
+        rows.append(compare_loops(name, images, config, batch, args.repeat, "cpu", fp32_too=bf16) | dict(flops=flops))
         if name == "MNIST":
             extraction = extraction_runs(images, sizes)
 
@@ -242,26 +274,55 @@ def main() -> None:
         f"Machine: {machine()}.",
         f"Command: `.venv/bin/python benchmarks/speed.py --repeat {args.repeat}{' --quick' if args.quick else ''}` "
         f"(training: {n_train['mnist']:,} MNIST / {n_train['cifar10']:,} CIFAR-10 images a timed epoch, after one warm-up epoch; "
-        f"each loop in a fresh process, the two alternating, best of {args.repeat} each) "
+        f"each loop in a fresh process, the loops alternating, best of {args.repeat} each) "
         f"({time.time() - started:.0f} s in all).",
         "",
-        f"fp32 matmul peak (2048x2048, best of 10): **{peak:.1f} GFLOP/s**.",
+        "Matmul peaks (2048^3, best of 10; the faster of torch.mm and the same product as a 1x1 convolution, "
+        f"mm / conv in brackets): fp32 **{peak:.1f} GFLOP/s** ({fp32_rates['mm']:.0f} / {fp32_rates['conv']:.0f})"
+        + (f", bf16 **{bf16_peak:.1f} GFLOP/s** ({bf16_rates['mm']:.0f} / {bf16_rates['conv']:.0f})." if bf16
+           else " (this CPU has no native bf16: convae trains in fp32)."),
         "",
-        "| model | train GFLOP/image | convae images/s | achieved GFLOP/s | % of peak | tutorial loop images/s | speed-up |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        achieved = r["ours"] * r["flops"] / 1e9
-        lines.append(
-            f"| {r['model']} | {r['flops'] / 1e9:.3f} | {r['ours']:.0f} | {achieved:.1f} | "
-            f"{100 * achieved / peak:.0f}% | {r['ref']:.0f} | {r['ours'] / r['ref']:.2f}x |"
-        )
+    if bf16:
+        lines += [
+            "convae trains in bf16 autocast here (its default where the CPU computes bf16 natively); the tutorial "
+            "loop in fp32, as tutorials write it. Beside them: convae with `--no-amp` (fp32) and the tutorial loop "
+            "with bf16 autocast added (one `with torch.autocast(...)` line).",
+            "",
+            "| model | train GFLOP/image | convae images/s | achieved GFLOP/s | % of bf16 peak | % of fp32 peak "
+            "| tutorial loop images/s | speed-up | convae fp32 images/s (% of fp32 peak) | tutorial loop + bf16 autocast "
+            "images/s | convae / tutorial + autocast |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            achieved = r["ours"] * r["flops"] / 1e9
+            fp32_achieved = r["ours_fp32"] * r["flops"] / 1e9
+            lines.append(
+                f"| {r['model']} | {r['flops'] / 1e9:.3f} | {r['ours']:,.0f} | {achieved:.1f} | "
+                f"{100 * achieved / bf16_peak:.0f}% | {100 * achieved / peak:.0f}% | {r['ref']:,.0f} | "
+                f"**{r['ours'] / r['ref']:.2f}x** | {r['ours_fp32']:,.0f} ({100 * fp32_achieved / peak:.0f}%) | "
+                f"{r['ref_bf16']:,.0f} | {r['ours'] / r['ref_bf16']:.2f}x |"
+            )
+    else:
+        lines += [
+            "| model | train GFLOP/image | convae images/s | achieved GFLOP/s | % of peak | tutorial loop images/s | speed-up |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            achieved = r["ours"] * r["flops"] / 1e9
+            lines.append(
+                f"| {r['model']} | {r['flops'] / 1e9:.3f} | {r['ours']:.0f} | {achieved:.1f} | "
+                f"{100 * achieved / peak:.0f}% | {r['ref']:.0f} | {r['ours'] / r['ref']:.2f}x |"
+            )
     lines.append("")
+    names = {"ours": "convae", "ref": "tutorial loop", "ours_fp32": "convae fp32", "ref_bf16": "tutorial loop + autocast"}
     for r in rows:
+        listed = "; ".join(
+            f"{label} {', '.join(f'{v:,.0f}' for v in r[key + '_runs'])}" for key, label in names.items() if key in r
+        )
         lines.append(
-            f"- {r['model'].split(' default')[0]}, every run in order (images/s): convae "
-            f"{', '.join(f'{v:.0f}' for v in r['ours_runs'])}; tutorial loop {', '.join(f'{v:.0f}' for v in r['ref_runs'])}; "
-            f"ratio of the medians {np.median(r['ours_runs']) / np.median(r['ref_runs']):.2f}x."
+            f"- {r['model'].split(' default')[0]}, every run in order (images/s): {listed}; "
+            f"ratio of the medians (convae / tutorial loop) {np.median(r['ours_runs']) / np.median(r['ref_runs']):.2f}x."
         )
     lines += [
         "",

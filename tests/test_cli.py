@@ -1,4 +1,5 @@
 """The installed `convae` entry point, run as a user would, in real subprocesses."""
+import json
 import os
 import shutil
 import signal
@@ -78,8 +79,10 @@ def test_fit_on_a_folder_and_an_npz(tmp_path):
     convae("fit", folder, "--out", tmp_path / "r1", "--image-size", 16, "--epochs", 1, "-q", "--widths", "8,16")
     assert (tmp_path / "r1" / "model.safetensors").is_file()
     np.savez(tmp_path / "a.npz", images=rng.random((40, 12, 10)).astype(np.float32))
-    convae("fit", tmp_path / "a.npz", "--out", tmp_path / "r2", "--epochs", 1, "-q", "--arch", "dense")
+    convae("fit", tmp_path / "a.npz", "--out", tmp_path / "r2", "--epochs", 1, "-q", "--arch", "dense", "--no-amp")
     assert "arch=dense" in convae("info", tmp_path / "r2").stdout
+    assert json.loads((tmp_path / "r2" / "config.json").read_text())["train"]["amp"] is False
+    assert json.loads((tmp_path / "r1" / "config.json").read_text())["train"]["amp"] is True
 
 
 @pytest.mark.parametrize(

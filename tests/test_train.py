@@ -15,7 +15,7 @@ from convae import run as rundir
 from convae.config import TrainConfig
 from convae.errors import ConvaeError, RunDirError
 from convae.model import default_model_config
-from convae.train import corrupt, evaluate, fit, lr_factor, resolve_epochs, split_train_val
+from convae.train import corrupt, evaluate, fit, lr_factor, native_bf16, resolve_epochs, split_train_val
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,19 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(digits, tmp_p
     _assert_same_weights(whole.model, resumed.model)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
     assert rundir.read_history(tmp_path / "cut")[-1]["train_loss"] == pytest.approx(whole.history[-1]["train_loss"])
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_amp_trains_in_bf16_exactly_where_the_cpu_computes_it_natively(digits, monkeypatch, native):
+    # the machine's own capabilities replaced: both branches run on any CPU (bf16 is emulated where not native)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native, "amx_bf16": False})
+    assert native_bf16(torch.device("cpu")) is native
+    cfg = default_model_config(digits.shape[1:])
+    runs = {amp: fit(digits[:256], cfg, TrainConfig(epochs=1, batch_size=64, device="cpu", amp=amp)).model
+            for amp in (True, False)}
+    weights = [run.state_dict()["encoder.stage1.conv1.0.weight"] for run in (runs[True], runs[False])]
+    assert torch.equal(*weights) is not native  # bf16 rounding shows in the weights, or amp changed nothing
+    assert (weights[0] - weights[1]).abs().max() < 0.01
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(digits, tmp_path):

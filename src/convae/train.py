@@ -116,6 +116,20 @@ def resolve_device(name: str) -> torch.device:
         raise ConvaeError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from e
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: a CUDA GPU, or a CPU with AVX512-BF16 or AMX.
+
+    Elsewhere bf16 is emulated and slower than fp32. On a CPU with it, oneDNN's bf16
+    convolutions run the default models' training steps about twice as fast as fp32.
+    """
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def resolve_epochs(config: TrainConfig, num_train: int) -> int | None:
     """Epochs to run; None means until the time budget runs out."""
     if config.epochs:
@@ -468,7 +482,7 @@ def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, pr
     steps_per_epoch = math.ceil(len(sampler) / batch_size)
     epochs = resolve_epochs(train_config, len(train_idx))
     total_steps = epochs * steps_per_epoch if epochs else None
-    amp = device.type == "cuda" and train_config.amp
+    amp = train_config.amp and native_bf16(device)
     workers = 0 if isinstance(images, np.ndarray) else min(4, os.cpu_count() or 1)
 
     history: list[dict[str, float]] = []
