@@ -18,6 +18,7 @@ from convae.model import code_size
 from convae.probe import (
     COLUMNS,
     FeatureSet,
+    LinearSVM,
     _layer_sets,
     _pca_dims,
     calibrate_batchnorm,
@@ -228,6 +229,32 @@ def test_evaluate_features_works_on_any_precomputed_features():
     rows = list(evaluate_features([FeatureSet("mine", x, x)], y, y, classifiers=["linsvm", "rf"], labels_per_class=[5]))
     assert [(r["features"], r["classifier"]) for r in rows] == [("mine", "linsvm"), ("mine", "rf")]
     assert all(r["accuracy"] > 0.9 for r in rows)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_linear_svm_finds_linearsvcs_solution(binary):
+    # the same objective (LinearSVC's intercept all but unpenalized by a large intercept_scaling)
+    from sklearn.datasets import load_digits
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    x, y = load_digits(return_X_y=True)
+    x = StandardScaler().fit_transform(x).astype(np.float32)
+    if binary:
+        y = np.where(y == 3, "three", "other")
+    ours = LinearSVM(C=0.05).fit(x[:1400], y[:1400])
+    theirs = LinearSVC(C=0.05, tol=1e-8, max_iter=100_000, intercept_scaling=1000).fit(x[:1400], y[:1400])
+    assert ours.coef_.shape == theirs.coef_.shape and list(ours.classes_) == list(theirs.classes_)
+    np.testing.assert_allclose(ours.coef_, theirs.coef_, atol=0.01 * np.abs(theirs.coef_).max())
+    np.testing.assert_allclose(ours.decision_function(x[1400:]), theirs.decision_function(x[1400:]), atol=0.02)
+    assert (ours.predict(x[1400:]) == theirs.predict(x[1400:])).mean() > 0.99
+
+
+def test_linear_svm_passes_check_estimator():
+    from sklearn.utils.estimator_checks import check_estimator
+
+    failed = [c for c in check_estimator(LinearSVM(), on_fail=None) if c["status"] == "failed"]
+    assert failed == []
 
 
 def test_probe_user_errors(runs, digits):
