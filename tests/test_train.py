@@ -105,6 +105,13 @@ def test_amp_trains_in_bf16_exactly_where_the_cpu_computes_it_natively(digits, m
     assert (weights[0] - weights[1]).abs().max() < 0.01
 
 
+@pytest.mark.parametrize("capability, native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_amp_uses_bf16_on_gpus_from_ampere_on(monkeypatch, capability, native):
+    # V100 and T4 emulate bf16, slower than their fp32; A100 and H100 compute it
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert native_bf16(torch.device("cuda:0")) is native
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(digits, tmp_path):
     with pytest.raises(RunDirError, match="nothing to resume"):
         fit(digits[:100], default_model_config((8, 8, 1)), TrainConfig(epochs=1), run_dir=tmp_path, resume=True)

@@ -169,7 +169,7 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=0, help="CPU threads (default: torch's).")
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 mixed precision where the device computes bf16 natively (CUDA GPUs; CPUs with AVX512-BF16 or AMX); fp32 elsewhere or with --no-amp.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 mixed precision where the device computes bf16 natively (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX); fp32 elsewhere or with --no-amp.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--on-nan", type=click.Choice(["stop", "skip", "reduce-lr"]), help="A loss that turns NaN or infinite: stop (the default; keeping the last good checkpoint), skip the step, or go back to the epoch's start with half the learning rate. With --resume: the run's saved policy unless given.")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Train with N processes (torchrun + DDP); --batch-size and --lr are per process.")

@@ -164,7 +164,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads; 0: torch's default
-    amp: bool = True  # bf16 autocast where the device computes bf16 natively (CUDA; CPUs with AVX512-BF16/AMX)
+    amp: bool = True  # bf16 autocast where the device computes bf16 natively (CUDA from Ampere on; CPUs with AVX512-BF16/AMX)
     channels_last: bool = True
     on_nan: NanPolicy = "stop"  # a NaN/inf loss: stop, skip the step, or halve the lr
 

@@ -117,13 +117,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes in bf16 natively: a CUDA GPU, or a CPU with AVX512-BF16 or AMX.
+    """Whether `device` computes in bf16 natively: a CUDA GPU from Ampere on (compute capability
+    8.0), or a CPU with AVX512-BF16 or AMX.
 
     Elsewhere bf16 is emulated and slower than fp32. On a CPU with it, oneDNN's bf16
     convolutions run the default models' training steps about twice as fast as fp32.
     """
     if device.type == "cuda":
-        return True
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type != "cpu":
         return False
     capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()
