@@ -71,7 +71,7 @@ host's speed):
 | 1 conv/stage, batch 16, noise 0.2 | 37k | 0.9879 | 0.9892 |
 | new defaults with lr 3e-3 / one-cycle schedule / average-pool downsampling (C=64/2048) | 42k | | 0.9899 / 0.9907 / 0.9897 |
 | new defaults with the light decoder (`--decoder light`: decoder convs before upsampling, a quarter of its FLOPs) | 60k | | 0.9892 |
-| the same at 180 s / the mirrored decoder at 180 s (the mnist preset) | 214k / 171k | | 0.9885 / 0.9904 |
+| the same at 180 s / the mirrored decoder at 180 s (the mnist preset then) | 214k / 171k | | 0.9885 / 0.9904 |
 | random weights (1 conv/stage; batch-norm statistics left at the identity, before the fifth session) | 0 | 0.9849 | |
 
 Other feature sets of those runs were weaker: stage1/grid4 0.982-0.983, stage2/grid4 0.985-0.987,
