@@ -250,6 +250,16 @@ def test_linear_svm_finds_linearsvcs_solution(binary):
     assert (ours.predict(x[1400:]) == theirs.predict(x[1400:])).mean() > 0.99
 
 
+def test_linear_svm_says_when_it_stopped_early():
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+
+    x, y = load_digits(return_X_y=True)
+    with pytest.warns(ConvergenceWarning, match="max_iter=3"):
+        svm = LinearSVM(C=1.0, max_iter=3).fit(x, y)
+    assert svm.n_iter_ == 3
+
+
 def test_linear_svm_passes_check_estimator():
     from sklearn.utils.estimator_checks import check_estimator
 

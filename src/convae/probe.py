@@ -115,6 +115,11 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         self.coef_ = result.x[: d * k].reshape(d, k).T.copy()  # (k, d), as scikit-learn's linear models
         self.intercept_ = result.x[d * k:].copy()
         self.n_iter_ = int(result.nit)
+        if self.n_iter_ >= self.max_iter:
+            warnings.warn(
+                f"LinearSVM stopped at max_iter={self.max_iter} before converging (tol={self.tol}); "
+                "raise max_iter for the exact optimum", ConvergenceWarning, stacklevel=2,
+            )
         return self
 
     def decision_function(self, X) -> np.ndarray:
