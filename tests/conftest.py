@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A suite started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and
+# convae, like Python, leaves an ignored Ctrl-C ignored; the Ctrl-C tests need the foreground's
+# handler, here and in the processes they start (exec resets a handler, not an ignore).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
