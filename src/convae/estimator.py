@@ -36,8 +36,9 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
     reconstruction MSE. Every constructor argument is a plain parameter, so ``clone``,
     ``set_params`` and ``GridSearchCV`` over the architecture work; `None` architecture settings
     are chosen from the image size. ``amp=True`` (the default) trains in bf16 autocast where the
-    device computes bf16 natively (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX), about twice as fast
-    there; ``amp=False`` trains in fp32. Features are computed in fp32 either way.
+    device computes bf16 natively (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX),
+    about twice as fast there; ``amp=False`` trains in fp32. Features are computed in fp32
+    either way.
 
     X is uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) (the layouts of
     :func:`convae.data.as_uint8_images`), :class:`convae.data.LazyImages`, or a 2-D table of

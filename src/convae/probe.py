@@ -102,12 +102,11 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         ridge = 1.0 / (2.0 * self.C * n)
 
         def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            w = theta[: d * k].reshape(d, k).astype(X.dtype, copy=False)
-            b = theta[d * k:].astype(X.dtype, copy=False)
-            margin = np.maximum(0.0, 1.0 - targets * (X @ w + b))  # (n, k)
-            loss = float(np.sum(margin.astype(np.float64) ** 2)) / n + ridge * float(np.sum(theta[: d * k] ** 2))
+            w, b = theta[: d * k].reshape(d, k), theta[d * k:]
+            margin = np.maximum(0.0, 1.0 - targets * (X @ w.astype(X.dtype) + b.astype(X.dtype)))  # (n, k)
+            loss = float(np.sum(margin.astype(np.float64) ** 2)) / n + ridge * float(np.sum(w**2))
             dscore = (-2.0 / n) * targets * margin  # d loss / d score
-            grad_w = (X.T @ dscore).astype(np.float64) + 2.0 * ridge * theta[: d * k].reshape(d, k)
+            grad_w = (X.T @ dscore).astype(np.float64) + 2.0 * ridge * w
             return loss, np.concatenate([grad_w.ravel(), dscore.sum(axis=0, dtype=np.float64)])
 
         result = minimize(loss_grad, np.zeros(d * k + k), jac=True, method="L-BFGS-B",
