@@ -454,12 +454,13 @@ def extract(
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="results.json; a Markdown copy goes beside it.")
 @click.option("--layers", help="Encoder layers, comma-separated, or all (default: every stage and the bottleneck; see `convae layers`); join layers with + to probe their features concatenated, e.g. stage2+bottleneck.")
 @click.option("--pool", help="flatten, avg, max, grid2, grid4; several, comma-separated, each get rows (default: grid4).")
-@click.option("--preset", help="The layers and pooling a dataset's preset is probed with (digits, mnist, fashion-mnist, cifar10); --layers and --pool override them.")
+@click.option("--preset", help="The layers, pooling and normalization a dataset's preset is probed with (digits, mnist, fashion-mnist, cifar10); --layers, --pool and --normalize override them.")
 @click.option("--classifiers", default="logreg", show_default=True, help="Any of logreg, linsvm, rbfsvm, rf, knn, mlp, comma-separated.")
 @click.option("--baselines", default="pixels,pca,random", show_default=True, help="Any of pixels, pca, random (untrained weights, batch-norm statistics from the train images), or none.")
 @click.option("--compare", multiple=True, type=click.Path(path_type=Path), help="Another run directory to probe alongside (repeatable).")
 @click.option("--labels-per-class", default="all", show_default=True, help="e.g. 10,100,1000,all: accuracy with few labels.")
 @click.option("--seeds", type=int, default=3, show_default=True, help="Label subsets averaged for each labels-per-class below all.")
+@click.option("--normalize", help="Features before each classifier: standard (StandardScaler) or whiten (standardized, then PCA-whitened with a variance floor; best for logreg/linsvm on wide features). Default: the --preset's, else standard.")
 @click.option("--pca-dim", help="PCA baseline sizes, e.g. 64,128 (default: the compared features' sizes below the pixel count, else 95% of the variance).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where built-in datasets are looked up (then $CONVAE_DATA, ~/.cache/convae).")
 @click.option("--image-size", help="Resize and centre-crop images to this size (default: the run's).")
@@ -469,12 +470,13 @@ def extract(
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifiers, baselines, compare, labels_per_class,
-          seeds, pca_dim, data_dir, image_size, channels, no_download, batch_size, device, quiet):
+          seeds, normalize, pca_dim, data_dir, image_size, channels, no_download, batch_size, device, quiet):
     """How good the features are: classifiers on each layer's features, beside baselines.
 
-    Fits StandardScaler + classifier on the --train features of each layer and pooling and
-    reports --test accuracy and macro-F1, with the same classifier on raw pixels, on PCA of the
-    pixels, on the same architecture with random weights and on any --compare run.
+    Fits StandardScaler (or --normalize whiten) + classifier on the --train features of each
+    layer and pooling and reports --test accuracy and macro-F1, with the same classifier on raw
+    pixels, on PCA of the pixels, on the same architecture with random weights and on any
+    --compare run.
     """
     from .features import is_feature_file
     from .probe import check_options, run_probe, write_results
@@ -488,12 +490,14 @@ def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifi
 
         recommended = get_preset(preset).probe
         layers, pool = layers or recommended.get("layers"), pool or recommended.get("pool")
-    pool = pool or "grid4"
+        normalize = normalize or recommended.get("normalize")
+    pool, normalize = pool or "grid4", normalize or "standard"
     if is_feature_file(train_data) and is_feature_file(test_data):
         from .probe import probe_feature_files
 
         rows = probe_feature_files(
-            train_data, test_data, classifiers=classifiers, labels_per_class=labels_per_class, seeds=seeds
+            train_data, test_data, classifiers=classifiers, labels_per_class=labels_per_class, seeds=seeds,
+            normalize=normalize,
         )
         if baselines != "none":
             click.echo("note: baselines need images, so precomputed features are probed alone", err=True)
@@ -501,7 +505,7 @@ def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifi
         click.echo(_table(rows))
         click.echo(f"wrote {json_path} and {md_path}")
         return
-    check_options(classifiers, baselines, labels_per_class, seeds, pool)  # before any data is loaded
+    check_options(classifiers, baselines, labels_per_class, seeds, pool, normalize)  # before any data is loaded
     m = load_config(run_dir).model
     if layers:  # so is an unknown layer
         from .model import build_model
@@ -519,7 +523,7 @@ def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifi
     test = _load(test_data, data_dir, None, size, chans, no_download, quiet)
     rows = run_probe(
         run_dir, train, test, layers=layers, pool=pool, classifiers=classifiers, baselines=baselines,
-        compare=compare, labels_per_class=labels_per_class, seeds=seeds,
+        compare=compare, labels_per_class=labels_per_class, seeds=seeds, normalize=normalize,
         pca_dims=_ints(pca_dim, "--pca-dim"), device=device, batch_size=batch_size, progress=not quiet,
     )
     json_path, md_path = write_results(rows, output, run=str(run_dir), train=train.name, test=test.name)

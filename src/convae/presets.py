@@ -1,8 +1,8 @@
 """Named presets: recommended `convae fit` settings (and the probe that goes with them) per dataset.
 
 ``convae fit mnist --preset mnist`` takes the preset's values as defaults; options given on
-the command line override them. ``convae probe RUN --preset mnist`` probes the layers and
-pooling the preset was measured with. The values are those measured by ``benchmarks/quality.py``
+the command line override them. ``convae probe RUN --preset mnist`` probes the layers,
+pooling and feature normalization the preset was measured with. The values are those measured by ``benchmarks/quality.py``
 on a 2-core CPU (see ``benchmarks/RESULTS.md``); a preset's `max_time` is the wall-clock training budget
 the preset was measured with there (a preset in `epochs` trains the same model on any machine).
 """
@@ -21,7 +21,7 @@ class Preset:
     # `convae fit` option values, by the name of the fit function's parameter
     # (widths as "32,64,128", as on the command line)
     fit: dict[str, Any] = field(default_factory=dict)
-    # `run_probe` keyword arguments that go with the preset (layers, pool)
+    # `run_probe` keyword arguments that go with the preset (layers, pool, normalize)
     probe: dict[str, Any] = field(default_factory=dict)
 
 
@@ -38,9 +38,9 @@ PRESETS: dict[str, Preset] = {
             "mnist",
             "MNIST 28x28: the default model (one conv per stage, batch 64) for 2 epochs (more lower the "
             "reconstruction error, not the probe's error); probed with stage2's and stage3's conv maps sign-split, "
-            "concatenated",
+            "concatenated, and whitened before the classifier",
             fit=dict(widths="32,64,128", convs_per_stage=1, batch_size=64, epochs=2),
-            probe=dict(layers="stage2,bottleneck,stage2.conv1.split+stage3.conv1.split", pool="grid4"),
+            probe=dict(layers="stage2,bottleneck,stage2.conv1.split+stage3.conv1.split", pool="grid4", normalize="whiten"),
         ),
         Preset(
             "fashion-mnist",

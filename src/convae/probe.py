@@ -1,17 +1,19 @@
 """How good the features are, layer by layer: simple classifiers on frozen features.
 
 For each feature set (an encoder layer under a pooling) and classifier, fit
-``StandardScaler -> classifier`` on the train features and report test accuracy and
-macro-F1, beside baselines given the same classifier: raw pixels, PCA of the pixels with the
-same dimension as the compared features, the same architecture with random untrained weights
-(what training adds; its batch-norm statistics measured on the train images, no gradient step),
-and other runs. The PCA baseline is the standardized pixels projected on
-their first principal axes, not standardized again: that would whiten the scores, raising noise
-axes to the scale of the signal, and make PCA a straw man. With few labels per class, the label subsets are drawn
-per seed (the same subsets for every feature set) and the scores averaged over seeds.
+``StandardScaler -> classifier`` on the train features (or, with ``normalize="whiten"``, the
+standardized features whitened by :class:`Whitener`, every row alike) and report test accuracy
+and macro-F1, beside baselines given the same classifier: raw pixels, PCA of the pixels with
+the same dimension as the compared features, the same architecture with random untrained
+weights (what training adds; its batch-norm statistics measured on the train images, no
+gradient step), and other runs. The PCA baseline is the standardized pixels projected on their
+first principal axes, not standardized again: that would whiten the scores, raising noise axes
+to the scale of the signal, and make PCA a straw man (the Whitener floors weak axes for the
+same reason). With few labels per class, the label subsets are drawn per seed (the same subsets
+for every feature set) and the scores averaged over seeds.
 
-Unsupervised parts see all train images, as the autoencoder did: PCA is fitted on every train
-image, and only the classifiers are limited to the labelled subset.
+Unsupervised parts see all train images, as the autoencoder did: PCA and the Whitener are
+fitted on every train image, and only the classifiers are limited to the labelled subset.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from scipy.optimize import minimize
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.exceptions import ConvergenceWarning
@@ -133,6 +135,50 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         return self.classes_[picked]
 
 
+class Whitener(TransformerMixin, BaseEstimator):
+    """Regularized PCA whitening: features decorrelated, each principal axis scaled to unit variance.
+
+    ``(x - mean) @ U / sqrt(eigenvalue + eps * mean eigenvalue)``, rescaled so the whitened
+    features' variance averages 1 (the scale logreg_c assumes). `eps` keeps the weakest axes,
+    mostly noise, from being raised all the way to the signal's scale. A linear classifier's L2
+    penalty then weighs every direction by its variance in the data instead of by its units:
+    on MNIST's preset features, logistic regression went from 0.9900 to 0.9932 on a validation
+    split (eps 0.1; 0.03 to 0.3 within 0.07 points); see benchmarks/RESULTS.md.
+    No rotation back (ZCA): L2-penalized linear models do not see a rotation.
+    """
+
+    def __init__(self, eps: float = 0.1, batch_size: int = 4096):
+        self.eps = eps
+        self.batch_size = batch_size
+
+    def fit(self, X, y=None):
+        X = validate_data(self, X, dtype=(np.float32, np.float64))
+        if self.eps <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+        n, d = X.shape
+        self.mean_ = X.mean(axis=0, dtype=np.float64)
+        cov = np.zeros((d, d))
+        for start in range(0, n, self.batch_size):  # bounded extra memory, float64 sums
+            centered = X[start:start + self.batch_size] - self.mean_.astype(X.dtype)
+            cov += centered.T @ centered
+        eigenvalues, axes = np.linalg.eigh(cov / max(n - 1, 1))
+        eigenvalues, axes = np.clip(eigenvalues[::-1], 0.0, None), axes[:, ::-1]  # strongest first
+        floor = self.eps * max(float(eigenvalues.mean()), np.finfo(np.float64).tiny)
+        variance = eigenvalues / (eigenvalues + floor)  # of each whitened axis
+        scale = 1.0 / np.sqrt((eigenvalues + floor) * max(float(variance.mean()), np.finfo(np.float64).tiny))
+        self.eigenvalues_ = eigenvalues
+        self.projection_ = (axes * scale).astype(X.dtype)  # (d, d): column j is axis j, scaled
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=(np.float32, np.float64), reset=False)
+        return (X - self.mean_.astype(X.dtype)) @ self.projection_.astype(X.dtype, copy=False)
+
+
+NORMALIZATIONS: tuple[str, ...] = ("standard", "whiten")
+
+
 # name -> classifier for (seed, number of labelled train images, feature dimension)
 CLASSIFIERS: dict[str, Callable[[int, int, int], BaseEstimator]] = {
     "logreg": lambda seed, n, dim: LogisticRegression(C=logreg_c(dim), max_iter=300),
@@ -205,9 +251,11 @@ def parse_labels_per_class(value: str | int | Iterable[str | int]) -> list[int |
     return list(dict.fromkeys(out))
 
 
-def check_options(classifiers, baselines, labels_per_class, seeds: int, pool) -> tuple[list, list, list]:
-    """The probe's options parsed: classifiers, baselines, labels per class. Needs no data, so a
-    caller can say what is wrong before loading any."""
+def check_options(
+    classifiers, baselines, labels_per_class, seeds: int, pool, normalize: str = "standard"
+) -> tuple[list, list, list]:
+    """The probe's options parsed: classifiers, baselines, labels per class (`pool` and
+    `normalize` checked). Needs no data, so a caller can say what is wrong before loading any."""
     checked = (
         parse_list(classifiers, "classifiers", list(CLASSIFIERS)),
         parse_list(baselines, "baselines", BASELINES, allow_none=True),
@@ -215,6 +263,8 @@ def check_options(classifiers, baselines, labels_per_class, seeds: int, pool) ->
     )
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
     resolve_pools(pool)
     return checked
 
@@ -278,25 +328,37 @@ def evaluate_features(
     classifiers: Sequence[str] = ("logreg",),
     labels_per_class: Sequence[int | str] = ("all",),
     seeds: int = 3,
+    normalize: str = "standard",
     on_fit: Callable[[], None] | None = None,
 ) -> Iterator[dict]:
-    """One row per (feature set, labels per class, classifier), averaged over the label subsets."""
+    """One row per (feature set, labels per class, classifier), averaged over the label subsets.
+
+    `normalize`: "standard" puts a StandardScaler before each classifier; "whiten" standardizes
+    and whitens (:class:`Whitener`) each feature set once, fitted on all its train features
+    (unsupervised, as the autoencoder), and its seconds count in every row's fit_seconds.
+    """
     subsets = {k: label_subsets(y_train, k, seeds) for k in labels_per_class}
     for fs in feature_sets:
+        train_x, test_x, standardize, prep_seconds = fs.train, fs.test, fs.standardize, 0.0
+        if normalize == "whiten":
+            t0 = time.perf_counter()
+            whitener = make_pipeline(*([StandardScaler()] if fs.standardize else []), Whitener()).fit(fs.train)
+            train_x, test_x, standardize = whitener.transform(fs.train), whitener.transform(fs.test), False
+            prep_seconds = time.perf_counter() - t0
         for k in labels_per_class:
             for name in classifiers:
                 accs, f1s, secs = [], [], []
                 for seed, idx in enumerate(subsets[k]):
                     rows = slice(None) if k == "all" else idx  # all labels: a view, not a copy
-                    scaler = [StandardScaler()] if fs.standardize else []
+                    scaler = [StandardScaler()] if standardize else []
                     clf = make_pipeline(*scaler, CLASSIFIERS[name](seed, len(idx), fs.dim))
                     t0 = time.perf_counter()
                     with warnings.catch_warnings():
                         # an unconverged probe is still a fair, if slightly low, measurement
                         warnings.simplefilter("ignore", ConvergenceWarning)
-                        clf.fit(fs.train[rows], y_train[rows])
-                    secs.append(time.perf_counter() - t0)
-                    pred = clf.predict(fs.test)
+                        clf.fit(train_x[rows], y_train[rows])
+                    secs.append(time.perf_counter() - t0 + prep_seconds)
+                    pred = clf.predict(test_x)
                     accs.append(accuracy_score(y_test, pred))
                     f1s.append(f1_score(y_test, pred, average="macro"))
                     if on_fit is not None:
@@ -412,6 +474,7 @@ def run_probe(
     compare: Sequence = (),
     labels_per_class: str | Iterable[int | str] = ("all",),
     seeds: int = 3,
+    normalize: str = "standard",
     pca_dims: Sequence[int] | None = None,
     random_seed: int = 0,
     device: str = "auto",
@@ -427,10 +490,11 @@ def run_probe(
     they have, or at their own default layers. `pca_dims` sets the PCA baseline's dimensions,
     e.g. ``[code_size(config.model)]`` for the bottleneck's; by default one PCA per distinct
     dimension of the compared feature sets. Sizes not below the pixel count are left out, and
-    when none is left the PCA keeps 95% of the pixel variance.
+    when none is left the PCA keeps 95% of the pixel variance. `normalize`: "standard" or
+    "whiten" (see :func:`evaluate_features`), the same for every row.
     Returns one dict per row (keys ``COLUMNS``), grouped by labels per class.
     """
-    classifiers, baselines, lpc = check_options(classifiers, baselines, labels_per_class, seeds, pool)
+    classifiers, baselines, lpc = check_options(classifiers, baselines, labels_per_class, seeds, pool, normalize)
     train_images, y_train = _images_labels(train, "train")
     test_images, y_test = _images_labels(test, "test")
 
@@ -495,7 +559,7 @@ def run_probe(
                 bar.refresh()
             rows += evaluate_features(
                 sets, y_train, y_test, classifiers=classifiers, labels_per_class=lpc, seeds=seeds,
-                on_fit=(lambda: bar.update(1)) if bar is not None else None,
+                normalize=normalize, on_fit=(lambda: bar.update(1)) if bar is not None else None,
             )
     finally:
         if bar is not None:
@@ -511,12 +575,12 @@ def probe_feature_files(
     classifiers: str | Iterable[str] = ("logreg",),
     labels_per_class: str | Iterable[int | str] = ("all",),
     seeds: int = 3,
+    normalize: str = "standard",
 ) -> list[dict]:
     """Probe features `convae extract` already wrote (sharded or not), with their labels."""
     from .features import load_features
 
-    classifiers = parse_list(classifiers, "classifiers", list(CLASSIFIERS))
-    lpc = parse_labels_per_class(labels_per_class)
+    classifiers, _, lpc = check_options(classifiers, "none", labels_per_class, seeds, "avg", normalize)
     (xtr, ytr), (xte, yte) = load_features(train_path), load_features(test_path)
     for path, x, y in ((train_path, xtr, ytr), (test_path, xte, yte)):
         if y is None:
@@ -525,7 +589,9 @@ def probe_feature_files(
         raise ConfigError(f"{train_path} has {xtr.shape[1]} features per image but {test_path} has {xte.shape[1]}")
     name = Path(train_path).stem.split(".rank")[0]
     sets = [FeatureSet(name, np.asarray(xtr, dtype=np.float32), np.asarray(xte, dtype=np.float32))]
-    return list(evaluate_features(sets, ytr, yte, classifiers=classifiers, labels_per_class=lpc, seeds=seeds))
+    return list(evaluate_features(
+        sets, ytr, yte, classifiers=classifiers, labels_per_class=lpc, seeds=seeds, normalize=normalize
+    ))
 
 
 def markdown_table(rows: list[dict]) -> str:
