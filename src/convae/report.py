@@ -147,7 +147,7 @@ PLAN: tuple[tuple[str, str, str], ...] = (
     ),
 )
 PROBE_COLUMNS = (
-    "features", "classifier", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std", "macro_f1", "fit_seconds",
+    "features", "classifier", "normalize", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std", "macro_f1", "fit_seconds",
 )
 
 
