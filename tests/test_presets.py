@@ -45,3 +45,29 @@ def test_fit_with_a_preset_and_an_explicit_option(tmp_path):
     bad = subprocess.run([CONVAE, "fit", "digits", "--preset", "nope", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown preset" in bad.stderr
+
+
+def test_probe_preset_mnist_whitens_the_rows_with_all_labels(tmp_path, shared_datasets):
+    # a tiny model of the mnist preset's shape (three stages), trained on real MNIST digits
+    from convae.data import load_dataset
+
+    test = load_dataset("mnist:test", data_dir=shared_datasets)
+    run = tmp_path / "run"
+    ConvAutoencoder(channels=(4, 8, 16), epochs=1, batch_size=64, seed=0).fit(
+        test.images[:2000], run_dir=run, data_spec="mnist:test")
+
+    def probe(*extra):
+        out = tmp_path / "r.json"
+        proc = subprocess.run(
+            [CONVAE, "probe", str(run), "--train", "mnist:test", "--test", "mnist:test", "--preset", "mnist",
+             "--layers", "stage2.conv1.split+stage3.conv1.split", "--labels-per-class", "10,all", "--seeds", "1",
+             "--baselines", "none", "--data-dir", str(shared_datasets), "-o", str(out), "-q", *extra],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return {r["labels_per_class"]: r for r in json.loads(out.read_text())["rows"]}
+
+    rows = probe()
+    assert rows["all"]["normalize"] == "whiten" and rows[10]["normalize"] == "standard"
+    assert rows["all"]["dim"] == (2 * 8 + 2 * 16) * 16 and rows["all"]["accuracy"] > 0.9
+    assert {r["normalize"] for r in probe("--normalize", "standard").values()} == {"standard"}  # the option wins
