@@ -2,9 +2,10 @@
 
 ``convae fit mnist --preset mnist`` takes the preset's values as defaults; options given on
 the command line override them. ``convae probe RUN --preset mnist`` probes the layers,
-pooling and feature normalization the preset was measured with. The values are those measured by ``benchmarks/quality.py``
-on a 2-core CPU (see ``benchmarks/RESULTS.md``); a preset's `max_time` is the wall-clock training budget
-the preset was measured with there (a preset in `epochs` trains the same model on any machine).
+pooling and feature normalization the preset was measured with. The values are those measured
+by ``benchmarks/quality.py`` on a 2-core CPU (see ``benchmarks/RESULTS.md``); a preset's
+`max_time` is the wall-clock training budget the preset was measured with there (a preset in
+`epochs` trains the same model on any machine).
 """
 from __future__ import annotations
 
