@@ -3,8 +3,8 @@
 For each feature set (an encoder layer under a pooling) and classifier, fit
 ``StandardScaler -> classifier`` on the train features (with ``normalize="whiten"``, the rows
 fitted on all labels get them whitened by :class:`Whitener` as well, baselines alike) and report
-test accuracy and macro-F1, beside baselines given the same classifier: raw pixels, PCA of the pixels with
-the same dimension as the compared features, the same architecture with random untrained
+test accuracy and macro-F1, beside baselines given the same classifier: raw pixels, PCA of the
+pixels with the same dimension as the compared features, the same architecture with random untrained
 weights (what training adds; its batch-norm statistics measured on the train images, no
 gradient step), and other runs. The PCA baseline is the standardized pixels projected on their
 first principal axes, not standardized again: that would whiten the scores, raising noise axes
@@ -158,9 +158,9 @@ class Whitener(TransformerMixin, BaseEstimator):
             raise ValueError(f"eps must be positive, got {self.eps}")
         n, d = X.shape
         self.mean_ = X.mean(axis=0, dtype=np.float64)
-        cov = np.zeros((d, d))
+        mean, cov = self.mean_.astype(X.dtype), np.zeros((d, d))
         for start in range(0, n, self.batch_size):  # bounded extra memory, float64 sums
-            centered = X[start:start + self.batch_size] - self.mean_.astype(X.dtype)
+            centered = X[start:start + self.batch_size] - mean
             cov += centered.T @ centered
         eigenvalues, axes = np.linalg.eigh(cov / max(n - 1, 1))
         eigenvalues, axes = np.clip(eigenvalues[::-1], 0.0, None), axes[:, ::-1]  # strongest first
@@ -265,10 +265,14 @@ def check_options(
     )
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
-    if normalize not in NORMALIZATIONS:
-        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+    check_normalize(normalize)
     resolve_pools(pool)
     return checked
+
+
+def check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
 
 
 def default_layers(model: nn.Module) -> list[str]:
@@ -591,7 +595,9 @@ def probe_feature_files(
     """Probe features `convae extract` already wrote (sharded or not), with their labels."""
     from .features import load_features
 
-    classifiers, _, lpc = check_options(classifiers, "none", labels_per_class, seeds, "avg", normalize)
+    classifiers = parse_list(classifiers, "classifiers", list(CLASSIFIERS))
+    lpc = parse_labels_per_class(labels_per_class)
+    check_normalize(normalize)
     (xtr, ytr), (xte, yte) = load_features(train_path), load_features(test_path)
     for path, x, y in ((train_path, xtr, ytr), (test_path, xte, yte)):
         if y is None:
