@@ -168,8 +168,6 @@ import numpy as np
 import convae.train as T
 from convae.config import TrainConfig
 from convae.model import default_model_config
-if sys.argv[1] == "off":
-    T.keep_freed_memory = lambda: False
 images = np.random.default_rng(0).integers(0, 256, (320, 16, 16, 1), dtype=np.uint8)
 faults = []
 # fp32 on any CPU: bf16 autocast, where native, adds casts whose buffers change the counts
@@ -220,7 +218,6 @@ def test_all_sizes_keeps_maps_over_32_mib_too():
 @glibc_only
 def test_training_steps_do_not_page_fault_their_buffers_back():
     """Freed activation buffers are reused, not returned to the kernel and faulted in again next step."""
-    off, on = faults_per_step(FAULTS_CHILD, "off"), faults_per_step(FAULTS_CHILD, "on")
-    # glibc's defaults, for contrast: 1,350-5,200 a step measured in fp32 (kept memory: 0-100)
-    assert off > 500, off
-    assert on < off / 5, (on, off)
+    # kept memory: 0-102 faults a step measured in fp32. glibc's defaults are no fixed contrast:
+    # its adaptive mmap threshold gave 74 to 5,200 a step from run to run, so they are not asserted.
+    assert faults_per_step(FAULTS_CHILD, "on") < 200
