@@ -1,17 +1,21 @@
-"""The convolutional autoencoder (and the fully-connected baseline), in one file.
+"""The convolutional autoencoders (and the fully-connected baseline), in one file.
 
-Encoder = stages of `convs_per_stage` conv blocks followed by a 2x downsampling;
-then a bottleneck; the decoder mirrors it. Every encoder layer has a stable
-name (`stage1.conv1`, `stage1`, ..., `bottleneck`) listed in `feature_info`
-with its channels, stride and receptive field, as timm models do. Each conv
-block also offers its sign-split maps (`stage1.conv1.split`, see `sign_split`)
-as a feature layer.
+arch="conv": encoder = stages of `convs_per_stage` conv blocks followed by a 2x
+downsampling; then a bottleneck; the decoder mirrors it. Every encoder layer has a
+stable name (`stage1.conv1`, `stage1`, ..., `bottleneck`) listed in `feature_info`
+with its channels, stride and receptive field, as timm models do. Each conv block
+also offers its sign-split maps (`stage1.conv1.split`, see `sign_split`) as a
+feature layer.
+
+arch="sparse": one wide convolution over contrast-normalized, whitened patches,
+trained as a k-sparse autoencoder of those patches (`SparsePatchAutoencoderNet`):
+layers `conv1`, `conv1.split`, `bottleneck`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import ClassVar, Literal, Sequence
+from typing import ClassVar, Iterable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +23,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-Arch = Literal["conv", "dense"]
+Arch = Literal["conv", "dense", "sparse"]
 Norm = Literal["batch", "group", "none"]
 Activation = Literal["relu", "leaky_relu", "gelu", "silu", "elu"]
 Downsample = Literal["max", "avg", "stride"]
@@ -53,6 +57,12 @@ class ModelConfig:
     # each code map keeps only its largest value per image, and each channel only its top
     # `code_wta` fraction of the batch's images. 0: off. Makhzani & Frey's conv WTA autoencoder.
     code_wta: float = 0.0
+    # arch="sparse" (channels = (filters,), kernel_size = the patch side): filters kept per patch
+    # when reconstructing it (the k of a k-sparse autoencoder), the ZCA whitening's eigenvalue
+    # floor, and random patches each training image gives per step.
+    sparse_k: int = 1
+    whiten_eps: float = 0.1
+    patches_per_image: int = 16
 
     # Fields added after config.json files were first written: what such a file meant.
     LEGACY_DEFAULTS: ClassVar[dict] = {"decoder": "mirror"}
@@ -74,6 +84,9 @@ class ModelConfig:
             return
         if not self.channels:
             raise ConfigError("channels: give at least one stage width, e.g. 32,64,128")
+        if self.arch == "sparse":
+            self._validate_sparse()
+            return
         if any(c < 1 for c in self.channels):
             raise ConfigError(f"channels must be positive, got {list(self.channels)}")
         if self.convs_per_stage < 1:
@@ -98,6 +111,26 @@ class ModelConfig:
                     f"(stage {i} would get {sh}x{sw}; each stage halves the size): "
                     f"use at most {usable} stage(s) or larger images"
                 )
+
+    def _validate_sparse(self) -> None:
+        h, w = self.image_size
+        k = self.kernel_size
+        if len(self.channels) != 1 or self.channels[0] < 1:
+            raise ConfigError(
+                f"arch sparse has one layer: give its number of filters as one width (e.g. 1600), got {list(self.channels)}"
+            )
+        if k < 1 or k % 2 == 0:
+            raise ConfigError(f"kernel_size must be odd, got {k}")
+        if min(h, w) < k:
+            raise ConfigError(f"images of {h}x{w} pixels are smaller than the {k}x{k} patches: use a smaller --kernel-size")
+        if not 1 <= self.sparse_k <= self.channels[0]:
+            raise ConfigError(f"sparse_k must be between 1 and the number of filters ({self.channels[0]}), got {self.sparse_k}")
+        if not self.whiten_eps > 0:
+            raise ConfigError(f"whiten_eps must be positive, got {self.whiten_eps}")
+        if self.patches_per_image < 1:
+            raise ConfigError(f"patches_per_image must be at least 1, got {self.patches_per_image}")
+        if self.code_wta:
+            raise ConfigError("code_wta applies to arch conv; arch sparse has its own sparsity (sparse_k), so leave it 0")
 
     @property
     def num_stages(self) -> int:
@@ -133,6 +166,9 @@ def default_model_config(image_shape: Sequence[int], **overrides) -> ModelConfig
     base = 32 if c == 1 else 64
     channels = tuple(min(base * 2**i, 256) for i in range(stages))
     settings = dict(in_channels=c, image_size=(h, w), channels=channels)
+    if overrides.get("arch") == "sparse":
+        # Coates et al.'s single layer: 1,600 filters of 5x5 patches (6x6 there; kernels here are odd)
+        settings.update(channels=(1600,), kernel_size=min(5, smallest - (smallest % 2 == 0)))
     settings.update({k: v for k, v in overrides.items() if v is not None})
     arch = settings.get("arch", "conv")
     if arch == "dense" and "latent_dim" not in overrides:
@@ -144,6 +180,10 @@ def default_model_config(image_shape: Sequence[int], **overrides) -> ModelConfig
 
 def code_size(config: ModelConfig) -> int:
     """Number of values in the bottleneck code."""
+    if config.arch == "sparse":
+        h, w = config.image_size
+        k = config.kernel_size
+        return config.channels[0] * (h - k + 1) * (w - k + 1)
     if config.arch == "dense" or config.bottleneck == "dense":
         return config.latent_dim
     h, w = stage_sizes(config.image_size, config.num_stages)[-1]
@@ -432,6 +472,214 @@ class ConvAutoencoderNet(nn.Module):
         return torch.sigmoid(self.forward_logits(x))
 
 
+# Patch contrast normalization: each patch less its mean, divided by its standard deviation
+# with this floor (Coates et al.'s 10 on the 0-255 scale), so flat patches are not blown up.
+CONTRAST_FLOOR = 10 / 255**2
+# The sparse model's sign split of its responses, in whitened units (its filters have unit
+# norm): Coates and Ng's soft threshold, alpha = 0.25.
+SPARSE_SPLIT_THRESHOLD = 0.25
+
+
+def k_sparse(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep, along dim 1, the k responses of largest magnitude; zero the rest."""
+    if k >= z.shape[1]:
+        return z
+    magnitude = z.abs()
+    kth = magnitude.topk(k, dim=1).values.narrow(1, k - 1, 1)
+    return z * (magnitude >= kth)
+
+
+class SparsePatchAutoencoderNet(nn.Module):
+    """One wide convolution over contrast-normalized, whitened patches, trained as a k-sparse autoencoder.
+
+    Every k x k patch is normalized (its mean removed, divided by its standard deviation) and
+    ZCA-whitened with statistics measured on the training images before training
+    (:meth:`fit_whitening`; buffers, saved with the weights). The filters are unit vectors in
+    that whitened space. Training reconstructs random patches from their `sparse_k` strongest
+    responses through the same filters (tied weights): gradient-descent k-means when k = 1, as
+    in Coates and Ng's dictionaries and Makhzani and Frey's k-sparse autoencoders. Layers:
+
+        conv1         (K, H-k+1, W-k+1)   the filters' responses z at every patch position
+        conv1.split   (2K, ...)           [relu(z - 0.25), relu(-z - 0.25)], the soft-threshold
+                                          encoding that suits classifiers best (Coates and Ng)
+        bottleneck    (K, ...)            z with all but the sparse_k strongest filters zeroed
+
+    The reconstruction of an image averages its overlapping patches' reconstructions, each
+    un-whitened and given back its mean and contrast. A code alone carries no patch's mean
+    or contrast, so :meth:`decode` uses the training patches' typical ones.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch != "sparse":
+            raise ConfigError(f"SparsePatchAutoencoderNet needs arch='sparse', got {config.arch!r}")
+        self.config = config
+        c, k = config.in_channels, config.kernel_size
+        self.patch_dim = c * k * k
+        num_filters = config.channels[0]
+        self.filters = nn.Parameter(torch.randn(num_filters, self.patch_dim) / math.sqrt(self.patch_dim))
+        self.decoder_bias = nn.Parameter(torch.zeros(self.patch_dim))
+        self.register_buffer("patch_mean", torch.zeros(self.patch_dim))
+        self.register_buffer("whiten", torch.eye(self.patch_dim))
+        self.register_buffer("unwhiten", torch.eye(self.patch_dim))
+        self.register_buffer("typical_contrast", torch.tensor([0.5, 0.1]))  # a patch's mean, std
+        h, w = config.image_size
+        self.map_size = (h - k + 1, w - k + 1)
+        shape = [num_filters, *self.map_size]
+        common = dict(num_chs=num_filters, reduction=1, receptive_field=k, rf_start=(k - 1) / 2, shape=shape)
+        self.feature_info = [
+            dict(module="conv1", params=self.filters.numel(), **common),
+            dict(module="bottleneck", params=0, **common),
+        ]
+
+    layer_names = property(lambda self: ["conv1", "bottleneck"])
+    split_layer_names = property(lambda self: ["conv1" + SPLIT_SUFFIX])
+
+    def layer_shape(self, name: str) -> list[int]:
+        if name not in self.layer_names + self.split_layer_names:
+            raise ConfigError(f"unknown layer {name!r}: choose from {', '.join(self.layer_names + self.split_layer_names)}")
+        c = self.config.channels[0]
+        return [2 * c if name.endswith(SPLIT_SUFFIX) else c, *self.map_size]
+
+    def receptive_box(self, layer: str, y: int = 0, x: int = 0) -> tuple[int, int, int, int]:
+        self.layer_shape(layer)
+        k = self.config.kernel_size
+        return y, x, y + k, x + k
+
+    # -- whitening -----------------------------------------------------------
+    def _normalized_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(n, d) patches -> contrast-normalized."""
+        centred = patches - patches.mean(1, keepdim=True)
+        return centred / torch.sqrt(centred.var(1, keepdim=True, correction=0) + CONTRAST_FLOOR)
+
+    @torch.no_grad()
+    def fit_whitening(self, batches: Iterable[torch.Tensor], patches_per_image: int = 10, seed: int = 0) -> None:
+        """Measure the patch statistics on float image batches (N, C, H, W) in [0, 1]; no labels.
+
+        `patches_per_image` random patches of every image, contrast-normalized, give the mean
+        and covariance (summed in float64, batch by batch) of the ZCA whitening.
+        """
+        g = torch.Generator().manual_seed(seed)
+        k = self.config.kernel_size
+        sums = torch.zeros(self.patch_dim, dtype=torch.float64)
+        outer = torch.zeros(self.patch_dim, self.patch_dim, dtype=torch.float64)
+        contrast = torch.zeros(2, dtype=torch.float64)
+        count = 0
+        per_image = patches_per_image
+        for x in batches:
+            x = x.float().cpu()
+            cols = F.unfold(x, k)  # (N, d, L)
+            pick = torch.randint(0, cols.shape[2], (len(x), per_image), generator=g)
+            p = cols.gather(2, pick[:, None, :].expand(-1, cols.shape[1], -1)).transpose(1, 2).reshape(-1, self.patch_dim)
+            contrast += torch.stack([p.mean(1).sum(), p.std(1, correction=0).sum()]).double()
+            p = self._normalized_patches(p).double()
+            sums += p.sum(0)
+            outer += p.T @ p
+            count += len(p)
+        if count < 2:
+            raise ConfigError("fit_whitening: no images to measure the patch statistics on")
+        mean = sums / count
+        cov = outer / count - torch.outer(mean, mean)
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        eigvals = eigvals.clamp_min(0) + self.config.whiten_eps
+        self.patch_mean.copy_(mean.float())
+        self.whiten.copy_((eigvecs * eigvals.rsqrt()) @ eigvecs.T)
+        self.unwhiten.copy_((eigvecs * eigvals.sqrt()) @ eigvecs.T)
+        self.typical_contrast.copy_((contrast / count).float())
+
+    def _unit_filters(self) -> torch.Tensor:
+        return self.filters / self.filters.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    def dictionary_images(self) -> torch.Tensor:
+        """The filters as the normalized patches they reconstruct (un-whitened): (K, C, k, k)."""
+        c, k = self.config.in_channels, self.config.kernel_size
+        atoms = self._unit_filters().detach() @ self.unwhiten
+        return atoms.view(-1, c, k, k)
+
+    # -- passes --------------------------------------------------------------
+    def _contrast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each patch position's mean and floored standard deviation: (N, 1, H-k+1, W-k+1) twice."""
+        k, d = self.config.kernel_size, self.patch_dim
+        box = x.new_full((1, x.shape[1], k, k), 1.0 / d)
+        mean = F.conv2d(x, box)
+        var = (F.conv2d(x * x, box) - mean * mean).clamp_min(0) * (d / max(d - 1, 1))
+        return mean, torch.sqrt(var + CONTRAST_FLOOR)
+
+    def responses(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> z (N, K, H-k+1, W-k+1): each normalized, whitened patch times each filter."""
+        c, k = self.config.in_channels, self.config.kernel_size
+        detectors = self._unit_filters() @ self.whiten  # (K, d): whitening folded into the filters
+        offset = detectors @ self.patch_mean
+        mean, std = self._contrast(x)
+        raw = F.conv2d(x, detectors.view(-1, c, k, k).to(x.dtype))
+        # z = detectors . (patch - mean) / std - detectors . patch_mean
+        return (raw - mean * detectors.sum(1).view(1, -1, 1, 1)) / std - offset.view(1, -1, 1, 1)
+
+    def forward_intermediates(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        wanted = set(layers)
+        unknown = wanted - set(self.layer_names) - set(self.split_layer_names)
+        if unknown:
+            valid = self.layer_names + self.split_layer_names
+            raise ConfigError(f"unknown layer(s) {', '.join(sorted(unknown))}: choose from {', '.join(valid)}")
+        z = self.responses(x)
+        out = {}
+        if "conv1" in wanted:
+            out["conv1"] = z
+        if "conv1" + SPLIT_SUFFIX in wanted:
+            out["conv1" + SPLIT_SUFFIX] = sign_split(z, SPARSE_SPLIT_THRESHOLD)  # (N, K, h, w) -> (N, 2K, h, w)
+        if "bottleneck" in wanted:
+            out["bottleneck"] = k_sparse(z, self.config.sparse_k)
+        return out
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return k_sparse(self.responses(x), self.config.sparse_k)
+
+    def _fold(self, patches: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Whitened patch reconstructions (N, L, d) -> the image: un-whitened, given each patch's
+        mean and contrast back, overlaps averaged."""
+        k = self.config.kernel_size
+        normalized = (patches + self.decoder_bias) @ self.unwhiten + self.patch_mean
+        pixels = normalized * std.flatten(2).transpose(1, 2) + mean.flatten(2).transpose(1, 2)  # (N, L, d)
+        size = self.config.image_size
+        summed = F.fold(pixels.transpose(1, 2), size, k)
+        overlaps = F.fold(torch.ones_like(pixels[:1]).transpose(1, 2), size, k)
+        return (summed / overlaps).clamp(0, 1)
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        """Codes (N, K, H-k+1, W-k+1) -> images, with the training patches' typical mean and contrast."""
+        n = code.shape[0]
+        mean = code.new_full((n, 1, *self.map_size), float(self.typical_contrast[0]))
+        std = code.new_full((n, 1, *self.map_size), float(self.typical_contrast[1]))
+        return self._fold(code.flatten(2).transpose(1, 2) @ self._unit_filters(), mean, std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in [0, 1], the input's shape."""
+        code = self.encode(x)
+        mean, std = self._contrast(x)
+        return self._fold(code.flatten(2).transpose(1, 2) @ self._unit_filters(), mean, std)
+
+    # -- training --------------------------------------------------------------
+    def sample_positions(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Random patch positions for a training step: (batch, patches_per_image) indices of the maps."""
+        h, w = self.map_size
+        return torch.randint(0, h * w, (batch, self.config.patches_per_image), generator=generator)
+
+    def patch_loss(self, x_in: torch.Tensor, target: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """MSE of the whitened target patches rebuilt from the input patches' sparse_k strongest responses."""
+        k = self.config.kernel_size
+        positions = positions.to(x_in.device)
+
+        def whitened(x: torch.Tensor) -> torch.Tensor:
+            cols = F.unfold(x.float(), k)  # (B, d, L)
+            p = cols.gather(2, positions[:, None, :].expand(-1, cols.shape[1], -1)).transpose(1, 2)
+            return (self._normalized_patches(p.reshape(-1, self.patch_dim)) - self.patch_mean) @ self.whiten
+
+        with torch.autocast(x_in.device.type, enabled=False):  # whitened statistics want fp32
+            filters = self._unit_filters()
+            code = k_sparse(whitened(x_in) @ filters.T, self.config.sparse_k)  # (n, K)
+            return F.mse_loss(code @ filters + self.decoder_bias, whitened(target))
+
+
 class DenseAutoencoderNet(nn.Module):
     """Fully-connected baseline: flattens the image, so it loses spatial context."""
 
@@ -526,6 +774,8 @@ class DenseAutoencoderNet(nn.Module):
 def build_model(config: ModelConfig) -> nn.Module:
     if config.arch == "dense":
         return DenseAutoencoderNet(config)
+    if config.arch == "sparse":
+        return SparsePatchAutoencoderNet(config)
     return ConvAutoencoderNet(config)
 
 
@@ -541,7 +791,7 @@ def depth_layers(model: nn.Module) -> list[str]:
     left out: it would repeat the bottleneck.
     """
     info = [f for f in model.feature_info if "." not in f["module"]]
-    if len(info) >= 2:
+    if len(info) >= 2 and model.config.arch == "conv":
         last, code = info[-2:]
         if code["module"] == "bottleneck" and code["params"] == 0 and code["shape"] == last["shape"]:
             info.remove(last)

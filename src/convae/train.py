@@ -252,17 +252,26 @@ def corrupt(x: torch.Tensor, config: TrainConfig, generator: torch.Generator) ->
 
 
 class _Logits(nn.Module):
-    """forward() = the model's logits, so DistributedDataParallel wraps the call that training makes."""
+    """forward() = what a training step differentiates, so DistributedDataParallel wraps that call:
+    the model's logits, or, given patch positions, the sparse autoencoder's patch loss."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x):
+    def forward(self, x, target=None, positions=None):
+        if positions is not None:
+            return self.model.patch_loss(x, target, positions)
         return self.model.forward_logits(x)
 
 
-def reconstruction_loss(net: nn.Module, x_in: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+def reconstruction_loss(
+    net: nn.Module, x_in: torch.Tensor, target: torch.Tensor, kind: str, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The step's loss: `kind` ("mse", "bce") of the reconstruction of x_in against target; with
+    `positions` (arch sparse), the MSE of the whitened patches there."""
+    if positions is not None:
+        return net(x_in, target, positions)
     logits = net(x_in)
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits.float(), target)
@@ -331,6 +340,11 @@ def fit(
         )
     if n < 2:
         raise ConvaeError(f"need at least 2 images to train, got {n}")
+    if model_config.arch == "sparse" and train_config.loss != "mse":
+        raise ConvaeError(
+            f"loss {train_config.loss}: the sparse autoencoder reconstructs whitened patches, whose values are not "
+            "intensities in [0, 1]; use loss mse"
+        )
     data_config = data_config or DataConfig(image_size=(h, w), channels=c, num_images=n)
     config = RunConfig(model=model_config, train=train_config, data=data_config)
     device = resolve_device(train_config.device)
@@ -446,6 +460,16 @@ def _finite_grads(params: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
+# The sparse model's whitening is measured on this many patches of up to this many training
+# images (evenly spaced, so a class-sorted file gives every class).
+WHITENING_PATCHES = 100_000
+WHITENING_IMAGES = 10_000
+
+
+def _evenly_spaced(indices: np.ndarray, count: int) -> np.ndarray:
+    return np.sort(indices[np.unique(np.linspace(0, len(indices) - 1, min(len(indices), count)).astype(np.int64))])
+
+
 def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, progress, on_epoch):
     from . import run as rundir
 
@@ -458,6 +482,12 @@ def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, pr
     if use_channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(device)
+    train_idx, val_idx = split_train_val(n, train_config.val_fraction, train_config.seed)
+    sparse = model_config.arch == "sparse"
+    if sparse and checkpoint is None:  # a resumed run has them in its checkpoint
+        picked = _evenly_spaced(train_idx, WHITENING_IMAGES)
+        batches = (to_input(b, device, False) for b in iter_uint8_batches(images, picked, 256))
+        model.fit_whitening(batches, patches_per_image=math.ceil(WHITENING_PATCHES / len(picked)))
     net = _Logits(model)
     if dist_info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -473,7 +503,6 @@ def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, pr
     )
     params = decay + no_decay
 
-    train_idx, val_idx = split_train_val(n, train_config.val_fraction, train_config.seed)
     # DistributedSampler shards (and pads) each epoch's shuffle so every rank takes the same steps.
     sampler = torch.utils.data.DistributedSampler(
         range(len(train_idx)), num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
@@ -584,7 +613,11 @@ def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, pr
                         x_in = corrupt(x, train_config, generator)
                         buffers = [b.detach().clone() for b in model.buffers()] if on_nan == "skip" else None
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                            loss = reconstruction_loss(net, x_in, x, train_config.loss)
+                            if sparse:
+                                positions = model.sample_positions(len(x), generator)
+                                loss = reconstruction_loss(net, x_in, x, train_config.loss, positions)
+                            else:
+                                loss = reconstruction_loss(net, x_in, x, train_config.loss)
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         if first_bad is not None:
