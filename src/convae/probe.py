@@ -18,6 +18,7 @@ fitted on every train image, and only the classifiers are limited to the labelle
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from torch import nn
 from ._io import atomic_write_text
 from ._version import __version__
 from .errors import ConfigError
-from .features import FeatureExtractor, feature_layer_names, resolve_layers, resolve_pools, split_names
+from .features import FeatureExtractor, _progress_bar, feature_layer_names, resolve_layers, resolve_pools, split_names
 
 def logreg_c(dim: int) -> float:
     """The logistic regression's C for `dim` standardized features: 64 / dim (at most 1).
@@ -180,18 +181,24 @@ class Whitener(TransformerMixin, BaseEstimator):
 NORMALIZATIONS: tuple[str, ...] = ("standard", "whiten")
 
 
-# name -> classifier for (seed, number of labelled train images, feature dimension)
-CLASSIFIERS: dict[str, Callable[[int, int, int], BaseEstimator]] = {
-    "logreg": lambda seed, n, dim: LogisticRegression(C=logreg_c(dim), max_iter=300),
-    "linsvm": lambda seed, n, dim: LinearSVM(C=linsvm_c(dim)),
-    "rbfsvm": lambda seed, n, dim: SVC(kernel="rbf", C=10.0),
-    "rf": lambda seed, n, dim: RandomForestClassifier(n_estimators=200, random_state=seed),
-    "knn": lambda seed, n, dim: KNeighborsClassifier(n_neighbors=min(5, n)),
-    "mlp": lambda seed, n, dim: MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, max_iter=300, random_state=seed),
+# name -> classifier for (seed, number of labelled train images, feature dimension, C scale,
+# iteration cap or None for the classifier's own)
+CLASSIFIERS: dict[str, Callable[[int, int, int, float, int | None], BaseEstimator]] = {
+    "logreg": lambda seed, n, dim, c, it: LogisticRegression(C=c * logreg_c(dim), max_iter=it or 300),
+    "linsvm": lambda seed, n, dim, c, it: LinearSVM(C=c * linsvm_c(dim), max_iter=it or 1000),
+    "rbfsvm": lambda seed, n, dim, c, it: SVC(kernel="rbf", C=10.0 * c),
+    "rf": lambda seed, n, dim, c, it: RandomForestClassifier(n_estimators=200, random_state=seed),
+    "knn": lambda seed, n, dim, c, it: KNeighborsClassifier(n_neighbors=min(5, n)),
+    "mlp": lambda seed, n, dim, c, it: MLPClassifier(
+        hidden_layer_sizes=(256,), alpha=1e-3, max_iter=it or 300, random_state=seed
+    ),
 }
 BASELINES: tuple[str, ...] = ("pixels", "pca", "random")
+# "flip": the classifiers also see every train image mirrored left to right, with its label
+# (features of the mirror image, from the same frozen encoder); test images are never altered.
+AUGMENTATIONS: tuple[str, ...] = ("none", "flip")
 COLUMNS = (
-    "features", "classifier", "normalize", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std", "macro_f1",
+    "features", "classifier", "normalize", "augment", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std", "macro_f1",
     "fit_seconds",
 )
 
@@ -208,6 +215,8 @@ class FeatureSet:
     train: np.ndarray
     test: np.ndarray
     standardize: bool = True
+    # the train rows are the images' features, then their mirror images' (same labels, in order)
+    mirrored: bool = False
 
     @property
     def dim(self) -> int:
@@ -254,10 +263,12 @@ def parse_labels_per_class(value: str | int | Iterable[str | int]) -> list[int |
 
 
 def check_options(
-    classifiers, baselines, labels_per_class, seeds: int, pool, normalize: str = "standard"
+    classifiers, baselines, labels_per_class, seeds: int, pool, normalize: str = "standard", augment: str = "none",
+    c_scale: float = 1.0, max_iter: int | None = None,
 ) -> tuple[list, list, list]:
-    """The probe's options parsed: classifiers, baselines, labels per class (`pool` and
-    `normalize` checked). Needs no data, so a caller can say what is wrong before loading any."""
+    """The probe's options parsed: classifiers, baselines, labels per class (`pool`, `normalize`,
+    `augment`, `c_scale` and `max_iter` checked). Needs no data, so a caller can say what is
+    wrong before loading any."""
     checked = (
         parse_list(classifiers, "classifiers", list(CLASSIFIERS)),
         parse_list(baselines, "baselines", BASELINES, allow_none=True),
@@ -266,8 +277,18 @@ def check_options(
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
     check_normalize(normalize)
+    check_fit_options(c_scale, max_iter)
+    if augment not in AUGMENTATIONS:
+        raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     resolve_pools(pool)
     return checked
+
+
+def check_fit_options(c_scale: float, max_iter: int | None) -> None:
+    if not (isinstance(c_scale, (int, float)) and math.isfinite(c_scale) and c_scale > 0):
+        raise ConfigError(f"C scale must be a positive number, got {c_scale!r}")
+    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
+        raise ConfigError(f"max iterations must be a positive integer, got {max_iter!r}")
 
 
 def check_normalize(normalize: str) -> None:
@@ -301,7 +322,8 @@ def calibrate_batchnorm(model: nn.Module, images, layers: Sequence[str], *, max_
     normalized maps are on whatever scale the random weights give: a strawman next to a trained
     model, and meaningless for sign splits, whose threshold is in standard deviations. Up to
     `max_images` images, evenly spaced (a class-sorted file still gives every class), feed a
-    cumulative average (torch's ``update_bn``). Leaves `model` in eval mode.
+    cumulative average (torch's ``update_bn``). A sparse autoencoder (no batch norm) gets its
+    patch whitening measured on them instead, as its training does. Leaves `model` in eval mode.
     """
     from torch.optim.swa_utils import update_bn
 
@@ -310,7 +332,12 @@ def calibrate_batchnorm(model: nn.Module, images, layers: Sequence[str], *, max_
     device = next(model.parameters()).device
     indices = np.unique(np.linspace(0, len(images) - 1, min(len(images), max_images)).astype(np.int64))
     batches = (to_input(batch, device, False) for batch in iter_uint8_batches(images, indices, batch_size))
-    update_bn(batches, _EncoderUpTo(model, layers))
+    if hasattr(model, "fit_whitening"):
+        from .train import WHITENING_PATCHES
+
+        model.fit_whitening(batches, patches_per_image=math.ceil(WHITENING_PATCHES / len(indices)))
+    else:
+        update_bn(batches, _EncoderUpTo(model, layers))
     model.eval()
 
 
@@ -335,6 +362,8 @@ def evaluate_features(
     labels_per_class: Sequence[int | str] = ("all",),
     seeds: int = 3,
     normalize: str = "standard",
+    c_scale: float = 1.0,
+    max_iter: int | None = None,
     on_fit: Callable[[], None] | None = None,
 ) -> Iterator[dict]:
     """One row per (feature set, labels per class, classifier), averaged over the label subsets.
@@ -346,10 +375,18 @@ def evaluate_features(
     Label subsets stay standardized: a whitened L2 penalty lets few labels be fitted along
     noise axes (MNIST's 6,144 values, 10 labels a class: 0.86 standardized, 0.20 whitened; PCA
     of the pixels, 331 values, 100 a class: 0.86 and 0.80). Each row's `normalize` says which
-    it got.
+    it got. A :attr:`FeatureSet.mirrored` set fits its classifiers on each chosen train image
+    and its mirror image (`augment` "flip" in its rows). `c_scale` multiplies the C of logreg,
+    linsvm and rbfsvm (above 1: less regularization); `max_iter` caps the iterations of logreg,
+    linsvm and mlp (None: 300, 1000 and 300).
     """
+    check_fit_options(c_scale, max_iter)
     subsets = {k: label_subsets(y_train, k, seeds) for k in labels_per_class}
     for fs in feature_sets:
+        n_images = len(y_train)
+        if fs.mirrored and len(fs.train) != 2 * n_images:
+            raise ConfigError(f"{fs.name}: mirrored train features need 2 x {n_images} rows, got {len(fs.train)}")
+        y_fit = np.concatenate([y_train, y_train]) if fs.mirrored else y_train
         white: tuple[np.ndarray, np.ndarray] | None = None
         prep_seconds = 0.0
         for k in labels_per_class:
@@ -363,14 +400,17 @@ def evaluate_features(
             for name in classifiers:
                 accs, f1s, secs = [], [], []
                 for seed, idx in enumerate(subsets[k]):
-                    rows = slice(None) if k == "all" else idx  # all labels: a view, not a copy
+                    if k == "all":
+                        rows = slice(None)  # a view, not a copy
+                    else:
+                        rows = np.concatenate([idx, idx + n_images]) if fs.mirrored else idx
                     scaler = [StandardScaler()] if fs.standardize and not whiten else []
-                    clf = make_pipeline(*scaler, CLASSIFIERS[name](seed, len(idx), fs.dim))
+                    clf = make_pipeline(*scaler, CLASSIFIERS[name](seed, len(idx), fs.dim, c_scale, max_iter))
                     t0 = time.perf_counter()
                     with warnings.catch_warnings():
                         # an unconverged probe is still a fair, if slightly low, measurement
                         warnings.simplefilter("ignore", ConvergenceWarning)
-                        clf.fit(train_x[rows], y_train[rows])
+                        clf.fit(train_x[rows], y_fit[rows])
                     secs.append(time.perf_counter() - t0 + (prep_seconds if whiten else 0.0))
                     pred = clf.predict(test_x)
                     accs.append(accuracy_score(y_test, pred))
@@ -381,6 +421,7 @@ def evaluate_features(
                     features=fs.name,
                     classifier=name,
                     normalize="whiten" if whiten else "standard",
+                    augment="flip" if fs.mirrored else "none",
                     dim=fs.dim,
                     labels_per_class=k,
                     seeds=len(accs),
@@ -444,10 +485,52 @@ def _group_blocks(extractor: FeatureExtractor, groups: Sequence[tuple[str, ...]]
     return out
 
 
+class MirroredImages:
+    """uint8 images (N, H, W, C) seen mirrored left to right, read on access (arrays or LazyImages)."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, images):
+        self.images = images
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(self.images[idx])[..., ::-1, :])
+
+
+def mirrored(images):
+    """`images` mirrored left to right: a view of an array, else :class:`MirroredImages`."""
+    if isinstance(images, np.ndarray):
+        return images[:, :, ::-1]
+    return MirroredImages(images)
+
+
+def _train_features(extractor: FeatureExtractor, images, mirror: bool, progress: bool) -> np.ndarray:
+    """Features of the train images, then (with `mirror`) of their mirror images, in one array."""
+    if not mirror:
+        return extractor.transform(images, progress=progress)
+    n = len(images)
+    out = np.empty((2 * n, extractor.dim), dtype=np.float32)  # filled batch by batch: no second copy
+    for offset, source in ((0, images), (n, mirrored(images))):
+        with _progress_bar(progress, n, 0) as bar:
+            for row, feats in extractor.batches(source):
+                out[offset + row : offset + row + len(feats)] = feats
+                bar.update(len(feats))
+    return out
+
+
 def _layer_sets(
-    extractor: FeatureExtractor, groups: Sequence[tuple[str, ...]], train, test, prefix: str, progress: bool
+    extractor: FeatureExtractor, groups: Sequence[tuple[str, ...]], train, test, prefix: str, progress: bool,
+    mirror: bool = False,
 ) -> list[FeatureSet]:
-    xtr = extractor.transform(train, progress=progress)
+    xtr = _train_features(extractor, train, mirror, progress)
     xte = extractor.transform(test, progress=progress)
     sets = []
     for name, blocks in _group_blocks(extractor, groups):
@@ -455,14 +538,18 @@ def _layer_sets(
             columns = slice(blocks[0].start, blocks[-1].stop)  # a view: wide sets take GBs to copy
         else:
             columns = np.concatenate([np.arange(b.start, b.stop) for b in blocks])
-        sets.append(FeatureSet(prefix + name, xtr[:, columns], xte[:, columns]))
+        sets.append(FeatureSet(prefix + name, xtr[:, columns], xte[:, columns], mirrored=mirror))
     return sets
 
 
-def _pixels(images, batch: int = 4096) -> np.ndarray:
-    out = np.empty((len(images), int(np.prod(images.shape[1:]))), dtype=np.float32)
-    for s in range(0, len(images), batch):
-        out[s : s + batch] = np.asarray(images[s : s + batch]).reshape(-1, out.shape[1]) / np.float32(255)
+def _pixels(images, mirror: bool = False, batch: int = 4096) -> np.ndarray:
+    """Pixels in [0, 1], one row per image (then one per mirror image, with `mirror`)."""
+    n = len(images)
+    out = np.empty(((2 if mirror else 1) * n, int(np.prod(images.shape[1:]))), dtype=np.float32)
+    for offset, source in ((0, images), (n, mirrored(images)))[: 2 if mirror else 1]:
+        for s in range(0, n, batch):
+            rows = np.asarray(source[s : s + batch]).reshape(-1, out.shape[1]) / np.float32(255)
+            out[offset + s : offset + s + len(rows)] = rows
     return out
 
 
@@ -490,6 +577,9 @@ def run_probe(
     labels_per_class: str | Iterable[int | str] = ("all",),
     seeds: int = 3,
     normalize: str = "standard",
+    augment: str = "none",
+    c_scale: float = 1.0,
+    max_iter: int | None = None,
     pca_dims: Sequence[int] | None = None,
     random_seed: int = 0,
     device: str = "auto",
@@ -506,10 +596,16 @@ def run_probe(
     e.g. ``[code_size(config.model)]`` for the bottleneck's; by default one PCA per distinct
     dimension of the compared feature sets. Sizes not below the pixel count are left out, and
     when none is left the PCA keeps 95% of the pixel variance. `normalize`: "standard" or
-    "whiten" (see :func:`evaluate_features`), the same for every row.
+    "whiten" (see :func:`evaluate_features`), the same for every row. `augment`: "flip" fits
+    every classifier on the train images and their mirror images (baselines alike; twice the
+    train features in memory), "none" on the images alone. `c_scale` and `max_iter`: see
+    :func:`evaluate_features`.
     Returns one dict per row (keys ``COLUMNS``), grouped by labels per class.
     """
-    classifiers, baselines, lpc = check_options(classifiers, baselines, labels_per_class, seeds, pool, normalize)
+    classifiers, baselines, lpc = check_options(
+        classifiers, baselines, labels_per_class, seeds, pool, normalize, augment, c_scale, max_iter
+    )
+    mirror = augment == "flip"
     train_images, y_train = _images_labels(train, "train")
     test_images, y_test = _images_labels(test, "test")
 
@@ -527,7 +623,7 @@ def run_probe(
 
     def sources() -> Iterator[list[FeatureSet]]:
         # One source at a time, so only one source's features are held in memory.
-        yield _layer_sets(extractor, groups, train_images, test_images, "", progress)
+        yield _layer_sets(extractor, groups, train_images, test_images, "", progress, mirror)
         if "random" in baselines:
             with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
                 torch.manual_seed(random_seed)
@@ -536,7 +632,7 @@ def run_probe(
                 untrained, extractor.layers, extractor.pools, device=device, batch_size=batch_size
             )
             calibrate_batchnorm(untrained, train_images, extractor.layers, batch_size=random_ex.batch_size)
-            yield _layer_sets(random_ex, groups, train_images, test_images, "random/", progress)
+            yield _layer_sets(random_ex, groups, train_images, test_images, "random/", progress, mirror)
         used = {"random", "pixels", "pca"}
         for i, other in enumerate(compare, start=1):
             other_model, name = _model_of(other)
@@ -545,11 +641,11 @@ def run_probe(
             theirs = [g for g in groups if set(g) <= set(feature_layer_names(other_model))] or layer_groups(other_model, None)
             ex = FeatureExtractor(other_model, {n for g in theirs for n in g}, extractor.pools, device=device,
                                   batch_size=batch_size)
-            yield _layer_sets(ex, theirs, train_images, test_images, f"{name}/", progress)
+            yield _layer_sets(ex, theirs, train_images, test_images, f"{name}/", progress, mirror)
         if "pixels" in baselines or "pca" in baselines:
-            xtr, xte = _pixels(train_images), _pixels(test_images)
+            xtr, xte = _pixels(train_images, mirror), _pixels(test_images)
             if "pixels" in baselines:
-                yield [FeatureSet("pixels", xtr, xte)]
+                yield [FeatureSet("pixels", xtr, xte, mirrored=mirror)]
             if "pca" in baselines:
                 dims = pca_dims if pca_dims is not None else [
                     sum(b.dim for b in blocks) for _, blocks in _group_blocks(extractor, groups)
@@ -558,7 +654,7 @@ def run_probe(
                     # The standardized pixels on their first d principal axes. Standardizing the
                     # scores again would whiten them: noise axes blown up to the signal's scale.
                     pca = make_pipeline(StandardScaler(), PCA(n_components=d, random_state=0)).fit(xtr)
-                    yield [FeatureSet("pca", pca.transform(xtr), pca.transform(xte), standardize=False)]
+                    yield [FeatureSet("pca", pca.transform(xtr), pca.transform(xte), standardize=False, mirrored=mirror)]
 
     fits_per_set = len(classifiers) * sum(len(label_subsets(y_train, k, seeds)) for k in lpc)
     bar = None
@@ -574,7 +670,7 @@ def run_probe(
                 bar.refresh()
             rows += evaluate_features(
                 sets, y_train, y_test, classifiers=classifiers, labels_per_class=lpc, seeds=seeds,
-                normalize=normalize, on_fit=(lambda: bar.update(1)) if bar is not None else None,
+                normalize=normalize, c_scale=c_scale, max_iter=max_iter, on_fit=(lambda: bar.update(1)) if bar is not None else None,
             )
     finally:
         if bar is not None:
@@ -598,6 +694,7 @@ def probe_feature_files(
     classifiers = parse_list(classifiers, "classifiers", list(CLASSIFIERS))
     lpc = parse_labels_per_class(labels_per_class)
     check_normalize(normalize)
+    check_fit_options(c_scale, max_iter)
     (xtr, ytr), (xte, yte) = load_features(train_path), load_features(test_path)
     for path, x, y in ((train_path, xtr, ytr), (test_path, xte, yte)):
         if y is None:
@@ -607,18 +704,21 @@ def probe_feature_files(
     name = Path(train_path).stem.split(".rank")[0]
     sets = [FeatureSet(name, np.asarray(xtr, dtype=np.float32), np.asarray(xte, dtype=np.float32))]
     return list(evaluate_features(
-        sets, ytr, yte, classifiers=classifiers, labels_per_class=lpc, seeds=seeds, normalize=normalize
+        sets, ytr, yte, classifiers=classifiers, labels_per_class=lpc, seeds=seeds, normalize=normalize,
+        c_scale=c_scale, max_iter=max_iter,
     ))
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a GitHub Markdown table."""
-    head = ["features", "classifier", "normalize", "dim", "labels/class", "accuracy", "± (seeds)", "macro-F1", "fit s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 6) + "|"]
+    head = ["features", "classifier", "normalize", "augment", "dim", "labels/class", "accuracy", "± (seeds)", "macro-F1",
+            "fit s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 6) + "|"]
     for r in rows:
         spread = f"{r['accuracy_std']:.4f} ({r['seeds']})" if r["seeds"] > 1 else "-"
         cells = [
-            r["features"], r["classifier"], r.get("normalize", "standard"), str(r["dim"]), str(r["labels_per_class"]),
+            r["features"], r["classifier"], r.get("normalize", "standard"), r.get("augment", "none"), str(r["dim"]),
+            str(r["labels_per_class"]),
             f"{r['accuracy']:.4f}", spread, f"{r['macro_f1']:.4f}", f"{r['fit_seconds']:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
