@@ -142,7 +142,7 @@ def main():
 @click.argument("data")
 @click.option("--out", "-o", "out", type=click.Path(path_type=Path), required=True, help="Run directory to create.")
 @with_data_options
-@click.option("--arch", type=click.Choice(["conv", "dense"]), default="conv", show_default=True, help="conv: ConvAE; dense: the fully-connected baseline.")
+@click.option("--arch", type=click.Choice(["conv", "dense", "sparse"]), default="conv", show_default=True, help="conv: ConvAE; dense: the fully-connected baseline; sparse: one wide convolution over contrast-normalized, whitened patches, trained as a k-sparse autoencoder (--widths 1600 filters, --kernel-size 5 patches by default).")
 @click.option("--widths", help="Channels per encoder stage, e.g. 32,64,128 (default: from the image size).")
 @click.option("--convs-per-stage", type=int, help="Conv layers per stage.")
 @click.option("--kernel-size", type=int, help="Conv kernel size (odd).")
@@ -156,6 +156,9 @@ def main():
 @click.option("--latent-dim", type=int, help="Code size of a dense bottleneck or of --arch dense.")
 @click.option("--code-wta", type=float, help="Winner-take-all sparsity of the code while reconstructing: each map keeps its peak, each channel its top fraction of the batch (e.g. 0.2; 0: off).")
 @click.option("--hidden", help="--arch dense: hidden widths, e.g. 512,256.")
+@click.option("--sparse-k", type=int, help="--arch sparse: filters kept per patch when reconstructing it (default 1: gradient-descent k-means).")
+@click.option("--patches-per-image", type=int, help="--arch sparse: random patches each training image gives per step (default 16).")
+@click.option("--whiten-eps", type=float, help="--arch sparse: eigenvalue floor of the patch whitening (default 0.1).")
 @click.option("--epochs", type=int, default=0, help="Epochs (default: from the dataset size).")
 @click.option("--max-time", type=float, default=0.0, help="Wall-clock training budget in seconds.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -174,7 +177,7 @@ def main():
 @click.option("--on-nan", type=click.Choice(["stop", "skip", "reduce-lr"]), help="A loss that turns NaN or infinite: stop (the default; keeping the last good checkpoint), skip the step, or go back to the epoch's start with half the learning rate. With --resume: the run's saved policy unless given.")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Train with N processes (torchrun + DDP); --batch-size and --lr are per process.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--preset", help="Recommended settings for a dataset (digits, mnist, fashion-mnist, cifar10); options given override them.")
+@click.option("--preset", help="Recommended settings for a dataset (digits, mnist, fashion-mnist, cifar10, cifar10-deep); options given override them.")
 def fit(data, out, data_dir, split, image_size, channels, no_download, widths, hidden, quiet, resume, nproc, preset, on_nan, **settings):
     """Train an autoencoder on DATA and write the run directory --out.
 
@@ -454,13 +457,16 @@ def extract(
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="results.json; a Markdown copy goes beside it.")
 @click.option("--layers", help="Encoder layers, comma-separated, or all (default: every stage and the bottleneck; see `convae layers`); join layers with + to probe their features concatenated, e.g. stage2+bottleneck.")
 @click.option("--pool", help="flatten, avg, max, grid2, grid4; several, comma-separated, each get rows (default: grid4).")
-@click.option("--preset", help="The layers, pooling and normalization a dataset's preset is probed with (digits, mnist, fashion-mnist, cifar10); --layers, --pool and --normalize override them.")
+@click.option("--preset", help="The layers, pooling, normalization, augmentation and classifier settings a dataset's preset is probed with (digits, mnist, fashion-mnist, cifar10, cifar10-deep); --layers, --pool, --normalize, --augment, --c-scale and --max-iter override them.")
 @click.option("--classifiers", default="logreg", show_default=True, help="Any of logreg, linsvm, rbfsvm, rf, knn, mlp, comma-separated.")
 @click.option("--baselines", default="pixels,pca,random", show_default=True, help="Any of pixels, pca, random (untrained weights, batch-norm statistics from the train images), or none.")
 @click.option("--compare", multiple=True, type=click.Path(path_type=Path), help="Another run directory to probe alongside (repeatable).")
 @click.option("--labels-per-class", default="all", show_default=True, help="e.g. 10,100,1000,all: accuracy with few labels.")
 @click.option("--seeds", type=int, default=3, show_default=True, help="Label subsets averaged for each labels-per-class below all.")
 @click.option("--normalize", help="Features before each classifier: standard (StandardScaler) or whiten (standardized, then PCA-whitened with a variance floor, for the rows fitted on all labels; it lifted logistic regression on MNIST's preset features and lowered Fashion-MNIST's and CIFAR-10's). Default: the --preset's, else standard.")
+@click.option("--augment", type=click.Choice(["none", "flip"]), help="flip: the classifiers also fit every train image mirrored left to right, with its label (twice the train features; baselines alike; test images unchanged). Default: the --preset's, else none.")
+@click.option("--c-scale", type=float, help="Multiplies the C of logreg (64/dim), linsvm (8/dim) and rbfsvm (10): above 1, less regularization. Default: the --preset's, else 1.")
+@click.option("--max-iter", type=int, help="Iteration cap of logreg, linsvm and mlp (default: the --preset's, else 300, 1000 and 300).")
 @click.option("--pca-dim", help="PCA baseline sizes, e.g. 64,128 (default: the compared features' sizes below the pixel count, else 95% of the variance).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where built-in datasets are looked up (then $CONVAE_DATA, ~/.cache/convae).")
 @click.option("--image-size", help="Resize and centre-crop images to this size (default: the run's).")
@@ -470,7 +476,7 @@ def extract(
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifiers, baselines, compare, labels_per_class,
-          seeds, normalize, pca_dim, data_dir, image_size, channels, no_download, batch_size, device, quiet):
+          seeds, normalize, augment, c_scale, max_iter, pca_dim, data_dir, image_size, channels, no_download, batch_size, device, quiet):
     """How good the features are: classifiers on each layer's features, beside baselines.
 
     Fits StandardScaler (or --normalize whiten) + classifier on the --train features of each
@@ -491,21 +497,31 @@ def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifi
         recommended = get_preset(preset).probe
         layers, pool = layers or recommended.get("layers"), pool or recommended.get("pool")
         normalize = normalize or recommended.get("normalize")
-    pool, normalize = pool or "grid4", normalize or "standard"
+        augment = augment or recommended.get("augment")
+        c_scale = c_scale if c_scale is not None else recommended.get("c_scale")
+        max_iter = max_iter if max_iter is not None else recommended.get("max_iter")
+    pool, normalize, augment = pool or "grid4", normalize or "standard", augment or "none"
+    c_scale = 1.0 if c_scale is None else c_scale
+    fit_meta = dict(c_scale=c_scale, max_iter=max_iter)  # in results.json: how the rows were fitted
     if is_feature_file(train_data) and is_feature_file(test_data):
         from .probe import probe_feature_files
 
         rows = probe_feature_files(
             train_data, test_data, classifiers=classifiers, labels_per_class=labels_per_class, seeds=seeds,
-            normalize=normalize,
+            normalize=normalize, c_scale=c_scale, max_iter=max_iter,
         )
         if baselines != "none":
             click.echo("note: baselines need images, so precomputed features are probed alone", err=True)
-        json_path, md_path = write_results(rows, output, run=str(run_dir), train=str(train_data), test=str(test_data))
+        if augment != "none":
+            click.echo("note: --augment needs images, so precomputed features are probed as they are", err=True)
+        json_path, md_path = write_results(
+            rows, output, run=str(run_dir), train=str(train_data), test=str(test_data), **fit_meta
+        )
         click.echo(_table(rows))
         click.echo(f"wrote {json_path} and {md_path}")
         return
-    check_options(classifiers, baselines, labels_per_class, seeds, pool, normalize)  # before any data is loaded
+    # before any data is loaded
+    check_options(classifiers, baselines, labels_per_class, seeds, pool, normalize, augment, c_scale, max_iter)
     m = load_config(run_dir).model
     if layers:  # so is an unknown layer
         from .model import build_model
@@ -524,9 +540,10 @@ def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifi
     rows = run_probe(
         run_dir, train, test, layers=layers, pool=pool, classifiers=classifiers, baselines=baselines,
         compare=compare, labels_per_class=labels_per_class, seeds=seeds, normalize=normalize,
-        pca_dims=_ints(pca_dim, "--pca-dim"), device=device, batch_size=batch_size, progress=not quiet,
+        augment=augment, c_scale=c_scale, max_iter=max_iter, pca_dims=_ints(pca_dim, "--pca-dim"), device=device,
+        batch_size=batch_size, progress=not quiet,
     )
-    json_path, md_path = write_results(rows, output, run=str(run_dir), train=train.name, test=test.name)
+    json_path, md_path = write_results(rows, output, run=str(run_dir), train=train.name, test=test.name, **fit_meta)
     click.echo(_table(rows))
     click.echo(f"wrote {json_path} and {md_path}")
 

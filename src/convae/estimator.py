@@ -35,7 +35,10 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
     (``layers="bottleneck", pool="flatten"``) back to images; ``score`` is the negative
     reconstruction MSE. Every constructor argument is a plain parameter, so ``clone``,
     ``set_params`` and ``GridSearchCV`` over the architecture work; `None` architecture settings
-    are chosen from the image size. ``amp=True`` (the default) trains in bf16 autocast where the
+    are chosen from the image size. ``arch="sparse"`` is the single-layer sparse autoencoder of
+    whitened patches (:class:`convae.model.SparsePatchAutoencoderNet`; layers ``conv1``,
+    ``conv1.split``, ``bottleneck``; `channels` one number of filters, `kernel_size` the patch
+    side, `sparse_k`, `whiten_eps` and `patches_per_image` its own settings). ``amp=True`` (the default) trains in bf16 autocast where the
     device computes bf16 natively (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX),
     about twice as fast there; ``amp=False`` trains in fp32. Features are computed in fp32
     either way.
@@ -79,6 +82,9 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         latent_dim=None,
         hidden=None,
         code_wta=None,
+        sparse_k=None,
+        whiten_eps=None,
+        patches_per_image=None,
         epochs=TrainConfig.epochs,
         max_time=TrainConfig.max_time,
         batch_size=TrainConfig.batch_size,
@@ -116,6 +122,9 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         self.latent_dim = latent_dim
         self.hidden = hidden
         self.code_wta = code_wta
+        self.sparse_k = sparse_k
+        self.whiten_eps = whiten_eps
+        self.patches_per_image = patches_per_image
         self.epochs = epochs
         self.max_time = max_time
         self.batch_size = batch_size

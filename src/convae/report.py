@@ -146,8 +146,13 @@ PLAN: tuple[tuple[str, str, str], ...] = (
         "Linear (or other) classifiers on each layer's frozen features, beside pixel, PCA and random-weight baselines.",
     ),
 )
+_ARCHITECTURES = {
+    "conv": "convolutional autoencoder",
+    "dense": "dense (fully-connected) autoencoder",
+    "sparse": "sparse autoencoder of whitened patches (one wide convolution)",
+}
 PROBE_COLUMNS = (
-    "features", "classifier", "normalize", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std", "macro_f1", "fit_seconds",
+    "features", "classifier", "normalize", "augment", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std", "macro_f1", "fit_seconds",
 )
 
 
@@ -172,7 +177,7 @@ class _Report:
         self.rows = V.sample_indices(len(self.images), max_images, seed)
         self.sample = np.asarray(self.images[self.rows])
         self.sample_labels = None if self.labels is None else np.asarray(self.labels)[self.rows]
-        self.conv = self.config.model.arch == "conv"
+        self.conv = self.config.model.arch in ("conv", "sparse")  # spatial maps
         self.tsne_points, self.channels, self.top_k, self.steps, self.seed = tsne_points, channels, top_k, steps, seed
         self.progress = progress
         self.picks: dict[str, list[int]] = {}  # layer -> channels shown, shared by patches and maximize
@@ -191,16 +196,21 @@ class _Report:
         rates = [r["images_per_s"] for r in history if "images_per_s" in r]
         metrics = evaluate(self.model, self.sample, np.arange(len(self.sample)), self.device, channels_last=False)
         model_items = [
-            ("architecture", "convolutional autoencoder" if self.conv else "dense (fully-connected) autoencoder"),
+            ("architecture", _ARCHITECTURES[m.arch]),
             ("input (H x W x C)", f"{h} x {w} x {m.in_channels}"),
             ("code size (bottleneck values)", code_size(m)),
             ("parameters", sum(p.numel() for p in self.model.parameters())),
         ]
         skip = {"arch", "in_channels", "image_size"}  # shown above; and the settings this architecture ignores:
-        if self.conv:
-            skip |= {"hidden"} | ({"latent_dim"} if m.bottleneck != "dense" else set())
+        sparse_only = {"sparse_k", "whiten_eps", "patches_per_image"}
+        if m.arch == "sparse":
+            skip |= {"hidden", "latent_dim", "convs_per_stage", "norm", "activation", "downsample", "upsample", "decoder",
+                     "bottleneck", "latent_channels", "code_wta"}
+        elif self.conv:
+            skip |= sparse_only | {"hidden"} | ({"latent_dim"} if m.bottleneck != "dense" else set())
         else:
-            skip |= {"channels", "convs_per_stage", "kernel_size", "downsample", "upsample", "bottleneck", "latent_channels"}
+            skip |= sparse_only | {"channels", "convs_per_stage", "kernel_size", "downsample", "upsample", "bottleneck",
+                                   "latent_channels"}
         model_items += [(k, v) for k, v in asdict(m).items() if k not in skip]
         train_items = [
             ("trained on", self.config.data.spec or "an array"),

@@ -65,7 +65,8 @@ def _to_input(batch: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _is_conv(model: nn.Module) -> bool:
-    return model.config.arch == "conv"
+    """Whether the model's layers are spatial maps (the conv and sparse autoencoders)."""
+    return model.config.arch in ("conv", "sparse")
 
 
 def _image_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -268,7 +269,10 @@ def first_layer_weights(model: nn.Module) -> tuple[np.ndarray, str]:
     Conv models: the first conv's kernels. The dense autoencoder has no filters; its first
     layer's weight rows are whole-image templates, shown instead.
     """
-    if _is_conv(model):
+    if model.config.arch == "sparse":
+        w = model.dictionary_images().float().cpu()  # (K, C, k, k)
+        kind = f"{w.shape[-2]}x{w.shape[-1]} patches conv1's filters stand for (un-whitened)"
+    elif _is_conv(model):
         w = model.encoder["stage1"].conv1[0].weight.detach().float().cpu()  # (C_out, C_in, k, k)
         kind = f"{w.shape[-2]}x{w.shape[-1]} kernels of stage1.conv1"
     else:
