@@ -74,7 +74,8 @@ def probe_dataset(name: str, run: Path, data_dir: Path, labels_per_class) -> tup
     rows = run_probe(
         run, train, test, layers=preset.probe["layers"], pool=preset.probe["pool"], classifiers="logreg",
         baselines="random,pixels,pca", labels_per_class=labels_per_class, seeds=3, normalize=normalize,
-        pca_dims=[code], device="cpu",
+        augment=preset.probe.get("augment", "none"), c_scale=preset.probe.get("c_scale", 1.0),
+        max_iter=preset.probe.get("max_iter"), pca_dims=[code], device="cpu",
     )
     info = dict(code_size=code, train_images=len(train), test_images=len(test), normalize=normalize,
                 epochs=None, model=dict(channels=list(config.model.channels), convs_per_stage=config.model.convs_per_stage,

@@ -12,7 +12,8 @@ from convae.estimator import ConvAutoencoder
 from convae.presets import PRESETS, fit_args, get_preset
 
 CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
-SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3),
+          "cifar10-deep": (32, 32, 3)}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
