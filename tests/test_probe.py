@@ -332,7 +332,7 @@ def test_write_results_gives_json_rows_and_a_markdown_table(tmp_path):
     doc = json.loads(json_path.read_text())
     assert doc["rows"] == rows and doc["run"] == "runs/mnist"
     assert md == tmp_path / "results.md"
-    assert "| stage2/grid4 | logreg | whiten | 1024 | all | 0.9910 | - | 0.9900 | 12.30 |" in md.read_text()
+    assert "| stage2/grid4 | logreg | whiten | none | 1024 | all | 0.9910 | - | 0.9900 | 12.30 |" in md.read_text()
     with pytest.raises(ConfigError, match=r"name it \.json"):
         write_results(rows, tmp_path / "results.csv")
 
@@ -357,7 +357,7 @@ def test_cli_probe_prints_the_table_and_writes_json_and_markdown(runs, tmp_path)
     assert features == {"stage1/avg", "bottleneck/avg", "random/stage1/avg", "random/bottleneck/avg",
                         "dense/bottleneck/avg", "pixels", "pca"}
     assert len(rows) == 2 * 2 * 8  # labels per class x classifiers x (7 feature sets, pca twice: dims 16 and 32)
-    assert proc.stdout.splitlines()[0].split()[:5] == ["features", "classifier", "normalize", "dim", "labels_per_class"]
+    assert proc.stdout.splitlines()[0].split()[:5] == ["features", "classifier", "normalize", "augment", "dim"]
     assert "random/stage1/avg" in proc.stdout and f"wrote {out}" in proc.stdout
     assert (tmp_path / "res" / "results.md").read_text().count("\n| ") == len(rows) + 1
 

@@ -602,7 +602,7 @@ class SparsePatchAutoencoderNet(nn.Module):
         k, d = self.config.kernel_size, self.patch_dim
         box = x.new_full((1, x.shape[1], k, k), 1.0 / d)
         mean = F.conv2d(x, box)
-        var = (F.conv2d(x * x, box) - mean * mean).clamp_min(0) * (d / max(d - 1, 1))
+        var = (F.conv2d(x * x, box) - mean * mean).clamp_min(0)  # population variance: defined for 1-value patches too
         return mean, torch.sqrt(var + CONTRAST_FLOOR)
 
     def responses(self, x: torch.Tensor) -> torch.Tensor:

@@ -687,6 +687,8 @@ def probe_feature_files(
     labels_per_class: str | Iterable[int | str] = ("all",),
     seeds: int = 3,
     normalize: str = "standard",
+    c_scale: float = 1.0,
+    max_iter: int | None = None,
 ) -> list[dict]:
     """Probe features `convae extract` already wrote (sharded or not), with their labels."""
     from .features import load_features
