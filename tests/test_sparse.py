@@ -21,6 +21,7 @@ from convae.probe import run_probe
 from convae.train import fit
 
 from test_presets import CONVAE
+from test_train import fit_killed_after_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,15 +134,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     train = TrainConfig(epochs=3, seed=1, noise=0.05, threads=1)
     whole = fit(images, config, train, run_dir=tmp_path / "whole").model
 
-    class Killed(Exception):
-        pass
-
-    def die_after_one(row):
-        if row["epoch"] == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        fit(images, config, train, run_dir=tmp_path / "cut", on_epoch=die_after_one)
+    fit_killed_after_epoch(1, images, config, train, tmp_path / "cut")
     resumed = fit(images, config, train, run_dir=tmp_path / "cut", resume=True).model  # whitening from the checkpoint
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

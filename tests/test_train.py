@@ -69,21 +69,27 @@ def test_validation_metrics_do_not_depend_on_the_batch_size(digits):
         assert math.isclose(auto[key], small[key], rel_tol=1e-5), key
 
 
+class Killed(Exception):
+    pass
+
+
+def fit_killed_after_epoch(epoch: int, images, model_config, train_config, run_dir) -> None:
+    """A fit interrupted by an exception at the end of `epoch`, its checkpoint left in `run_dir`."""
+    def die(row):
+        if row["epoch"] == epoch:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(images, model_config, train_config, run_dir=run_dir, on_epoch=die)
+
+
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(digits, tmp_path):
     cfg = default_model_config(digits.shape[1:])
     train = TrainConfig(epochs=4, batch_size=64, noise=0.1, mask_ratio=0.25, seed=3)
     images = digits[:600]
     whole = fit(images, cfg, train, run_dir=tmp_path / "whole")
 
-    class Killed(Exception):
-        pass
-
-    def die_after_two(row):
-        if row["epoch"] == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        fit(images, cfg, train, run_dir=tmp_path / "cut", on_epoch=die_after_two)
+    fit_killed_after_epoch(2, images, cfg, train, tmp_path / "cut")
     with pytest.raises(RunDirError, match="--resume"):
         fit(images, cfg, train, run_dir=tmp_path / "cut")
     resumed = fit(images, cfg, train, run_dir=tmp_path / "cut", resume=True)

@@ -198,8 +198,8 @@ BASELINES: tuple[str, ...] = ("pixels", "pca", "random")
 # (features of the mirror image, from the same frozen encoder); test images are never altered.
 AUGMENTATIONS: tuple[str, ...] = ("none", "flip")
 COLUMNS = (
-    "features", "classifier", "normalize", "augment", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std", "macro_f1",
-    "fit_seconds",
+    "features", "classifier", "normalize", "augment", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std",
+    "macro_f1", "fit_seconds",
 )
 
 
@@ -331,12 +331,12 @@ def calibrate_batchnorm(model: nn.Module, images, layers: Sequence[str], *, max_
 
     device = next(model.parameters()).device
     indices = np.unique(np.linspace(0, len(images) - 1, min(len(images), max_images)).astype(np.int64))
-    batches = (to_input(batch, device, False) for batch in iter_uint8_batches(images, indices, batch_size))
     if hasattr(model, "fit_whitening"):
-        from .train import WHITENING_PATCHES
+        from .train import fit_patch_whitening
 
-        model.fit_whitening(batches, patches_per_image=math.ceil(WHITENING_PATCHES / len(indices)))
+        fit_patch_whitening(model, images, indices, device, batch_size)
     else:
+        batches = (to_input(batch, device, False) for batch in iter_uint8_batches(images, indices, batch_size))
         update_bn(batches, _EncoderUpTo(model, layers))
     model.eval()
 
@@ -670,7 +670,8 @@ def run_probe(
                 bar.refresh()
             rows += evaluate_features(
                 sets, y_train, y_test, classifiers=classifiers, labels_per_class=lpc, seeds=seeds,
-                normalize=normalize, c_scale=c_scale, max_iter=max_iter, on_fit=(lambda: bar.update(1)) if bar is not None else None,
+                normalize=normalize, c_scale=c_scale, max_iter=max_iter,
+                on_fit=(lambda: bar.update(1)) if bar is not None else None,
             )
     finally:
         if bar is not None:

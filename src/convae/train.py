@@ -470,6 +470,13 @@ def _evenly_spaced(indices: np.ndarray, count: int) -> np.ndarray:
     return np.sort(indices[np.unique(np.linspace(0, len(indices) - 1, min(len(indices), count)).astype(np.int64))])
 
 
+def fit_patch_whitening(model: nn.Module, images, indices: np.ndarray, device, batch_size: int = 256) -> None:
+    """Measure a sparse model's patch whitening on up to WHITENING_IMAGES of `images[indices]`."""
+    picked = _evenly_spaced(indices, WHITENING_IMAGES)
+    batches = (to_input(b, device, False) for b in iter_uint8_batches(images, picked, batch_size))
+    model.fit_whitening(batches, patches_per_image=math.ceil(WHITENING_PATCHES / len(picked)))
+
+
 def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, progress, on_epoch):
     from . import run as rundir
 
@@ -485,9 +492,7 @@ def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, pr
     train_idx, val_idx = split_train_val(n, train_config.val_fraction, train_config.seed)
     sparse = model_config.arch == "sparse"
     if sparse and checkpoint is None:  # a resumed run has them in its checkpoint
-        picked = _evenly_spaced(train_idx, WHITENING_IMAGES)
-        batches = (to_input(b, device, False) for b in iter_uint8_batches(images, picked, 256))
-        model.fit_whitening(batches, patches_per_image=math.ceil(WHITENING_PATCHES / len(picked)))
+        fit_patch_whitening(model, images, train_idx, device)
     net = _Logits(model)
     if dist_info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -613,11 +618,8 @@ def _train(images, config: RunConfig, checkpoint, device, dist_info, run_dir, pr
                         x_in = corrupt(x, train_config, generator)
                         buffers = [b.detach().clone() for b in model.buffers()] if on_nan == "skip" else None
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                            if sparse:
-                                positions = model.sample_positions(len(x), generator)
-                                loss = reconstruction_loss(net, x_in, x, train_config.loss, positions)
-                            else:
-                                loss = reconstruction_loss(net, x_in, x, train_config.loss)
+                            positions = model.sample_positions(len(x), generator) if sparse else None
+                            loss = reconstruction_loss(net, x_in, x, train_config.loss, positions)
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         if first_bad is not None:
