@@ -361,9 +361,9 @@ def _nan_at(monkeypatch, steps: set[int]) -> None:
     calls = [0]
     real = T.reconstruction_loss
 
-    def loss(net, x_in, target, kind):
+    def loss(net, x_in, target, kind, positions=None):
         calls[0] += 1
-        value = real(net, x_in, target, kind)
+        value = real(net, x_in, target, kind, positions)
         return value * float("nan") if calls[0] in steps else value
 
     monkeypatch.setattr(T, "reconstruction_loss", loss)
