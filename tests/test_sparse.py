@@ -16,7 +16,8 @@ from convae.config import TrainConfig
 from convae.data import load_dataset
 from convae.errors import ConfigError, ConvaeError
 from convae.features import FeatureExtractor, layer_table
-from convae.model import ModelConfig, SparsePatchAutoencoderNet, build_model, code_size, k_sparse
+from convae.model import (SPARSE_SPLIT_THRESHOLD, ModelConfig, SparsePatchAutoencoderNet, build_model, code_size,
+                          k_sparse, sign_split)
 from convae.probe import run_probe
 from convae.train import fit
 
@@ -74,7 +75,7 @@ def test_invalid_settings_name_the_option():
 
 
 def test_responses_are_whitened_normalized_patches_times_unit_filters(cifar):
-    # the conv with whitening folded into its filters computes, at every position, exactly the
+    # the one matmul with whitening folded into the filters computes, at every position, the
     # patch -> contrast-normalize -> whiten -> dot filter pipeline
     model = _whitened_model(cifar, filters=16)
     x = _float(cifar[2][:3])
@@ -83,6 +84,17 @@ def test_responses_are_whitened_normalized_patches_times_unit_filters(cifar):
     whitened = (model._normalized_patches(cols) - model.patch_mean) @ model.whiten
     expected = (whitened @ model._unit_filters().T).view(3, 28 * 28, 16).transpose(1, 2).reshape(3, 16, 28, 28)
     assert (z - expected).abs().max() < 1e-3 * expected.abs().max()  # float32 sums in another order
+
+
+def test_in_place_split_is_the_sign_split_with_or_without_autograd(cifar):
+    model = _whitened_model(cifar, filters=16)
+    x = _float(cifar[2][:3])
+    with torch.no_grad():
+        fast = model.forward_intermediates(x, ["conv1.split"])["conv1.split"]
+        expected = sign_split(model.responses(x), SPARSE_SPLIT_THRESHOLD)
+    assert fast.shape == (3, 32, 28, 28) and torch.equal(fast, expected)
+    with_grad = model.forward_intermediates(x, ["conv1.split"])["conv1.split"]  # filters require grad
+    assert with_grad.requires_grad and torch.allclose(with_grad.detach(), expected)
 
 
 def test_whitening_decorrelates_the_patches(cifar):
