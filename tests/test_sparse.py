@@ -199,7 +199,7 @@ def test_cli_fit_and_probe_with_the_cifar10_preset(tmp_path, shared_datasets):
         return [dict(r, c_scale=document["c_scale"], max_iter=document["max_iter"]) for r in document["rows"]]
 
     rows = probe()
-    assert (rows[0]["c_scale"], rows[0]["max_iter"]) == (2.0, None)  # the preset's C scale, logreg's own cap
+    assert (rows[0]["c_scale"], rows[0]["max_iter"]) == (4.0, 1000)  # the preset's
     assert [(r["features"], r["augment"], r["dim"]) for r in rows] == [("conv1.split/grid2", "flip", 2 * 16 * 4)]
     assert rows[0]["accuracy"] > 0.3
     own = probe("--augment", "none", "--c-scale", "0.5", "--max-iter", "50")[0]  # the options win
