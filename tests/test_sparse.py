@@ -17,7 +17,7 @@ from convae.data import load_dataset
 from convae.errors import ConfigError, ConvaeError
 from convae.features import FeatureExtractor, layer_table
 from convae.model import (SPARSE_SPLIT_THRESHOLD, ModelConfig, SparsePatchAutoencoderNet, build_model, code_size,
-                          k_sparse, sign_split)
+                          k_sparse)
 from convae.probe import run_probe
 from convae.train import fit
 
@@ -86,12 +86,13 @@ def test_responses_are_whitened_normalized_patches_times_unit_filters(cifar):
     assert (z - expected).abs().max() < 1e-3 * expected.abs().max()  # float32 sums in another order
 
 
-def test_in_place_split_is_the_sign_split_with_or_without_autograd(cifar):
+def test_in_place_sign_split_is_the_relu_pair_with_or_without_autograd(cifar):
     model = _whitened_model(cifar, filters=16)
     x = _float(cifar[2][:3])
     with torch.no_grad():
         fast = model.forward_intermediates(x, ["conv1.split"])["conv1.split"]
-        expected = sign_split(model.responses(x), SPARSE_SPLIT_THRESHOLD)
+        z = model.responses(x)
+        expected = torch.cat([F.relu(z - SPARSE_SPLIT_THRESHOLD), F.relu(-z - SPARSE_SPLIT_THRESHOLD)], dim=1)
     assert fast.shape == (3, 32, 28, 28) and torch.equal(fast, expected)
     with_grad = model.forward_intermediates(x, ["conv1.split"])["conv1.split"]  # filters require grad
     assert with_grad.requires_grad and torch.allclose(with_grad.detach(), expected)
