@@ -26,6 +26,8 @@ from convae.probe import (
     default_layers,
     evaluate_features,
     label_subsets,
+    mirrored,
+    predict_with_mirrors,
     run_probe,
     write_results,
 )
@@ -181,6 +183,47 @@ def test_sign_split_layers_are_probed_like_any_layer_and_their_random_twins_too(
     # the estimator takes the same names
     feats = ConvAutoencoder.load(conv).set_params(layers="stage2.conv1.split", pool="avg").transform(digits[1].images[:3])
     assert feats.shape == (3, 64) and (feats >= 0).all()
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_scores_averaged_with_identical_mirror_rows_give_each_classifiers_own_prediction(binary):
+    # decision_function (logreg, linsvm, rbfsvm; 1-D when binary) or predict_proba (knn, rf, mlp)
+    from sklearn.datasets import load_digits
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from convae.probe import CLASSIFIERS
+
+    x, y = load_digits(return_X_y=True)
+    if binary:
+        y = np.where(y == 3, "three", "other")
+    for name, make in CLASSIFIERS.items():
+        clf = make_pipeline(StandardScaler(), make(0, 1000, x.shape[1], 1.0, None)).fit(x[:1000], y[:1000])
+        ours = predict_with_mirrors(clf, np.concatenate([x[1000:], x[1000:]]))
+        # the RBF SVM predicts by one-vs-one votes, its scores are one-vs-rest: ties may differ
+        assert (ours == clf.predict(x[1000:])).mean() >= (0.99 if name == "rbfsvm" else 1.0), name
+
+
+def test_flip_tta_scores_each_test_image_with_its_mirror_image(runs, digits):
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from convae.probe import CLASSIFIERS
+
+    conv, _ = runs
+    model = ConvAutoencoder.load(conv).model_
+    (train, y_train), (test, y_test) = ((d.images[:300], d.labels[:300]) for d in digits)
+    extractor = FeatureExtractor(model, ["stage1"], "grid2")
+    (fs,) = _layer_sets(extractor, [("stage1",)], train, test, "", False, True, True)
+    assert fs.mirrored and fs.test_mirrored and fs.train.shape == fs.test.shape == (600, fs.dim)
+    np.testing.assert_array_equal(fs.test[300:], extractor.transform(np.ascontiguousarray(mirrored(test))))
+    (row,) = evaluate_features([fs], y_train, y_test)
+    clf = make_pipeline(StandardScaler(), CLASSIFIERS["logreg"](0, 300, fs.dim, 1.0, None))
+    scores = clf.fit(fs.train, np.concatenate([y_train, y_train])).decision_function(fs.test)
+    expected = (clf.classes_[(scores[:300] + scores[300:]).argmax(1)] == y_test).mean()
+    assert row["augment"] == "flip-tta" and row["accuracy"] == pytest.approx(expected)
+    rows = run_probe(conv, *digits, layers="stage1", pool="grid2", baselines="pixels", augment="flip-tta")
+    assert [(r["features"], r["augment"]) for r in rows] == [("stage1/grid2", "flip-tta"), ("pixels", "flip-tta")]
 
 
 def test_pca_with_the_dimension_of_the_bottleneck_is_expressible(runs, digits):

@@ -464,7 +464,7 @@ def extract(
 @click.option("--labels-per-class", default="all", show_default=True, help="e.g. 10,100,1000,all: accuracy with few labels.")
 @click.option("--seeds", type=int, default=3, show_default=True, help="Label subsets averaged for each labels-per-class below all.")
 @click.option("--normalize", help="Features before each classifier: standard (StandardScaler) or whiten (standardized, then PCA-whitened with a variance floor, for the rows fitted on all labels; it lifted logistic regression on MNIST's preset features and lowered Fashion-MNIST's and CIFAR-10's). Default: the --preset's, else standard.")
-@click.option("--augment", type=click.Choice(["none", "flip"]), help="flip: the classifiers also fit every train image mirrored left to right, with its label (twice the train features; baselines alike; test images unchanged). Default: the --preset's, else none.")
+@click.option("--augment", type=click.Choice(["none", "flip", "flip-tta"]), help="flip: the classifiers also fit every train image mirrored left to right, with its label (twice the train features; baselines alike; test images unchanged). flip-tta: that, and each test image is scored by the mean of the classifier's scores for it and its mirror image. Default: the --preset's, else none.")
 @click.option("--c-scale", type=float, help="Multiplies the C of logreg (64/dim), linsvm (8/dim) and rbfsvm (10): above 1, less regularization. Default: the --preset's, else 1.")
 @click.option("--max-iter", type=int, help="Iteration cap of logreg, linsvm and mlp (default: the --preset's, else 300, 1000 and 300).")
 @click.option("--pca-dim", help="PCA baseline sizes, e.g. 64,128 (default: the compared features' sizes below the pixel count, else 95% of the variance).")

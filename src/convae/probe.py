@@ -195,8 +195,10 @@ CLASSIFIERS: dict[str, Callable[[int, int, int, float, int | None], BaseEstimato
 }
 BASELINES: tuple[str, ...] = ("pixels", "pca", "random")
 # "flip": the classifiers also see every train image mirrored left to right, with its label
-# (features of the mirror image, from the same frozen encoder); test images are never altered.
-AUGMENTATIONS: tuple[str, ...] = ("none", "flip")
+# (features of the mirror image, from the same frozen encoder). "flip-tta" also scores each test
+# image as the average of the classifier's scores for it and its mirror image (test-time
+# augmentation); the test images themselves are never altered.
+AUGMENTATIONS: tuple[str, ...] = ("none", "flip", "flip-tta")
 COLUMNS = (
     "features", "classifier", "normalize", "augment", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std",
     "macro_f1", "fit_seconds",
@@ -217,6 +219,8 @@ class FeatureSet:
     standardize: bool = True
     # the train rows are the images' features, then their mirror images' (same labels, in order)
     mirrored: bool = False
+    # the same for the test rows: each test image is scored as the mean of both rows' scores
+    test_mirrored: bool = False
 
     @property
     def dim(self) -> int:
@@ -376,9 +380,10 @@ def evaluate_features(
     noise axes (MNIST's 6,144 values, 10 labels a class: 0.86 standardized, 0.20 whitened; PCA
     of the pixels, 331 values, 100 a class: 0.86 and 0.80). Each row's `normalize` says which
     it got. A :attr:`FeatureSet.mirrored` set fits its classifiers on each chosen train image
-    and its mirror image (`augment` "flip" in its rows). `c_scale` multiplies the C of logreg,
-    linsvm and rbfsvm (above 1: less regularization); `max_iter` caps the iterations of logreg,
-    linsvm and mlp (None: 300, 1000 and 300).
+    and its mirror image (`augment` "flip" in its rows); a :attr:`FeatureSet.test_mirrored` set
+    scores each test image with its mirror image too (:func:`predict_with_mirrors`, "flip-tta").
+    `c_scale` multiplies the C of logreg, linsvm and rbfsvm (above 1: less regularization);
+    `max_iter` caps the iterations of logreg, linsvm and mlp (None: 300, 1000 and 300).
     """
     check_fit_options(c_scale, max_iter)
     subsets = {k: label_subsets(y_train, k, seeds) for k in labels_per_class}
@@ -386,6 +391,8 @@ def evaluate_features(
         n_images = len(y_train)
         if fs.mirrored and len(fs.train) != 2 * n_images:
             raise ConfigError(f"{fs.name}: mirrored train features need 2 x {n_images} rows, got {len(fs.train)}")
+        if fs.test_mirrored and len(fs.test) != 2 * len(y_test):
+            raise ConfigError(f"{fs.name}: mirrored test features need 2 x {len(y_test)} rows, got {len(fs.test)}")
         y_fit = np.concatenate([y_train, y_train]) if fs.mirrored else y_train
         white: tuple[np.ndarray, np.ndarray] | None = None
         prep_seconds = 0.0
@@ -412,7 +419,7 @@ def evaluate_features(
                         warnings.simplefilter("ignore", ConvergenceWarning)
                         clf.fit(train_x[rows], y_fit[rows])
                     secs.append(time.perf_counter() - t0 + (prep_seconds if whiten else 0.0))
-                    pred = clf.predict(test_x)
+                    pred = predict_with_mirrors(clf, test_x) if fs.test_mirrored else clf.predict(test_x)
                     accs.append(accuracy_score(y_test, pred))
                     f1s.append(f1_score(y_test, pred, average="macro"))
                     if on_fit is not None:
@@ -421,7 +428,7 @@ def evaluate_features(
                     features=fs.name,
                     classifier=name,
                     normalize="whiten" if whiten else "standard",
-                    augment="flip" if fs.mirrored else "none",
+                    augment="flip-tta" if fs.test_mirrored else "flip" if fs.mirrored else "none",
                     dim=fs.dim,
                     labels_per_class=k,
                     seeds=len(accs),
@@ -430,6 +437,17 @@ def evaluate_features(
                     macro_f1=float(np.mean(f1s)),
                     fit_seconds=float(np.mean(secs)),
                 )
+
+
+def predict_with_mirrors(clf, x: np.ndarray) -> np.ndarray:
+    """Labels of the images whose features are x's first half, their mirror images' the second:
+    the class with the highest mean score over both (decision_function, else predict_proba)."""
+    n = len(x) // 2
+    scores = clf.decision_function if hasattr(clf, "decision_function") else clf.predict_proba
+    mean = (scores(x[:n]) + scores(x[n:])) / 2
+    if mean.ndim == 1:  # binary decision_function: the second class's margin
+        return clf.classes_[(mean > 0).astype(int)]
+    return clf.classes_[mean.argmax(1)]
 
 
 def _model_of(source) -> tuple[nn.Module, str]:
@@ -512,8 +530,8 @@ def mirrored(images):
     return MirroredImages(images)
 
 
-def _train_features(extractor: FeatureExtractor, images, mirror: bool, progress: bool) -> np.ndarray:
-    """Features of the train images, then (with `mirror`) of their mirror images, in one array."""
+def _features(extractor: FeatureExtractor, images, mirror: bool, progress: bool) -> np.ndarray:
+    """Features of the images, then (with `mirror`) of their mirror images, in one array."""
     if not mirror:
         return extractor.transform(images, progress=progress)
     n = len(images)
@@ -528,17 +546,19 @@ def _train_features(extractor: FeatureExtractor, images, mirror: bool, progress:
 
 def _layer_sets(
     extractor: FeatureExtractor, groups: Sequence[tuple[str, ...]], train, test, prefix: str, progress: bool,
-    mirror: bool = False,
+    mirror: bool = False, test_mirror: bool = False,
 ) -> list[FeatureSet]:
-    xtr = _train_features(extractor, train, mirror, progress)
-    xte = extractor.transform(test, progress=progress)
+    xtr = _features(extractor, train, mirror, progress)
+    xte = _features(extractor, test, test_mirror, progress)
     sets = []
     for name, blocks in _group_blocks(extractor, groups):
         if all(a.stop == b.start for a, b in zip(blocks, blocks[1:])):
             columns = slice(blocks[0].start, blocks[-1].stop)  # a view: wide sets take GBs to copy
         else:
             columns = np.concatenate([np.arange(b.start, b.stop) for b in blocks])
-        sets.append(FeatureSet(prefix + name, xtr[:, columns], xte[:, columns], mirrored=mirror))
+        sets.append(
+            FeatureSet(prefix + name, xtr[:, columns], xte[:, columns], mirrored=mirror, test_mirrored=test_mirror)
+        )
     return sets
 
 
@@ -598,14 +618,15 @@ def run_probe(
     when none is left the PCA keeps 95% of the pixel variance. `normalize`: "standard" or
     "whiten" (see :func:`evaluate_features`), the same for every row. `augment`: "flip" fits
     every classifier on the train images and their mirror images (baselines alike; twice the
-    train features in memory), "none" on the images alone. `c_scale` and `max_iter`: see
-    :func:`evaluate_features`.
+    train features in memory), "none" on the images alone; "flip-tta" fits as "flip" and scores
+    each test image by the mean of the classifier's scores for it and its mirror image.
+    `c_scale` and `max_iter`: see :func:`evaluate_features`.
     Returns one dict per row (keys ``COLUMNS``), grouped by labels per class.
     """
     classifiers, baselines, lpc = check_options(
         classifiers, baselines, labels_per_class, seeds, pool, normalize, augment, c_scale, max_iter
     )
-    mirror = augment == "flip"
+    mirror, test_mirror = augment in ("flip", "flip-tta"), augment == "flip-tta"
     train_images, y_train = _images_labels(train, "train")
     test_images, y_test = _images_labels(test, "test")
 
@@ -623,7 +644,7 @@ def run_probe(
 
     def sources() -> Iterator[list[FeatureSet]]:
         # One source at a time, so only one source's features are held in memory.
-        yield _layer_sets(extractor, groups, train_images, test_images, "", progress, mirror)
+        yield _layer_sets(extractor, groups, train_images, test_images, "", progress, mirror, test_mirror)
         if "random" in baselines:
             with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
                 torch.manual_seed(random_seed)
@@ -632,7 +653,7 @@ def run_probe(
                 untrained, extractor.layers, extractor.pools, device=device, batch_size=batch_size
             )
             calibrate_batchnorm(untrained, train_images, extractor.layers, batch_size=random_ex.batch_size)
-            yield _layer_sets(random_ex, groups, train_images, test_images, "random/", progress, mirror)
+            yield _layer_sets(random_ex, groups, train_images, test_images, "random/", progress, mirror, test_mirror)
         used = {"random", "pixels", "pca"}
         for i, other in enumerate(compare, start=1):
             other_model, name = _model_of(other)
@@ -641,11 +662,11 @@ def run_probe(
             theirs = [g for g in groups if set(g) <= set(feature_layer_names(other_model))] or layer_groups(other_model, None)
             ex = FeatureExtractor(other_model, {n for g in theirs for n in g}, extractor.pools, device=device,
                                   batch_size=batch_size)
-            yield _layer_sets(ex, theirs, train_images, test_images, f"{name}/", progress, mirror)
+            yield _layer_sets(ex, theirs, train_images, test_images, f"{name}/", progress, mirror, test_mirror)
         if "pixels" in baselines or "pca" in baselines:
-            xtr, xte = _pixels(train_images, mirror), _pixels(test_images)
+            xtr, xte = _pixels(train_images, mirror), _pixels(test_images, test_mirror)
             if "pixels" in baselines:
-                yield [FeatureSet("pixels", xtr, xte, mirrored=mirror)]
+                yield [FeatureSet("pixels", xtr, xte, mirrored=mirror, test_mirrored=test_mirror)]
             if "pca" in baselines:
                 dims = pca_dims if pca_dims is not None else [
                     sum(b.dim for b in blocks) for _, blocks in _group_blocks(extractor, groups)
@@ -654,7 +675,8 @@ def run_probe(
                     # The standardized pixels on their first d principal axes. Standardizing the
                     # scores again would whiten them: noise axes blown up to the signal's scale.
                     pca = make_pipeline(StandardScaler(), PCA(n_components=d, random_state=0)).fit(xtr)
-                    yield [FeatureSet("pca", pca.transform(xtr), pca.transform(xte), standardize=False, mirrored=mirror)]
+                    yield [FeatureSet("pca", pca.transform(xtr), pca.transform(xte), standardize=False, mirrored=mirror,
+                                      test_mirrored=test_mirror)]
 
     fits_per_set = len(classifiers) * sum(len(label_subsets(y_train, k, seeds)) for k in lpc)
     bar = None
