@@ -59,7 +59,7 @@ def run_fit(name: str, data_dir: Path, runs: Path, threads: int, max_time: float
 
 def probe_dataset(name: str, run: Path, data_dir: Path, labels_per_class) -> tuple[list[dict], float, dict]:
     from convae.data import load_dataset
-    from convae.model import code_size
+    from convae.models import code_size
     from convae.presets import get_preset
     from convae.probe import run_probe
     from convae.run import load_config
@@ -102,8 +102,8 @@ def summarize(name: str, rows: list[dict]) -> dict:
         best = max(trained, key=lambda r: r["accuracy"])
         brand = max(random, key=lambda r: r["accuracy"]) if random else None
         code = [r for r in trained if r["features"].startswith("bottleneck")]
-        pick = lambda prefix: next((r for r in sub if r["features"] == prefix), None)  # noqa: E731
-        out[str(k)] = dict(best=best, random=brand, code=code[0] if code else None, pixels=pick("pixels"), pca=pick("pca"))
+        pixels, pca = (next((r for r in sub if r["features"] == name), None) for name in ("pixels", "pca"))
+        out[str(k)] = dict(best=best, random=brand, code=code[0] if code else None, pixels=pixels, pca=pca)
     return out
 
 
@@ -152,7 +152,7 @@ def section(results: dict, meta: dict, notes: str = "") -> str:
             f"{target} | {'yes' if met else 'no'} |"
         )
     lines += ["", "Reference results: " + "; ".join(f"{n}: {TARGETS[n][1]}" for n in results), "", "Commands:", "", "```"]
-    for name, res in results.items():
+    for res in results.values():
         lines.append(" ".join(Path(c).name if i == 0 else c for i, c in enumerate(res["command"])))
     lines += [
         "```",

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from convae.data import load_dataset
 from convae.features import FeatureExtractor, pool_features
-from convae.model import SPARSE_SPLIT_THRESHOLD, ModelConfig, build_model
-from convae.train import to_input
+from convae.models import ModelConfig, build_model
+from convae.models.sparse import SPARSE_SPLIT_THRESHOLD
+from convae.tensors import to_float_nchw
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -51,7 +52,7 @@ def main() -> None:
     images = load_dataset("cifar10:test", data_dir=args.data_dir).images[: args.images]
     model = build_model(ModelConfig(arch="sparse", in_channels=3, image_size=(32, 32), channels=(args.filters,),
                                     kernel_size=5)).eval()
-    model.fit_whitening([to_input(torch.from_numpy(images[:1000]), torch.device("cpu"), False)])
+    model.fit_whitening([to_float_nchw(images[:1000])])
     extractor = FeatureExtractor(model, "conv1.split", "grid2")
 
     extractor.transform(images[:64])  # warm-up
@@ -63,7 +64,7 @@ def main() -> None:
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(images), extractor.batch_size):
-            x = to_input(torch.from_numpy(images[i : i + extractor.batch_size]), torch.device("cpu"), False)
+            x = to_float_nchw(images[i : i + extractor.batch_size])
             reference[i : i + len(x)] = convolution_features(model, x).numpy()
     reference_s = time.perf_counter() - start
 

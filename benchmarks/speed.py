@@ -32,7 +32,6 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,8 +47,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import convae
 from convae.config import TrainConfig
 from convae.data import load_dataset
-from convae.model import build_model, default_model_config
-from convae.train import fit, native_bf16
+from convae.models import build_model, default_model_config
+from convae.tensors import native_bf16
+from convae.train import fit
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "datasets"
@@ -179,7 +179,7 @@ def append_section(lines: list[str], path: str) -> None:
 EXTRACT_CHILD = r"""
 import json, resource, sys, time, numpy as np, torch
 from convae.features import FeatureExtractor, extract_to_file
-from convae.model import build_model, default_model_config
+from convae.models import build_model, default_model_config
 path, n, out, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 images = np.load(path, mmap_mode="r")[:n]
 torch.manual_seed(0)

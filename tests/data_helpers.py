@@ -7,8 +7,8 @@ import hashlib
 import http.server
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image

@@ -8,7 +8,7 @@ from sklearn.datasets import load_digits
 
 from convae import distributed
 from convae.config import TrainConfig
-from convae.model import default_model_config
+from convae.models import default_model_config
 from convae.train import fit
 
 out = Path(sys.argv[1])

@@ -35,13 +35,14 @@ from sklearn.datasets import load_digits
 
 import convae._io as cio
 import convae.train as T
+import convae.train.hooks as hooks
+import convae.train.loop as loop
 from convae import run as rundir
 from convae.cli import main
 from convae.config import TrainConfig
 from convae.errors import RunDirError, StorageError
-from convae.model import default_model_config
+from convae.models import default_model_config
 from convae.train import TrainingError, TrainingInterrupted, fit
-
 from killing import exists, history_rows, kill_when, run, temp_files
 
 ARGS = ["fit", "digits", "--epochs", 6, "--batch-size", 32, "--threads", 1, "--seed", 4, "--widths", "32,64",
@@ -147,7 +148,7 @@ def reference(digits):
 def _at_step(monkeypatch, k: int, action) -> None:
     """Call `action()` when training draws the corruption of its k-th step (1-based)."""
     calls = [0]
-    real = T.corrupt
+    real = loop.corrupt
 
     def corrupt(x, config, generator):
         calls[0] += 1
@@ -155,7 +156,7 @@ def _at_step(monkeypatch, k: int, action) -> None:
             action()
         return real(x, config, generator)
 
-    monkeypatch.setattr(T, "corrupt", corrupt)
+    monkeypatch.setattr(loop, "corrupt", corrupt)
 
 
 def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(digits, reference, tmp_path, monkeypatch):
@@ -174,7 +175,7 @@ def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(digits, refer
 
 def test_a_crash_at_any_step_loses_no_more_than_the_checkpoint_interval(digits, reference, tmp_path, monkeypatch):
     """With mid-epoch checkpoints after every step, a crash anywhere resumes exactly."""
-    monkeypatch.setattr(T, "CHECKPOINT_INTERVAL_S", 0.0)
+    monkeypatch.setattr(hooks, "CHECKPOINT_INTERVAL_S", 0.0)
 
     class Crash(Exception):
         pass
@@ -359,14 +360,14 @@ def test_a_really_full_disk(digits, small_disk, tmp_path, monkeypatch):
 def _nan_at(monkeypatch, steps: set[int]) -> None:
     """The loss of the given (1-based, counted per fit call) steps becomes NaN."""
     calls = [0]
-    real = T.reconstruction_loss
+    real = loop.objective_loss
 
-    def loss(net, x_in, target, kind, positions=None):
+    def loss(objective, x_in, target, step):
         calls[0] += 1
-        value = real(net, x_in, target, kind, positions)
+        value = real(objective, x_in, target, step)
         return value * float("nan") if calls[0] in steps else value
 
-    monkeypatch.setattr(T, "reconstruction_loss", loss)
+    monkeypatch.setattr(loop, "objective_loss", loss)
 
 
 def test_nan_stop_names_epoch_and_step_and_keeps_the_last_good_checkpoint(digits, tmp_path, monkeypatch):

@@ -23,9 +23,9 @@ from convae.data import (
     as_uint8_images,
     find_data_dir,
     load_dataset,
-    to_float_nchw,
 )
 from convae.errors import DataError, SkippedFileWarning
+from convae.tensors import to_float_nchw
 
 try:
     from data_helpers import closed_port_url, gradient, http_server, md5, save_image, write_idx, write_mnist_like

@@ -106,7 +106,7 @@ def test_more_processes_than_gpus_run_on_cpu_or_stop_with_a_message(monkeypatch)
     """NCCL cannot share a GPU between processes: 2 ranks on a 1-GPU node."""
     from convae import distributed
     from convae.errors import ConvaeError
-    from convae.train import resolve_device
+    from convae.tensors import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -21,13 +21,12 @@ from convae.features import (
     POOLS,
     FeatureExtractor,
     extract_to_file,
-    feature_layer_names,
     layer_table,
     partial_paths,
     plan_blocks,
     pooled_shape,
 )
-from convae.model import ModelConfig, build_model
+from convae.models import ModelConfig, build_model
 
 CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
 
@@ -57,7 +56,7 @@ def _images(cfg: ModelConfig, n=5, seed=0):
 def test_every_layer_and_pooling_has_the_announced_shape_and_names(name, pool):
     model = _model(name)
     images = _images(model.config)
-    for layer in feature_layer_names(model):
+    for layer in model.feature_layer_names():
         ex = FeatureExtractor(model, layer, pool, batch_size=2)
         feats = ex.transform(images)
         expected = int(np.prod(pooled_shape(model.layer_shape(layer), pool)))
@@ -91,7 +90,7 @@ def test_poolings_compute_what_they_say():
 def test_a_sign_split_is_the_blocks_normalized_pre_activation_thresholded_both_ways():
     model = _model("conv-latent")
     assert model.split_layer_names == ["stage1.conv1.split", "stage1.conv2.split", "stage2.conv1.split", "stage2.conv2.split"]
-    assert feature_layer_names(model)[:3] == ["stage1.conv1", "stage1.conv1.split", "stage1.conv2"]
+    assert model.feature_layer_names()[:3] == ["stage1.conv1", "stage1.conv1.split", "stage1.conv2"]
     x = torch.from_numpy(_images(model.config)).permute(0, 3, 1, 2).float() / 255
     block = model.encoder["stage1"].conv2
     pre = []
@@ -154,7 +153,7 @@ def test_the_forward_pass_stops_after_the_deepest_requested_layer():
 def test_the_default_batch_keeps_the_largest_map_under_the_allocators_reuse_limit():
     """On CPU a batch's largest map stays under 24 MiB (glibc serves it from reused heap
     memory, not fresh page-faulted pages); the batch never changes the features."""
-    from convae.model import default_model_config
+    from convae.models import default_model_config
 
     def default_batch(cfg, layers="bottleneck"):
         return FeatureExtractor(build_model(cfg), layers, "avg").batch_size
@@ -246,7 +245,7 @@ _KILLED_SCRIPT = textwrap.dedent(
     import numpy as np
     from safetensors.torch import load_file
     from convae.features import FeatureExtractor, extract_to_file
-    from convae.model import ModelConfig, build_model
+    from convae.models import ModelConfig, build_model
 
     class SlowImages:  # an image source as slow as decoding files, so the kill lands mid-way
         def __init__(self, arr):

@@ -8,10 +8,10 @@ exception, a message of several lines, or a result of the wrong shape fails.
 from __future__ import annotations
 
 import gzip
-import os
 import io
 import json
 import math
+import os
 import shutil
 import struct
 import tarfile
@@ -24,10 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convae import data as D
+from convae.data.builtin import _read_idx
 from convae import run as rundir
 from convae.config import RunConfig, TrainConfig, from_dict, to_dict
 from convae.errors import ConfigError, DataError, RunDirError
-from convae.model import ModelConfig, default_model_config
+from convae.models import ModelConfig, default_model_config
 from convae.train import fit
 
 FUZZ = settings(max_examples=int(os.environ.get("CONVAE_FUZZ_EXAMPLES", 100)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -74,7 +75,7 @@ def test_idx_parser(scratch, case, magic):
     path = scratch / ("f.idx.gz" if compressed else "f.idx")
     path.write_bytes(gzip.compress(blob) if compressed else blob)
     try:
-        arr = D._read_idx(path, magic)
+        arr = _read_idx(path, magic)
     except DataError as e:
         one_line(e)
         return
@@ -89,7 +90,7 @@ def test_idx_parser_on_random_bytes(scratch, blob):
     path.write_bytes(blob)
     for magic in (0x803, 0x801):
         try:
-            D._read_idx(path, magic)
+            _read_idx(path, magic)
         except DataError as e:
             one_line(e)
 

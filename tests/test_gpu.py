@@ -6,7 +6,7 @@ from sklearn.datasets import load_digits
 
 from convae.config import TrainConfig
 from convae.features import FeatureExtractor
-from convae.model import default_model_config
+from convae.models import default_model_config
 from convae.run import load_model
 from convae.train import fit
 

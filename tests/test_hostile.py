@@ -38,9 +38,8 @@ from convae.cli import main
 from convae.config import RunConfig, TrainConfig
 from convae.data import load_dataset
 from convae.errors import ConvaeError, DataError, RunDirError, SkippedFileWarning
-from convae.model import default_model_config
+from convae.models import default_model_config
 from convae.train import fit
-
 from data_helpers import gradient, save_image, write_idx, write_mnist_like
 
 
@@ -50,7 +49,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
     return text
 
 
-def cli(*args) -> "click.testing.Result":  # noqa: F821
+def cli(*args) -> click.testing.Result:  # noqa: F821
     """`convae ARGS` in this process (click's runner): fast, with the CLI's real error handling."""
     showwarning = warnings.showwarning
     try:

@@ -7,16 +7,8 @@ import torch
 
 from convae.config import RunConfig, TrainConfig, from_dict, to_dict
 from convae.errors import ConfigError
-from convae.model import (
-    ModelConfig,
-    build_model,
-    code_size,
-    default_model_config,
-    describe,
-    max_stages,
-    stage_sizes,
-    winner_take_all,
-)
+from convae.models import ModelConfig, build_model, code_size, default_model_config, max_stages, stage_sizes
+from convae.models.blocks import winner_take_all
 
 SIZES = [(8, 8), (28, 28), (32, 32), (37, 53), (5, 9)]
 CHANNELS = [1, 3, 4, 6]
@@ -159,7 +151,7 @@ def test_dense_baseline_has_a_comparable_code():
     assert model(x).shape == x.shape
     assert model.encode(x).shape == (3, cfg.latent_dim)
     assert model.layer_names == ["fc1", "bottleneck"]
-    assert describe(model)[-1]["params"] == sum(p.numel() for p in model.parameters())
+    assert model.describe()[-1]["params"] == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("shape,stages", [((8, 8, 1), 2), ((28, 28, 1), 3), ((32, 32, 3), 3), ((64, 64, 3), 4)])

@@ -14,16 +14,13 @@ from convae import ConvAutoencoder
 from convae.data import load_dataset
 from convae.errors import ConfigError
 from convae.features import FeatureExtractor
-from convae.model import code_size
+from convae.models import code_size
 from convae.probe import (
     COLUMNS,
     FeatureSet,
     LinearSVM,
     Whitener,
-    _layer_sets,
-    _pca_dims,
-    calibrate_batchnorm,
-    default_layers,
+    calibrate,
     evaluate_features,
     label_subsets,
     mirrored,
@@ -31,6 +28,7 @@ from convae.probe import (
     run_probe,
     write_results,
 )
+from convae.probe.driver import _layer_sets, _pca_dims
 
 CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
 
@@ -110,7 +108,7 @@ def test_random_weights_get_batchnorm_statistics_from_the_train_images_without_t
     torch.manual_seed(0)
     untrained = type(model)(model.config).eval()
     weights = {k: v.clone() for k, v in untrained.state_dict().items() if "running" not in k and "num_batches" not in k}
-    calibrate_batchnorm(untrained, train.images, ["stage2"], batch_size=100)
+    calibrate(untrained, train.images, ["stage2"], batch_size=100)
     assert not untrained.training
     assert all(torch.equal(v, untrained.state_dict()[k]) for k, v in weights.items())  # no weight moved
     # stage1's normalized pre-activation over those images: mean 0, variance 1 per channel
@@ -245,15 +243,15 @@ def test_pca_is_not_whitened_so_nearly_all_components_match_the_pixels(runs, dig
 
 
 def test_default_layers_are_the_stages_and_the_bottleneck_without_repeats():
-    from convae.model import ModelConfig, build_model
+    from convae.models import ModelConfig, build_model
 
     def layers(**kw):
-        return default_layers(build_model(ModelConfig(channels=(8, 16, 32), **kw)))
+        return build_model(ModelConfig(channels=(8, 16, 32), **kw)).hierarchy_layers()
 
     assert layers() == ["stage1", "stage2", "bottleneck"]  # the bottleneck is stage3's maps
     assert layers(latent_channels=4) == ["stage1", "stage2", "stage3", "bottleneck"]
     assert layers(bottleneck="dense") == ["stage1", "stage2", "stage3", "bottleneck"]
-    assert default_layers(build_model(ModelConfig(arch="dense", hidden=(32, 16)))) == ["fc1", "fc2", "bottleneck"]
+    assert build_model(ModelConfig(arch="dense", hidden=(32, 16))).hierarchy_layers() == ["fc1", "fc2", "bottleneck"]
 
 
 def test_label_subsets_are_stratified_and_seeded():

@@ -6,19 +6,17 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cli_helpers import assert_user_error, convae  # noqa: E402
 from convae import ConvAutoencoder
 from convae.data import ImageData, load_dataset
 from convae.report import write_report
 
-from cli_helpers import CONVAE, assert_user_error, convae  # noqa: E402
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 SECTIONS = ["card", "curves", "recon", "filters", "receptive", "maps", "patches", "maximize", "embedding", "probe"]
 PROBE = {

@@ -1,6 +1,5 @@
 """arch="sparse": the k-sparse autoencoder of whitened patches, on real images."""
 import json
-import math
 import subprocess
 
 import numpy as np
@@ -15,12 +14,12 @@ from convae import run as rundir
 from convae.config import TrainConfig
 from convae.data import load_dataset
 from convae.errors import ConfigError, ConvaeError
-from convae.features import FeatureExtractor, layer_table
-from convae.model import (SPARSE_SPLIT_THRESHOLD, ModelConfig, SparsePatchAutoencoderNet, build_model, code_size,
-                          k_sparse)
+from convae.features import layer_table
+from convae.models import ModelConfig, build_model, code_size
+from convae.models.blocks import k_sparse, normalized_patches
+from convae.models.sparse import SPARSE_SPLIT_THRESHOLD, SparsePatchAutoencoderNet
 from convae.probe import run_probe
 from convae.train import fit
-
 from test_presets import CONVAE
 from test_train import fit_killed_after_epoch
 
@@ -81,7 +80,7 @@ def test_responses_are_whitened_normalized_patches_times_unit_filters(cifar):
     x = _float(cifar[2][:3])
     z = model.responses(x)
     cols = F.unfold(x, 5).transpose(1, 2).reshape(-1, 75)  # (3 * 28 * 28, 75)
-    whitened = (model._normalized_patches(cols) - model.patch_mean) @ model.whiten
+    whitened = (normalized_patches(cols) - model.patch_mean) @ model.whiten
     expected = (whitened @ model._unit_filters().T).view(3, 28 * 28, 16).transpose(1, 2).reshape(3, 16, 28, 28)
     assert (z - expected).abs().max() < 1e-3 * expected.abs().max()  # float32 sums in another order
 
@@ -101,11 +100,11 @@ def test_in_place_sign_split_is_the_relu_pair_with_or_without_autograd(cifar):
 def test_whitening_decorrelates_the_patches(cifar):
     model = _whitened_model(cifar)
     cols = F.unfold(_float(cifar[2][:200]), 5).transpose(1, 2).reshape(-1, 75).double()
-    white = (model._normalized_patches(cols.float()).double() - model.patch_mean.double()) @ model.whiten.double()
+    white = (normalized_patches(cols.float()).double() - model.patch_mean.double()) @ model.whiten.double()
     eig = torch.linalg.eigvalsh(torch.cov(white.T))
     # held-out patches: every direction's variance at most ~1 (the floor damps the weak ones)
     assert eig.max() < 1.3 and eig[-25:].min() > 0.5
-    raw = torch.linalg.eigvalsh(torch.cov(model._normalized_patches(cols.float()).double().T))
+    raw = torch.linalg.eigvalsh(torch.cov(normalized_patches(cols.float()).double().T))
     assert raw.max() / raw.median() > 50  # natural patches are far from white
     assert torch.allclose(model.whiten.double() @ model.unwhiten.double(), torch.eye(75, dtype=torch.float64),
                           atol=1e-3)
@@ -170,7 +169,7 @@ def test_the_estimator_passes_check_estimator_and_decodes():
 
 
 def test_views_show_the_dictionary(tmp_path):
-    from convae.visualize import filters_figure, first_layer_weights
+    from convae.views import filters_figure, first_layer_weights
 
     images = np.rint(load_digits().images[:200] * (255 / 16)).astype(np.uint8)
     est = ConvAutoencoder(arch="sparse", channels=(12,), kernel_size=3, epochs=1).fit(images)

@@ -14,8 +14,9 @@ from sklearn.datasets import load_digits
 from convae import run as rundir
 from convae.config import TrainConfig
 from convae.errors import ConvaeError, RunDirError
-from convae.model import default_model_config
-from convae.train import corrupt, evaluate, fit, lr_factor, native_bf16, resolve_epochs, split_train_val
+from convae.models import default_model_config
+from convae.tensors import native_bf16
+from convae.train import corrupt, evaluate, fit, lr_factor, resolve_epochs, split_train_val
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +174,7 @@ import resource, sys
 import numpy as np
 import convae.train as T
 from convae.config import TrainConfig
-from convae.model import default_model_config
+from convae.models import default_model_config
 images = np.random.default_rng(0).integers(0, 256, (320, 16, 16, 1), dtype=np.uint8)
 faults = []
 # fp32 on any CPU: bf16 autocast, where native, adds casts whose buffers change the counts
@@ -190,7 +191,7 @@ import numpy as np
 import convae.train as T
 from convae._memory import keep_freed_memory
 from convae.config import TrainConfig
-from convae.model import default_model_config
+from convae.models import default_model_config
 keep_freed_memory(all_sizes=sys.argv[1] == "on")  # what `convae fit` asks for
 images = np.random.default_rng(0).integers(0, 256, (160, 64, 64, 1), dtype=np.uint8)
 faults = []

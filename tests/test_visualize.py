@@ -8,9 +8,13 @@ import torch
 from PIL import Image
 
 from convae import ConvAutoencoder
-from convae import visualize as V
+from convae import views as V
 from convae.data import ImageData, load_dataset
 from convae.errors import ConfigError, ConvaeError
+from convae.tensors import to_float_nchw
+from convae.views.filters import _filter_tile
+from convae.views.maximize import _channel_activation
+from convae.views.patches import _interior_mask, _patch_canvas
 
 
 def fit(images, run_dir, **settings):
@@ -70,13 +74,13 @@ def test_top_patches_are_the_units_exact_receptive_field(conv, digits):
     images = digits[1].images
     results = V.top_patches(conv, images, "all", channels=3, k=4)
     assert [r.layer for r in results] == conv.layer_names
-    x = V._to_input(images, torch.device("cpu"))
+    x = to_float_nchw(images)
     with torch.inference_mode():
         acts = conv.forward_intermediates(x, conv.layer_names)
     rng = np.random.default_rng(0)
     for lp in results:
         a = acts[lp.layer].numpy()
-        mask = V._interior_mask(conv, lp.layer)
+        mask = _interior_mask(conv, lp.layer)
         allowed = np.ones(a.shape[2] * a.shape[3], bool) if mask is None else mask.numpy()
         assert lp.channels == list(np.argsort(-a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1).var(1), kind="stable")[:3])
         for c, row in zip(lp.channels, lp.patches):
@@ -103,7 +107,7 @@ def test_top_patches_are_the_units_exact_receptive_field(conv, digits):
             inside = image.copy()
             inside[keep] = noise[keep]
             with torch.inference_mode():
-                out = conv.forward_intermediates(V._to_input(np.stack([image, outside, inside]), torch.device("cpu")), [lp.layer])[lp.layer]
+                out = conv.forward_intermediates(to_float_nchw(np.stack([image, outside, inside])), [lp.layer])[lp.layer]
             unit = out[:, c, best.y, best.x].numpy()
             assert unit[1] == pytest.approx(unit[0], abs=1e-5)
             if bottom - top < images.shape[1] or right - left < images.shape[2]:
@@ -112,11 +116,11 @@ def test_top_patches_are_the_units_exact_receptive_field(conv, digits):
 
 def test_a_clipped_field_keeps_its_place_on_the_canvas(conv):
     layer = "stage1"
-    rf = V._info(conv, layer)["receptive_field"]
+    rf = conv.layer_info(layer)["receptive_field"]
     box = conv.receptive_box(layer, 0, 0)  # the corner unit: its field starts above and left of the image
     assert box[0] == 0 and box[1] == 0 and box[2] < rf
     crop = np.ones((box[2] - box[0], box[3] - box[1], 3), np.float32)
-    canvas = V._patch_canvas(crop, box, rf, (8, 8))
+    canvas = _patch_canvas(crop, box, rf, (8, 8))
     assert canvas.shape[:2] == (rf, rf)
     off = rf - crop.shape[0]
     np.testing.assert_allclose(canvas[:off], np.broadcast_to(V.OUTSIDE, canvas[:off].shape))
@@ -139,7 +143,7 @@ def test_activation_maximization_raises_each_channels_activation(conv, digits):
     before = {k: v.clone() for k, v in conv.state_dict().items()}
     relus = [m for m in conv.modules() if isinstance(m, torch.nn.ReLU)]
     images = digits[1].images
-    test = V._to_input(images, torch.device("cpu"))
+    test = to_float_nchw(images)
     picks = {lp.layer: lp.channels for lp in V.top_patches(conv, images, V.hierarchy_layers(conv), channels=6, k=1)}
     for layer, channels in picks.items():
         result = V.maximize_activation(conv, layer, channels)
@@ -151,7 +155,7 @@ def test_activation_maximization_raises_each_channels_activation(conv, digits):
             real = conv.forward_intermediates(test, [layer])[layer].mean((0, 2, 3)).numpy()
         assert np.mean(result.final > real[channels]) >= 0.5
         # and the reported number is what the model gives on that image
-        again = V._channel_activation(conv, torch.from_numpy(result.images).permute(0, 3, 1, 2), layer, channels)
+        again = _channel_activation(conv, torch.from_numpy(result.images).permute(0, 3, 1, 2), layer, channels)
         np.testing.assert_allclose(again.detach().numpy(), result.final, rtol=1e-4, atol=1e-5)
     # A channel that is silent on the gray start but active on real data still rises (leaky gradient).
     layer = "stage1"
@@ -215,7 +219,7 @@ def test_rgb_filters_are_in_colour_and_views_work_without_labels(rgb, tmp_path):
     assert data.labels is None
     weights, kind = V.first_layer_weights(model)
     assert weights.shape[1:] == (3, 3, 3) and "stage1.conv1" in kind
-    tile = V._filter_tile(weights[0])
+    tile = _filter_tile(weights[0])
     assert tile.shape == (3, 3, 3) and np.abs(tile - tile.mean(-1, keepdims=True)).max() > 0.01  # not gray
     arr = png_ok(V.save_figure(V.filters_figure(model), tmp_path / "filters.png"))
     assert np.abs(arr - arr.mean(-1, keepdims=True)).max() > 30  # colour pixels in the PNG
@@ -284,7 +288,7 @@ def test_wrong_image_shape_and_unknown_layers_are_user_errors(conv, rgb):
 
 def test_views_take_a_blocks_sign_split_maps_as_layers(conv, digits):
     """The split maps a probe reads (stage1.conv1.split) can be looked at too."""
-    assert V.resolve_view_layers(conv, "stage2.conv1.split,stage1,stage1.conv1.split,stage1.conv1", None) == [
+    assert V.view_layers(conv, "stage2.conv1.split,stage1,stage1.conv1.split,stage1.conv1", None) == [
         "stage1.conv1", "stage1.conv1.split", "stage1", "stage2.conv1.split",
     ]
     (split,) = V.top_patches(conv, digits[1].images[:100], "stage1.conv1.split", channels=16, k=2)
@@ -308,7 +312,6 @@ def test_reconstruction_figure_still_draws_two_rows(conv, digits, tmp_path):
 
 
 def test_hierarchy_layers_match_the_probes_default(conv, dense):
-    from convae.probe import default_layers
 
     for model in (conv, dense):
-        assert V.hierarchy_layers(model) == default_layers(model)
+        assert V.hierarchy_layers(model) == model.hierarchy_layers()

@@ -1,22 +1,51 @@
 """`convae` command line: parses arguments, calls the library, prints results.
 
-Every error a user can cause ends with one line on stderr and exit code 2.
+Option choices and defaults come from the library's config types; the library loads on first
+use (``convae.X``), so ``convae --help`` imports no torch. Every error a user can cause, click's
+own usage errors included, ends with one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import sys
+import typing
 import warnings
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
+import convae
+
+from ._memory import keep_freed_memory
+from .config import NAN_POLICIES, TrainConfig
 from .errors import ConvaeError
+from .features.plan import POOLS
+from .models.config import Activation, Bottleneck, Decoder, Downsample, Norm, Upsample
+from .models.registry import ARCHITECTURES
+from .presets import PRESETS
+from .probe.options import AUGMENTATIONS, BASELINES, CLASSIFIER_NAMES, NORMALIZATIONS, ProbeOptions
+from .views import VIEWS
+
+_PRESET_NAMES = ", ".join(PRESETS)
+
+
+def _choice(literal) -> click.Choice:
+    return click.Choice(typing.get_args(literal))
+
+
+def _train_choice(field: str) -> click.Choice:
+    return _choice(typing.get_type_hints(TrainConfig)[field])
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            _fail(e.format_message())
         except ConvaeError as e:
             _fail(str(e))
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
@@ -29,8 +58,9 @@ class _Group(click.Group):
         except KeyboardInterrupt as e:
             detail = " ".join(str(e).split())  # fit says where its checkpoint is
             click.echo(
-                f"convae: interrupted; {detail}" if detail else
-                "convae: interrupted; `convae fit ... --resume` continues a run, "
+                f"convae: interrupted; {detail}"
+                if detail
+                else "convae: interrupted; `convae fit ... --resume` continues a run, "
                 "and the same `convae extract` command resumes an extraction",
                 err=True,
             )
@@ -102,13 +132,19 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _given(names) -> set[str]:
+    """Which of these parameters the command line set (not their defaults)."""
+    ctx = click.get_current_context()
+    return {k for k in names if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+
+
 data_options = [
     click.option("--data-dir", type=click.Path(path_type=Path), help="Where built-in datasets are looked up (then $CONVAE_DATA, ~/.cache/convae)."),
     click.option("--split", help="Split of a built-in dataset: train or test (or DATA:split)."),
     click.option("--image-size", help="Resize and centre-crop folder images to this size: 28 or HxW."),
     click.option("--channels", type=int, help="Image channels for folder images: 1 (grayscale) or 3 (RGB)."),
     click.option("--no-download", is_flag=True, help="Never download a missing built-in dataset."),
-]
+]  # fmt: skip
 
 
 def with_data_options(f):
@@ -118,17 +154,18 @@ def with_data_options(f):
 
 
 def _load(data, data_dir, split, image_size, channels, no_download, quiet=True):
-    from .data import load_dataset
-
-    return load_dataset(
-        data,
-        split,
-        data_dir=data_dir,
-        image_size=_image_size(image_size),
-        channels=channels,
-        download=not no_download,
-        progress=not quiet,
+    return convae.load_dataset(
+        data, split, data_dir=data_dir, image_size=_image_size(image_size), channels=channels,
+        download=not no_download, progress=not quiet,
     )
+
+
+def _load_for_run(run_dir, data, data_dir, split, image_size, channels, no_download, quiet):
+    """DATA at the run's image size and channels (unless given)."""
+    m = convae.load_config(run_dir).model
+    h, w = m.image_size
+    chans = channels or (m.in_channels if m.in_channels in (1, 3) else None)
+    return _load(data, data_dir, split, image_size or f"{h}x{w}", chans, no_download, quiet)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -142,16 +179,16 @@ def main():
 @click.argument("data")
 @click.option("--out", "-o", "out", type=click.Path(path_type=Path), required=True, help="Run directory to create.")
 @with_data_options
-@click.option("--arch", type=click.Choice(["conv", "dense", "sparse"]), default="conv", show_default=True, help="conv: ConvAE; dense: the fully-connected baseline; sparse: one wide convolution over contrast-normalized, whitened patches, trained as a k-sparse autoencoder (--widths 1600 filters, --kernel-size 5 patches by default).")
+@click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="conv", show_default=True, help="conv: ConvAE; dense: the fully-connected baseline; sparse: one wide convolution over contrast-normalized, whitened patches, trained as a k-sparse autoencoder (--widths 1600 filters, --kernel-size 5 patches by default).")
 @click.option("--widths", help="Channels per encoder stage, e.g. 32,64,128 (default: from the image size).")
 @click.option("--convs-per-stage", type=int, help="Conv layers per stage.")
 @click.option("--kernel-size", type=int, help="Conv kernel size (odd).")
-@click.option("--norm", type=click.Choice(["batch", "group", "none"]))
-@click.option("--activation", type=click.Choice(["relu", "leaky_relu", "gelu", "silu", "elu"]))
-@click.option("--downsample", type=click.Choice(["max", "avg", "stride"]), help="Stage downsampling (default max pooling).")
-@click.option("--upsample", type=click.Choice(["nearest", "bilinear", "transpose"]), help="Decoder upsampling.")
-@click.option("--decoder", type=click.Choice(["mirror", "light"]), help="mirror: decoder stages upsample, then convolve; light: they convolve first, at a quarter of the pixels (faster training).")
-@click.option("--bottleneck", type=click.Choice(["conv", "dense"]), help="conv: feature maps; dense: a latent vector.")
+@click.option("--norm", type=_choice(Norm))
+@click.option("--activation", type=_choice(Activation))
+@click.option("--downsample", type=_choice(Downsample), help="Stage downsampling (default max pooling).")
+@click.option("--upsample", type=_choice(Upsample), help="Decoder upsampling.")
+@click.option("--decoder", type=_choice(Decoder), help="mirror: decoder stages upsample, then convolve; light: they convolve first, at a quarter of the pixels (faster training).")
+@click.option("--bottleneck", type=_choice(Bottleneck), help="conv: feature maps; dense: a latent vector.")
 @click.option("--latent-channels", type=int, help="conv bottleneck: 1x1 conv to this many channels (0: none).")
 @click.option("--latent-dim", type=int, help="Code size of a dense bottleneck or of --arch dense.")
 @click.option("--code-wta", type=float, help="Winner-take-all sparsity of the code while reconstructing: each map keeps its peak, each channel its top fraction of the batch (e.g. 0.2; 0: off).")
@@ -159,54 +196,49 @@ def main():
 @click.option("--sparse-k", type=int, help="--arch sparse: filters kept per patch when reconstructing it (default 1: gradient-descent k-means).")
 @click.option("--patches-per-image", type=int, help="--arch sparse: random patches each training image gives per step (default 16).")
 @click.option("--whiten-eps", type=float, help="--arch sparse: eigenvalue floor of the patch whitening (default 0.1).")
-@click.option("--epochs", type=int, default=0, help="Epochs (default: from the dataset size).")
-@click.option("--max-time", type=float, default=0.0, help="Wall-clock training budget in seconds.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (AdamW).")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "onecycle", "constant"]), default="cosine", show_default=True)
-@click.option("--loss", type=click.Choice(["mse", "bce"]), default="mse", show_default=True)
-@click.option("--noise", type=float, default=0.0, help="Denoising: std of gaussian input noise.")
-@click.option("--mask-ratio", type=float, default=0.0, help="Masking: fraction of input patches hidden.")
-@click.option("--val-fraction", type=float, default=0.05, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=int, default=0, help="CPU threads (default: torch's).")
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 mixed precision where the device computes bf16 natively (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX); fp32 elsewhere or with --no-amp.")
+@click.option("--epochs", type=int, default=TrainConfig.epochs, help="Epochs (default: from the dataset size).")
+@click.option("--max-time", type=float, default=TrainConfig.max_time, help="Wall-clock training budget in seconds.")
+@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)
+@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True)
+@click.option("--schedule", type=_train_choice("schedule"), default=TrainConfig.schedule, show_default=True)
+@click.option("--loss", type=_train_choice("loss"), default=TrainConfig.loss, show_default=True)
+@click.option("--noise", type=float, default=TrainConfig.noise, help="Denoising: std of gaussian input noise.")
+@click.option("--mask-ratio", type=float, default=TrainConfig.mask_ratio, help="Masking: fraction of input patches hidden.")
+@click.option("--val-fraction", type=float, default=TrainConfig.val_fraction, show_default=True)
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--device", default=TrainConfig.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=int, default=TrainConfig.threads, help="CPU threads (default: torch's).")
+@click.option("--amp/--no-amp", default=TrainConfig.amp, show_default=True, help="bf16 mixed precision where the device computes bf16 natively (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX); fp32 elsewhere or with --no-amp.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--on-nan", type=click.Choice(["stop", "skip", "reduce-lr"]), help="A loss that turns NaN or infinite: stop (the default; keeping the last good checkpoint), skip the step, or go back to the epoch's start with half the learning rate. With --resume: the run's saved policy unless given.")
-@click.option("--nproc", type=int, default=1, show_default=True, help="Train with N processes (torchrun + DDP); --batch-size and --lr are per process.")
+@click.option("--on-nan", type=click.Choice(NAN_POLICIES), help="A loss that turns NaN or infinite: stop (the default; keeping the last good checkpoint), skip the step, or go back to the epoch's start with half the learning rate. With --resume: the run's saved policy unless given.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="Train with N processes (torchrun + DDP); --batch-size and --lr are per process.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--preset", help="Recommended settings for a dataset (digits, mnist, fashion-mnist, cifar10, cifar10-deep); options given override them.")
-def fit(data, out, data_dir, split, image_size, channels, no_download, widths, hidden, quiet, resume, nproc, preset, on_nan, **settings):
+@click.option("--preset", help=f"Recommended settings for a dataset ({_PRESET_NAMES}); options given override them.")
+def fit(data, out, data_dir, split, image_size, channels, no_download, hidden, quiet, resume, nproc, preset, on_nan,
+        **settings):
     """Train an autoencoder on DATA and write the run directory --out.
 
     DATA: digits, mnist, fashion-mnist, cifar10 (optionally :train / :test),
     a folder of images, or a .npy/.npz file.
     """
-    from . import distributed
-    from ._memory import keep_freed_memory
-    from .estimator import ConvAutoencoder
-
-    if nproc < 1:
-        raise ConvaeError(f"--nproc must be at least 1, got {nproc}")
-    if nproc > 1 and not distributed.env_info().enabled:
-        sys.exit(distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc")))
+    if nproc > 1 and not convae.distributed.env_info().enabled:
+        sys.exit(convae.distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     keep_freed_memory(all_sizes=True)  # this process only trains
     if preset:
-        widths = _apply_preset(preset, settings, widths)
+        settings = convae.presets.fit_settings(preset, settings, _given(settings))
     dataset = _load(data, data_dir, split, image_size, channels, no_download, quiet)
     h, w = dataset.images.shape[1:3]
     if min(h, w) < 2:
         raise ConvaeError(
             f"{dataset.name}: images are {h}x{w} pixels, too small to train on: resize them with --image-size (e.g. 28)"
         )
-    settings["channels"] = _ints(widths, "--widths")
+    settings["channels"] = _ints(settings.pop("widths"), "--widths")
     settings["hidden"] = _ints(hidden, "--hidden")
-    est = ConvAutoencoder(verbose=not quiet, **settings)
+    est = convae.ConvAutoencoder(verbose=not quiet, **settings)
     est.fit(dataset.images, run_dir=out, data_spec=dataset.name, resume=resume, on_nan=on_nan)
-    distributed.shutdown()
-    if not distributed.env_info().is_main:
+    convae.distributed.shutdown()
+    if not convae.distributed.env_info().is_main:
         return
     last = est.history_[-1]
     click.echo(
@@ -216,46 +248,19 @@ def fit(data, out, data_dir, split, image_size, channels, no_download, widths, h
     click.echo(f"run directory: {out}")
 
 
-def _apply_preset(name: str, settings: dict, widths: str | None) -> str | None:
-    """Fill `settings` (and widths) from the preset where the command line left the default.
-
-    Giving --epochs or --max-time replaces the preset's training length (both of them).
-    """
-    from click.core import ParameterSource
-
-    from .presets import get_preset
-
-    ctx = click.get_current_context()
-    given = {k for k in [*settings, "widths"] if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
-    length_given = bool({"epochs", "max_time"} & given)
-    for key, value in get_preset(name).fit.items():
-        if key in given or (length_given and key in ("epochs", "max_time")):
-            continue
-        if key == "widths":
-            widths = value
-        elif key in settings:
-            settings[key] = value
-        else:
-            raise ConvaeError(f"preset {name}: unknown fit option {key}")
-    return widths
-
-
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def info(run_dir):
     """Layers of a trained model: output shape, channels, stride, receptive field, parameters."""
-    from .model import code_size, describe
-    from .run import load_model, read_history
-
-    model, config = load_model(run_dir)
+    model, config = convae.load_model(run_dir)
     m = config.model
     click.echo(
         f"{run_dir}: arch={m.arch}, input {m.image_size[0]}x{m.image_size[1]}x{m.in_channels}, "
-        f"code size {code_size(m)}, trained on {config.data.spec or 'an array'} ({config.data.num_images} images), "
-        f"convae {config.convae_version}"
+        f"code size {convae.models.code_size(m)}, trained on {config.data.spec or 'an array'} "
+        f"({config.data.num_images} images), convae {config.convae_version}"
     )
-    click.echo(_table(describe(model)))
-    history = read_history(run_dir)
+    click.echo(_table(model.describe()))
+    history = convae.run.read_history(run_dir)
     if history:
         last = history[-1]
         click.echo(
@@ -269,48 +274,33 @@ def info(run_dir):
 @click.argument("data")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="PNG file to write.")
 @with_data_options
-@click.option("--count", "-n", type=int, default=16, show_default=True, help="Images to show.")
+@click.option("--count", "-n", type=click.IntRange(min=1), default=16, show_default=True, help="Images to show.")
 def reconstruct(run_dir, data, output, data_dir, split, image_size, channels, no_download, count):
     """Originals above reconstructions, with MSE and PSNR, as a PNG grid."""
-    from .estimator import ConvAutoencoder
-    from .visualize import reconstruction_figure, save_figure
-
-    est = ConvAutoencoder.load(run_dir)
+    est = convae.ConvAutoencoder.load(run_dir)
     h, w, c = est.image_shape_
     dataset = _load(data, data_dir, split, image_size or f"{h}x{w}", channels or c, no_download)
-    if count < 1:
-        raise ConvaeError(f"--count must be at least 1, got {count}")
     images = dataset.images[: min(count, len(dataset))]
     if images.shape[1:] != est.image_shape_:
         raise ConvaeError(
             f"{data}: images are {'x'.join(map(str, images.shape[1:]))} but {run_dir} was trained on "
             f"{h}x{w}x{c}; pass --image-size/--channels"
         )
-    fig = reconstruction_figure(images, est.reconstruct(images), dataset.name)
-    save_figure(fig, output)
+    fig = convae.views.reconstruction_figure(images, est.reconstruct(images), dataset.name)
+    convae.views.save_figure(fig, output)
     click.echo(f"wrote {output}")
-
-
-def _load_for_run(run_dir, data, data_dir, split, image_size, channels, no_download, quiet):
-    """DATA at the run's image size and channels (unless given), for the views."""
-    from .run import load_config
-
-    m = load_config(run_dir).model
-    h, w = m.image_size
-    chans = channels or (m.in_channels if m.in_channels in (1, 3) else None)
-    return _load(data, data_dir, split, image_size or f"{h}x{w}", chans, no_download, quiet)
 
 
 view_options = [
     click.option("--probe", "probe_path", type=click.Path(path_type=Path), help="results.json written by `convae probe`."),
-    click.option("--max-images", type=int, default=3000, show_default=True, help="Images (sampled with --seed) for patches, channel choice and the embedding."),
-    click.option("--top-channels", type=int, default=8, show_default=True, help="Channels shown per layer (the most variable ones)."),
-    click.option("--top-k", type=int, default=8, show_default=True, help="Patches per channel."),
-    click.option("--steps", type=int, default=128, show_default=True, help="Gradient steps of activation maximization."),
+    click.option("--max-images", type=click.IntRange(min=1), default=3000, show_default=True, help="Images (sampled with --seed) for patches, channel choice and the embedding."),
+    click.option("--top-channels", type=click.IntRange(min=1), default=8, show_default=True, help="Channels shown per layer (the most variable ones)."),
+    click.option("--top-k", type=click.IntRange(min=1), default=8, show_default=True, help="Patches per channel."),
+    click.option("--steps", type=click.IntRange(min=1), default=128, show_default=True, help="Gradient steps of activation maximization."),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--device", default="cpu", show_default=True, help="cpu, auto, cuda or cuda:N."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
-]
+]  # fmt: skip
 
 
 def with_view_options(f):
@@ -322,43 +312,34 @@ def with_view_options(f):
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("data", required=False)
-@click.option("--view", "view", required=True, help="filters, maps, patches, maximize, receptive, recon, curves, embedding or probe.")
+@click.option("--view", "view", required=True, help=f"{', '.join(VIEWS)}.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="PNG file to write.")
 @with_data_options
 @click.option("--layers", help="Encoder layers for maps/patches/maximize, comma-separated, or all; a block's sign-split maps too, e.g. stage1.conv1.split (see `convae layers`).")
 @click.option("--index", help="Images to show (maps, recon, receptive), e.g. 0,5,9.")
-@click.option("--count", "-n", type=int, default=8, show_default=True, help="Images for recon (maps: up to 3).")
+@click.option("--count", "-n", type=click.IntRange(min=1), default=8, show_default=True, help="Images for recon (maps: up to 3).")
 @with_view_options
 def show(run_dir, data, view, output, data_dir, split, image_size, channels, no_download, layers, index, count,
          probe_path, max_images, top_channels, top_k, steps, seed, device, quiet):
     """Render one view of a trained model as a PNG.
 
     DATA (as for `fit`) is needed by maps, patches, recon and embedding; receptive and
-    maximize use it when given. Views: filters (first layer), maps (feature maps by depth),
+    maximize use it when given. Views: curves (history.csv), recon (reconstructions and error),
+    filters (first layer), receptive (receptive-field growth), maps (feature maps by depth),
     patches (top-activating patches cropped to each unit's receptive field), maximize
-    (activation maximization), receptive (receptive-field growth), recon (reconstructions and
-    error), curves (history.csv), embedding (PCA and t-SNE of the bottleneck), probe (--probe).
+    (activation maximization), embedding (PCA and t-SNE of the bottleneck), probe (--probe).
     """
-    from .run import load_model, read_history
-    from .train import resolve_device
-    from .visualize import VIEWS, load_probe_results, render_view, save_figure
-
-    if view not in VIEWS:
-        raise ConvaeError(f"--view {view}: choose one of {', '.join(VIEWS)}")
     if output.suffix.lower() != ".png":
         raise ConvaeError(f"--output {output}: views are written as PNG; name it .png")
-    for option, value in (("--max-images", max_images), ("--top-channels", top_channels), ("--top-k", top_k), ("--count", count), ("--steps", steps)):
-        if value < 1:
-            raise ConvaeError(f"{option} must be at least 1, got {value}")
-    model, _ = load_model(run_dir, device=resolve_device(device))
-    probe_rows = load_probe_results(probe_path) if probe_path else None
+    model, _ = convae.load_model(run_dir, device=convae.tensors.resolve_device(device))
+    probe_rows = convae.views.load_probe_results(probe_path) if probe_path else None
     dataset = _load_for_run(run_dir, data, data_dir, split, image_size, channels, no_download, quiet) if data else None
-    fig = render_view(
-        view, model, data=dataset, history=read_history(run_dir), probe_rows=probe_rows, layers=layers,
+    fig = convae.render_view(
+        view, model, data=dataset, history=convae.run.read_history(run_dir), probe_rows=probe_rows, layers=layers,
         channels=top_channels, top_k=top_k, count=count, indices=_ints(index, "--index"), max_images=max_images,
         steps=steps, seed=seed, progress=not quiet,
     )
-    save_figure(fig, output)
+    convae.views.save_figure(fig, output)
     click.echo(f"wrote {output}")
 
 
@@ -367,7 +348,7 @@ def show(run_dir, data, view, output, data_dir, split, image_size, channels, no_
 @click.argument("data")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="HTML file to write.")
 @with_data_options
-@click.option("--tsne-points", type=int, default=2000, show_default=True, help="At most this many points for t-SNE.")
+@click.option("--tsne-points", type=click.IntRange(min=1), default=2000, show_default=True, help="At most this many points for t-SNE.")
 @with_view_options
 def report(run_dir, data, output, data_dir, split, image_size, channels, no_download, tsne_points, probe_path,
            max_images, top_channels, top_k, steps, seed, device, quiet):
@@ -376,10 +357,8 @@ def report(run_dir, data, output, data_dir, split, image_size, channels, no_down
     DATA (as for `fit`, e.g. mnist:test) is what the views are computed on; without labels the
     label-based parts are skipped and the report says so. --probe adds probe accuracy by layer.
     """
-    from .report import write_report
-
     dataset = _load_for_run(run_dir, data, data_dir, split, image_size, channels, no_download, quiet)
-    result = write_report(
+    result = convae.write_report(
         run_dir, dataset, output, probe=probe_path, max_images=max_images, tsne_points=tsne_points,
         channels=top_channels, top_k=top_k, maximize_steps=steps, seed=seed, device=device, progress=not quiet,
     )
@@ -395,11 +374,8 @@ def layers_command(run_dir):
     The last columns give the feature size of each --pool: flatten keeps the maps, avg and max
     give one value per channel, grid2/grid4 average over a 2x2/4x4 grid of regions.
     """
-    from .features import layer_table
-    from .run import load_model
-
-    model, _ = load_model(run_dir)
-    click.echo(_table(layer_table(model)))
+    model, _ = convae.load_model(run_dir)
+    click.echo(_table(convae.features.layer_table(model)))
 
 
 @main.command()
@@ -408,40 +384,32 @@ def layers_command(run_dir):
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="OUT.npy (labels go to OUT.labels.npy) or OUT.npz.")
 @with_data_options
 @click.option("--layers", default="bottleneck", show_default=True, help="Encoder layers, comma-separated, or all (see `convae layers`).")
-@click.option("--pool", default="flatten", show_default=True, help="flatten, avg, max, grid2 or grid4; several, comma-separated, are concatenated.")
+@click.option("--pool", default="flatten", show_default=True, help=f"{', '.join(POOLS)}; several, comma-separated, are concatenated.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--batch-size", type=int, help="Images per forward pass (default: sized to the model's largest map, at most 256).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def extract(
-    run_dir, data, output, data_dir, split, image_size, channels, no_download, layers, pool, dtype, batch_size, device,
-    quiet,
-):
+def extract(run_dir, data, output, data_dir, split, image_size, channels, no_download, layers, pool, dtype, batch_size,
+            device, quiet):
     """Encoder features of DATA, one row per image, into OUT.npy or OUT.npz.
 
     The pooled features of the requested layers are concatenated in network order. Rows are
     written batch by batch, so memory stays flat; run the same command again after an
     interruption and it resumes where it stopped.
     """
-    from . import distributed
-    from .features import FeatureExtractor, extract_to_file, shard_images, shard_path
-    from .run import load_model
-    from .train import resolve_device
-
-    dist = distributed.env_info()  # under torchrun: this rank's shard of the images
-    model, _ = load_model(run_dir)
-    device = distributed.process_device(resolve_device(device), dist)
-    extractor = FeatureExtractor(model, layers, pool, device=device, batch_size=batch_size)
+    dist = convae.distributed.env_info()  # under torchrun: this rank's shard of the images
+    model, _ = convae.load_model(run_dir)
+    device = convae.distributed.process_device(convae.tensors.resolve_device(device), dist)
+    extractor = convae.FeatureExtractor(model, layers, pool, device=device, batch_size=batch_size)
     h, w, c = extractor.image_shape
     channels = channels or (c if c in (1, 3) else None)  # the run's, where the loader can convert to it
     dataset = _load(data, data_dir, split, image_size or f"{h}x{w}", channels, no_download, quiet)
     images, labels = dataset.images, dataset.labels
     if dist.enabled:
-        images, labels = shard_images(images, labels, dist.rank, dist.world_size)
-        output = shard_path(output, dist.rank, dist.world_size)
-    result = extract_to_file(
-        extractor, images, output, labels=labels, dtype=dtype, source=dataset.name,
-        progress=not quiet and dist.is_main,
+        images, labels = convae.features.shard_images(images, labels, dist.rank, dist.world_size)
+        output = convae.features.shard_path(output, dist.rank, dist.world_size)
+    result = convae.extract_to_file(
+        extractor, images, output, labels=labels, dtype=dtype, source=dataset.name, progress=not quiet and dist.is_main
     )
     resumed = f"; resumed at image {result.resumed_from:,}" if result.resumed_from else ""
     blocks = ", ".join(b.name for b in extractor.blocks)
@@ -456,15 +424,15 @@ def extract(
 @click.option("--test", "test_data", required=True, help="Labelled data they are scored on, e.g. mnist:test.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="results.json; a Markdown copy goes beside it.")
 @click.option("--layers", help="Encoder layers, comma-separated, or all (default: every stage and the bottleneck; see `convae layers`); join layers with + to probe their features concatenated, e.g. stage2+bottleneck.")
-@click.option("--pool", help="flatten, avg, max, grid2, grid4; several, comma-separated, each get rows (default: grid4).")
-@click.option("--preset", help="The layers, pooling, normalization, augmentation and classifier settings a dataset's preset is probed with (digits, mnist, fashion-mnist, cifar10, cifar10-deep); --layers, --pool, --normalize, --augment, --c-scale and --max-iter override them.")
-@click.option("--classifiers", default="logreg", show_default=True, help="Any of logreg, linsvm, rbfsvm, rf, knn, mlp, comma-separated.")
-@click.option("--baselines", default="pixels,pca,random", show_default=True, help="Any of pixels, pca, random (untrained weights, batch-norm statistics from the train images), or none.")
+@click.option("--pool", help=f"{', '.join(POOLS)}; several, comma-separated, each get rows (default: {ProbeOptions.pool}).")
+@click.option("--preset", help=f"The layers, pooling, normalization, augmentation and classifier settings a dataset's preset is probed with ({_PRESET_NAMES}); --layers, --pool, --normalize, --augment, --c-scale and --max-iter override them.")
+@click.option("--classifiers", default=",".join(ProbeOptions.classifiers), show_default=True, help=f"Any of {', '.join(CLASSIFIER_NAMES)}, comma-separated.")
+@click.option("--baselines", default=",".join(BASELINES), show_default=True, help="Any of pixels, pca, random (untrained weights, batch-norm statistics from the train images), or none.")
 @click.option("--compare", multiple=True, type=click.Path(path_type=Path), help="Another run directory to probe alongside (repeatable).")
 @click.option("--labels-per-class", default="all", show_default=True, help="e.g. 10,100,1000,all: accuracy with few labels.")
-@click.option("--seeds", type=int, default=3, show_default=True, help="Label subsets averaged for each labels-per-class below all.")
-@click.option("--normalize", help="Features before each classifier: standard (StandardScaler) or whiten (standardized, then PCA-whitened with a variance floor, for the rows fitted on all labels; it lifted logistic regression on MNIST's preset features and lowered Fashion-MNIST's and CIFAR-10's). Default: the --preset's, else standard.")
-@click.option("--augment", type=click.Choice(["none", "flip", "flip-tta"]), help="flip: the classifiers also fit every train image mirrored left to right, with its label (twice the train features; baselines alike; test images unchanged). flip-tta: that, and each test image is scored by the mean of the classifier's scores for it and its mirror image. Default: the --preset's, else none.")
+@click.option("--seeds", type=int, default=ProbeOptions.seeds, show_default=True, help="Label subsets averaged for each labels-per-class below all.")
+@click.option("--normalize", help=f"Features before each classifier ({', '.join(NORMALIZATIONS)}): standard (StandardScaler) or whiten (standardized, then PCA-whitened with a variance floor, for the rows fitted on all labels; it lifted logistic regression on MNIST's preset features and lowered Fashion-MNIST's and CIFAR-10's). Default: the --preset's, else standard.")
+@click.option("--augment", type=click.Choice(AUGMENTATIONS), help="flip: the classifiers also fit every train image mirrored left to right, with its label (twice the train features; baselines alike; test images unchanged). flip-tta: that, and each test image is scored by the mean of the classifier's scores for it and its mirror image. Default: the --preset's, else none.")
 @click.option("--c-scale", type=float, help="Multiplies the C of logreg (64/dim), linsvm (8/dim) and rbfsvm (10): above 1, less regularization. Default: the --preset's, else 1.")
 @click.option("--max-iter", type=int, help="Iteration cap of logreg, linsvm and mlp (default: the --preset's, else 300, 1000 and 300).")
 @click.option("--pca-dim", help="PCA baseline sizes, e.g. 64,128 (default: the compared features' sizes below the pixel count, else 95% of the variance).")
@@ -475,8 +443,8 @@ def extract(
 @click.option("--batch-size", type=int, help="Images per forward pass (default: sized to the model's largest map, at most 256).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifiers, baselines, compare, labels_per_class,
-          seeds, normalize, augment, c_scale, max_iter, pca_dim, data_dir, image_size, channels, no_download, batch_size, device, quiet):
+def probe(run_dir, train_data, test_data, output, preset, compare, pca_dim, data_dir, image_size, channels, no_download,
+          batch_size, device, quiet, **given):
     """How good the features are: classifiers on each layer's features, beside baselines.
 
     Fits StandardScaler (or --normalize whiten) + classifier on the --train features of each
@@ -484,68 +452,35 @@ def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifi
     pixels, on PCA of the pixels, on the same architecture with random weights and on any
     --compare run.
     """
-    from .features import is_feature_file
-    from .probe import check_options, run_probe, write_results
-    from .run import load_config
-
     if not str(output).lower().endswith(".json"):
         raise ConvaeError(f"--output {output}: name it .json (a Markdown copy is written beside it)")
-    layers_from_preset = bool(preset) and not layers
-    if preset:
-        from .presets import get_preset
-
-        recommended = get_preset(preset).probe
-        layers, pool = layers or recommended.get("layers"), pool or recommended.get("pool")
-        normalize = normalize or recommended.get("normalize")
-        augment = augment or recommended.get("augment")
-        c_scale = c_scale if c_scale is not None else recommended.get("c_scale")
-        max_iter = max_iter if max_iter is not None else recommended.get("max_iter")
-    pool, normalize, augment = pool or "grid4", normalize or "standard", augment or "none"
-    c_scale = 1.0 if c_scale is None else c_scale
-    fit_meta = dict(c_scale=c_scale, max_iter=max_iter)  # in results.json: how the rows were fitted
-    if is_feature_file(train_data) and is_feature_file(test_data):
-        from .probe import probe_feature_files
-
-        rows = probe_feature_files(
-            train_data, test_data, classifiers=classifiers, labels_per_class=labels_per_class, seeds=seeds,
-            normalize=normalize, c_scale=c_scale, max_iter=max_iter,
-        )
-        if baselines != "none":
+    options = ProbeOptions.with_preset(preset, **given, pca_dims=_ints(pca_dim, "--pca-dim"))  # checked: no data yet
+    if convae.features.is_feature_file(train_data) and convae.features.is_feature_file(test_data):
+        rows = convae.probe.probe_feature_files(train_data, test_data, options)
+        if options.baselines:
             click.echo("note: baselines need images, so precomputed features are probed alone", err=True)
-        if augment != "none":
+        if options.augment != "none":
             click.echo("note: --augment needs images, so precomputed features are probed as they are", err=True)
-        json_path, md_path = write_results(
-            rows, output, run=str(run_dir), train=str(train_data), test=str(test_data), **fit_meta
-        )
-        click.echo(_table(rows))
-        click.echo(f"wrote {json_path} and {md_path}")
-        return
-    # before any data is loaded
-    check_options(classifiers, baselines, labels_per_class, seeds, pool, normalize, augment, c_scale, max_iter)
-    m = load_config(run_dir).model
-    if layers:  # so is an unknown layer
-        from .model import build_model
-        from .probe import layer_groups
-
-        try:
-            layer_groups(build_model(m), layers)
-        except ConvaeError as e:
-            if layers_from_preset:
-                raise ConvaeError(f"--preset {preset} does not fit {run_dir}: {e}; give --layers instead") from e
-            raise
-    h, w = m.image_size
-    size, chans = image_size or f"{h}x{w}", channels or (m.in_channels if m.in_channels in (1, 3) else None)
-    train = _load(train_data, data_dir, None, size, chans, no_download, quiet)
-    test = _load(test_data, data_dir, None, size, chans, no_download, quiet)
-    rows = run_probe(
-        run_dir, train, test, layers=layers, pool=pool, classifiers=classifiers, baselines=baselines,
-        compare=compare, labels_per_class=labels_per_class, seeds=seeds, normalize=normalize,
-        augment=augment, c_scale=c_scale, max_iter=max_iter, pca_dims=_ints(pca_dim, "--pca-dim"), device=device,
-        batch_size=batch_size, progress=not quiet,
-    )
-    json_path, md_path = write_results(rows, output, run=str(run_dir), train=train.name, test=test.name, **fit_meta)
+        names = dict(train=str(train_data), test=str(test_data))
+    else:
+        train, test = _probe_data(run_dir, train_data, test_data, options, data_dir, image_size, channels, no_download,
+                                  quiet)
+        rows = convae.run_probe(run_dir, train, test, options, compare=compare, device=device, batch_size=batch_size,
+                                progress=not quiet)
+        names = dict(train=train.name, test=test.name)
+    json_path, md_path = convae.probe.write_results(rows, output, run=str(run_dir), **names, **options.fit_meta())
     click.echo(_table(rows))
     click.echo(f"wrote {json_path} and {md_path}")
+
+
+def _probe_data(run_dir, train_data, test_data, options, data_dir, image_size, channels, no_download, quiet):
+    """The probe's train and test images at the run's size, after its layers are checked against the run."""
+    convae.probe.check_layers(run_dir, options)  # so is an unknown layer, before any data is loaded
+    m = convae.load_config(run_dir).model
+    h, w = m.image_size
+    size, chans = image_size or f"{h}x{w}", channels or (m.in_channels if m.in_channels in (1, 3) else None)
+    return (_load(train_data, data_dir, None, size, chans, no_download, quiet),
+            _load(test_data, data_dir, None, size, chans, no_download, quiet))
 
 
 @main.command()
@@ -553,9 +488,7 @@ def probe(run_dir, train_data, test_data, output, layers, pool, preset, classifi
 @click.option("--quiet", "-q", is_flag=True)
 def demo(out, quiet):
     """Run the whole pipeline on the built-in digits data."""
-    from .demo import run_demo
-
-    result = run_demo(out, progress=not quiet)
+    result = convae.demo.run_demo(out, progress=not quiet)
     click.echo(_table(result.model_rows))
     m = result.test_metrics
     click.echo(

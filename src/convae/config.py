@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 
 from ._version import __version__
 from .errors import ConfigError
-from .model import ModelConfig
+from .models.config import ModelConfig
 
 T = TypeVar("T")
 
@@ -47,68 +47,91 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    """`value` (from JSON) as the type `hint` says, or a ConfigError naming `where`."""
     if hint is Any:
         return value
+    origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {_short(value)}")
+        return _coerce_union(value, typing.get_args(hint), where)
     if origin is typing.Literal:
-        if value not in args:
-            choices = ", ".join(repr(a) for a in args)
+        if value not in typing.get_args(hint):
+            choices = ", ".join(repr(a) for a in typing.get_args(hint))
             raise ConfigError(f"{where}: {_short(value)} is not one of {choices}")
         return value
     if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
-        return from_dict(hint, value, where=where)
+        return from_dict(typing.cast(type, hint), _expect(value, dict, where, "an object"), where=where)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return _coerce_tuple(value, typing.get_args(hint), where)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
-        if not -(2**63) <= value < 2**63:
-            raise ConfigError(f"{where}: {_short(value)} is out of range (a 64-bit integer)")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {_short(value)}")
+        return dict(_expect(value, dict, where, "an object"))
+    scalar = _SCALARS.get(hint)
+    if scalar is None:
+        raise ConfigError(f"{where}: unsupported field type {hint!r}")
+    return scalar(value, where)
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}: expected {what}, got {type(value).__name__}")
+    return value
+
+
+def _coerce_union(value: Any, args: tuple, where: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
         try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {_short(value)}")
-        return number
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {_short(value)}")
-        return value
-    raise ConfigError(f"{where}: unsupported field type {hint!r}")
+            return _coerce(value, arg, where)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{where}: invalid value {_short(value)}")
+
+
+def _coerce_tuple(value: Any, args: tuple, where: str) -> tuple:
+    _expect(value, (list, tuple), where, "a list")
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+    return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+
+
+def _coerce_bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
+    return value
+
+
+def _coerce_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
+    if not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{where}: {_short(value)} is out of range (a 64-bit integer)")
+    return value
+
+
+def _coerce_float(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {_short(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {_short(value)}")
+    return number
+
+
+def _coerce_str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {_short(value)}")
+    return value
+
+
+_SCALARS: dict[Any, Any] = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -> T:
@@ -117,19 +140,19 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
         shown = ", ".join(_short(k, 40).strip("'") for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise ConfigError(f"{where}: unknown field(s) {shown}")
     kwargs = {}
     legacy = getattr(cls, "LEGACY_DEFAULTS", {})
-    for name, field in fields.items():
+    for name, spec in fields.items():
         if name not in data and name in legacy:  # written before the field existed
             kwargs[name] = legacy[name]
             continue
         if name not in data:
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{where}: missing field '{name}'")
             continue
         kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}")

@@ -9,11 +9,10 @@ import numpy as np
 
 from .data import load_dataset
 from .estimator import ConvAutoencoder
-from .model import describe
 from .probe import run_probe, write_results
 from .report import write_report
 from .train import evaluate
-from .visualize import reconstruction_figure, save_figure
+from .views import reconstruction_figure, save_figure
 
 DEMO_SETTINGS = dict(epochs=20, batch_size=64, lr=3e-3, seed=0)
 # Logistic regression on every stage and the bottleneck, with 10 labels per class and with all.
@@ -54,7 +53,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, progress: bool = False) -> 
     return DemoResult(
         out_dir=out_dir,
         run_dir=run_dir,
-        model_rows=describe(est.model_),
+        model_rows=est.model_.describe(),
         history=est.history_,
         test_metrics=metrics,
         outputs={

@@ -44,10 +44,6 @@ def env_info() -> DistInfo:
     )
 
 
-def gpu_for_every_process() -> bool:
-    """Whether each of this node's processes can have a GPU of its own (NCCL refuses to share one)."""
-    return torch.cuda.is_available() and torch.cuda.device_count() >= env_info().local_world_size
-
 
 def _check_gpu_for(device: torch.device, info: DistInfo) -> None:
     if info.enabled and device.type == "cuda" and info.local_rank >= torch.cuda.device_count():

@@ -7,14 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import _check_feature_names_in, check_array, check_is_fitted, validate_data
 
+from . import run as rundir
 from .config import DataConfig, TrainConfig
 from .data import LazyImages, as_uint8_images
 from .errors import DataError
 from .features import FeatureExtractor, auto_batch_size, plan_blocks
-from .model import ModelConfig, build_model, default_model_config
+from .models import ModelConfig, build_model, default_model_config
+from .tensors import iter_uint8_batches, resolve_device, to_float_nchw
+from .train import fit as train_fit
 
 _MODEL_PARAMS = [f.name for f in fields(ModelConfig) if f.name not in ("in_channels", "image_size")]
 _TRAIN_PARAMS = [f.name for f in fields(TrainConfig)]
@@ -29,14 +34,14 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
 
     ``fit(X)`` trains on images; ``transform(X)`` gives the features of the encoder layers
     `layers` ("bottleneck", "stage2,bottleneck", "all", a conv block's sign split such as
-    "stage2.conv1.split"; see :func:`convae.features.feature_layer_names`) pooled by
+    "stage2.conv1.split"; see ``convae layers``) pooled by
     `pool` ("flatten", "avg", "max", "grid2", "grid4", or several joined by commas), one row per
     image, named by :meth:`get_feature_names_out`. ``inverse_transform`` decodes bottleneck codes
     (``layers="bottleneck", pool="flatten"``) back to images; ``score`` is the negative
     reconstruction MSE. Every constructor argument is a plain parameter, so ``clone``,
     ``set_params`` and ``GridSearchCV`` over the architecture work; `None` architecture settings
     are chosen from the image size. ``arch="sparse"`` is the single-layer sparse autoencoder of
-    whitened patches (:class:`convae.model.SparsePatchAutoencoderNet`; layers ``conv1``,
+    whitened patches (:class:`convae.models.sparse.SparsePatchAutoencoderNet`; layers ``conv1``,
     ``conv1.split``, ``bottleneck``; `channels` one number of filters, `kernel_size` the patch
     side, `sparse_k`, `whiten_eps` and `patches_per_image` its own settings). ``amp=True`` (the default) trains in bf16 autocast where the
     device computes bf16 natively (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX),
@@ -56,6 +61,34 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
     (RunConfig), ``history_`` (one dict per epoch), ``image_shape_`` (H, W, C), ``input_range_``,
     ``input_format_`` ("images" or "table": the layout ``inverse_transform`` and ``reconstruct``
     return), ``n_features_in_`` and, for DataFrames, ``feature_names_in_``.
+
+    Parameters
+    ----------
+    arch : str
+        "conv" (the ConvAE), "dense" (fully-connected baseline), "sparse" (whitened patches);
+        see ``convae.models.registry.ARCHITECTURES``.
+    channels, convs_per_stage, kernel_size, norm, activation, downsample, upsample, decoder,
+    bottleneck, latent_channels, latent_dim, hidden, code_wta, sparse_k, whiten_eps, patches_per_image
+        Architecture settings (:class:`convae.ModelConfig`'s fields); None: chosen from the image size.
+    epochs, max_time, batch_size, lr, weight_decay, warmup, schedule, loss, noise, mask_ratio,
+    mask_patch, val_fraction, seed, device, threads, amp, channels_last, on_nan
+        Training settings (:class:`convae.TrainConfig`'s fields).
+    layers : str
+        Encoder layers ``transform`` returns (default "bottleneck").
+    pool : str
+        Their pooling (default "flatten").
+    image_shape : (H, W, C), optional
+        How to read the rows of a 2-D table.
+    verbose : bool
+        Progress bars.
+
+    Examples
+    --------
+    >>> import convae
+    >>> train = convae.load_dataset("digits", "train")
+    >>> ae = convae.ConvAutoencoder(epochs=1, layers="stage2", pool="grid2").fit(train.images)
+    >>> ae.transform(train.images[:5]).shape
+    (5, 256)
 
     scikit-learn's ``check_estimator`` passes with no check tagged away or expected to fail. Tags:
     ``three_d_array`` (grayscale images come as (N, H, W)) and ``preserves_dtype = ["float32"]``
@@ -166,8 +199,6 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         return TrainConfig(**{name: getattr(self, name) for name in _TRAIN_PARAMS})
 
     def _device(self) -> torch.device:
-        from .train import resolve_device
-
         return resolve_device(self.device)
 
     # -- input -------------------------------------------------------------
@@ -265,8 +296,6 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         With `run_dir`, checkpoint every epoch into that run directory (`resume` continues it,
         with its saved settings; `on_nan` given here replaces its NaN policy).
         """
-        from .train import fit as train_fit
-
         images = self._images(X, reset=True)
         n, h, w, c = images.shape
         model_config = self._model_config((h, w, c))
@@ -324,7 +353,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
                 "set layers='bottleneck' and pool='flatten'"
             )
         codes = check_array(X, dtype=np.float32)
-        code_shape = next(f["shape"] for f in self.model_.feature_info if f["module"] == "bottleneck")
+        code_shape = self.model_.layer_shape("bottleneck")
         if codes.shape[1] != blocks[0].dim:
             raise ValueError(f"X has {codes.shape[1]} features, but the bottleneck code has {blocks[0].dim}")
         device = self._device()
@@ -345,14 +374,12 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
     @torch.inference_mode()
     def _reconstruction_batches(self, X):
         """(inputs, reconstructions) as float (B, C, H, W) in [0, 1], batch by batch."""
-        from .train import iter_uint8_batches, to_input
-
         check_is_fitted(self, "model_")
         images = self._images(X, reset=False)
         device = self._device()
         model = self.model_.to(device)
         for batch in iter_uint8_batches(images, np.arange(len(images)), auto_batch_size(model, device)):
-            x = to_input(batch, device, False)
+            x = to_float_nchw(batch, device)
             yield x, model(x).float()
 
     def reconstruct(self, X) -> np.ndarray:
@@ -373,25 +400,19 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         state = dict(super().__getstate__())  # object.__getstate__ returns the live __dict__
         model = state.pop("model_", None)
         if model is not None:
-            from safetensors.torch import save
-
-            state["_weights"] = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+            state["_weights"] = save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
         return state
 
     def __setstate__(self, state):
         weights = state.pop("_weights", None)
         super().__setstate__(state)
         if weights is not None:
-            from safetensors.torch import load
-
             model = build_model(self.config_.model)
-            model.load_state_dict(load(weights), strict=True)
+            model.load_state_dict(load_safetensors(weights), strict=True)
             self.model_ = model.eval()
 
     def save(self, run_dir) -> Path:
         """Write config.json, model.safetensors and history.csv into `run_dir`."""
-        from . import run as rundir
-
         check_is_fitted(self, "model_")
         run_dir = Path(run_dir)
         rundir.save_weights(run_dir / rundir.WEIGHTS_FILE, self.model_)
@@ -400,13 +421,11 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         return run_dir
 
     @classmethod
-    def load(cls, run_dir, device: str = "cpu", **params) -> "ConvAutoencoder":
+    def load(cls, run_dir, device: str = "cpu", **params) -> ConvAutoencoder:
         """The estimator of a run directory, fitted, with its settings as parameters.
 
         `params` set the others, e.g. ``layers="stage2", pool="grid4"``.
         """
-        from . import run as rundir
-
         model, config = rundir.load_model(run_dir, device="cpu")
         settings = {name: getattr(config.model, name) for name in _MODEL_PARAMS}
         settings.update({name: getattr(config.train, name) for name in _TRAIN_PARAMS})

@@ -80,6 +80,23 @@ def get_preset(name: str) -> Preset:
         raise ConfigError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}") from None
 
 
+def fit_settings(name: str, settings: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """`settings` (``convae fit`` options by parameter name) with the preset's values where the user
+    gave none (`given`: the options given on the command line).
+
+    Giving --epochs or --max-time replaces the preset's training length (both of them).
+    """
+    out = dict(settings)
+    length_given = bool({"epochs", "max_time"} & given)
+    for key, value in get_preset(name).fit.items():
+        if key in given or (length_given and key in ("epochs", "max_time")):
+            continue
+        if key not in out:
+            raise ConfigError(f"preset {name}: unknown fit option {key}")
+        out[key] = value
+    return out
+
+
 def fit_args(name: str) -> list[str]:
     """The preset's `convae fit` options as command-line arguments (for scripts and docs)."""
     out: list[str] = []

@@ -16,6 +16,8 @@ import csv
 import io
 import json
 import math
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from . import distributed
 from ._io import atomic_write_bytes, atomic_write_text, lock_dir, remove_stale_tmp
 from ._version import __version__
 from .config import RunConfig, from_dict, to_dict
 from .errors import ConfigError, RunDirError
-from .model import build_model
+from .models import build_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -187,6 +190,22 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     The weights file is checked against config.json (names, shapes, dtypes, finite values)
     before the model is built, so a foreign or tampered file is a clear error, not a crash
     or a huge allocation.
+
+    Parameters
+    ----------
+    run_dir : path
+        What ``convae fit --out`` (or ``ConvAutoencoder.save``) wrote.
+    device : str or torch.device
+
+    Returns
+    -------
+    (AutoencoderNet, RunConfig)
+        The net (see ``convae.models.base.AutoencoderNet``) and the run's settings.
+
+    Examples
+    --------
+    >>> model, config = load_model("runs/mnist")                       # doctest: +SKIP
+    >>> maps = model.forward_intermediates(x, ["stage1", "stage2.conv1"])  # doctest: +SKIP
     """
     config = load_config(run_dir)
     path = Path(run_dir) / WEIGHTS_FILE
@@ -295,3 +314,67 @@ def lock_run(run_dir: Path):
 def clean_run_dir(run_dir: Path) -> None:
     """Remove the temporary files a killed process left in `run_dir` (call while holding its lock)."""
     remove_stale_tmp(run_dir, RUN_FILES)
+
+
+def start_run(run_dir: Path, config: RunConfig, resume: bool, shape, dist_info, on_nan: str | None = None):
+    """Check and lock the run directory; (config, checkpoint or None, lock).
+
+    On resume the run's saved config wins (only the NaN policy, which does not change the
+    weights of steps that go well, may change) and its checkpoint is checked against it. A
+    directory whose run never finished an epoch (config.json only: killed early) holds nothing
+    to lose: a plain rerun starts it again with the new settings, --resume with the saved ones.
+    """
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    if resume and not (run_dir / CONFIG_FILE).is_file() and not ckpt_path.is_file():
+        raise RunDirError(f"{run_dir}: nothing to resume (no {CHECKPOINT_FILE}); start it without --resume")
+    lock = lock_run(run_dir) if dist_info.is_main else None
+    try:
+        checkpoint = None
+        if resume:
+            config, checkpoint = _resumed(run_dir, config, shape, dist_info, on_nan)
+        elif has_progress(run_dir):
+            raise RunDirError(
+                f"{run_dir} already holds a run: continue it with --resume, or choose another --out "
+                "(convae never overwrites a run)"
+            )
+        distributed.barrier(dist_info)  # every rank has checked the directory before rank 0 writes
+        if dist_info.is_main:
+            clean_run_dir(run_dir)  # temporary files of a killed run
+            save_config(run_dir, config)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return config, checkpoint, lock
+
+
+def _resumed(run_dir: Path, config: RunConfig, shape, dist_info, on_nan: str | None):
+    """The saved config of the run to resume (checked against the data) and its checkpoint, if any."""
+    saved = load_config(run_dir)
+    train = saved.train if on_nan is None else replace(saved.train, on_nan=on_nan)
+    config = replace(saved, train=train, data=replace(saved.data, spec=config.data.spec or saved.data.spec))
+    n, h, w, c = shape
+    m = saved.model
+    if (h, w) != tuple(m.image_size) or c != m.in_channels:
+        raise RunDirError(
+            f"{run_dir} was trained on {m.image_size[0]}x{m.image_size[1]}x{m.in_channels} images, "
+            f"these are {h}x{w}x{c}; resume it with the same data"
+        )
+    if saved.data.num_images and saved.data.num_images != n:
+        raise RunDirError(
+            f"{run_dir} was trained on {saved.data.num_images} images ({saved.data.spec or 'an array'}), "
+            f"this data has {n}; resume it with the same data"
+        )
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    if ckpt_path.is_file():
+        checkpoint = load_checkpoint(ckpt_path)
+        found = {k: (tuple(v.shape), v.dtype) for k, v in checkpoint["model"].items()}
+        check_state(found, config, ckpt_path)  # before a model of the config is built
+        return config, checkpoint
+    if dist_info.is_main:
+        warnings.warn(
+            f"{run_dir}: no checkpoint yet (the run stopped before its first epoch ended); "
+            "starting it from the beginning with its saved settings",
+            stacklevel=4,
+        )
+    return config, None

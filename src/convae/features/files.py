@@ -1,0 +1,352 @@
+"""Features written to disk: resumable extraction into .npy/.npz, and reading it back.
+
+:func:`extract_to_file` writes features batch by batch, so memory stays flat however many
+images there are, and an interrupted extraction resumes where it stopped. Under torchrun each
+rank writes a shard (``OUT.rank0-of-2.npy``); :func:`load_features` reads shards as one result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from .._io import _fsync_dir, atomic_open, atomic_path, atomic_write_text
+from .._version import __version__
+from ..errors import ConfigError
+from ..progress import progress_bar
+from .extractor import FeatureExtractor
+
+DTYPES: tuple[str, ...] = ("float32", "float16")
+# The progress file is rewritten (with an fsync) at most this often: resuming redoes at most
+# this much work, and a fast GPU extraction is not slowed by a sync per batch.
+_PROGRESS_EVERY_S = 0.5
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    labels_path: Path | None  # OUT.labels.npy; None for .npz (labels inside) or unlabelled data
+    shape: tuple[int, int]
+    dtype: str
+    resumed_from: int  # rows an interrupted extraction had already written
+    feature_names: list[str]
+
+
+def partial_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """(features being written, progress record) of an unfinished extraction to `out`."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial"), out.with_name(out.name + ".progress.json")
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 of the weights and buffers: which model made a file of features."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _data_digest(images) -> str:
+    """Shape and a few sample images: cheap, and catches a different dataset of the same size."""
+    n = len(images)
+    h = hashlib.sha256(repr(tuple(int(s) for s in images.shape)).encode())
+    for i in sorted({0, n // 2, n - 1}):
+        h.update(np.ascontiguousarray(images[i]).tobytes())
+    return h.hexdigest()
+
+
+def _read_progress(path: Path) -> dict | None:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _data_offset(path: Path, shape: tuple[int, int], dtype: np.dtype) -> int | None:
+    """Where the rows of the .npy file `path` start, if it holds a C-order `shape` array of `dtype`."""
+    try:
+        with open(path, "rb") as f:
+            fmt = np.lib.format
+            version = fmt.read_magic(f)
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            found_shape, fortran, found_dtype = read_header(f)
+            offset = f.tell()
+    except (OSError, ValueError):
+        return None
+    size_ok = path.stat().st_size == offset + int(np.prod(shape)) * dtype.itemsize
+    return offset if (found_shape, fortran, found_dtype, size_ok) == (shape, False, dtype, True) else None
+
+
+def _open_partial(partial: Path, progress: Path, fingerprint: str, shape, dtype) -> tuple[int, int]:
+    """(offset of the rows in the partial .npy, rows already done): resumed when it matches, else started anew."""
+    state = _read_progress(progress)
+    if state and state.get("fingerprint") == fingerprint:
+        offset, rows = _data_offset(partial, shape, dtype), state.get("rows_done")
+        if offset is not None and isinstance(rows, int) and 0 <= rows <= shape[0]:
+            return offset, rows
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    with open(partial, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)  # the header np.save writes
+        offset = f.tell()
+        f.truncate(offset + int(np.prod(shape)) * dtype.itemsize)  # rows to come: a sparse file
+    _write_progress(progress, fingerprint, 0, shape[0])
+    return offset, 0
+
+
+def _write_progress(path: Path, fingerprint: str, rows_done: int, rows: int) -> None:
+    atomic_write_text(path, json.dumps({"fingerprint": fingerprint, "rows_done": rows_done, "rows": rows}) + "\n")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_open(path, "wb") as f:
+        np.save(f, array)
+
+
+def extract_to_file(
+    extractor: FeatureExtractor,
+    images,
+    out: str | os.PathLike,
+    *,
+    labels: np.ndarray | None = None,
+    dtype: str = "float32",
+    source: str = "",
+    workers: int | None = None,
+    progress: bool = False,
+) -> ExtractResult:
+    """Write the features of `images` to `out` (.npy, plus OUT.labels.npy; or .npz with both).
+
+    Rows go into ``OUT.partial`` (an .npy file) batch by batch, with a progress record
+    ``OUT.progress.json`` that names what is being extracted (model weights, data, layers,
+    pooling, dtype). Run again after an interruption, it continues from the last recorded row;
+    the finished file is renamed into place, so a complete OUT is always whole.
+
+    Parameters
+    ----------
+    extractor : FeatureExtractor
+        The model, layers and pooling.
+    images : array or LazyImages
+        uint8 (N, H, W, C) images of the model's shape.
+    out : path
+        ``.npy`` (labels go to ``OUT.labels.npy``) or ``.npz`` (arrays ``features``, ``labels``).
+    labels : array, optional
+        One per image.
+    dtype : {"float32", "float16"}
+    source : str
+        Names the data (e.g. the dataset spec) in the progress record.
+
+    Returns
+    -------
+    ExtractResult
+        Where the features went, their shape and dtype, and the row a resumed run started at.
+
+    Examples
+    --------
+    >>> ex = FeatureExtractor(convae.load_model("runs/mnist")[0], "stage2", "grid4")  # doctest: +SKIP
+    >>> extract_to_file(ex, convae.load_dataset("mnist", "test").images, "test.npy")  # doctest: +SKIP
+    """
+    out = Path(out)
+    _check_request(out, dtype, len(images), labels, source)
+    shape = (len(images), extractor.dim)
+    fingerprint = _fingerprint(extractor, images, source, shape, dtype)
+    partial, progress_path = partial_paths(out)
+    offset, done = _open_partial(partial, progress_path, fingerprint, shape, np.dtype(dtype))
+    resumed_from = done
+    _write_rows(extractor, images, partial, offset, done, dtype, progress_path, fingerprint, workers, progress)
+    labels_path = _finish(out, partial, labels)
+    progress_path.unlink(missing_ok=True)
+    return ExtractResult(out, labels_path, shape, dtype, resumed_from, extractor.feature_names)
+
+
+def _check_request(out: Path, dtype: str, n: int, labels, source: str) -> None:
+    if out.suffix.lower() not in (".npy", ".npz"):
+        raise ConfigError(f"output {out}: name it .npy (with OUT.labels.npy beside it) or .npz")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if n == 0:
+        raise ConfigError(f"{source or 'the data'}: no images to extract features from")
+    if labels is not None and len(labels) != n:
+        raise ConfigError(f"labels: {len(labels)} for {n} images")
+
+
+def _fingerprint(extractor: FeatureExtractor, images, source: str, shape: tuple[int, int], dtype: str) -> str:
+    """What is being extracted: a resume continues only the same extraction."""
+    record = {
+        "model": model_digest(extractor.model),
+        "data": [source, _data_digest(images)],
+        "blocks": [[b.layer, b.pool] for b in extractor.blocks],
+        "shape": shape,
+        "dtype": dtype,
+        "convae": __version__,
+    }
+    return hashlib.sha256(json.dumps(record).encode()).hexdigest()
+
+
+def _write_rows(extractor, images, partial: Path, offset: int, done: int, dtype: str, progress_path: Path,
+                fingerprint: str, workers: int | None, progress: bool) -> None:
+    """Rows done.. of the features into the partial .npy file, recording progress as they land."""
+    n = len(images)
+    row_bytes = extractor.dim * np.dtype(dtype).itemsize
+    # Plain positioned writes, not a memmap: written rows sit in the page cache, never in this
+    # process's memory, however large the file grows.
+    with open(partial, "r+b") as f, progress_bar(progress, n, initial=done) as bar:
+        last_sync = time.monotonic()
+        for row, feats in extractor.batches(images, done, workers=workers):
+            f.seek(offset + row * row_bytes)
+            f.write(np.ascontiguousarray(feats, dtype=dtype).data)
+            done = row + len(feats)
+            bar.update(len(feats))
+            if time.monotonic() - last_sync >= _PROGRESS_EVERY_S or done == n:
+                f.flush()
+                os.fsync(f.fileno())  # the rows reach the disk before the record that counts them
+                _write_progress(progress_path, fingerprint, done, n)
+                last_sync = time.monotonic()
+
+
+def _finish(out: Path, partial: Path, labels) -> Path | None:
+    """The finished partial file put in place as `out` (with its labels); the labels file, if one."""
+    if out.suffix.lower() == ".npy":
+        labels_path = None
+        if labels is not None:
+            labels_path = out.with_name(out.name[: -len(".npy")] + ".labels.npy")
+            _save_npy(labels_path, np.asarray(labels))
+        os.replace(partial, out)
+        _fsync_dir(out.parent)
+        return labels_path
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+        # the layout np.savez writes; the finished .npy is copied in chunks, not loaded
+        with zf.open("features.npy", "w", force_zip64=True) as dst, open(partial, "rb") as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        if labels is not None:
+            with zf.open("labels.npy", "w", force_zip64=True) as dst:
+                np.lib.format.write_array(dst, np.asarray(labels))
+    partial.unlink()
+    return None
+
+
+# -- sharded extraction (one shard per torchrun rank) ----------------------------------------
+_SHARD_RE = r"\.rank(\d+)-of-(\d+)$"
+
+
+class RowRange:
+    """Rows [start, stop) of an image array or LazyImages, without decoding or copying them."""
+
+    def __init__(self, images, start: int, stop: int):
+        self.images, self.start, self.stop = images, start, stop
+        self.shape = (stop - start, *images.shape[1:])
+        self.dtype = np.uint8
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            if not -len(self) <= i < len(self):
+                raise IndexError(i)
+            return self.images[self.start + int(i) % len(self)]
+        return self.images[np.arange(self.start, self.stop)[i]]
+
+
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous, near-equal rows of rank `rank`: shards concatenate back in order."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """features.npy -> features.rank0-of-2.npy"""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.rank{rank}-of-{world_size}{out.suffix}")
+
+
+def shard_images(images, labels, rank: int, world_size: int):
+    start, stop = shard_range(len(images), rank, world_size)
+    part = images[start:stop] if isinstance(images, np.ndarray) else RowRange(images, start, stop)
+    return part, (None if labels is None else labels[start:stop])
+
+
+def _shards_of(path: Path) -> list[Path]:
+    found: dict[int, dict[int, Path]] = {}
+    for p in path.parent.glob(f"{path.stem}.rank*-of-*{path.suffix}"):
+        m = re.search(_SHARD_RE, p.name[: -len(path.suffix)] if path.suffix else p.name)
+        if m:
+            found.setdefault(int(m.group(2)), {})[int(m.group(1))] = p
+    if not found:
+        return []
+    if len(found) > 1:
+        raise ConfigError(f"{path}: shards of several extractions ({', '.join(f'of-{w}' for w in sorted(found))}); remove the stale ones")
+    world, shards = next(iter(found.items()))
+    missing = sorted(set(range(world)) - set(shards))
+    if missing:
+        raise ConfigError(f"{path}: shard(s) {', '.join(map(str, missing))} of {world} are missing; run the extraction again to finish them")
+    return [shards[r] for r in range(world)]
+
+
+def _load_one(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            if "features" not in z:
+                raise ConfigError(f"{path}: no 'features' array; was it written by convae extract?")
+            return z["features"], (z["labels"] if "labels" in z else None)
+    features = np.load(path, mmap_mode="r", allow_pickle=False)
+    labels_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy")
+    labels = np.load(labels_path, allow_pickle=False) if labels_path.is_file() else None
+    return features, labels
+
+
+def is_feature_file(spec: str | os.PathLike) -> bool:
+    """A finished extraction (a 2-D .npy/.npz, or a complete set of rank shards) at `spec`."""
+    path = Path(spec)
+    if path.suffix.lower() not in (".npy", ".npz"):
+        return False
+    if path.is_file():
+        try:
+            if path.suffix.lower() == ".npz":
+                with np.load(path, allow_pickle=False) as z:
+                    return "features" in z
+            return np.load(path, mmap_mode="r", allow_pickle=False).ndim == 2
+        except (OSError, ValueError):
+            return False
+    return bool(_shards_of(path))
+
+
+def load_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features (N, dim) and labels (or None) of `convae extract` output, sharded or not.
+
+    A sharded extraction (``OUT.rank0-of-N.npy`` ...) reads as one result, in image order.
+
+    Parameters
+    ----------
+    path : path
+        ``OUT.npy`` (with ``OUT.labels.npy`` beside it), ``OUT.npz``, or the name the shards share.
+
+    Returns
+    -------
+    (ndarray, ndarray or None)
+        The features (a read-only memmap for a single .npy) and the labels.
+
+    Examples
+    --------
+    >>> X, y = load_features("train.npy")   # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.is_file():
+        return _load_one(path)
+    shards = _shards_of(path)
+    if not shards:
+        raise ConfigError(f"{path}: no such features file (nor shards {shard_path(path, 0, 2).name}, ...)")
+    parts = [_load_one(p) for p in shards]
+    features = np.concatenate([f for f, _ in parts])
+    labels = None if any(y is None for _, y in parts) else np.concatenate([y for _, y in parts])
+    return features, labels

@@ -1,0 +1,121 @@
+"""The model's settings: one typed record, config.json's ``model`` object (torch-free).
+
+``ModelConfig`` stays one flat record, as every config.json written so far has it; each net
+reads only its own fields (its ``config_fields``) and checks them itself
+(``check_config``), so this module knows no architecture but their names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from ..errors import ConfigError
+from .registry import ARCHITECTURES, net_class
+
+Norm = Literal["batch", "group", "none"]
+Activation = Literal["relu", "leaky_relu", "gelu", "silu", "elu"]
+Downsample = Literal["max", "avg", "stride"]
+Upsample = Literal["nearest", "bilinear", "transpose"]
+Bottleneck = Literal["conv", "dense"]
+Decoder = Literal["mirror", "light"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every architecture setting; `arch` says which net (see ``convae.models.registry``) reads them."""
+
+    arch: str = "conv"
+    in_channels: int = 1
+    image_size: tuple[int, int] = (28, 28)  # (H, W) the model was built for
+    channels: tuple[int, ...] = (32, 64, 128)  # one entry per encoder stage (arch sparse: its filters)
+    convs_per_stage: int = 1
+    kernel_size: int = 3
+    norm: Norm = "batch"
+    activation: Activation = "relu"
+    downsample: Downsample = "max"
+    upsample: Upsample = "nearest"
+    # "mirror": each decoder stage upsamples, then convolves at the finer size (the encoder
+    # mirrored). "light": it convolves first, at the coarser size (a quarter of the pixels),
+    # then upsamples: the decoder's FLOPs fall about fourfold, so training sees more images a
+    # minute, and the encoder's features are what the decoder is for.
+    decoder: Decoder = "mirror"
+    bottleneck: Bottleneck = "conv"
+    latent_channels: int = 0  # conv bottleneck: 0 keeps the last stage's maps as the code
+    latent_dim: int = 128  # dense bottleneck, and the code size of arch="dense"
+    hidden: tuple[int, ...] = (512,)  # arch="dense": hidden layer widths
+    # Winner-take-all sparsity of the code the decoder sees (conv arch; features are unaffected):
+    # each code map keeps only its largest value per image, and each channel only its top
+    # `code_wta` fraction of the batch's images. 0: off. Makhzani & Frey's conv WTA autoencoder.
+    code_wta: float = 0.0
+    # arch="sparse" (channels = (filters,), kernel_size = the patch side): filters kept per patch
+    # when reconstructing it (the k of a k-sparse autoencoder), the ZCA whitening's eigenvalue
+    # floor, and random patches each training image gives per step.
+    sparse_k: int = 1
+    whiten_eps: float = 0.1
+    patches_per_image: int = 16
+
+    # Fields added after config.json files were first written: what such a file meant.
+    LEGACY_DEFAULTS: ClassVar[dict] = {"decoder": "mirror"}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the settings every net shares, then the net's own (``check_config``)."""
+        h, w = self.image_size
+        if h < 1 or w < 1:
+            raise ConfigError(f"image size {h}x{w} must be positive")
+        if self.in_channels < 1:
+            raise ConfigError(f"channels must be at least 1, got {self.in_channels}")
+        net_class(self.arch).check_config(self)
+
+
+def stage_sizes(image_size: Sequence[int], num_stages: int) -> list[tuple[int, int]]:
+    """Spatial size at the input of each stage, then after the last one.
+
+    Downsampling rounds up (ceil mode), so odd sizes lose no pixels.
+    """
+    h, w = image_size
+    sizes = [(h, w)]
+    for _ in range(num_stages):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        sizes.append((h, w))
+    return sizes
+
+
+def max_stages(image_size: Sequence[int]) -> int:
+    """The most 2x-downsampling stages an image of this size allows (each keeps at least 2x2)."""
+    n = 0
+    while all(s >= 2 for s in stage_sizes(image_size, n + 1)[n]):
+        n += 1
+    return n
+
+
+def default_model_config(image_shape: Sequence[int], **overrides) -> ModelConfig:
+    """Settings that suit the image size: stages until about 4x4, widths that grow with depth.
+
+    `overrides` (None values are ignored) replace them; the chosen net may adjust the defaults
+    for its own kind (``default_settings``), e.g. the sparse net's 1,600 filters.
+    """
+    h, w, c = image_shape
+    smallest = min(h, w)
+    stages = int(round(math.log2(max(smallest, 1) / 4))) if smallest >= 4 else 1
+    stages = max(1, min(stages if smallest > 8 else 2, 5, max_stages((h, w))))
+    base = 32 if c == 1 else 64
+    channels = tuple(min(base * 2**i, 256) for i in range(stages))
+    settings: dict[str, Any] = dict(in_channels=c, image_size=(h, w), channels=channels)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    arch = given.get("arch", "conv")
+    if arch not in ARCHITECTURES:
+        net_class(arch)  # raises the error that lists them
+    settings = net_class(arch).default_settings((h, w, c), settings, overrides)
+    settings.update(given)
+    return ModelConfig(**settings)
+
+
+def code_size(config: ModelConfig) -> int:
+    """Number of values in the bottleneck code."""
+    return math.prod(net_class(config.arch).code_shape(config))

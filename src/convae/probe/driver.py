@@ -1,0 +1,336 @@
+"""The probe itself: features of a run (and of its baselines) fitted and scored, source by source.
+
+Sources, each held in memory alone: the run's feature sets; the same architecture with random,
+untrained weights (``random/``; its data statistics measured as training would, no gradient
+step); other runs (``--compare``); raw pixels and PCA of the pixels. Unsupervised parts see all
+train images, as the autoencoder did: PCA and the Whitener are fitted on every train image, and
+only the classifiers are limited to the labelled subset. The PCA baseline is the standardized
+pixels projected on their first principal axes, not standardized again: that would whiten the
+scores, raising noise axes to the scale of the signal, and make PCA a straw man.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from ..errors import ConfigError
+from ..estimator import ConvAutoencoder
+from ..features import FeatureExtractor, load_features, resolve_layers, split_names
+from ..progress import make_bar
+from ..models import build_model
+from ..run import load_config, load_model
+from ..tensors import evenly_spaced
+from .evaluate import FeatureSet, evaluate_features, label_subsets
+from .options import ProbeOptions
+
+#: The random-weight baseline's data statistics are measured on up to this many train images.
+CALIBRATION_IMAGES = 10_000
+
+
+def calibrate(model: nn.Module, images, layers: Sequence[str], *, max_images: int = CALIBRATION_IMAGES,
+              batch_size: int = 256) -> None:
+    """Give an untrained `model` the data statistics training would (batch-norm statistics of the
+    encoder up to `layers`; a sparse net's patch whitening) from up to `max_images` of `images`,
+    evenly spaced, without a gradient step; leaves `model` in eval mode.
+
+    An untrained model's running statistics are the identity (mean 0, variance 1), so its
+    normalized maps are on whatever scale the random weights give: a strawman next to a trained
+    model, and meaningless for sign splits, whose threshold is in standard deviations.
+    """
+    model.calibrate(images, evenly_spaced(np.arange(len(images)), max_images), layers, batch_size)
+    model.eval()
+
+
+def _model_of(source) -> tuple[nn.Module, str]:
+    """(model, short name) of a run directory, a fitted ConvAutoencoder or a model."""
+    if isinstance(source, ConvAutoencoder):
+        check_is_fitted(source, "model_")
+        return source.model_, "model"
+    if isinstance(source, nn.Module):
+        return source, "model"
+    model, _ = load_model(source, device="cpu")  # the extractor moves it to the device
+    return model, Path(source).name
+
+
+def _images_labels(data, which: str):
+    """(images, labels) of an ImageData or an (images, labels) pair; labels are required."""
+    images, labels = (data.images, data.labels) if hasattr(data, "images") else data
+    name = getattr(data, "name", which)
+    if labels is None:
+        raise ConfigError(f"{which} data {name}: has no labels; the probe needs labelled train and test data")
+    labels = np.asarray(labels)
+    if len(labels) != len(images):
+        raise ConfigError(f"{which} data {name}: {len(labels)} labels for {len(images)} images")
+    return images, labels
+
+
+def layer_groups(model: nn.Module, layers: str | Iterable[str] | None) -> list[tuple[str, ...]]:
+    """The feature sets a probe's `layers` asks for, each a tuple of layers in network order.
+
+    "stage2,bottleneck" is two sets; "stage2+bottleneck" is one, both layers' pooled features
+    concatenated (depths combined); "all" is every layer; None, every stage and the bottleneck.
+    """
+    if layers is None:
+        return [(name,) for name in model.hierarchy_layers()]
+    items = split_names(layers, "layers")
+    if items == ["all"]:
+        return [(name,) for name in model.layer_names]
+    groups = [tuple(resolve_layers(model, [n.strip() for n in item.split("+")])) for item in items]
+    return list(dict.fromkeys(groups))
+
+
+def check_layers(run_dir, options: ProbeOptions) -> None:
+    """The probe's layers exist in the run at `run_dir` (before any data is loaded); a preset's
+    layers that do not fit the run say so."""
+    if not options.layers:
+        return
+    with torch.device("meta"):  # only the layer names are needed: no weights allocated
+        model = build_model(load_config(run_dir).model)
+    try:
+        layer_groups(model, options.layers)
+    except ConfigError as e:
+        if options.preset_layers:
+            raise ConfigError(f"--preset {options.preset} does not fit {run_dir}: {e}; give --layers instead") from e
+        raise
+
+
+def _group_blocks(extractor: FeatureExtractor, groups: Sequence[tuple[str, ...]]) -> list[tuple[str, list]]:
+    """(name, blocks) of each feature set: every group at every pooling, "a+b/pool" for a group."""
+    out = []
+    for group in groups:
+        for pool in extractor.pools:
+            blocks = [b for b in extractor.blocks if b.layer in group and b.pool == pool]
+            out.append(("+".join(b.layer for b in blocks) + f"/{pool}", blocks))
+    return out
+
+
+class MirroredImages:
+    """uint8 images (N, H, W, C) seen mirrored left to right, read on access (arrays or LazyImages)."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, images):
+        self.images = images
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(self.images[idx])[..., ::-1, :])
+
+
+def mirrored(images):
+    """`images` mirrored left to right: a view of an array, else :class:`MirroredImages`."""
+    if isinstance(images, np.ndarray):
+        return images[:, :, ::-1]
+    return MirroredImages(images)
+
+
+def _features(extractor: FeatureExtractor, images, mirror: bool, progress: bool) -> np.ndarray:
+    """Features of the images, then (with `mirror`) of their mirror images, in one array."""
+    if not mirror:
+        return extractor.transform(images, progress=progress)
+    n = len(images)
+    out = np.empty((2 * n, extractor.dim), dtype=np.float32)  # filled batch by batch: no second copy
+    extractor.fill(out, images, progress=progress)
+    extractor.fill(out, mirrored(images), offset=n, progress=progress)
+    return out
+
+
+def _layer_sets(
+    extractor: FeatureExtractor, groups: Sequence[tuple[str, ...]], train, test, prefix: str, progress: bool,
+    mirror: bool = False, test_mirror: bool = False,
+) -> list[FeatureSet]:
+    xtr = _features(extractor, train, mirror, progress)
+    xte = _features(extractor, test, test_mirror, progress)
+    sets = []
+    for name, blocks in _group_blocks(extractor, groups):
+        if all(a.stop == b.start for a, b in zip(blocks, blocks[1:])):
+            columns = slice(blocks[0].start, blocks[-1].stop)  # a view: wide sets take GBs to copy
+        else:
+            columns = np.concatenate([np.arange(b.start, b.stop) for b in blocks])
+        sets.append(
+            FeatureSet(prefix + name, xtr[:, columns], xte[:, columns], mirrored=mirror, test_mirrored=test_mirror)
+        )
+    return sets
+
+
+def _pixels(images, mirror: bool = False, batch: int = 4096) -> np.ndarray:
+    """Pixels in [0, 1], one row per image (then one per mirror image, with `mirror`)."""
+    n = len(images)
+    out = np.empty(((2 if mirror else 1) * n, int(np.prod(images.shape[1:]))), dtype=np.float32)
+    for offset, source in ((0, images), (n, mirrored(images)))[: 2 if mirror else 1]:
+        for s in range(0, n, batch):
+            rows = np.asarray(source[s : s + batch]).reshape(-1, out.shape[1]) / np.float32(255)
+            out[offset + s : offset + s + len(rows)] = rows
+    return out
+
+
+def _pca_dims(dims: Iterable[int], pixels_shape: tuple[int, int]) -> list[int | float]:
+    """PCA sizes to compare with: those below the pixel count and the train size.
+
+    A PCA as large as the pixel count only rotates the standardized pixels, which the pixels
+    row already measures. When no size is left, keep 95% of the variance.
+    """
+    n, pixels = pixels_shape
+    kept = sorted({int(d) for d in dims if 0 < int(d) < min(pixels, n)})
+    return kept or [0.95]
+
+
+def run_probe(run, train, test, options: ProbeOptions | None = None, *, compare: Sequence = (), random_seed: int = 0,
+              device: str = "auto", batch_size: int | None = None, progress: bool = False, **settings) -> list[dict]:
+    """Probe the features of `run` (a run directory, a fitted ConvAutoencoder or a model).
+
+    Parameters
+    ----------
+    run : path, ConvAutoencoder or AutoencoderNet
+    train, test : ImageData or (images, labels)
+        Labelled images of the model's image shape.
+    options : ProbeOptions, optional
+        What to probe; or give its fields as keywords (`settings`): ``layers`` (default every
+        stage and the bottleneck; "stage2+bottleneck" probes those layers' features
+        concatenated), ``pool`` ("grid4"), ``classifiers``, ``baselines``, ``labels_per_class``,
+        ``seeds``, ``normalize`` ("standard" or "whiten", see :func:`evaluate_features`),
+        ``augment`` ("flip" fits every classifier on the train images and their mirror images
+        too, baselines alike; "flip-tta" also scores each test image by the mean of the
+        classifier's scores for it and its mirror image), ``c_scale``, ``max_iter`` and
+        ``pca_dims`` (the PCA baseline's sizes; by default one per distinct dimension of the
+        compared feature sets below the pixel count, else 95% of the variance).
+    compare : sequence
+        Other runs (e.g. the dense autoencoder), probed at the requested layers they have, or
+        at their own default layers.
+
+    Returns
+    -------
+    list of dict
+        One row per feature set, labels per class and classifier (keys ``COLUMNS``), grouped
+        by labels per class.
+
+    Examples
+    --------
+    >>> rows = run_probe("runs/mnist", train, test, layers="stage2,stage2+bottleneck",   # doctest: +SKIP
+    ...                  labels_per_class=[10, "all"], normalize="whiten")
+    """
+    options = ProbeOptions(**settings) if options is None else options.replace(**settings)
+    train_images, y_train = _images_labels(train, "train")
+    test_images, y_test = _images_labels(test, "test")
+    model, _ = _model_of(run)
+    groups = layer_groups(model, options.layers)
+    # every layer of every group, once (the extractor puts them in network order)
+    extractor = FeatureExtractor(model, {n for g in groups for n in g}, options.pool, device=device,
+                                 batch_size=batch_size)
+    for name, images in (("train", train_images), ("test", test_images)):
+        extractor.check_images(images, f"{name} images")
+    probe = _Probe(extractor, groups, train_images, test_images, options, progress)
+    sources = probe.sources(model, compare, random_seed, device, batch_size)
+    return probe.evaluate(sources, y_train, y_test)
+
+
+class _Probe:
+    """One probe's feature sources, and their evaluation one source at a time."""
+
+    def __init__(self, extractor, groups, train_images, test_images, options: ProbeOptions, progress: bool):
+        self.extractor, self.groups, self.options, self.progress = extractor, groups, options, progress
+        self.train, self.test = train_images, test_images
+
+    def layer_sets(self, extractor: FeatureExtractor, groups, prefix: str) -> list[FeatureSet]:
+        o = self.options
+        return _layer_sets(extractor, groups, self.train, self.test, prefix, self.progress, o.mirror, o.test_mirror)
+
+    def sources(self, model, compare, random_seed: int, device, batch_size) -> Iterator[list[FeatureSet]]:
+        """Feature sets, one source at a time, so only one source's features are held in memory."""
+        yield self.layer_sets(self.extractor, self.groups, "")
+        if "random" in self.options.baselines:
+            yield self.layer_sets(self._random_extractor(model, random_seed, device, batch_size), self.groups, "random/")
+        used = {"random", "pixels", "pca"}
+        for i, other in enumerate(compare, start=1):
+            other_model, name = _model_of(other)
+            name = name if name not in used else f"compare{i}"
+            used.add(name)
+            valid = set(other_model.feature_layer_names())
+            theirs = [g for g in self.groups if set(g) <= valid] or layer_groups(other_model, None)
+            ex = FeatureExtractor(other_model, {n for g in theirs for n in g}, self.extractor.pools, device=device,
+                                  batch_size=batch_size)
+            yield self.layer_sets(ex, theirs, f"{name}/")
+        yield from self._pixel_sources()
+
+    def _random_extractor(self, model, random_seed: int, device, batch_size) -> FeatureExtractor:
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
+            torch.manual_seed(random_seed)
+            untrained = type(model)(model.config)  # the same architecture, default initialisation
+        ex = FeatureExtractor(untrained, self.extractor.layers, self.extractor.pools, device=device,
+                              batch_size=batch_size)
+        calibrate(untrained, self.train, self.extractor.layers, batch_size=ex.batch_size)
+        return ex
+
+    def _pixel_sources(self) -> Iterator[list[FeatureSet]]:
+        o = self.options
+        if "pixels" not in o.baselines and "pca" not in o.baselines:
+            return
+        flips = dict(mirrored=o.mirror, test_mirrored=o.test_mirror)
+        xtr, xte = _pixels(self.train, o.mirror), _pixels(self.test, o.test_mirror)
+        if "pixels" in o.baselines:
+            yield [FeatureSet("pixels", xtr, xte, **flips)]
+        if "pca" in o.baselines:
+            dims = o.pca_dims if o.pca_dims is not None else [
+                sum(b.dim for b in blocks) for _, blocks in _group_blocks(self.extractor, self.groups)
+            ]
+            for d in _pca_dims(dims, xtr.shape):
+                # The standardized pixels on their first d principal axes. Standardizing the
+                # scores again would whiten them: noise axes blown up to the signal's scale.
+                pca = make_pipeline(StandardScaler(), PCA(n_components=d, random_state=0)).fit(xtr)
+                yield [FeatureSet("pca", pca.transform(xtr), pca.transform(xte), standardize=False, **flips)]
+
+    def evaluate(self, sources: Iterator[list[FeatureSet]], y_train, y_test) -> list[dict]:
+        o = self.options
+        fits_per_set = len(o.classifiers) * sum(len(label_subsets(y_train, k, o.seeds)) for k in o.labels_per_class)
+        bar = make_bar(self.progress, 0, unit="fit")
+        rows: list[dict] = []
+        try:
+            for sets in sources:
+                bar.total += fits_per_set * len(sets)
+                bar.refresh()
+                rows += evaluate_features(
+                    sets, y_train, y_test, classifiers=o.classifiers, labels_per_class=o.labels_per_class,
+                    seeds=o.seeds, normalize=o.normalize, c_scale=o.c_scale, max_iter=o.max_iter,
+                    on_fit=lambda: bar.update(1),
+                )
+        finally:
+            bar.close()
+        order = {k: i for i, k in enumerate(o.labels_per_class)}
+        return sorted(rows, key=lambda r: order[r["labels_per_class"]])  # stable: sources keep their order
+
+
+def probe_feature_files(train_path, test_path, options: ProbeOptions | None = None, **settings) -> list[dict]:
+    """Probe features `convae extract` already wrote (sharded or not), with their labels.
+
+    `options` (or its fields as keywords): classifiers, labels_per_class, seeds, normalize,
+    c_scale and max_iter apply; layers, pooling, baselines and augmentation need images.
+    """
+    o = ProbeOptions(**settings) if options is None else options.replace(**settings)
+    (xtr, ytr), (xte, yte) = load_features(train_path), load_features(test_path)
+    for path, y in ((train_path, ytr), (test_path, yte)):
+        if y is None:
+            raise ConfigError(f"{path}: no labels beside these features; extract labelled data to probe it")
+    if xtr.shape[1] != xte.shape[1]:
+        raise ConfigError(f"{train_path} has {xtr.shape[1]} features per image but {test_path} has {xte.shape[1]}")
+    name = Path(train_path).stem.split(".rank")[0]
+    sets = [FeatureSet(name, np.asarray(xtr, dtype=np.float32), np.asarray(xte, dtype=np.float32))]
+    return list(evaluate_features(
+        sets, ytr, yte, classifiers=o.classifiers, labels_per_class=o.labels_per_class, seeds=o.seeds,
+        normalize=o.normalize, c_scale=o.c_scale, max_iter=o.max_iter,
+    ))

@@ -1,0 +1,148 @@
+"""The probe's options: one typed record, checked before any data is loaded (torch-free).
+
+:class:`ProbeOptions` is what ``convae probe`` parses its options into and what
+:func:`convae.probe.run_probe` runs; :meth:`ProbeOptions.with_preset` is the one place a
+preset's recommended probe fills the options a user did not give.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from ..errors import ConfigError
+from ..features.plan import resolve_pools
+from ..presets import get_preset
+
+#: Classifier names (convae.probe.classifiers.CLASSIFIERS builds them).
+CLASSIFIER_NAMES: tuple[str, ...] = ("logreg", "linsvm", "rbfsvm", "rf", "knn", "mlp")
+BASELINES: tuple[str, ...] = ("pixels", "pca", "random")
+NORMALIZATIONS: tuple[str, ...] = ("standard", "whiten")
+# "flip": the classifiers also see every train image mirrored left to right, with its label
+# (features of the mirror image, from the same frozen encoder). "flip-tta" also scores each test
+# image as the average of the classifier's scores for it and its mirror image (test-time
+# augmentation); the test images themselves are never altered.
+AUGMENTATIONS: tuple[str, ...] = ("none", "flip", "flip-tta")
+#: Options a preset's probe may set.
+PRESET_FIELDS: tuple[str, ...] = ("layers", "pool", "normalize", "augment", "c_scale", "max_iter")
+
+
+def parse_list(
+    value: str | Iterable[str] | None, option: str, choices: Sequence[str], *, allow_none: bool = False
+) -> list[str]:
+    """Names from "a,b" or a list, checked against `choices`, in the order given ("none": [] if allowed)."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    items = [str(v).strip() for v in items if str(v).strip()]
+    if allow_none and items == ["none"]:
+        return []
+    unknown = [v for v in items if v not in choices]
+    if unknown or not (items or allow_none):
+        also = " (or none)" if allow_none else ""
+        what = f"unknown {', '.join(unknown)}" if unknown else "give at least one"
+        raise ConfigError(f"{option}: {what}: choose from {', '.join(choices)}{also}")
+    return list(dict.fromkeys(items))
+
+
+def parse_labels_per_class(value: str | int | Iterable[str | int]) -> list[int | str]:
+    """"10,100,all" -> [10, 100, "all"]."""
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
+    out: list[int | str] = []
+    for v in items:
+        v = str(v).strip()
+        if not v:
+            continue
+        if v == "all":
+            out.append("all")
+            continue
+        try:
+            k = int(v)
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ConfigError(f"labels per class {v!r}: give positive integers or all, e.g. 10,100,all")
+        out.append(k)
+    if not out:
+        raise ConfigError("labels per class: give at least one value, e.g. 10,100,all")
+    return list(dict.fromkeys(out))
+
+
+def check_fit_options(c_scale: float, max_iter: int | None) -> None:
+    if not (isinstance(c_scale, (int, float)) and math.isfinite(c_scale) and c_scale > 0):
+        raise ConfigError(f"C scale must be a positive number, got {c_scale!r}")
+    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
+        raise ConfigError(f"max iterations must be a positive integer, got {max_iter!r}")
+
+
+def check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """What to probe and how; the constructor parses "a,b" strings and checks every value.
+
+    `layers` None means every stage and the bottleneck; "a+b" joins layers into one feature
+    set. `preset` names the preset whose recommended probe filled the unset options
+    (:meth:`with_preset`), and `preset_layers` whether the layers came from it.
+    """
+
+    layers: str | None = None
+    pool: str = "grid4"
+    classifiers: tuple[str, ...] = ("logreg",)
+    baselines: tuple[str, ...] = BASELINES
+    labels_per_class: tuple[int | str, ...] = ("all",)
+    seeds: int = 3
+    normalize: str = "standard"
+    augment: str = "none"
+    c_scale: float = 1.0
+    max_iter: int | None = None
+    pca_dims: tuple[int, ...] | None = None
+    preset: str | None = None
+    preset_layers: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalize the parsed forms once, here
+        set_(self, "classifiers", tuple(parse_list(self.classifiers, "classifiers", CLASSIFIER_NAMES)))
+        set_(self, "baselines", tuple(parse_list(self.baselines, "baselines", BASELINES, allow_none=True)))
+        set_(self, "labels_per_class", tuple(parse_labels_per_class(self.labels_per_class)))
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ConfigError(f"seeds must be at least 1, got {self.seeds}")
+        check_normalize(self.normalize)
+        check_fit_options(self.c_scale, self.max_iter)
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+        resolve_pools(self.pool)
+
+    @classmethod
+    def with_preset(cls, preset: str | None = None, **given: Any) -> ProbeOptions:
+        """Options from `given` (None: not given), the preset's recommended probe filling the
+        rest of PRESET_FIELDS, the defaults filling what is still unset."""
+        recommended = get_preset(preset).probe if preset else {}
+        chosen = {k: v for k, v in given.items() if v is not None}
+        for key in PRESET_FIELDS:
+            if key not in chosen and key in recommended:
+                chosen[key] = recommended[key]
+        return cls(**chosen, preset=preset, preset_layers=bool(preset) and given.get("layers") is None)
+
+    @property
+    def mirror(self) -> bool:
+        """Whether the classifiers also fit the train images' mirror images."""
+        return self.augment in ("flip", "flip-tta")
+
+    @property
+    def test_mirror(self) -> bool:
+        """Whether each test image is scored with its mirror image too."""
+        return self.augment == "flip-tta"
+
+    def fit_meta(self) -> dict[str, Any]:
+        """How the rows were fitted, for results.json."""
+        return dict(c_scale=self.c_scale, max_iter=self.max_iter)
+
+    def replace(self, **changes: Any) -> ProbeOptions:
+        return replace(self, **changes)
+
+
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ProbeOptions))
