@@ -12,6 +12,7 @@ dimensions as the bottleneck code (capped below the pixel count). Writes the "##
 section of benchmarks/RESULTS.md (other sections are kept) and the raw rows to
 benchmarks/quality.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,9 @@ TARGETS = {
 NOTES_START = "Notes ("
 
 
-def run_fit(name: str, data_dir: Path, runs: Path, threads: int, max_time: float | None) -> tuple[Path, float, list[str]]:
+def run_fit(
+    name: str, data_dir: Path, runs: Path, threads: int, max_time: float | None
+) -> tuple[Path, float, list[str]]:
     out = runs / name
     if out.exists():
         shutil.rmtree(out)
@@ -72,14 +75,34 @@ def probe_dataset(name: str, run: Path, data_dir: Path, labels_per_class) -> tup
     normalize = preset.probe.get("normalize", "standard")
     t0 = time.perf_counter()
     rows = run_probe(
-        run, train, test, layers=preset.probe["layers"], pool=preset.probe["pool"], classifiers="logreg",
-        baselines="random,pixels,pca", labels_per_class=labels_per_class, seeds=3, normalize=normalize,
-        augment=preset.probe.get("augment", "none"), c_scale=preset.probe.get("c_scale", 1.0),
-        max_iter=preset.probe.get("max_iter"), pca_dims=[code], device="cpu",
+        run,
+        train,
+        test,
+        layers=preset.probe["layers"],
+        pool=preset.probe["pool"],
+        classifiers="logreg",
+        baselines="random,pixels,pca",
+        labels_per_class=labels_per_class,
+        seeds=3,
+        normalize=normalize,
+        augment=preset.probe.get("augment", "none"),
+        c_scale=preset.probe.get("c_scale", 1.0),
+        max_iter=preset.probe.get("max_iter"),
+        pca_dims=[code],
+        device="cpu",
     )
-    info = dict(code_size=code, train_images=len(train), test_images=len(test), normalize=normalize,
-                epochs=None, model=dict(channels=list(config.model.channels), convs_per_stage=config.model.convs_per_stage,
-                           decoder=config.model.decoder))
+    info = dict(
+        code_size=code,
+        train_images=len(train),
+        test_images=len(test),
+        normalize=normalize,
+        epochs=None,
+        model=dict(
+            channels=list(config.model.channels),
+            convs_per_stage=config.model.convs_per_stage,
+            decoder=config.model.decoder,
+        ),
+    )
     hist = run / "history.csv"
     if hist.exists():
         # Passes over the training images, fractional: a time budget stops mid-epoch.
@@ -151,7 +174,14 @@ def section(results: dict, meta: dict, notes: str = "") -> str:
             f"{fmt(a.get('pixels'))} | {fmt(a.get('code'))} | {fmt(a.get('pca'))} ({pca_dim}) | {low[0]} | {low[1]} | "
             f"{target} | {'yes' if met else 'no'} |"
         )
-    lines += ["", "Reference results: " + "; ".join(f"{n}: {TARGETS[n][1]}" for n in results), "", "Commands:", "", "```"]
+    lines += [
+        "",
+        "Reference results: " + "; ".join(f"{n}: {TARGETS[n][1]}" for n in results),
+        "",
+        "Commands:",
+        "",
+        "```",
+    ]
     for res in results.values():
         lines.append(" ".join(Path(c).name if i == 0 else c for i, c in enumerate(res["command"])))
     lines += [
@@ -192,8 +222,12 @@ def meta_info(threads: int) -> dict:
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         machine=f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
-        cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
-        sklearn=sklearn.__version__, convae=convae.__version__, threads=threads,
+        cpus=os.cpu_count(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        sklearn=sklearn.__version__,
+        convae=convae.__version__,
+        threads=threads,
     )
 
 
@@ -207,9 +241,12 @@ def main() -> None:
     p.add_argument("--labels-per-class", default="10,100,all")
     p.add_argument("--no-write", action="store_true", help="Print the section instead of writing RESULTS.md.")
     p.add_argument("--from-json", action="store_true", help="Rewrite the section from quality.json; run nothing.")
-    p.add_argument("--reuse-runs", action="store_true",
-                   help="Probe the runs already in --runs (trained by this script; their fit time is kept from quality.json) "
-                        "instead of training them again.")
+    p.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="Probe the runs already in --runs (trained by this script; their fit time is kept from quality.json) "
+        "instead of training them again.",
+    )
     args = p.parse_args()
     if args.from_json:
         args.datasets = ""
@@ -230,10 +267,20 @@ def main() -> None:
         meta = meta_info(args.threads)
         if reuse:
             meta["date"] += f" (probe; trained {raw[name].get('meta', {}).get('date', 'earlier')})"
-        raw[name] = dict(command=cmd, fit_seconds=fit_s, probe_seconds=probe_s, info=info, rows=rows,
-                         summary=summarize(name, rows), meta=meta)
+        raw[name] = dict(
+            command=cmd,
+            fit_seconds=fit_s,
+            probe_seconds=probe_s,
+            info=info,
+            rows=rows,
+            summary=summarize(name, rows),
+            meta=meta,
+        )
         best = raw[name]["summary"]["all"]["best"]
-        print(f"{name}: fit {fit_s:.0f} s, probe {probe_s:.0f} s, best {best['features']} {best['accuracy']:.4f}", flush=True)
+        print(
+            f"{name}: fit {fit_s:.0f} s, probe {probe_s:.0f} s, best {best['features']} {best['accuracy']:.4f}",
+            flush=True,
+        )
         if not args.no_write:
             raw_path.write_text(json.dumps(raw, indent=2) + "\n")
     order = [n for n in TARGETS if n in raw]

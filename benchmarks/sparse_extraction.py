@@ -10,6 +10,7 @@ checks that they agree and prints one JSON line.
 
     python benchmarks/sparse_extraction.py --data-dir ../shared/datasets --images 2000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ def main() -> None:
     args = parser.parse_args()
 
     images = load_dataset("cifar10:test", data_dir=args.data_dir).images[: args.images]
-    model = build_model(ModelConfig(arch="sparse", in_channels=3, image_size=(32, 32), channels=(args.filters,),
-                                    kernel_size=5)).eval()
+    model = build_model(
+        ModelConfig(arch="sparse", in_channels=3, image_size=(32, 32), channels=(args.filters,), kernel_size=5)
+    ).eval()
     model.fit_whitening([to_float_nchw(images[:1000])])
     extractor = FeatureExtractor(model, "conv1.split", "grid2")
 
@@ -69,12 +71,21 @@ def main() -> None:
     reference_s = time.perf_counter() - start
 
     error = float(np.abs(fast - reference).max() / np.abs(reference).max())
-    print(json.dumps({
-        "images": len(images), "filters": args.filters, "dim": extractor.dim, "batch": extractor.batch_size,
-        "threads": torch.get_num_threads(), "convae_images_per_s": round(len(images) / fast_s, 1),
-        "convolution_images_per_s": round(len(images) / reference_s, 1),
-        "speed_up": round(reference_s / fast_s, 2), "max_relative_difference": error,
-    }))
+    print(
+        json.dumps(
+            {
+                "images": len(images),
+                "filters": args.filters,
+                "dim": extractor.dim,
+                "batch": extractor.batch_size,
+                "threads": torch.get_num_threads(),
+                "convae_images_per_s": round(len(images) / fast_s, 1),
+                "convolution_images_per_s": round(len(images) / reference_s, 1),
+                "speed_up": round(reference_s / fast_s, 2),
+                "max_relative_difference": error,
+            }
+        )
+    )
     if error > 1e-3:
         raise SystemExit(f"the two paths disagree: max relative difference {error:.2e}")
 

@@ -24,6 +24,7 @@ loop (bf16 autocast, channels_last) at the default batch and at `--gpu-batch`, a
 tutorial loop on the GPU (fp32, each batch copied from a CPU DataLoader), and extraction with
 the GPU's peak memory beside the process's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,16 +115,18 @@ def in_fresh_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def convae_throughput(images: np.ndarray, config, batch_size: int, epochs: int = 2, device: str = "cpu",
-                      amp: bool = True) -> float:
+def convae_throughput(
+    images: np.ndarray, config, batch_size: int, epochs: int = 2, device: str = "cpu", amp: bool = True
+) -> float:
     """Images/s of convae's own loop (steady state: the last epoch, validation excluded)."""
     train = TrainConfig(epochs=epochs, batch_size=batch_size, val_fraction=0.0, warmup=0.0, device=device, amp=amp)
     result = fit(images, config, train)
     return result.history[-1]["images_per_s"]
 
 
-def reference_throughput(images: np.ndarray, config, batch_size: int, epochs: int = 2, device: str = "cpu",
-                         amp: bool = False) -> float:
+def reference_throughput(
+    images: np.ndarray, config, batch_size: int, epochs: int = 2, device: str = "cpu", amp: bool = False
+) -> float:
     """The loop tutorials write: float TensorDataset, DataLoader(shuffle), .item() every step.
 
     `amp` wraps its forward pass in bf16 autocast: the one line a tutorial would add for it.
@@ -150,8 +153,9 @@ def reference_throughput(images: np.ndarray, config, batch_size: int, epochs: in
     return rate
 
 
-def compare_loops(name: str, images: np.ndarray, config, batch: int, repeat: int, device: str,
-                  fp32_too: bool = False) -> dict:
+def compare_loops(
+    name: str, images: np.ndarray, config, batch: int, repeat: int, device: str, fp32_too: bool = False
+) -> dict:
     """convae's loop and the tutorial loop, alternating `repeat` times, each in a fresh process.
 
     `fp32_too` adds convae's loop with --no-amp and the tutorial loop with bf16 autocast, so
@@ -164,9 +168,12 @@ def compare_loops(name: str, images: np.ndarray, config, batch: int, repeat: int
     for _ in range(repeat):
         for key, (loop, amp) in loops.items():
             runs[key].append(in_fresh_process(loop, images, config, batch, 2, device, amp))
-    return dict(model=f"{name} default {list(config.channels)} x{config.convs_per_stage}, batch {batch}",
-                images=len(images), **{f"{key}_runs": values for key, values in runs.items()},
-                **{key: max(values) for key, values in runs.items()})
+    return dict(
+        model=f"{name} default {list(config.channels)} x{config.convs_per_stage}, batch {batch}",
+        images=len(images),
+        **{f"{key}_runs": values for key, values in runs.items()},
+        **{key: max(values) for key, values in runs.items()},
+    )
 
 
 def append_section(lines: list[str], path: str) -> None:
@@ -208,7 +215,9 @@ def extraction_runs(base: np.ndarray, sizes=(10_000, 100_000), device: str = "cp
             out = Path(tmp) / f"features-{n}.npy"
             proc = subprocess.run(
                 [sys.executable, "-c", EXTRACT_CHILD, str(path), str(n), str(out), device],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             out.unlink()
@@ -279,8 +288,11 @@ def main() -> None:
         "",
         "Matmul peaks (2048^3, best of 10; the faster of torch.mm and the same product as a 1x1 convolution, "
         f"mm / conv in brackets): fp32 **{peak:.1f} GFLOP/s** ({fp32_rates['mm']:.0f} / {fp32_rates['conv']:.0f})"
-        + (f", bf16 **{bf16_peak:.1f} GFLOP/s** ({bf16_rates['mm']:.0f} / {bf16_rates['conv']:.0f})." if bf16
-           else " (this CPU has no native bf16: convae trains in fp32)."),
+        + (
+            f", bf16 **{bf16_peak:.1f} GFLOP/s** ({bf16_rates['mm']:.0f} / {bf16_rates['conv']:.0f})."
+            if bf16
+            else " (this CPU has no native bf16: convae trains in fp32)."
+        ),
         "",
     ]
     if bf16:
@@ -315,7 +327,12 @@ def main() -> None:
                 f"{100 * achieved / peak:.0f}% | {r['ref']:.0f} | {r['ours'] / r['ref']:.2f}x |"
             )
     lines.append("")
-    names = {"ours": "convae", "ref": "tutorial loop", "ours_fp32": "convae fp32", "ref_bf16": "tutorial loop + autocast"}
+    names = {
+        "ours": "convae",
+        "ref": "tutorial loop",
+        "ours_fp32": "convae fp32",
+        "ref_bf16": "tutorial loop + autocast",
+    }
     for r in rows:
         listed = "; ".join(
             f"{label} {', '.join(f'{v:,.0f}' for v in r[key + '_runs'])}" for key, label in names.items() if key in r
@@ -332,7 +349,9 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for e in extraction:
-        lines.append(f"| {e['images']:,} | {e['seconds']:.1f} | {e['images_per_s']:.0f} | {e['dim']} | {e['max_rss_mb']:.0f} |")
+        lines.append(
+            f"| {e['images']:,} | {e['seconds']:.1f} | {e['images_per_s']:.0f} | {e['dim']} | {e['max_rss_mb']:.0f} |"
+        )
     append_section(lines, args.results)
 
 
@@ -387,8 +406,10 @@ def gpu_main(args) -> None:
         "|---|---|---|---|---|---|",
     ]
     for e in extraction:
-        lines.append(f"| {e['images']:,} | {e['seconds']:.1f} | {e['images_per_s']:,.0f} | {e['dim']} | "
-                     f"{e['max_rss_mb']:.0f} | {e['gpu_mb']:.0f} |")
+        lines.append(
+            f"| {e['images']:,} | {e['seconds']:.1f} | {e['images_per_s']:,.0f} | {e['dim']} | "
+            f"{e['max_rss_mb']:.0f} | {e['gpu_mb']:.0f} |"
+        )
     append_section(lines, args.results)
 
 

@@ -8,6 +8,7 @@ little when the result sits near the line.
 
 Appends nothing: it (re)writes the "## Time to quality" section of benchmarks/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,8 +98,24 @@ def one_run(tmp: Path, args) -> dict:
     run, out = tmp / "run", tmp / "probe.json"
     shutil.rmtree(run, ignore_errors=True)
     fit = [CONVAE, "fit", "mnist", "--out", str(run), "--max-time", "60", "--data-dir", str(args.data_dir), "-q"]
-    probe = [CONVAE, "probe", str(run), "--train", "mnist:train", "--test", "mnist:test", "--layers", args.layers,
-             "--baselines", "none", "--data-dir", str(args.data_dir), "-o", str(out), "-q"]
+    probe = [
+        CONVAE,
+        "probe",
+        str(run),
+        "--train",
+        "mnist:train",
+        "--test",
+        "mnist:test",
+        "--layers",
+        args.layers,
+        "--baselines",
+        "none",
+        "--data-dir",
+        str(args.data_dir),
+        "-o",
+        str(out),
+        "-q",
+    ]
     load_before = os.getloadavg()[0]
     fit_s = timed(fit)
     probe_s = timed(probe)
@@ -110,8 +127,9 @@ def one_run(tmp: Path, args) -> dict:
         random_rows = [r for r in json.loads(out.read_text())["rows"] if r["features"].startswith("random/")]
     shown = [[Path(c[0]).name, *c[1:]] for c in (fit, probe)]
     commands = [" ".join(c).replace(str(run), "RUN").replace(str(out), "probe.json") for c in shown]
-    return dict(fit_s=fit_s, probe_s=probe_s, load_before=load_before, rows=rows, random_rows=random_rows,
-                commands=commands)
+    return dict(
+        fit_s=fit_s, probe_s=probe_s, load_before=load_before, rows=rows, random_rows=random_rows, commands=commands
+    )
 
 
 def main() -> None:
@@ -130,13 +148,15 @@ def main() -> None:
             runs.append(one_run(Path(tmp), args))
             (HERE / "time_to_quality.json").write_text(json.dumps(dict(layers=args.layers, runs=runs), indent=1) + "\n")
     lines = [
-        "## Time to quality", "",
+        "## Time to quality",
+        "",
         f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {os.cpu_count()} CPU cores, "
         f"{len(runs)} independent runs one after another. Target (issue #5): "
         "`convae fit mnist --max-time 60` with default settings, then "
         "`convae probe` (logreg, official test split, `--baselines none`), >= 0.99 in < 150 s for both; "
         "and the trained features beating the same architecture with random weights (an untimed probe "
-        "with `--baselines random`; the random model's seed is the same in every run).", "",
+        "with `--baselines random`; the random model's seed is the same in every run).",
+        "",
         "| run | load avg before | fit (s) | probe (s) | total (s) | features | dim | accuracy | random weights | met |",
         "|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
@@ -154,8 +174,7 @@ def main() -> None:
             f"| {best['dim']} | {best['accuracy']:.4f} | {random_acc if random_acc is not None else float('nan'):.4f} "
             f"| {'yes' if met else 'no'} |"
         )
-    lines += ["", f"Target met in {met_count} of {len(runs)} runs.", "", "```", *runs[0]["commands"], "```", "",
-              TRIED]
+    lines += ["", f"Target met in {met_count} of {len(runs)} runs.", "", "```", *runs[0]["commands"], "```", "", TRIED]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

@@ -1,4 +1,5 @@
 """Running the installed `convae` entry point in a subprocess, as a user would."""
+
 import shutil
 import subprocess
 import sys

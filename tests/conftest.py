@@ -1,4 +1,5 @@
 """Shared fixtures about data paths."""
+
 from __future__ import annotations
 
 import os

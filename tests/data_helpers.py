@@ -1,4 +1,5 @@
 """Helpers for the data tests: tiny IDX/CIFAR files, images on disk and a local HTTP server."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Run by torchrun from test_distributed.py: trains on digits, then saves this rank's weights."""
+
 import sys
 from pathlib import Path
 

@@ -15,6 +15,7 @@ The process runs in its own session and, by default, the signal goes to its whol
 group, as a terminal's Ctrl-C or a job scheduler's kill would: workers (DataLoader, torchrun)
 get it too. Nothing here is specific to `fit`; `extract` and distributed runs use the same calls.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,8 +74,13 @@ def start(
     else:
         cmd = [CONVAE, *args]
     return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, **(env or {})}, cwd=cwd,
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
 
 

@@ -1,4 +1,5 @@
 """The installed `convae` entry point, run as a user would, in real subprocesses."""
+
 import json
 import os
 import shutil
@@ -129,7 +130,9 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     convae(*args, "--out", tmp_path / "whole")
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([CONVAE, *map(str, args), "--out", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [CONVAE, *map(str, args), "--out", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     while not (cut / "checkpoint" / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -152,6 +155,19 @@ def test_fit_option_defaults_are_the_configs_defaults():
     from convae.config import TrainConfig
 
     defaults = {p.name: p.default for p in fit_command.params}
-    for name in ("epochs", "max_time", "batch_size", "lr", "weight_decay", "schedule", "loss", "noise", "mask_ratio",
-                 "val_fraction", "seed", "device", "threads"):
+    for name in (
+        "epochs",
+        "max_time",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "schedule",
+        "loss",
+        "noise",
+        "mask_ratio",
+        "val_fraction",
+        "seed",
+        "device",
+        "threads",
+    ):
         assert defaults[name] == getattr(TrainConfig, name), name

@@ -15,6 +15,7 @@ The same points are checked in-process (deterministic, fast): mid-epoch checkpoi
 exactly, a crash at any step loses nothing written, a full disk (simulated, and a real tmpfs)
 is one clear line that keeps the previous checkpoint, and NaN losses follow --on-nan.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,29 @@ from convae.models import default_model_config
 from convae.train import TrainingError, TrainingInterrupted, fit
 from killing import exists, history_rows, kill_when, run, temp_files
 
-ARGS = ["fit", "digits", "--epochs", 6, "--batch-size", 32, "--threads", 1, "--seed", 4, "--widths", "32,64",
-        "--convs-per-stage", 2, "--noise", 0.1, "--mask-ratio", 0.25, "--device", "cpu", "-q"]  # epochs of ~0.7 s: a signal sent 0.15 s into one lands inside it
+ARGS = [
+    "fit",
+    "digits",
+    "--epochs",
+    6,
+    "--batch-size",
+    32,
+    "--threads",
+    1,
+    "--seed",
+    4,
+    "--widths",
+    "32,64",
+    "--convs-per-stage",
+    2,
+    "--noise",
+    0.1,
+    "--mask-ratio",
+    0.25,
+    "--device",
+    "cpu",
+    "-q",
+]  # epochs of ~0.7 s: a signal sent 0.15 s into one lands inside it
 
 
 def one_line(text: str) -> str:
@@ -336,8 +358,13 @@ def test_a_really_full_disk(digits, small_disk, tmp_path, monkeypatch):
             filler.append(_fill(small_disk))
 
     with pytest.raises(StorageError, match="no space left on device"):
-        fit(digits, CFG, TrainConfig(epochs=2, batch_size=64, threads=1, device="cpu"), run_dir=run_dir,
-            on_epoch=disk_fills_after_epoch_1)
+        fit(
+            digits,
+            CFG,
+            TrainConfig(epochs=2, batch_size=64, threads=1, device="cpu"),
+            run_dir=run_dir,
+            on_epoch=disk_fills_after_epoch_1,
+        )
     assert ckpt.read_bytes() == before[0] and not temp_files(run_dir)
     rundir.load_model(run_dir)  # still the whole epoch-1 run
 
@@ -437,8 +464,23 @@ def test_nan_reduce_lr_goes_back_and_halves_the_learning_rate(digits, tmp_path):
 
 def test_on_nan_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
-    args = ["fit", "digits", "--widths", "8,16", "--norm", "none", "--lr", "1e5", "--epochs", "1", "--threads", "1",
-            "--device", "cpu", "-q"]
+    args = [
+        "fit",
+        "digits",
+        "--widths",
+        "8,16",
+        "--norm",
+        "none",
+        "--lr",
+        "1e5",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])
     assert result.exit_code == 2
     assert "loss became nan at epoch 1, step" in one_line(result.stderr)

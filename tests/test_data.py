@@ -1,4 +1,5 @@
 """Tests for convae.data: built-in datasets on the real files, downloads, folders and arrays."""
+
 from __future__ import annotations
 
 import gzip

@@ -1,4 +1,5 @@
 """Two CPU processes with gloo, launched by torchrun as a user would."""
+
 import os
 import signal
 import subprocess
@@ -18,8 +19,15 @@ CONVAE = str(Path(sys.executable).parent / "convae")
 
 
 def test_ddp_ranks_end_with_identical_weights_and_a_valid_run(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "ddp_worker.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "ddp_worker.py"),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -35,13 +43,16 @@ def test_ddp_ranks_end_with_identical_weights_and_a_valid_run(tmp_path):
 
 def test_nproc_run_killed_then_resumed_matches_an_uninterrupted_one(tmp_path):
     args = ["fit", "digits", "--nproc", "2", "--epochs", "3", "--batch-size", "64", "--seed", "2", "-q"]
-    whole = subprocess.run([CONVAE, *args, "--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=300)
+    whole = subprocess.run(
+        [CONVAE, *args, "--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=300
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     cut = tmp_path / "cut"
     # A job scheduler kills the whole process group: torchrun and its workers.
-    proc = subprocess.Popen([CONVAE, *args, "--out", str(cut)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [CONVAE, *args, "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 240
     while not (cut / "checkpoint" / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -49,7 +60,9 @@ def test_nproc_run_killed_then_resumed_matches_an_uninterrupted_one(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
 
-    resumed = subprocess.run([CONVAE, *args, "--out", str(cut), "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [CONVAE, *args, "--out", str(cut), "--resume"], capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_file(str(tmp_path / "whole" / "model.safetensors"))
     b = load_file(str(cut / "model.safetensors"))
@@ -64,17 +77,45 @@ def test_sharded_extraction_reads_as_the_single_process_result(tmp_path):
     run = tmp_path / "run"  # trained in this process: the extraction is what runs in subprocesses
     ConvAutoencoder(epochs=1, seed=0).fit(load_dataset("digits", "train").images, run_dir=run, data_spec="digits")
     # both on CPU: on a 1-GPU machine the two ranks run on CPU while a single process would take the GPU
-    common = ["extract", str(run), "digits:test", "--layers", "stage1,bottleneck", "--pool", "grid2", "-q", "--device", "cpu"]
-    single = subprocess.run([CONVAE, *common, "-o", str(tmp_path / "one.npy")], capture_output=True, text=True, timeout=300)
+    common = [
+        "extract",
+        str(run),
+        "digits:test",
+        "--layers",
+        "stage1,bottleneck",
+        "--pool",
+        "grid2",
+        "-q",
+        "--device",
+        "cpu",
+    ]
+    single = subprocess.run(
+        [CONVAE, *common, "-o", str(tmp_path / "one.npy")], capture_output=True, text=True, timeout=300
+    )
     assert single.returncode == 0, single.stderr
     sharded = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "convae",
-         *common, "-o", str(tmp_path / "sharded.npy")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "convae",
+            *common,
+            "-o",
+            str(tmp_path / "sharded.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("sharded.*")) == [
-        "sharded.rank0-of-2.labels.npy", "sharded.rank0-of-2.npy", "sharded.rank1-of-2.labels.npy", "sharded.rank1-of-2.npy",
+        "sharded.rank0-of-2.labels.npy",
+        "sharded.rank0-of-2.npy",
+        "sharded.rank1-of-2.labels.npy",
+        "sharded.rank1-of-2.npy",
     ]
     import convae  # the public name the README gives
 
@@ -85,9 +126,21 @@ def test_sharded_extraction_reads_as_the_single_process_result(tmp_path):
 
     # convae probe reads the shards as one result
     probe = subprocess.run(
-        [CONVAE, "probe", str(run), "--train", str(tmp_path / "sharded.npy"), "--test", str(tmp_path / "one.npy"),
-         "-o", str(tmp_path / "r.json"), "-q"],
-        capture_output=True, text=True, timeout=300,
+        [
+            CONVAE,
+            "probe",
+            str(run),
+            "--train",
+            str(tmp_path / "sharded.npy"),
+            "--test",
+            str(tmp_path / "one.npy"),
+            "-o",
+            str(tmp_path / "r.json"),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert probe.returncode == 0, probe.stderr
     import json
@@ -96,9 +149,23 @@ def test_sharded_extraction_reads_as_the_single_process_result(tmp_path):
     assert rows[0]["features"] == "sharded" and rows[0]["accuracy"] > 0.5
 
     (tmp_path / "sharded.rank1-of-2.npy").unlink()
-    broken = subprocess.run([CONVAE, "probe", str(run), "--train", str(tmp_path / "sharded.npy"), "--test",
-                             str(tmp_path / "one.npy"), "-o", str(tmp_path / "r2.json"), "-q"],
-                            capture_output=True, text=True, timeout=300)
+    broken = subprocess.run(
+        [
+            CONVAE,
+            "probe",
+            str(run),
+            "--train",
+            str(tmp_path / "sharded.npy"),
+            "--test",
+            str(tmp_path / "one.npy"),
+            "-o",
+            str(tmp_path / "r2.json"),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert broken.returncode == 2 and "Traceback" not in broken.stderr
 
 

@@ -1,4 +1,5 @@
 """The scikit-learn estimator: check_estimator, pipelines, grid search, pickling, inputs, decoding."""
+
 import copy
 import pickle
 
@@ -82,7 +83,9 @@ def test_the_same_images_in_every_layout_give_the_same_features(fitted, digits):
     ref = est.transform(images[:20])
     nhwc = images[:20, :, :, None]
     np.testing.assert_array_equal(est.transform(nhwc), ref)
-    np.testing.assert_array_equal(est.transform(nhwc.transpose(0, 3, 1, 2).astype(np.float32) / 255), ref)  # NCHW floats
+    np.testing.assert_array_equal(
+        est.transform(nhwc.transpose(0, 3, 1, 2).astype(np.float32) / 255), ref
+    )  # NCHW floats
     np.testing.assert_array_equal(est.transform(images[:20].reshape(20, -1)), ref)  # a table of H*W*C
     np.testing.assert_array_equal(est.transform(torch.from_numpy(nhwc)), ref)
     with pytest.raises(ValueError, match=r"shape \(6, 6, 1\).*fitted on \(8, 8, 1\)"):

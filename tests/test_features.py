@@ -1,4 +1,5 @@
 """Feature extraction: every layer and pooling, the file writer, its resume after a real kill, flat memory."""
+
 import json
 import os
 import shutil
@@ -83,13 +84,21 @@ def test_poolings_compute_what_they_say():
     torch.testing.assert_close(feats("stage1", "grid2"), quadrants.flatten(1))
     # a 4x4 map under grid4 is its own grid
     torch.testing.assert_close(feats("stage2", "grid4"), s2.flatten(1))
-    assert FeatureExtractor(model, "stage2", "grid4").feature_names[:2] == ["stage2/grid4/c0_g0_0", "stage2/grid4/c0_g0_1"]
+    assert FeatureExtractor(model, "stage2", "grid4").feature_names[:2] == [
+        "stage2/grid4/c0_g0_0",
+        "stage2/grid4/c0_g0_1",
+    ]
     assert FeatureExtractor(model, "stage2", "flatten").feature_names[5] == "stage2/flatten/c0_y1_x1"
 
 
 def test_a_sign_split_is_the_blocks_normalized_pre_activation_thresholded_both_ways():
     model = _model("conv-latent")
-    assert model.split_layer_names == ["stage1.conv1.split", "stage1.conv2.split", "stage2.conv1.split", "stage2.conv2.split"]
+    assert model.split_layer_names == [
+        "stage1.conv1.split",
+        "stage1.conv2.split",
+        "stage2.conv1.split",
+        "stage2.conv2.split",
+    ]
     assert model.feature_layer_names()[:3] == ["stage1.conv1", "stage1.conv1.split", "stage1.conv2"]
     x = torch.from_numpy(_images(model.config)).permute(0, 3, 1, 2).float() / 255
     block = model.encoder["stage1"].conv2
@@ -171,13 +180,17 @@ def test_the_default_batch_keeps_the_largest_map_under_the_allocators_reuse_limi
     np.testing.assert_allclose(
         auto.transform(images),
         FeatureExtractor(wide, "stage1.conv1.split,bottleneck", "grid2", batch_size=7).transform(images),
-        rtol=1e-5, atol=1e-5,
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
 def test_unknown_layers_and_poolings_list_the_valid_names():
     model = _model("conv-odd")
-    with pytest.raises(ConfigError, match=r"unknown layer\(s\) stage9: choose from all, stage1.conv1, stage1.conv1.split, stage1, stage2.conv1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown layer\(s\) stage9: choose from all, stage1.conv1, stage1.conv1.split, stage1, stage2.conv1",
+    ):
         plan_blocks(model, "stage1,stage9")
     with pytest.raises(ConfigError, match="unknown pooling grid3: choose from flatten, avg, max, grid2, grid4"):
         plan_blocks(model, "stage1", "grid3")
@@ -188,8 +201,16 @@ def test_unknown_layers_and_poolings_list_the_valid_names():
 def test_layer_table_gives_channels_stride_receptive_field_and_sizes():
     rows = {r["layer"]: r for r in layer_table(_model("conv-latent"))}
     assert rows["stage1"] == dict(
-        layer="stage1", shape="4x8x8", channels=4, stride=2, receptive_field=rows["stage1"]["receptive_field"],
-        flatten=256, avg=4, max=4, grid2=16, grid4=64,
+        layer="stage1",
+        shape="4x8x8",
+        channels=4,
+        stride=2,
+        receptive_field=rows["stage1"]["receptive_field"],
+        flatten=256,
+        avg=4,
+        max=4,
+        grid2=16,
+        grid4=64,
     )
     assert rows["bottleneck"]["flatten"] == 3 * 4 * 4
     dense = {r["layer"]: r for r in layer_table(_model("dense"))}
@@ -277,9 +298,17 @@ def test_an_extraction_killed_with_sigkill_resumes_to_the_same_file(tmp_path):
     partial, progress = partial_paths(out)
 
     proc = subprocess.Popen(
-        [sys.executable, tmp_path / "extract.py", tmp_path / "w.safetensors", tmp_path / "images.npy", out,
-         tmp_path / "labels.npy"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            tmp_path / "extract.py",
+            tmp_path / "w.safetensors",
+            tmp_path / "images.npy",
+            out,
+            tmp_path / "labels.npy",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
         deadline = time.monotonic() + 120
@@ -388,15 +417,31 @@ def test_cli_layers_lists_every_layer_and_the_size_of_each_pooling(digits_run):
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["layer", "shape", "channels", "stride", "receptive_field", *POOLS]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
-    assert list(rows) == ["stage1.conv1", "stage1.conv1.split", "stage1", "stage2.conv1", "stage2.conv1.split", "stage2",
-                          "bottleneck"]
+    assert list(rows) == [
+        "stage1.conv1",
+        "stage1.conv1.split",
+        "stage1",
+        "stage2.conv1",
+        "stage2.conv1.split",
+        "stage2",
+        "bottleneck",
+    ]
     assert rows["stage1"][1:] == ["4x4x4", "4", "2", "4", "64", "4", "4", "16", "64"]
     assert rows["stage1.conv1.split"][1:] == ["8x8x8", "8", "1", "3", "512", "8", "8", "32", "128"]
 
 
 def test_cli_extract_writes_npy_with_labels_or_npz(digits_run, tmp_path):
     proc = convae(
-        "extract", digits_run, "digits:test", "-o", tmp_path / "f.npy", "--layers", "stage1,bottleneck", "--pool", "avg", "-q"
+        "extract",
+        digits_run,
+        "digits:test",
+        "-o",
+        tmp_path / "f.npy",
+        "--layers",
+        "stage1,bottleneck",
+        "--pool",
+        "avg",
+        "-q",
     )
     assert proc.returncode == 0, proc.stderr
     assert "360 x 12 float32 (stage1/avg, bottleneck/avg)" in proc.stdout
@@ -404,7 +449,9 @@ def test_cli_extract_writes_npy_with_labels_or_npz(digits_run, tmp_path):
     assert np.load(tmp_path / "f.labels.npy").shape == (360,)
 
     partial, progress = partial_paths(tmp_path / "g.npz")
-    proc = convae("extract", digits_run, "digits:test", "-o", tmp_path / "g.npz", "--layers", "all", "--pool", "grid2", "-q")
+    proc = convae(
+        "extract", digits_run, "digits:test", "-o", tmp_path / "g.npz", "--layers", "all", "--pool", "grid2", "-q"
+    )
     assert proc.returncode == 0, proc.stderr
     with np.load(tmp_path / "g.npz") as z:
         assert z["features"].shape[0] == 360 and z["labels"].shape == (360,)

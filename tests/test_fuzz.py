@@ -5,6 +5,7 @@ Each parser, given anything, either returns a well-formed result or raises the o
 its callers turn into a one-line message (DataError, ConfigError, RunDirError). Any other
 exception, a message of several lines, or a result of the wrong shape fails.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -24,14 +25,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convae import data as D
-from convae.data.builtin import _read_idx
 from convae import run as rundir
 from convae.config import RunConfig, TrainConfig, from_dict, to_dict
+from convae.data.builtin import _read_idx
 from convae.errors import ConfigError, DataError, RunDirError
 from convae.models import ModelConfig, default_model_config
 from convae.train import fit
 
-FUZZ = settings(max_examples=int(os.environ.get("CONVAE_FUZZ_EXAMPLES", 100)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("CONVAE_FUZZ_EXAMPLES", 100)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 def one_line(e: BaseException) -> None:
@@ -168,8 +173,9 @@ def test_npy_loader(scratch, blob):
 # ---------------------------------------------------------------------------------------------
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12)),
-    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=8), children,
-                                                                                max_size=4)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 VALID = to_dict(RunConfig(model=default_model_config((8, 8, 1), channels=(4, 8)), train=TrainConfig(epochs=1)))
@@ -239,7 +245,12 @@ def test_load_config_of_any_bytes(scratch, raw):
 def tiny_run(scratch) -> Path:
     images = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
     run = scratch / "tiny"
-    fit(images, default_model_config((8, 8, 1), channels=(2,)), TrainConfig(epochs=1, threads=1, device="cpu"), run_dir=run)
+    fit(
+        images,
+        default_model_config((8, 8, 1), channels=(2,)),
+        TrainConfig(epochs=1, threads=1, device="cpu"),
+        run_dir=run,
+    )
     return run
 
 
@@ -260,8 +271,11 @@ def test_load_model_of_damaged_weights(tiny_run, data):
     elif kind == "header":  # a different header length or JSON
         header_len = struct.unpack("<Q", bytes(blob[:8]))[0]
         header = data.draw(st.one_of(st.binary(max_size=64), json_values.map(lambda v: json.dumps(v).encode())))
-        blob = bytearray(struct.pack("<Q", data.draw(st.sampled_from([len(header), 2**63, 0, header_len])))
-                         + header + blob[8 + header_len:])
+        blob = bytearray(
+            struct.pack("<Q", data.draw(st.sampled_from([len(header), 2**63, 0, header_len])))
+            + header
+            + blob[8 + header_len :]
+        )
     else:
         blob = bytearray(data.draw(st.binary(max_size=200)))
     path.write_bytes(bytes(blob))

@@ -1,4 +1,5 @@
 """GPU paths: skipped on machines without CUDA (CI has none); run them where a GPU is."""
+
 import numpy as np
 import pytest
 import torch

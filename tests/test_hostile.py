@@ -7,6 +7,7 @@ Running as root, chmod does not stop reads, so "unreadable files" are simulated 
 root cannot read either: a broken symlink, a FIFO (which must never block the loader), a
 character device and a socket named like images.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -234,8 +235,17 @@ def messy_folder(tmp_path) -> Path:
     return root
 
 
-BAD = ["zero.png", "truncated.png", "text.jpg", "bomb.png", "huge.png", "broken-link.png", "fifo.png",
-       "device.png", "socket.png"]
+BAD = [
+    "zero.png",
+    "truncated.png",
+    "text.jpg",
+    "bomb.png",
+    "huge.png",
+    "broken-link.png",
+    "fifo.png",
+    "device.png",
+    "socket.png",
+]
 
 
 def test_a_messy_folder_loads_its_good_images_and_warns_about_each_bad_one(messy_folder):
@@ -253,8 +263,21 @@ def test_a_messy_folder_loads_its_good_images_and_warns_about_each_bad_one(messy
 
 
 def test_a_messy_folder_through_the_cli_trains_with_warnings(messy_folder, tmp_path):
-    result = cli("fit", messy_folder, "--out", tmp_path / "r", "--image-size", 8, "--epochs", 1, "--widths", "4",
-                 "--threads", 1, "-q")
+    result = cli(
+        "fit",
+        messy_folder,
+        "--out",
+        tmp_path / "r",
+        "--image-size",
+        8,
+        "--epochs",
+        1,
+        "--widths",
+        "4",
+        "--threads",
+        1,
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     warned = [line for line in result.stderr.splitlines() if line.startswith("convae: warning: skipped")]
     assert len(warned) == 10 and "Traceback" not in result.stderr
@@ -314,8 +337,21 @@ def test_folders_that_cannot_train_through_the_cli(tmp_path, case):
 def test_one_pixel_images_train_once_resized(tmp_path):
     for i in range(4):
         save_image(tmp_path / "d" / f"{i}.png", np.full((1, 1), i * 40, np.uint8))
-    result = cli("fit", tmp_path / "d", "--out", tmp_path / "r", "--image-size", 4, "--epochs", 1, "--widths", "4",
-                 "--threads", 1, "-q")
+    result = cli(
+        "fit",
+        tmp_path / "d",
+        "--out",
+        tmp_path / "r",
+        "--image-size",
+        4,
+        "--epochs",
+        1,
+        "--widths",
+        "4",
+        "--threads",
+        1,
+        "-q",
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -405,7 +441,12 @@ def test_hostile_arrays_through_the_cli(tmp_path, name, make, fragment):
 def trained(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("hostile") / "run"
     images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
-    fit(images, default_model_config((8, 8, 1), channels=(4, 8)), TrainConfig(epochs=1, threads=1, device="cpu"), run_dir=run)
+    fit(
+        images,
+        default_model_config((8, 8, 1), channels=(4, 8)),
+        TrainConfig(epochs=1, threads=1, device="cpu"),
+        run_dir=run,
+    )
     return run
 
 
@@ -559,8 +600,13 @@ def test_checkpoints_of_the_wrong_shape(copy_of, state, fragment):
     torch.save(state, copy_of / rundir.CHECKPOINT_FILE)
     images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
     with pytest.raises(RunDirError, match=fragment):
-        fit(images, default_model_config((8, 8, 1), channels=(4, 8)), TrainConfig(threads=1, device="cpu"), run_dir=copy_of,
-            resume=True)
+        fit(
+            images,
+            default_model_config((8, 8, 1), channels=(4, 8)),
+            TrainConfig(threads=1, device="cpu"),
+            run_dir=copy_of,
+            resume=True,
+        )
 
 
 def test_checkpoint_of_another_model_is_refused_before_building_it(copy_of):
@@ -569,8 +615,13 @@ def test_checkpoint_of_another_model_is_refused_before_building_it(copy_of):
     torch.save(real, copy_of / rundir.CHECKPOINT_FILE)
     images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
     with pytest.raises(RunDirError, match="has shape"):
-        fit(images, default_model_config((8, 8, 1), channels=(4, 8)), TrainConfig(threads=1, device="cpu"), run_dir=copy_of,
-            resume=True)
+        fit(
+            images,
+            default_model_config((8, 8, 1), channels=(4, 8)),
+            TrainConfig(threads=1, device="cpu"),
+            run_dir=copy_of,
+            resume=True,
+        )
 
 
 def test_resume_with_other_data_is_refused(copy_of):
@@ -580,7 +631,9 @@ def test_resume_with_other_data_is_refused(copy_of):
         fit(images, cfg, TrainConfig(threads=1, device="cpu"), run_dir=copy_of, resume=True)
     other = np.zeros((40, 10, 10, 1), np.uint8)
     with pytest.raises(RunDirError, match="8x8x1 images, these are 10x10x1"):
-        fit(other, default_model_config((10, 10, 1)), TrainConfig(threads=1, device="cpu"), run_dir=copy_of, resume=True)
+        fit(
+            other, default_model_config((10, 10, 1)), TrainConfig(threads=1, device="cpu"), run_dir=copy_of, resume=True
+        )
 
 
 def test_history_csv_that_is_not_a_history(copy_of):

@@ -1,4 +1,5 @@
 """The model: shapes over sizes, channels, depths and kinds; feature_info; config round trips."""
+
 import itertools
 import json
 
@@ -30,11 +31,28 @@ def test_reconstruction_has_the_input_shape(size, c):
 
 @pytest.mark.parametrize(
     "downsample,upsample,decoder,bottleneck,norm",
-    list(itertools.product(["max", "avg", "stride"], ["nearest", "bilinear", "transpose"], ["mirror", "light"], ["conv", "dense"], ["batch", "group", "none"])),
+    list(
+        itertools.product(
+            ["max", "avg", "stride"],
+            ["nearest", "bilinear", "transpose"],
+            ["mirror", "light"],
+            ["conv", "dense"],
+            ["batch", "group", "none"],
+        )
+    ),
 )
 def test_every_kind_keeps_odd_non_square_shapes(downsample, upsample, decoder, bottleneck, norm):
-    cfg = _config((37, 53), 3, 3, downsample=downsample, upsample=upsample, decoder=decoder, bottleneck=bottleneck,
-                  norm=norm, latent_dim=16)
+    cfg = _config(
+        (37, 53),
+        3,
+        3,
+        downsample=downsample,
+        upsample=upsample,
+        decoder=decoder,
+        bottleneck=bottleneck,
+        norm=norm,
+        latent_dim=16,
+    )
     model = build_model(cfg).eval()
     x = torch.rand(2, 3, 37, 53)
     code = model.encode(x)
@@ -97,9 +115,15 @@ def test_feature_info_names_channels_stride_and_receptive_field():
     model = build_model(_config((28, 28), 1, 3, convs_per_stage=2))
     names = model.layer_names
     assert names == [
-        "stage1.conv1", "stage1.conv2", "stage1",
-        "stage2.conv1", "stage2.conv2", "stage2",
-        "stage3.conv1", "stage3.conv2", "stage3",
+        "stage1.conv1",
+        "stage1.conv2",
+        "stage1",
+        "stage2.conv1",
+        "stage2.conv2",
+        "stage2",
+        "stage3.conv1",
+        "stage3.conv2",
+        "stage3",
         "bottleneck",
     ]
     info = {f["module"]: f for f in model.feature_info}

@@ -1,4 +1,5 @@
 """Named presets resolve to valid settings, and `convae fit --preset` uses them under explicit options."""
+
 import json
 import shutil
 import subprocess
@@ -12,8 +13,13 @@ from convae.estimator import ConvAutoencoder
 from convae.presets import PRESETS, fit_args, get_preset
 
 CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
-SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion-mnist": (28, 28, 1), "cifar10": (32, 32, 3),
-          "cifar10-deep": (32, 32, 3)}
+SHAPES = {
+    "digits": (8, 8, 1),
+    "mnist": (28, 28, 1),
+    "fashion-mnist": (28, 28, 1),
+    "cifar10": (32, 32, 3),
+    "cifar10-deep": (32, 32, 3),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -35,7 +41,9 @@ def test_fit_with_a_preset_and_an_explicit_option(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(
         [CONVAE, "fit", "digits", "--preset", "digits", "--epochs", "1", "--out", str(run), "--quiet"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     config = json.loads((run / "config.json").read_text())
@@ -43,8 +51,12 @@ def test_fit_with_a_preset_and_an_explicit_option(tmp_path):
     assert config["train"]["epochs"] == 1  # the explicit option wins
     assert config["train"]["lr"] == preset["lr"]  # the preset fills the rest
     assert config["model"]["channels"] == [int(w) for w in preset["widths"].split(",")]
-    bad = subprocess.run([CONVAE, "fit", "digits", "--preset", "nope", "--out", str(tmp_path / "x")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [CONVAE, "fit", "digits", "--preset", "nope", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "unknown preset" in bad.stderr
 
 
@@ -55,15 +67,40 @@ def test_probe_preset_mnist_whitens_the_rows_with_all_labels(tmp_path, shared_da
     test = load_dataset("mnist:test", data_dir=shared_datasets)
     run = tmp_path / "run"
     ConvAutoencoder(channels=(4, 8, 16), epochs=1, batch_size=64, seed=0).fit(
-        test.images[:2000], run_dir=run, data_spec="mnist:test")
+        test.images[:2000], run_dir=run, data_spec="mnist:test"
+    )
 
     def probe(*extra):
         out = tmp_path / "r.json"
         proc = subprocess.run(
-            [CONVAE, "probe", str(run), "--train", "mnist:test", "--test", "mnist:test", "--preset", "mnist",
-             "--layers", "stage2.conv1.split+stage3.conv1.split", "--labels-per-class", "10,all", "--seeds", "1",
-             "--baselines", "none", "--data-dir", str(shared_datasets), "-o", str(out), "-q", *extra],
-            capture_output=True, text=True, timeout=300,
+            [
+                CONVAE,
+                "probe",
+                str(run),
+                "--train",
+                "mnist:test",
+                "--test",
+                "mnist:test",
+                "--preset",
+                "mnist",
+                "--layers",
+                "stage2.conv1.split+stage3.conv1.split",
+                "--labels-per-class",
+                "10,all",
+                "--seeds",
+                "1",
+                "--baselines",
+                "none",
+                "--data-dir",
+                str(shared_datasets),
+                "-o",
+                str(out),
+                "-q",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode == 0, proc.stderr
         return {r["labels_per_class"]: r for r in json.loads(out.read_text())["rows"]}

@@ -1,4 +1,5 @@
 """`run_probe` and `convae probe`: classifiers on each layer's features, beside honest baselines."""
+
 import json
 import os
 import shutil
@@ -56,7 +57,9 @@ def runs(digits, tmp_path_factory):
 
 
 def _accuracy(rows, features, k="all", classifier="logreg"):
-    (row,) = [r for r in rows if r["features"] == features and r["labels_per_class"] == k and r["classifier"] == classifier]
+    (row,) = [
+        r for r in rows if r["features"] == features and r["labels_per_class"] == k and r["classifier"] == classifier
+    ]
     return row["accuracy"]
 
 
@@ -75,21 +78,32 @@ def test_probe_on_digits_beats_the_pixel_baseline(runs, digits):
 def test_rows_name_every_baseline_and_follow_the_schema(runs, digits):
     conv, dense = runs
     rows = run_probe(
-        conv, *digits, layers="stage2,bottleneck", pool="avg", classifiers="logreg,knn", compare=[dense],
-        labels_per_class="5,all", seeds=2,
+        conv,
+        *digits,
+        layers="stage2,bottleneck",
+        pool="avg",
+        classifiers="logreg,knn",
+        compare=[dense],
+        labels_per_class="5,all",
+        seeds=2,
     )
     assert all(list(r) == list(COLUMNS) for r in rows)
     features = list(dict.fromkeys(r["features"] for r in rows))
     assert features == [
-        "stage2/avg", "bottleneck/avg",
-        "random/stage2/avg", "random/bottleneck/avg",
+        "stage2/avg",
+        "bottleneck/avg",
+        "random/stage2/avg",
+        "random/bottleneck/avg",
         "dense/bottleneck/avg",  # the dense run has no stage2: only the bottleneck is shared
-        "pixels", "pca",
+        "pixels",
+        "pca",
     ]
     assert [r["labels_per_class"] for r in rows] == [5] * 14 + ["all"] * 14  # grouped by labels per class
     by = {(r["features"], r["classifier"], r["labels_per_class"]): r for r in rows}
     assert by[("stage2/avg", "knn", 5)]["seeds"] == 2 and by[("stage2/avg", "knn", "all")]["seeds"] == 1
-    assert by[("stage2/avg", "logreg", "all")]["dim"] == 32 and by[("dense/bottleneck/avg", "logreg", "all")]["dim"] == 16
+    assert (
+        by[("stage2/avg", "logreg", "all")]["dim"] == 32 and by[("dense/bottleneck/avg", "logreg", "all")]["dim"] == 16
+    )
     assert by[("pca", "logreg", "all")]["dim"] == 32  # the compared features' size
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1 and r["fit_seconds"] >= 0
@@ -126,14 +140,25 @@ def test_random_weights_get_batchnorm_statistics_from_the_train_images_without_t
 
 def test_layers_joined_with_plus_are_probed_as_one_concatenated_feature_set(runs, digits):
     conv, dense = runs
-    rows = run_probe(conv, *digits, layers="bottleneck+stage1,stage1", pool="avg,max", baselines="random,pca",
-                     compare=[dense])
+    rows = run_probe(
+        conv, *digits, layers="bottleneck+stage1,stage1", pool="avg,max", baselines="random,pca", compare=[dense]
+    )
     assert [r["features"] for r in rows] == [
-        "stage1+bottleneck/avg", "stage1+bottleneck/max", "stage1/avg", "stage1/max",  # network order inside
-        "random/stage1+bottleneck/avg", "random/stage1+bottleneck/max", "random/stage1/avg", "random/stage1/max",
+        "stage1+bottleneck/avg",
+        "stage1+bottleneck/max",
+        "stage1/avg",
+        "stage1/max",  # network order inside
+        "random/stage1+bottleneck/avg",
+        "random/stage1+bottleneck/max",
+        "random/stage1/avg",
+        "random/stage1/max",
         # the dense run has neither feature set: its own default layers
-        "dense/fc1/avg", "dense/fc1/max", "dense/bottleneck/avg", "dense/bottleneck/max",
-        "pca", "pca",
+        "dense/fc1/avg",
+        "dense/fc1/max",
+        "dense/bottleneck/avg",
+        "dense/bottleneck/max",
+        "pca",
+        "pca",
     ]
     by = {r["features"]: r for r in rows}
     assert by["stage1+bottleneck/avg"]["dim"] == 16 + 32 and by["stage1/max"]["dim"] == 16
@@ -155,14 +180,22 @@ def test_a_concatenated_set_of_adjacent_blocks_is_a_view_with_the_same_values(ru
     train, test = (d.images[:40] for d in digits)
     extractor = FeatureExtractor(model, ["stage1.conv1.split", "stage1", "stage2.conv1.split"], "grid2")
     joined, apart, single = _layer_sets(
-        extractor, [("stage1.conv1.split", "stage1"), ("stage1.conv1.split", "stage2.conv1.split"), ("stage1",)],
-        train, test, "", False,
+        extractor,
+        [("stage1.conv1.split", "stage1"), ("stage1.conv1.split", "stage2.conv1.split"), ("stage1",)],
+        train,
+        test,
+        "",
+        False,
     )
-    assert joined.name == "stage1.conv1.split+stage1/grid2" and apart.name == "stage1.conv1.split+stage2.conv1.split/grid2"
+    assert (
+        joined.name == "stage1.conv1.split+stage1/grid2" and apart.name == "stage1.conv1.split+stage2.conv1.split/grid2"
+    )
     everything = extractor.transform(train)
     singles = {b.layer: everything[:, b.columns] for b in extractor.blocks}
     np.testing.assert_array_equal(joined.train, np.hstack([singles["stage1.conv1.split"], singles["stage1"]]))
-    np.testing.assert_array_equal(apart.train, np.hstack([singles["stage1.conv1.split"], singles["stage2.conv1.split"]]))
+    np.testing.assert_array_equal(
+        apart.train, np.hstack([singles["stage1.conv1.split"], singles["stage2.conv1.split"]])
+    )
     # adjacent blocks: a view of the extracted features, as one layer's set is; apart: a copy
     assert np.shares_memory(joined.train, single.train) and not np.shares_memory(apart.train, single.train)
     assert joined.test.shape == (40, joined.dim)
@@ -170,16 +203,21 @@ def test_a_concatenated_set_of_adjacent_blocks_is_a_view_with_the_same_values(ru
 
 def test_sign_split_layers_are_probed_like_any_layer_and_their_random_twins_too(runs, digits):
     conv, _ = runs
-    rows = run_probe(conv, *digits, layers="stage1.conv1.split+stage2.conv1.split,stage1", pool="grid2",
-                     baselines="random")
+    rows = run_probe(
+        conv, *digits, layers="stage1.conv1.split+stage2.conv1.split,stage1", pool="grid2", baselines="random"
+    )
     assert [r["features"] for r in rows] == [
-        "stage1.conv1.split+stage2.conv1.split/grid2", "stage1/grid2",
-        "random/stage1.conv1.split+stage2.conv1.split/grid2", "random/stage1/grid2",
+        "stage1.conv1.split+stage2.conv1.split/grid2",
+        "stage1/grid2",
+        "random/stage1.conv1.split+stage2.conv1.split/grid2",
+        "random/stage1/grid2",
     ]
     assert rows[0]["dim"] == (2 * 16 + 2 * 32) * 4 and rows[1]["dim"] == 16 * 4
     assert rows[0]["accuracy"] > 0.9
     # the estimator takes the same names
-    feats = ConvAutoencoder.load(conv).set_params(layers="stage2.conv1.split", pool="avg").transform(digits[1].images[:3])
+    feats = (
+        ConvAutoencoder.load(conv).set_params(layers="stage2.conv1.split", pool="avg").transform(digits[1].images[:3])
+    )
     assert feats.shape == (3, 64) and (feats >= 0).all()
 
 
@@ -236,8 +274,9 @@ def test_pca_with_the_dimension_of_the_bottleneck_is_expressible(runs, digits):
 
 def test_pca_is_not_whitened_so_nearly_all_components_match_the_pixels(runs, digits):
     conv, _ = runs
-    rows = run_probe(conv, *digits, layers="bottleneck", pool="avg", baselines="pixels,pca", pca_dims=[63],
-                     labels_per_class="10,all")
+    rows = run_probe(
+        conv, *digits, layers="bottleneck", pool="avg", baselines="pixels,pca", pca_dims=[63], labels_per_class="10,all"
+    )
     for k in (10, "all"):
         assert _accuracy(rows, "pca", k) == pytest.approx(_accuracy(rows, "pixels", k), abs=0.015)
 
@@ -332,8 +371,12 @@ def test_whitening_is_for_all_labels_when_there_are_at_least_as_many_as_features
     sets = [FeatureSet("pixels", _pixels_of(train), _pixels_of(test))]  # 64 features, 1,437 labels
     rows = {}
     for normalize in ("standard", "whiten"):
-        rows[normalize] = {r["labels_per_class"]: r for r in evaluate_features(
-            sets, train.labels, test.labels, labels_per_class=[10, "all"], normalize=normalize)}
+        rows[normalize] = {
+            r["labels_per_class"]: r
+            for r in evaluate_features(
+                sets, train.labels, test.labels, labels_per_class=[10, "all"], normalize=normalize
+            )
+        }
     assert [rows["whiten"][k]["normalize"] for k in (10, "all")] == ["standard", "whiten"]
     assert all(r["normalize"] == "standard" for r in rows["standard"].values())
     assert rows["whiten"][10]["accuracy"] == rows["standard"][10]["accuracy"]  # a label subset: standardized
@@ -354,7 +397,9 @@ def _pixels_of(data):
 def test_probe_user_errors(runs, digits):
     conv, _ = runs
     train, test = digits
-    with pytest.raises(ConfigError, match="classifiers: unknown svm: choose from logreg, linsvm, rbfsvm, rf, knn, mlp$"):
+    with pytest.raises(
+        ConfigError, match="classifiers: unknown svm: choose from logreg, linsvm, rbfsvm, rf, knn, mlp$"
+    ):
         run_probe(conv, train, test, classifiers="svm")
     with pytest.raises(ConfigError, match="baselines: unknown ica"):
         run_probe(conv, train, test, baselines="ica")
@@ -367,8 +412,20 @@ def test_probe_user_errors(runs, digits):
 
 
 def test_write_results_gives_json_rows_and_a_markdown_table(tmp_path):
-    rows = [dict(features="stage2/grid4", classifier="logreg", normalize="whiten", dim=1024, labels_per_class="all",
-                 seeds=1, accuracy=0.991, accuracy_std=0.0, macro_f1=0.99, fit_seconds=12.3)]
+    rows = [
+        dict(
+            features="stage2/grid4",
+            classifier="logreg",
+            normalize="whiten",
+            dim=1024,
+            labels_per_class="all",
+            seeds=1,
+            accuracy=0.991,
+            accuracy_std=0.0,
+            macro_f1=0.99,
+            fit_seconds=12.3,
+        )
+    ]
     json_path, md = write_results(rows, tmp_path / "results.json", run="runs/mnist")
     doc = json.loads(json_path.read_text())
     assert doc["rows"] == rows and doc["run"] == "runs/mnist"
@@ -388,15 +445,40 @@ def test_cli_probe_prints_the_table_and_writes_json_and_markdown(runs, tmp_path)
     conv, dense = runs
     out = tmp_path / "res" / "results.json"
     proc = convae(
-        "probe", conv, "--train", "digits:train", "--test", "digits:test", "-o", out, "--layers", "stage1,bottleneck",
-        "--pool", "avg", "--classifiers", "logreg,knn", "--compare", dense, "--labels-per-class", "10,all",
-        "--seeds", "2", "-q",
+        "probe",
+        conv,
+        "--train",
+        "digits:train",
+        "--test",
+        "digits:test",
+        "-o",
+        out,
+        "--layers",
+        "stage1,bottleneck",
+        "--pool",
+        "avg",
+        "--classifiers",
+        "logreg,knn",
+        "--compare",
+        dense,
+        "--labels-per-class",
+        "10,all",
+        "--seeds",
+        "2",
+        "-q",
     )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     features = {r["features"] for r in rows}
-    assert features == {"stage1/avg", "bottleneck/avg", "random/stage1/avg", "random/bottleneck/avg",
-                        "dense/bottleneck/avg", "pixels", "pca"}
+    assert features == {
+        "stage1/avg",
+        "bottleneck/avg",
+        "random/stage1/avg",
+        "random/bottleneck/avg",
+        "dense/bottleneck/avg",
+        "pixels",
+        "pca",
+    }
     assert len(rows) == 2 * 2 * 8  # labels per class x classifiers x (7 feature sets, pca twice: dims 16 and 32)
     assert proc.stdout.splitlines()[0].split()[:5] == ["features", "classifier", "normalize", "augment", "dim"]
     assert "random/stage1/avg" in proc.stdout and f"wrote {out}" in proc.stdout
@@ -405,20 +487,49 @@ def test_cli_probe_prints_the_table_and_writes_json_and_markdown(runs, tmp_path)
 
 def test_cli_probe_baselines_none(runs, tmp_path):
     conv, _ = runs
-    proc = convae("probe", conv, "--train", "digits", "--test", "digits:test", "-o", tmp_path / "r.json",
-                  "--layers", "bottleneck", "--pool", "max", "--baselines", "none", "-q")
+    proc = convae(
+        "probe",
+        conv,
+        "--train",
+        "digits",
+        "--test",
+        "digits:test",
+        "-o",
+        tmp_path / "r.json",
+        "--layers",
+        "bottleneck",
+        "--pool",
+        "max",
+        "--baselines",
+        "none",
+        "-q",
+    )
     assert proc.returncode == 0, proc.stderr
     assert [r["features"] for r in json.loads((tmp_path / "r.json").read_text())["rows"]] == ["bottleneck/max"]
 
 
 def test_cli_probe_normalize_whiten_applies_to_every_row(runs, tmp_path):
     conv, _ = runs
-    common = ["probe", conv, "--train", "digits", "--test", "digits:test", "--layers", "stage1", "--baselines", "pixels", "-q"]
+    common = [
+        "probe",
+        conv,
+        "--train",
+        "digits",
+        "--test",
+        "digits:test",
+        "--layers",
+        "stage1",
+        "--baselines",
+        "pixels",
+        "-q",
+    ]
     rows = {}
     for normalize in ("standard", "whiten"):
         proc = convae(*common, "--normalize", normalize, "-o", tmp_path / f"{normalize}.json")
         assert proc.returncode == 0, proc.stderr
-        rows[normalize] = {r["features"]: r["accuracy"] for r in json.loads((tmp_path / f"{normalize}.json").read_text())["rows"]}
+        rows[normalize] = {
+            r["features"]: r["accuracy"] for r in json.loads((tmp_path / f"{normalize}.json").read_text())["rows"]
+        }
     assert list(rows["whiten"]) == ["stage1/grid4", "pixels"]
     assert all(rows["whiten"][f] != rows["standard"][f] for f in rows["whiten"])  # both rows whitened
     assert rows["whiten"]["stage1/grid4"] > 0.9
@@ -426,11 +537,25 @@ def test_cli_probe_normalize_whiten_applies_to_every_row(runs, tmp_path):
 
 def test_cli_probe_preset_gives_the_recommended_layers_and_pooling_unless_overridden(runs, tmp_path):
     conv, _ = runs
-    common = ["probe", conv, "--train", "digits", "--test", "digits:test", "--baselines", "none", "-q", "--preset", "digits"]
+    common = [
+        "probe",
+        conv,
+        "--train",
+        "digits",
+        "--test",
+        "digits:test",
+        "--baselines",
+        "none",
+        "-q",
+        "--preset",
+        "digits",
+    ]
     proc = convae(*common, "-o", tmp_path / "a.json")
     assert proc.returncode == 0, proc.stderr
     assert [r["features"] for r in json.loads((tmp_path / "a.json").read_text())["rows"]] == [
-        "stage1/grid4", "bottleneck/grid4"]  # the digits preset's probe: stage1,bottleneck pooled grid4
+        "stage1/grid4",
+        "bottleneck/grid4",
+    ]  # the digits preset's probe: stage1,bottleneck pooled grid4
     proc = convae(*common, "-o", tmp_path / "b.json", "--pool", "max", "--layers", "stage1+bottleneck")
     assert proc.returncode == 0, proc.stderr
     assert [r["features"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]] == ["stage1+bottleneck/max"]
@@ -438,8 +563,9 @@ def test_cli_probe_preset_gives_the_recommended_layers_and_pooling_unless_overri
 
 def test_cli_probe_preset_whose_layers_the_run_lacks_is_one_line_before_loading_data(runs, tmp_path):
     _, dense = runs  # the dense autoencoder has no stages
-    proc = convae("probe", dense, "--train", "digits", "--test", "digits:test", "-o", tmp_path / "r.json",
-                  "--preset", "mnist")
+    proc = convae(
+        "probe", dense, "--train", "digits", "--test", "digits:test", "-o", tmp_path / "r.json", "--preset", "mnist"
+    )
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"convae: error: --preset mnist does not fit {dense}: layers: unknown layer(s) stage2")
@@ -461,8 +587,9 @@ def test_cli_probe_preset_whose_layers_the_run_lacks_is_one_line_before_loading_
 def test_cli_probe_user_errors_are_one_line_with_exit_code_2(runs, tmp_path, args, fragment):
     conv, _ = runs
     # said before any data is loaded: the --train file does not exist
-    proc = convae("probe", conv, "--train", "not-loaded.npy", "--test", "digits:test", "-o", "r.json", "-q", *args,
-                  cwd=tmp_path)
+    proc = convae(
+        "probe", conv, "--train", "not-loaded.npy", "--test", "digits:test", "-o", "r.json", "-q", *args, cwd=tmp_path
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -472,5 +599,7 @@ def test_cli_probe_user_errors_are_one_line_with_exit_code_2(runs, tmp_path, arg
 def test_cli_probe_on_unlabelled_data_is_a_user_error(runs, tmp_path):
     conv, _ = runs
     np.save(tmp_path / "unlabelled.npy", np.zeros((10, 8, 8), np.uint8))
-    proc = convae("probe", conv, "--train", tmp_path / "unlabelled.npy", "--test", "digits:test", "-o", tmp_path / "r.json")
+    proc = convae(
+        "probe", conv, "--train", tmp_path / "unlabelled.npy", "--test", "digits:test", "-o", tmp_path / "r.json"
+    )
     assert proc.returncode == 2 and "has no labels" in proc.stderr.strip().splitlines()[-1], proc.stderr

@@ -1,5 +1,6 @@
 """The HTML report and `convae show`: the installed CLI in subprocesses, the file it writes checked
 for self-containment, and opened in a real browser (headless Chromium) to see it render."""
+
 import base64
 import io
 import json
@@ -21,10 +22,22 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 SECTIONS = ["card", "curves", "recon", "filters", "receptive", "maps", "patches", "maximize", "embedding", "probe"]
 PROBE = {
     "rows": [
-        {"features": f, "classifier": "logreg", "dim": d, "labels_per_class": "all", "accuracy": a, "macro_f1": a, "fit_seconds": 0.2}
+        {
+            "features": f,
+            "classifier": "logreg",
+            "dim": d,
+            "labels_per_class": "all",
+            "accuracy": a,
+            "macro_f1": a,
+            "fit_seconds": 0.2,
+        }
         for f, d, a in (
-            ("stage1/grid4", 128, 0.95), ("bottleneck/grid4", 256, 0.93), ("random/stage1/grid4", 128, 0.91),
-            ("random/bottleneck/grid4", 256, 0.9), ("pixels", 64, 0.9), ("pca", 32, 0.89),
+            ("stage1/grid4", 128, 0.95),
+            ("bottleneck/grid4", 256, 0.93),
+            ("random/stage1/grid4", 128, 0.91),
+            ("random/bottleneck/grid4", 256, 0.9),
+            ("pixels", 64, 0.9),
+            ("pca", 32, 0.89),
         )
     ]
 }
@@ -58,7 +71,9 @@ def report(digits_run):
     probe = digits_run.parent / "probe.json"
     probe.write_text(json.dumps(PROBE))
     out = digits_run.parent / "report.html"
-    proc = convae("report", digits_run, "digits:test", "-o", out, "--probe", probe, "--max-images", 300, "--steps", 40, "--quiet")
+    proc = convae(
+        "report", digits_run, "digits:test", "-o", out, "--probe", probe, "--max-images", 300, "--steps", 40, "--quiet"
+    )
     return out, proc
 
 
@@ -101,13 +116,22 @@ def test_a_browser_renders_the_report_and_loads_every_image(report, tmp_path):
     )
     probe = tmp_path / "checked.html"
     probe.write_text(
-        page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';").replace("</body>", checker + "</body>"),
+        page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';").replace(
+            "</body>", checker + "</body>"
+        ),
         encoding="utf-8",
     )
     flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
     ]
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -118,7 +142,9 @@ def test_a_browser_renders_the_report_and_loads_every_image(report, tmp_path):
     shot = tmp_path / "report.png"
     proc = subprocess.run(
         [CHROMIUM, *flags, "--window-size=1280,2400", "--hide-scrollbars", f"--screenshot={shot}", out.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     with Image.open(shot) as img:
@@ -135,7 +161,9 @@ def test_show_writes_a_view(view, digits_run, tmp_path):
     probe.write_text(json.dumps(PROBE))
     out = tmp_path / f"{view}.png"
     data = [] if view == "curves" else ["digits:test"]  # DATA is optional where the view needs no images
-    proc = convae("show", digits_run, *data, "--view", view, "-o", out, "--probe", probe, "--max-images", 200, "--quiet")
+    proc = convae(
+        "show", digits_run, *data, "--view", view, "-o", out, "--probe", probe, "--max-images", 200, "--quiet"
+    )
     assert proc.stdout.strip() == f"wrote {out}"
     with Image.open(out) as img:
         assert img.format == "PNG" and min(img.size) > 100
@@ -144,29 +172,46 @@ def test_show_writes_a_view(view, digits_run, tmp_path):
 
 def test_show_takes_split_layer_names(digits_run, tmp_path):
     out = tmp_path / "maps.png"
-    proc = convae("show", digits_run, "digits:test", "--view", "maps", "--layers", "stage1.conv1.split,stage1", "-o", out, "-q")
+    proc = convae(
+        "show", digits_run, "digits:test", "--view", "maps", "--layers", "stage1.conv1.split,stage1", "-o", out, "-q"
+    )
     assert proc.stdout.strip() == f"wrote {out}"
     with Image.open(out) as img:
         assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 10
 
 
 def test_user_errors_are_one_line_and_exit_2(digits_run, tmp_path):
-    assert_user_error(convae("show", digits_run, "digits", "--view", "colours", "-o", tmp_path / "x.png", check=False), "--view colours", "filters")
-    assert_user_error(convae("show", digits_run, "--view", "maps", "-o", tmp_path / "x.png", check=False), "needs DATA")
-    assert_user_error(convae("report", digits_run, "digits", "-o", tmp_path / "r.txt", check=False), "name the report .html")
     assert_user_error(
-        convae("report", digits_run, "digits", "-o", tmp_path / "r.html", "--probe", tmp_path / "none.json", check=False),
-        "--probe", "no such file",
+        convae("show", digits_run, "digits", "--view", "colours", "-o", tmp_path / "x.png", check=False),
+        "--view colours",
+        "filters",
     )
-    assert_user_error(convae("report", tmp_path / "norun", "digits", "-o", tmp_path / "r.html", check=False), "no such run directory")
+    assert_user_error(convae("show", digits_run, "--view", "maps", "-o", tmp_path / "x.png", check=False), "needs DATA")
+    assert_user_error(
+        convae("report", digits_run, "digits", "-o", tmp_path / "r.txt", check=False), "name the report .html"
+    )
+    assert_user_error(
+        convae(
+            "report", digits_run, "digits", "-o", tmp_path / "r.html", "--probe", tmp_path / "none.json", check=False
+        ),
+        "--probe",
+        "no such file",
+    )
+    assert_user_error(
+        convae("report", tmp_path / "norun", "digits", "-o", tmp_path / "r.html", check=False), "no such run directory"
+    )
     assert not list(tmp_path.glob("*.html")) and not list(tmp_path.glob("*.png"))  # nothing half-written
 
 
 def test_dense_model_on_unlabelled_data_says_what_is_missing(tmp_path, one_thread):
     images = load_dataset("digits", "test").images
-    ConvAutoencoder(arch="dense", hidden=(32,), latent_dim=8, epochs=1, device="cpu").fit(images, run_dir=tmp_path / "run")
+    ConvAutoencoder(arch="dense", hidden=(32,), latent_dim=8, epochs=1, device="cpu").fit(
+        images, run_dir=tmp_path / "run"
+    )
     data = ImageData(images, None, None, "unlabelled digits")
-    result = write_report(tmp_path / "run", data, tmp_path / "r.html", max_images=200, maximize_steps=20, tsne_points=100)
+    result = write_report(
+        tmp_path / "run", data, tmp_path / "r.html", max_images=200, maximize_steps=20, tsne_points=100
+    )
     page = result.path.read_text(encoding="utf-8")
     assert set(result.skipped) == {"Feature maps", "Receptive fields", "Probe accuracy by layer"}
     assert "vectors, not maps" in result.skipped["Feature maps"]
@@ -182,7 +227,9 @@ def test_rgb_report_on_cifar10(shared_datasets, tmp_path, one_thread):
     test = load_dataset("cifar10", "test", data_dir=shared_datasets, download=False)
     data = ImageData(test.images[:240], test.labels[:240], test.classes, "cifar10:test[:240]")
     ConvAutoencoder(channels=(8, 16), epochs=1, batch_size=64, device="cpu").fit(data.images, run_dir=tmp_path / "run")
-    result = write_report(tmp_path / "run", data, tmp_path / "r.html", maximize_steps=20, tsne_points=150, channels=4, top_k=4)
+    result = write_report(
+        tmp_path / "run", data, tmp_path / "r.html", maximize_steps=20, tsne_points=150, channels=4, top_k=4
+    )
     assert set(result.skipped) == {"Probe accuracy by layer"}
     page = result.path.read_text(encoding="utf-8")
     assert "32 x 32 x 3" in page and "has no labels" not in page

@@ -1,4 +1,5 @@
 """arch="sparse": the k-sparse autoencoder of whitened patches, on real images."""
+
 import json
 import subprocess
 
@@ -52,7 +53,10 @@ def test_layers_shapes_and_sizes():
     assert model.layer_names == ["conv1", "bottleneck"] and model.split_layer_names == ["conv1.split"]
     out = model.forward_intermediates(torch.rand(2, 3, 20, 30), ["conv1", "conv1.split", "bottleneck"])
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "conv1": (2, 24, 16, 26), "conv1.split": (2, 48, 16, 26), "bottleneck": (2, 24, 16, 26)}
+        "conv1": (2, 24, 16, 26),
+        "conv1.split": (2, 48, 16, 26),
+        "bottleneck": (2, 24, 16, 26),
+    }
     assert code_size(model.config) == 24 * 16 * 26
     rows = {r["layer"]: r for r in layer_table(model)}
     assert rows["conv1.split"]["grid2"] == 48 * 4 and rows["conv1"]["receptive_field"] == 5
@@ -69,8 +73,11 @@ def test_invalid_settings_name_the_option():
     with pytest.raises(ConfigError, match="sparse_k"):
         _config(filters=8, sparse_k=9)
     with pytest.raises(ConvaeError, match="use loss mse"):
-        fit(np.zeros((4, 8, 8, 1), np.uint8), ModelConfig(arch="sparse", image_size=(8, 8), channels=(4,)),
-            TrainConfig(epochs=1, loss="bce"))
+        fit(
+            np.zeros((4, 8, 8, 1), np.uint8),
+            ModelConfig(arch="sparse", image_size=(8, 8), channels=(4,)),
+            TrainConfig(epochs=1, loss="bce"),
+        )
 
 
 def test_responses_are_whitened_normalized_patches_times_unit_filters(cifar):
@@ -106,8 +113,9 @@ def test_whitening_decorrelates_the_patches(cifar):
     assert eig.max() < 1.3 and eig[-25:].min() > 0.5
     raw = torch.linalg.eigvalsh(torch.cov(normalized_patches(cols.float()).double().T))
     assert raw.max() / raw.median() > 50  # natural patches are far from white
-    assert torch.allclose(model.whiten.double() @ model.unwhiten.double(), torch.eye(75, dtype=torch.float64),
-                          atol=1e-3)
+    assert torch.allclose(
+        model.whiten.double() @ model.unwhiten.double(), torch.eye(75, dtype=torch.float64), atol=1e-3
+    )
 
 
 def test_k_sparse_keeps_the_k_strongest_per_position():
@@ -132,8 +140,7 @@ def test_training_lowers_the_patch_loss_below_random_filters(cifar, tmp_path):
         held_out = trained.patch_loss(x, x, positions).item(), untrained.patch_loss(x, x, positions).item()
     # same whitening: the filters are what was learnt (measured 0.306 against 0.373)
     assert held_out[0] < 0.9 * held_out[1], held_out
-    rows = run_probe(tmp_path / "run", (xtr, ytr), (xte, yte), layers="conv1.split", pool="grid2",
-                     baselines="random")
+    rows = run_probe(tmp_path / "run", (xtr, ytr), (xte, yte), layers="conv1.split", pool="grid2", baselines="random")
     acc = {r["features"]: r["accuracy"] for r in rows}
     # 3,000 labelled images, 1,024 features: pixels give ~0.3. Trained and random filters are
     # within a point here (0.578 / 0.574); the full-scale margin is in benchmarks/RESULTS.md.
@@ -182,8 +189,26 @@ def test_views_show_the_dictionary(tmp_path):
 def test_cli_fit_and_probe_with_the_cifar10_preset(tmp_path, shared_datasets):
     run = tmp_path / "run"
     proc = subprocess.run(
-        [CONVAE, "fit", "cifar10:test", "--preset", "cifar10", "--widths", "16", "--epochs", "1", "--out", str(run),
-         "--data-dir", str(shared_datasets), "-q"], capture_output=True, text=True, timeout=300)
+        [
+            CONVAE,
+            "fit",
+            "cifar10:test",
+            "--preset",
+            "cifar10",
+            "--widths",
+            "16",
+            "--epochs",
+            "1",
+            "--out",
+            str(run),
+            "--data-dir",
+            str(shared_datasets),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     config = json.loads((run / "config.json").read_text())["model"]
     assert config["arch"] == "sparse" and config["channels"] == [16] and config["kernel_size"] == 5
@@ -191,9 +216,29 @@ def test_cli_fit_and_probe_with_the_cifar10_preset(tmp_path, shared_datasets):
     def probe(*extra):
         out = tmp_path / "r.json"
         proc = subprocess.run(
-            [CONVAE, "probe", str(run), "--train", "cifar10:test", "--test", "cifar10:test", "--preset", "cifar10",
-             "--baselines", "none", "--data-dir", str(shared_datasets), "-o", str(out), "-q", *extra],
-            capture_output=True, text=True, timeout=300)
+            [
+                CONVAE,
+                "probe",
+                str(run),
+                "--train",
+                "cifar10:test",
+                "--test",
+                "cifar10:test",
+                "--preset",
+                "cifar10",
+                "--baselines",
+                "none",
+                "--data-dir",
+                str(shared_datasets),
+                "-o",
+                str(out),
+                "-q",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         document = json.loads(out.read_text())
         return [dict(r, c_scale=document["c_scale"], max_iter=document["max_iter"]) for r in document["rows"]]
@@ -204,6 +249,22 @@ def test_cli_fit_and_probe_with_the_cifar10_preset(tmp_path, shared_datasets):
     assert rows[0]["accuracy"] > 0.3
     own = probe("--augment", "none", "--c-scale", "0.5", "--max-iter", "50")[0]  # the options win
     assert (own["augment"], own["c_scale"], own["max_iter"]) == ("none", 0.5, 50)
-    bad = subprocess.run([CONVAE, "probe", str(run), "--train", "cifar10:test", "--test", "cifar10:test",
-                          "--c-scale", "0", "-o", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            CONVAE,
+            "probe",
+            str(run),
+            "--train",
+            "cifar10:test",
+            "--test",
+            "cifar10:test",
+            "--c-scale",
+            "0",
+            "-o",
+            str(tmp_path / "x.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "C scale must be a positive number" in bad.stderr

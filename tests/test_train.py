@@ -1,4 +1,5 @@
 """Training on real digits: the loss falls, runs resume exactly, run directories load back exactly."""
+
 import csv
 import json
 import math
@@ -61,7 +62,9 @@ def test_run_directory_holds_config_weights_history_and_checkpoint(digits, tmp_p
 
 
 def test_validation_metrics_do_not_depend_on_the_batch_size(digits):
-    model = fit(digits[:200], default_model_config(digits.shape[1:]), TrainConfig(epochs=1, batch_size=50, device="cpu")).model
+    model = fit(
+        digits[:200], default_model_config(digits.shape[1:]), TrainConfig(epochs=1, batch_size=50, device="cpu")
+    ).model
     indices = np.arange(len(digits))
     auto = evaluate(model, digits, indices, torch.device("cpu"))
     small = evaluate(model, digits, indices, torch.device("cpu"), batch_size=7)
@@ -76,6 +79,7 @@ class Killed(Exception):
 
 def fit_killed_after_epoch(epoch: int, images, model_config, train_config, run_dir) -> None:
     """A fit interrupted by an exception at the end of `epoch`, its checkpoint left in `run_dir`."""
+
     def die(row):
         if row["epoch"] == epoch:
             raise Killed
@@ -105,8 +109,10 @@ def test_amp_trains_in_bf16_exactly_where_the_cpu_computes_it_natively(digits, m
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native, "amx_bf16": False})
     assert native_bf16(torch.device("cpu")) is native
     cfg = default_model_config(digits.shape[1:])
-    runs = {amp: fit(digits[:256], cfg, TrainConfig(epochs=1, batch_size=64, device="cpu", amp=amp)).model
-            for amp in (True, False)}
+    runs = {
+        amp: fit(digits[:256], cfg, TrainConfig(epochs=1, batch_size=64, device="cpu", amp=amp)).model
+        for amp in (True, False)
+    }
     weights = [run.state_dict()["encoder.stage1.conv1.0.weight"] for run in (runs[True], runs[False])]
     assert torch.equal(*weights) is not native  # bf16 rounding shows in the weights, or amp changed nothing
     assert (weights[0] - weights[1]).abs().max() < 0.01

@@ -1,5 +1,6 @@
 """Views: the numbers behind the pictures (receptive-field crops, activation maximization), and
 that every view renders a readable PNG for grayscale, RGB, tiny and larger images and the dense model."""
+
 import json
 
 import numpy as np
@@ -34,7 +35,9 @@ def conv(digits, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dense(digits, tmp_path_factory):
-    return fit(digits[0].images, tmp_path_factory.mktemp("vis") / "dense", arch="dense", hidden=(32,), latent_dim=8).model_
+    return fit(
+        digits[0].images, tmp_path_factory.mktemp("vis") / "dense", arch="dense", hidden=(32,), latent_dim=8
+    ).model_
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,9 @@ def test_top_patches_are_the_units_exact_receptive_field(conv, digits):
         a = acts[lp.layer].numpy()
         mask = _interior_mask(conv, lp.layer)
         allowed = np.ones(a.shape[2] * a.shape[3], bool) if mask is None else mask.numpy()
-        assert lp.channels == list(np.argsort(-a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1).var(1), kind="stable")[:3])
+        assert lp.channels == list(
+            np.argsort(-a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1).var(1), kind="stable")[:3]
+        )
         for c, row in zip(lp.channels, lp.patches):
             per_image = a[:, c].reshape(len(a), -1)[:, allowed].max(1)
             # the k best images, best first, with the value the unit really has there
@@ -107,7 +112,9 @@ def test_top_patches_are_the_units_exact_receptive_field(conv, digits):
             inside = image.copy()
             inside[keep] = noise[keep]
             with torch.inference_mode():
-                out = conv.forward_intermediates(to_float_nchw(np.stack([image, outside, inside])), [lp.layer])[lp.layer]
+                out = conv.forward_intermediates(to_float_nchw(np.stack([image, outside, inside])), [lp.layer])[
+                    lp.layer
+                ]
             unit = out[:, c, best.y, best.x].numpy()
             assert unit[1] == pytest.approx(unit[0], abs=1e-5)
             if bottom - top < images.shape[1] or right - left < images.shape[2]:
@@ -181,11 +188,23 @@ def test_maximize_rejects_a_channel_that_does_not_exist(conv):
 # ---------------------------------------------------------------------------------------------
 PROBE = {
     "rows": [
-        {"features": f, "classifier": "logreg", "dim": d, "labels_per_class": k, "accuracy": a, "macro_f1": a, "fit_seconds": 0.1}
+        {
+            "features": f,
+            "classifier": "logreg",
+            "dim": d,
+            "labels_per_class": k,
+            "accuracy": a,
+            "macro_f1": a,
+            "fit_seconds": 0.1,
+        }
         for k, shift in (("10", 0.1), ("all", 0.0))
         for f, d, a in (
-            ("stage1/grid4", 128, 0.95), ("bottleneck/grid4", 256, 0.93), ("random/stage1/grid4", 128, 0.9),
-            ("random/bottleneck/grid4", 256, 0.88), ("pixels", 64, 0.9), ("pca", 32, 0.89),
+            ("stage1/grid4", 128, 0.95),
+            ("bottleneck/grid4", 256, 0.93),
+            ("random/stage1/grid4", 128, 0.9),
+            ("random/bottleneck/grid4", 256, 0.88),
+            ("pixels", 64, 0.9),
+            ("pca", 32, 0.89),
         )
         for a in [a - shift]
     ]
@@ -197,12 +216,28 @@ def test_every_view_renders_a_readable_png(view, conv, digits, tmp_path):
     path = tmp_path / "probe.json"
     path.write_text(json.dumps(PROBE))
     history = [
-        dict(epoch=e, step=10 * e, images=100, train_loss=1 / e, val_mse=1.1 / e, val_psnr=10 + e, val_ssim=0.5 + e / 10,
-             lr=1e-3, seconds=0.5, images_per_s=200.0)
+        dict(
+            epoch=e,
+            step=10 * e,
+            images=100,
+            train_loss=1 / e,
+            val_mse=1.1 / e,
+            val_psnr=10 + e,
+            val_ssim=0.5 + e / 10,
+            lr=1e-3,
+            seconds=0.5,
+            images_per_s=200.0,
+        )
         for e in (1, 2, 3)
     ]
     fig = V.render_view(
-        view, conv, data=digits[1], history=history, probe_rows=V.load_probe_results(path), max_images=200, steps=20,
+        view,
+        conv,
+        data=digits[1],
+        history=history,
+        probe_rows=V.load_probe_results(path),
+        max_images=200,
+        steps=20,
     )
     png_ok(V.save_figure(fig, tmp_path / f"{view}.png"))
 
@@ -224,7 +259,11 @@ def test_rgb_filters_are_in_colour_and_views_work_without_labels(rgb, tmp_path):
     arr = png_ok(V.save_figure(V.filters_figure(model), tmp_path / "filters.png"))
     assert np.abs(arr - arr.mean(-1, keepdims=True)).max() > 30  # colour pixels in the PNG
     for view in ("patches", "embedding", "maps", "receptive", "recon"):
-        png_ok(V.save_figure(V.render_view(view, model, data=data, max_images=100, channels=4, top_k=4), tmp_path / f"{view}.png"))
+        png_ok(
+            V.save_figure(
+                V.render_view(view, model, data=data, max_images=100, channels=4, top_k=4), tmp_path / f"{view}.png"
+            )
+        )
     feats = V.layer_features(model, data.images, "bottleneck")
     xy, rows = V.embed(feats, "tsne", max_points=50)
     assert xy.shape == (50, 2) and len(np.unique(rows)) == 50
@@ -242,17 +281,23 @@ def test_dense_views_say_why_they_do_not_apply(dense, digits, tmp_path):
     assert [r.layer for r in results] == dense.layer_names
     assert all(p.box == (0, 0, 8, 8) for r in results for row in r.patches for p in row)  # whole images
     for view in ("filters", "patches", "maximize", "embedding", "recon"):
-        png_ok(V.save_figure(V.render_view(view, dense, data=digits[1], steps=20, channels=4), tmp_path / f"{view}.png"))
+        png_ok(
+            V.save_figure(V.render_view(view, dense, data=digits[1], steps=20, channels=4), tmp_path / f"{view}.png")
+        )
 
 
 def test_views_of_64x64_images(tmp_path, one_thread):
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:64, 0:64]
     images = np.stack([((np.sin(xx / rng.uniform(2, 8) + yy / rng.uniform(2, 8)) + 1) * 127) for _ in range(64)])
-    model = fit(images.astype(np.uint8)[..., None], tmp_path / "run", channels=(4, 8, 8), epochs=1, batch_size=32).model_
+    model = fit(
+        images.astype(np.uint8)[..., None], tmp_path / "run", channels=(4, 8, 8), epochs=1, batch_size=32
+    ).model_
     data = ImageData(images.astype(np.uint8)[..., None], None, None, "waves")
     for view in ("patches", "maximize", "receptive", "maps"):
-        png_ok(V.save_figure(V.render_view(view, model, data=data, steps=5, channels=3, top_k=3), tmp_path / f"{view}.png"))
+        png_ok(
+            V.save_figure(V.render_view(view, model, data=data, steps=5, channels=3, top_k=3), tmp_path / f"{view}.png")
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +334,10 @@ def test_wrong_image_shape_and_unknown_layers_are_user_errors(conv, rgb):
 def test_views_take_a_blocks_sign_split_maps_as_layers(conv, digits):
     """The split maps a probe reads (stage1.conv1.split) can be looked at too."""
     assert V.view_layers(conv, "stage2.conv1.split,stage1,stage1.conv1.split,stage1.conv1", None) == [
-        "stage1.conv1", "stage1.conv1.split", "stage1", "stage2.conv1.split",
+        "stage1.conv1",
+        "stage1.conv1.split",
+        "stage1",
+        "stage2.conv1.split",
     ]
     (split,) = V.top_patches(conv, digits[1].images[:100], "stage1.conv1.split", channels=16, k=2)
     assert len(split.variance) == 16 and split.receptive_field == 3  # 8 channels, split in two; one 3x3 conv

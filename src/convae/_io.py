@@ -5,6 +5,7 @@ Every file is written to a temporary ``.NAME.XXXX.tmp`` beside it, fsynced, and 
 A full disk or an unwritable folder raises :class:`~convae.errors.StorageError` (one line,
 naming the file) and leaves the previous file untouched.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ convolutions' time. Serving blocks up to 32 MiB from the heap and trimming it on
 256 MiB makes a step fault-free; resident memory stays at the step's peak, which it reaches
 anyway. Measured in benchmarks/RESULTS.md ("Speed").
 """
+
 from __future__ import annotations
 
 import ctypes

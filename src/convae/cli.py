@@ -155,8 +155,13 @@ def with_data_options(f):
 
 def _load(data, data_dir, split, image_size, channels, no_download, quiet=True):
     return convae.load_dataset(
-        data, split, data_dir=data_dir, image_size=_image_size(image_size), channels=channels,
-        download=not no_download, progress=not quiet,
+        data,
+        split,
+        data_dir=data_dir,
+        image_size=_image_size(image_size),
+        channels=channels,
+        download=not no_download,
+        progress=not quiet,
     )
 
 
@@ -179,7 +184,13 @@ def main():
 @click.argument("data")
 @click.option("--out", "-o", "out", type=click.Path(path_type=Path), required=True, help="Run directory to create.")
 @with_data_options
-@click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="conv", show_default=True, help="conv: ConvAE; dense: the fully-connected baseline; sparse: one wide convolution over contrast-normalized, whitened patches, trained as a k-sparse autoencoder (--widths 1600 filters, --kernel-size 5 patches by default).")
+@click.option(
+    "--arch",
+    type=click.Choice(list(ARCHITECTURES)),
+    default="conv",
+    show_default=True,
+    help="conv: ConvAE; dense: the fully-connected baseline; sparse: one wide convolution over contrast-normalized, whitened patches, trained as a k-sparse autoencoder (--widths 1600 filters, --kernel-size 5 patches by default).",
+)
 @click.option("--widths", help="Channels per encoder stage, e.g. 32,64,128 (default: from the image size).")
 @click.option("--convs-per-stage", type=int, help="Conv layers per stage.")
 @click.option("--kernel-size", type=int, help="Conv kernel size (odd).")
@@ -187,14 +198,30 @@ def main():
 @click.option("--activation", type=_choice(Activation))
 @click.option("--downsample", type=_choice(Downsample), help="Stage downsampling (default max pooling).")
 @click.option("--upsample", type=_choice(Upsample), help="Decoder upsampling.")
-@click.option("--decoder", type=_choice(Decoder), help="mirror: decoder stages upsample, then convolve; light: they convolve first, at a quarter of the pixels (faster training).")
+@click.option(
+    "--decoder",
+    type=_choice(Decoder),
+    help="mirror: decoder stages upsample, then convolve; light: they convolve first, at a quarter of the pixels (faster training).",
+)
 @click.option("--bottleneck", type=_choice(Bottleneck), help="conv: feature maps; dense: a latent vector.")
 @click.option("--latent-channels", type=int, help="conv bottleneck: 1x1 conv to this many channels (0: none).")
 @click.option("--latent-dim", type=int, help="Code size of a dense bottleneck or of --arch dense.")
-@click.option("--code-wta", type=float, help="Winner-take-all sparsity of the code while reconstructing: each map keeps its peak, each channel its top fraction of the batch (e.g. 0.2; 0: off).")
+@click.option(
+    "--code-wta",
+    type=float,
+    help="Winner-take-all sparsity of the code while reconstructing: each map keeps its peak, each channel its top fraction of the batch (e.g. 0.2; 0: off).",
+)
 @click.option("--hidden", help="--arch dense: hidden widths, e.g. 512,256.")
-@click.option("--sparse-k", type=int, help="--arch sparse: filters kept per patch when reconstructing it (default 1: gradient-descent k-means).")
-@click.option("--patches-per-image", type=int, help="--arch sparse: random patches each training image gives per step (default 16).")
+@click.option(
+    "--sparse-k",
+    type=int,
+    help="--arch sparse: filters kept per patch when reconstructing it (default 1: gradient-descent k-means).",
+)
+@click.option(
+    "--patches-per-image",
+    type=int,
+    help="--arch sparse: random patches each training image gives per step (default 16).",
+)
 @click.option("--whiten-eps", type=float, help="--arch sparse: eigenvalue floor of the patch whitening (default 0.1).")
 @click.option("--epochs", type=int, default=TrainConfig.epochs, help="Epochs (default: from the dataset size).")
 @click.option("--max-time", type=float, default=TrainConfig.max_time, help="Wall-clock training budget in seconds.")
@@ -204,19 +231,50 @@ def main():
 @click.option("--schedule", type=_train_choice("schedule"), default=TrainConfig.schedule, show_default=True)
 @click.option("--loss", type=_train_choice("loss"), default=TrainConfig.loss, show_default=True)
 @click.option("--noise", type=float, default=TrainConfig.noise, help="Denoising: std of gaussian input noise.")
-@click.option("--mask-ratio", type=float, default=TrainConfig.mask_ratio, help="Masking: fraction of input patches hidden.")
+@click.option(
+    "--mask-ratio", type=float, default=TrainConfig.mask_ratio, help="Masking: fraction of input patches hidden."
+)
 @click.option("--val-fraction", type=float, default=TrainConfig.val_fraction, show_default=True)
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
 @click.option("--device", default=TrainConfig.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=TrainConfig.threads, help="CPU threads (default: torch's).")
-@click.option("--amp/--no-amp", default=TrainConfig.amp, show_default=True, help="bf16 mixed precision where the device computes bf16 natively (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX); fp32 elsewhere or with --no-amp.")
+@click.option(
+    "--amp/--no-amp",
+    default=TrainConfig.amp,
+    show_default=True,
+    help="bf16 mixed precision where the device computes bf16 natively (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX); fp32 elsewhere or with --no-amp.",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--on-nan", type=click.Choice(NAN_POLICIES), help="A loss that turns NaN or infinite: stop (the default; keeping the last good checkpoint), skip the step, or go back to the epoch's start with half the learning rate. With --resume: the run's saved policy unless given.")
-@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, help="Train with N processes (torchrun + DDP); --batch-size and --lr are per process.")
+@click.option(
+    "--on-nan",
+    type=click.Choice(NAN_POLICIES),
+    help="A loss that turns NaN or infinite: stop (the default; keeping the last good checkpoint), skip the step, or go back to the epoch's start with half the learning rate. With --resume: the run's saved policy unless given.",
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train with N processes (torchrun + DDP); --batch-size and --lr are per process.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--preset", help=f"Recommended settings for a dataset ({_PRESET_NAMES}); options given override them.")
-def fit(data, out, data_dir, split, image_size, channels, no_download, hidden, quiet, resume, nproc, preset, on_nan,
-        **settings):
+def fit(
+    data,
+    out,
+    data_dir,
+    split,
+    image_size,
+    channels,
+    no_download,
+    hidden,
+    quiet,
+    resume,
+    nproc,
+    preset,
+    on_nan,
+    **settings,
+):
     """Train an autoencoder on DATA and write the run directory --out.
 
     DATA: digits, mnist, fashion-mnist, cifar10 (optionally :train / :test),
@@ -315,12 +373,37 @@ def with_view_options(f):
 @click.option("--view", "view", required=True, help=f"{', '.join(VIEWS)}.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="PNG file to write.")
 @with_data_options
-@click.option("--layers", help="Encoder layers for maps/patches/maximize, comma-separated, or all; a block's sign-split maps too, e.g. stage1.conv1.split (see `convae layers`).")
+@click.option(
+    "--layers",
+    help="Encoder layers for maps/patches/maximize, comma-separated, or all; a block's sign-split maps too, e.g. stage1.conv1.split (see `convae layers`).",
+)
 @click.option("--index", help="Images to show (maps, recon, receptive), e.g. 0,5,9.")
-@click.option("--count", "-n", type=click.IntRange(min=1), default=8, show_default=True, help="Images for recon (maps: up to 3).")
+@click.option(
+    "--count", "-n", type=click.IntRange(min=1), default=8, show_default=True, help="Images for recon (maps: up to 3)."
+)
 @with_view_options
-def show(run_dir, data, view, output, data_dir, split, image_size, channels, no_download, layers, index, count,
-         probe_path, max_images, top_channels, top_k, steps, seed, device, quiet):
+def show(
+    run_dir,
+    data,
+    view,
+    output,
+    data_dir,
+    split,
+    image_size,
+    channels,
+    no_download,
+    layers,
+    index,
+    count,
+    probe_path,
+    max_images,
+    top_channels,
+    top_k,
+    steps,
+    seed,
+    device,
+    quiet,
+):
     """Render one view of a trained model as a PNG.
 
     DATA (as for `fit`) is needed by maps, patches, recon and embedding; receptive and
@@ -335,9 +418,20 @@ def show(run_dir, data, view, output, data_dir, split, image_size, channels, no_
     probe_rows = convae.views.load_probe_results(probe_path) if probe_path else None
     dataset = _load_for_run(run_dir, data, data_dir, split, image_size, channels, no_download, quiet) if data else None
     fig = convae.render_view(
-        view, model, data=dataset, history=convae.run.read_history(run_dir), probe_rows=probe_rows, layers=layers,
-        channels=top_channels, top_k=top_k, count=count, indices=_ints(index, "--index"), max_images=max_images,
-        steps=steps, seed=seed, progress=not quiet,
+        view,
+        model,
+        data=dataset,
+        history=convae.run.read_history(run_dir),
+        probe_rows=probe_rows,
+        layers=layers,
+        channels=top_channels,
+        top_k=top_k,
+        count=count,
+        indices=_ints(index, "--index"),
+        max_images=max_images,
+        steps=steps,
+        seed=seed,
+        progress=not quiet,
     )
     convae.views.save_figure(fig, output)
     click.echo(f"wrote {output}")
@@ -348,10 +442,33 @@ def show(run_dir, data, view, output, data_dir, split, image_size, channels, no_
 @click.argument("data")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="HTML file to write.")
 @with_data_options
-@click.option("--tsne-points", type=click.IntRange(min=1), default=2000, show_default=True, help="At most this many points for t-SNE.")
+@click.option(
+    "--tsne-points",
+    type=click.IntRange(min=1),
+    default=2000,
+    show_default=True,
+    help="At most this many points for t-SNE.",
+)
 @with_view_options
-def report(run_dir, data, output, data_dir, split, image_size, channels, no_download, tsne_points, probe_path,
-           max_images, top_channels, top_k, steps, seed, device, quiet):
+def report(
+    run_dir,
+    data,
+    output,
+    data_dir,
+    split,
+    image_size,
+    channels,
+    no_download,
+    tsne_points,
+    probe_path,
+    max_images,
+    top_channels,
+    top_k,
+    steps,
+    seed,
+    device,
+    quiet,
+):
     """A self-contained HTML report: model card and every view, images inline, nothing fetched.
 
     DATA (as for `fit`, e.g. mnist:test) is what the views are computed on; without labels the
@@ -359,8 +476,18 @@ def report(run_dir, data, output, data_dir, split, image_size, channels, no_down
     """
     dataset = _load_for_run(run_dir, data, data_dir, split, image_size, channels, no_download, quiet)
     result = convae.write_report(
-        run_dir, dataset, output, probe=probe_path, max_images=max_images, tsne_points=tsne_points,
-        channels=top_channels, top_k=top_k, maximize_steps=steps, seed=seed, device=device, progress=not quiet,
+        run_dir,
+        dataset,
+        output,
+        probe=probe_path,
+        max_images=max_images,
+        tsne_points=tsne_points,
+        channels=top_channels,
+        top_k=top_k,
+        maximize_steps=steps,
+        seed=seed,
+        device=device,
+        progress=not quiet,
     )
     missing = f", {len(result.skipped)} not shown: {', '.join(result.skipped)}" if result.skipped else ""
     click.echo(f"wrote {result.path} ({len(result.sections)} sections{missing}) in {result.seconds:.1f} s")
@@ -381,16 +508,48 @@ def layers_command(run_dir):
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("data")
-@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="OUT.npy (labels go to OUT.labels.npy) or OUT.npz.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="OUT.npy (labels go to OUT.labels.npy) or OUT.npz.",
+)
 @with_data_options
-@click.option("--layers", default="bottleneck", show_default=True, help="Encoder layers, comma-separated, or all (see `convae layers`).")
-@click.option("--pool", default="flatten", show_default=True, help=f"{', '.join(POOLS)}; several, comma-separated, are concatenated.")
+@click.option(
+    "--layers",
+    default="bottleneck",
+    show_default=True,
+    help="Encoder layers, comma-separated, or all (see `convae layers`).",
+)
+@click.option(
+    "--pool",
+    default="flatten",
+    show_default=True,
+    help=f"{', '.join(POOLS)}; several, comma-separated, are concatenated.",
+)
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--batch-size", type=int, help="Images per forward pass (default: sized to the model's largest map, at most 256).")
+@click.option(
+    "--batch-size", type=int, help="Images per forward pass (default: sized to the model's largest map, at most 256)."
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def extract(run_dir, data, output, data_dir, split, image_size, channels, no_download, layers, pool, dtype, batch_size,
-            device, quiet):
+def extract(
+    run_dir,
+    data,
+    output,
+    data_dir,
+    split,
+    image_size,
+    channels,
+    no_download,
+    layers,
+    pool,
+    dtype,
+    batch_size,
+    device,
+    quiet,
+):
     """Encoder features of DATA, one row per image, into OUT.npy or OUT.npz.
 
     The pooled features of the requested layers are concatenated in network order. Rows are
@@ -420,31 +579,109 @@ def extract(run_dir, data, output, data_dir, split, image_size, channels, no_dow
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--train", "train_data", required=True, help="Labelled data the classifiers are fitted on, e.g. mnist:train.")
+@click.option(
+    "--train", "train_data", required=True, help="Labelled data the classifiers are fitted on, e.g. mnist:train."
+)
 @click.option("--test", "test_data", required=True, help="Labelled data they are scored on, e.g. mnist:test.")
-@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="results.json; a Markdown copy goes beside it.")
-@click.option("--layers", help="Encoder layers, comma-separated, or all (default: every stage and the bottleneck; see `convae layers`); join layers with + to probe their features concatenated, e.g. stage2+bottleneck.")
-@click.option("--pool", help=f"{', '.join(POOLS)}; several, comma-separated, each get rows (default: {ProbeOptions.pool}).")
-@click.option("--preset", help=f"The layers, pooling, normalization, augmentation and classifier settings a dataset's preset is probed with ({_PRESET_NAMES}); --layers, --pool, --normalize, --augment, --c-scale and --max-iter override them.")
-@click.option("--classifiers", default=",".join(ProbeOptions.classifiers), show_default=True, help=f"Any of {', '.join(CLASSIFIER_NAMES)}, comma-separated.")
-@click.option("--baselines", default=",".join(BASELINES), show_default=True, help="Any of pixels, pca, random (untrained weights, batch-norm statistics from the train images), or none.")
-@click.option("--compare", multiple=True, type=click.Path(path_type=Path), help="Another run directory to probe alongside (repeatable).")
-@click.option("--labels-per-class", default="all", show_default=True, help="e.g. 10,100,1000,all: accuracy with few labels.")
-@click.option("--seeds", type=int, default=ProbeOptions.seeds, show_default=True, help="Label subsets averaged for each labels-per-class below all.")
-@click.option("--normalize", help=f"Features before each classifier ({', '.join(NORMALIZATIONS)}): standard (StandardScaler) or whiten (standardized, then PCA-whitened with a variance floor, for the rows fitted on all labels; it lifted logistic regression on MNIST's preset features and lowered Fashion-MNIST's and CIFAR-10's). Default: the --preset's, else standard.")
-@click.option("--augment", type=click.Choice(AUGMENTATIONS), help="flip: the classifiers also fit every train image mirrored left to right, with its label (twice the train features; baselines alike; test images unchanged). flip-tta: that, and each test image is scored by the mean of the classifier's scores for it and its mirror image. Default: the --preset's, else none.")
-@click.option("--c-scale", type=float, help="Multiplies the C of logreg (64/dim), linsvm (8/dim) and rbfsvm (10): above 1, less regularization. Default: the --preset's, else 1.")
-@click.option("--max-iter", type=int, help="Iteration cap of logreg, linsvm and mlp (default: the --preset's, else 300, 1000 and 300).")
-@click.option("--pca-dim", help="PCA baseline sizes, e.g. 64,128 (default: the compared features' sizes below the pixel count, else 95% of the variance).")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Where built-in datasets are looked up (then $CONVAE_DATA, ~/.cache/convae).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="results.json; a Markdown copy goes beside it.",
+)
+@click.option(
+    "--layers",
+    help="Encoder layers, comma-separated, or all (default: every stage and the bottleneck; see `convae layers`); join layers with + to probe their features concatenated, e.g. stage2+bottleneck.",
+)
+@click.option(
+    "--pool", help=f"{', '.join(POOLS)}; several, comma-separated, each get rows (default: {ProbeOptions.pool})."
+)
+@click.option(
+    "--preset",
+    help=f"The layers, pooling, normalization, augmentation and classifier settings a dataset's preset is probed with ({_PRESET_NAMES}); --layers, --pool, --normalize, --augment, --c-scale and --max-iter override them.",
+)
+@click.option(
+    "--classifiers",
+    default=",".join(ProbeOptions.classifiers),
+    show_default=True,
+    help=f"Any of {', '.join(CLASSIFIER_NAMES)}, comma-separated.",
+)
+@click.option(
+    "--baselines",
+    default=",".join(BASELINES),
+    show_default=True,
+    help="Any of pixels, pca, random (untrained weights, batch-norm statistics from the train images), or none.",
+)
+@click.option(
+    "--compare",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Another run directory to probe alongside (repeatable).",
+)
+@click.option(
+    "--labels-per-class", default="all", show_default=True, help="e.g. 10,100,1000,all: accuracy with few labels."
+)
+@click.option(
+    "--seeds",
+    type=int,
+    default=ProbeOptions.seeds,
+    show_default=True,
+    help="Label subsets averaged for each labels-per-class below all.",
+)
+@click.option(
+    "--normalize",
+    help=f"Features before each classifier ({', '.join(NORMALIZATIONS)}): standard (StandardScaler) or whiten (standardized, then PCA-whitened with a variance floor, for the rows fitted on all labels; it lifted logistic regression on MNIST's preset features and lowered Fashion-MNIST's and CIFAR-10's). Default: the --preset's, else standard.",
+)
+@click.option(
+    "--augment",
+    type=click.Choice(AUGMENTATIONS),
+    help="flip: the classifiers also fit every train image mirrored left to right, with its label (twice the train features; baselines alike; test images unchanged). flip-tta: that, and each test image is scored by the mean of the classifier's scores for it and its mirror image. Default: the --preset's, else none.",
+)
+@click.option(
+    "--c-scale",
+    type=float,
+    help="Multiplies the C of logreg (64/dim), linsvm (8/dim) and rbfsvm (10): above 1, less regularization. Default: the --preset's, else 1.",
+)
+@click.option(
+    "--max-iter",
+    type=int,
+    help="Iteration cap of logreg, linsvm and mlp (default: the --preset's, else 300, 1000 and 300).",
+)
+@click.option(
+    "--pca-dim",
+    help="PCA baseline sizes, e.g. 64,128 (default: the compared features' sizes below the pixel count, else 95% of the variance).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="Where built-in datasets are looked up (then $CONVAE_DATA, ~/.cache/convae).",
+)
 @click.option("--image-size", help="Resize and centre-crop images to this size (default: the run's).")
 @click.option("--channels", type=int, help="Image channels: 1 or 3 (default: the run's).")
 @click.option("--no-download", is_flag=True, help="Never download a missing built-in dataset.")
-@click.option("--batch-size", type=int, help="Images per forward pass (default: sized to the model's largest map, at most 256).")
+@click.option(
+    "--batch-size", type=int, help="Images per forward pass (default: sized to the model's largest map, at most 256)."
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def probe(run_dir, train_data, test_data, output, preset, compare, pca_dim, data_dir, image_size, channels, no_download,
-          batch_size, device, quiet, **given):
+def probe(
+    run_dir,
+    train_data,
+    test_data,
+    output,
+    preset,
+    compare,
+    pca_dim,
+    data_dir,
+    image_size,
+    channels,
+    no_download,
+    batch_size,
+    device,
+    quiet,
+    **given,
+):
     """How good the features are: classifiers on each layer's features, beside baselines.
 
     Fits StandardScaler (or --normalize whiten) + classifier on the --train features of each
@@ -463,10 +700,12 @@ def probe(run_dir, train_data, test_data, output, preset, compare, pca_dim, data
             click.echo("note: --augment needs images, so precomputed features are probed as they are", err=True)
         names = dict(train=str(train_data), test=str(test_data))
     else:
-        train, test = _probe_data(run_dir, train_data, test_data, options, data_dir, image_size, channels, no_download,
-                                  quiet)
-        rows = convae.run_probe(run_dir, train, test, options, compare=compare, device=device, batch_size=batch_size,
-                                progress=not quiet)
+        train, test = _probe_data(
+            run_dir, train_data, test_data, options, data_dir, image_size, channels, no_download, quiet
+        )
+        rows = convae.run_probe(
+            run_dir, train, test, options, compare=compare, device=device, batch_size=batch_size, progress=not quiet
+        )
         names = dict(train=train.name, test=test.name)
     json_path, md_path = convae.probe.write_results(rows, output, run=str(run_dir), **names, **options.fit_meta())
     click.echo(_table(rows))
@@ -479,8 +718,10 @@ def _probe_data(run_dir, train_data, test_data, options, data_dir, image_size, c
     m = convae.load_config(run_dir).model
     h, w = m.image_size
     size, chans = image_size or f"{h}x{w}", channels or (m.in_channels if m.in_channels in (1, 3) else None)
-    return (_load(train_data, data_dir, None, size, chans, no_download, quiet),
-            _load(test_data, data_dir, None, size, chans, no_download, quiet))
+    return (
+        _load(train_data, data_dir, None, size, chans, no_download, quiet),
+        _load(test_data, data_dir, None, size, chans, no_download, quiet),
+    )
 
 
 @main.command()

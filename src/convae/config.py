@@ -3,6 +3,7 @@
 Unknown, missing or wrongly typed fields are errors that name the field,
 so a hand-edited or foreign config.json never loads half-right.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -187,13 +188,18 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads; 0: torch's default
-    amp: bool = True  # bf16 autocast where the device computes bf16 natively (CUDA from Ampere on; CPUs with AVX512-BF16/AMX)
+    amp: bool = (
+        True  # bf16 autocast where the device computes bf16 natively (CUDA from Ampere on; CPUs with AVX512-BF16/AMX)
+    )
     channels_last: bool = True
     on_nan: NanPolicy = "stop"  # a NaN/inf loss: stop, skip the step, or halve the lr
 
     def __post_init__(self) -> None:
         checks = [
-            (self.on_nan in NAN_POLICIES, f"on_nan must be one of {', '.join(NAN_POLICIES)}, got {_short(self.on_nan)}"),
+            (
+                self.on_nan in NAN_POLICIES,
+                f"on_nan must be one of {', '.join(NAN_POLICIES)}, got {_short(self.on_nan)}",
+            ),
             (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
             (self.max_time >= 0, f"max_time must be >= 0, got {self.max_time}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),

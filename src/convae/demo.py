@@ -1,4 +1,5 @@
 """The whole pipeline on the built-in `digits` data: what `make demo` runs."""
+
 from __future__ import annotations
 
 import shutil
@@ -57,7 +58,9 @@ def run_demo(out_dir: str | Path = "demo-output", *, progress: bool = False) -> 
         history=est.history_,
         test_metrics=metrics,
         outputs={
-            "run directory": run_dir, "reconstructions": recon_path, "probe results": probe_path,
+            "run directory": run_dir,
+            "reconstructions": recon_path,
+            "probe results": probe_path,
             "report": report.path,
         },
         probe_rows=probe_rows,

@@ -4,6 +4,7 @@
 exactly that) starts N processes; each calls `init()` and trains its shard with
 DistributedDataParallel: gloo on CPU, NCCL on GPU.
 """
+
 from __future__ import annotations
 
 import gc
@@ -42,7 +43,6 @@ def env_info() -> DistInfo:
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     )
-
 
 
 def _check_gpu_for(device: torch.device, info: DistInfo) -> None:

@@ -1,4 +1,5 @@
 """`ConvAutoencoder`: the object users hold in Python, a scikit-learn transformer."""
+
 from __future__ import annotations
 
 import math
@@ -236,7 +237,11 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
                 fmt = "table"
             else:
                 arr = check_array(
-                    X, allow_nd=True, ensure_2d=False, dtype="numeric", ensure_min_samples=min_samples,
+                    X,
+                    allow_nd=True,
+                    ensure_2d=False,
+                    dtype="numeric",
+                    ensure_min_samples=min_samples,
                     input_name="X",
                 )
                 if arr.ndim not in (3, 4):
@@ -400,7 +405,9 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         state = dict(super().__getstate__())  # object.__getstate__ returns the live __dict__
         model = state.pop("model_", None)
         if model is not None:
-            state["_weights"] = save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+            state["_weights"] = save_safetensors(
+                {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            )
         return state
 
     def __setstate__(self, state):

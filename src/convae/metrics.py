@@ -1,4 +1,5 @@
 """Reconstruction metrics on images in [0, 1]: MSE, PSNR and SSIM, per image."""
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ by ``benchmarks/quality.py`` on a 2-core CPU (see ``benchmarks/RESULTS.md``); a 
 `max_time` is the wall-clock training budget the preset was measured with there (a preset in
 `epochs` trains the same model on any machine).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ PRESETS: dict[str, Preset] = {
             "reconstruction error, not the probe's error); probed with stage2's and stage3's conv maps sign-split, "
             "concatenated, and whitened before the classifier",
             fit=dict(widths="32,64,128", convs_per_stage=1, batch_size=64, epochs=2),
-            probe=dict(layers="stage2,bottleneck,stage2.conv1.split+stage3.conv1.split", pool="grid4", normalize="whiten"),
+            probe=dict(
+                layers="stage2,bottleneck,stage2.conv1.split+stage3.conv1.split", pool="grid4", normalize="whiten"
+            ),
         ),
         Preset(
             "fashion-mnist",
@@ -65,7 +68,9 @@ PRESETS: dict[str, Preset] = {
             "CIFAR-10 32x32x3 with the ConvAE (the cifar10 preset before the sparse autoencoder): a wide first stage "
             "(256,128,256) with the light decoder, light denoising, a 15-minute budget on a 2-core CPU; probed with "
             "stage1's and stage2's conv maps sign-split (stage1.conv1.split+stage2.conv1.split)",
-            fit=dict(widths="256,128,256", convs_per_stage=1, decoder="light", batch_size=64, noise=0.05, max_time=900.0),
+            fit=dict(
+                widths="256,128,256", convs_per_stage=1, decoder="light", batch_size=64, noise=0.05, max_time=900.0
+            ),
             probe=dict(layers="stage1,stage2,bottleneck,stage1.conv1.split+stage2.conv1.split", pool="grid4"),
         ),
     )

@@ -33,20 +33,37 @@ class NoBar:
         pass
 
 
-def make_bar(enabled: bool, total: float | None = None, *, initial: float = 0, unit: str = "img",
-             desc: str | None = None, leave: bool = True, unit_scale: bool = False):
+def make_bar(
+    enabled: bool,
+    total: float | None = None,
+    *,
+    initial: float = 0,
+    unit: str = "img",
+    desc: str | None = None,
+    leave: bool = True,
+    unit_scale: bool = False,
+):
     """A tqdm bar on stderr, or a :class:`NoBar` when not `enabled`; the caller closes it."""
     if not enabled:
         return NoBar()
     from tqdm.auto import tqdm  # only when a bar is wanted: tqdm's import is not free
 
-    return tqdm(total=total, initial=initial, unit=unit, desc=desc, leave=leave, unit_scale=unit_scale,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, initial=initial, unit=unit, desc=desc, leave=leave, unit_scale=unit_scale, dynamic_ncols=True
+    )
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool, total: float | None = None, *, initial: float = 0, unit: str = "img",
-                 desc: str | None = None, leave: bool = True, unit_scale: bool = False) -> Iterator[Any]:
+def progress_bar(
+    enabled: bool,
+    total: float | None = None,
+    *,
+    initial: float = 0,
+    unit: str = "img",
+    desc: str | None = None,
+    leave: bool = True,
+    unit_scale: bool = False,
+) -> Iterator[Any]:
     """:func:`make_bar` as a context manager that closes the bar however the block ends."""
     bar = make_bar(enabled, total, initial=initial, unit=unit, desc=desc, leave=leave, unit_scale=unit_scale)
     try:

@@ -10,6 +10,7 @@ trusted: config.json is parsed strictly and checked against the weights before a
 allocated, weights are safetensors (no code runs when they load), checkpoints load with
 ``torch.load(weights_only=True)`` and are checked field by field.
 """
+
 from __future__ import annotations
 
 import csv
@@ -99,8 +100,16 @@ def load_config(run_dir: str | Path) -> RunConfig:
 
 #: Bounds far beyond any real model: a config.json past them is broken or hostile, and
 #: building its model would hang or exhaust memory before any other check could run.
-_MODEL_LIMITS = {"in_channels": 4096, "channels": 1 << 16, "convs_per_stage": 256, "kernel_size": 255,
-                 "latent_channels": 1 << 16, "latent_dim": 1 << 24, "hidden": 1 << 20, "image_size": 1 << 16}
+_MODEL_LIMITS = {
+    "in_channels": 4096,
+    "channels": 1 << 16,
+    "convs_per_stage": 256,
+    "kernel_size": 255,
+    "latent_channels": 1 << 16,
+    "latent_dim": 1 << 24,
+    "hidden": 1 << 20,
+    "image_size": 1 << 16,
+}
 _MAX_STAGES = 64
 
 
@@ -113,8 +122,10 @@ def _check_plausible(config: RunConfig, path: Path) -> None:
             raise RunDirError(f"{path}: model.{name} has {len(value)} entries, implausibly many; replace the file")
         for v in values:
             if v > limit:
-                raise RunDirError(f"{path}: model.{name} = {v if v < 10**12 else 'a huge value'} is implausibly "
-                                  f"large (at most {limit}); replace the file")
+                raise RunDirError(
+                    f"{path}: model.{name} = {v if v < 10**12 else 'a huge value'} is implausibly "
+                    f"large (at most {limit}); replace the file"
+                )
 
 
 def expected_state(config: RunConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -135,8 +146,16 @@ def save_weights(path: Path, model: torch.nn.Module) -> None:
     atomic_write_bytes(path, safetensors_bytes(state, metadata={"convae_version": __version__}))
 
 
-_DTYPE_NAMES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+_DTYPE_NAMES = {
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def _dtype_name(dtype) -> str:
@@ -257,8 +276,14 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getbuffer())
 
 
-_CHECKPOINT_FIELDS = {"model": dict, "optimizer": dict, "epoch": int, "step": int, "elapsed": (int, float),
-                      "history": list}
+_CHECKPOINT_FIELDS = {
+    "model": dict,
+    "optimizer": dict,
+    "epoch": int,
+    "step": int,
+    "elapsed": (int, float),
+    "history": list,
+}
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -101,7 +101,9 @@ def evenly_spaced(indices: np.ndarray, count: int) -> np.ndarray:
     return np.sort(indices[picks])
 
 
-def iter_uint8_batches(images, indices: Sequence[int] | np.ndarray, batch_size: int, workers: int = 0) -> Iterator[torch.Tensor]:
+def iter_uint8_batches(
+    images, indices: Sequence[int] | np.ndarray, batch_size: int, workers: int = 0
+) -> Iterator[torch.Tensor]:
     """uint8 (B, H, W, C) batches of `images[indices]`, in that order.
 
     Arrays (and memmaps) are sliced in this process; anything else (LazyImages, views of them)

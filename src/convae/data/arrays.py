@@ -89,8 +89,7 @@ def _to_uint8_nhwc(arr: np.ndarray, where: str) -> np.ndarray:
         lo, hi = float(arr.min()), float(arr.max())
         if lo < 0 or hi > 1:
             raise DataError(
-                f"{where}: float images must lie in [0, 1], found {lo:g}..{hi:g}; "
-                "divide by 255 or save as uint8"
+                f"{where}: float images must lie in [0, 1], found {lo:g}..{hi:g}; divide by 255 or save as uint8"
             )
         out = np.empty(arr.shape, dtype=np.uint8)
         for s in range(0, n, 4096):  # chunked, to bound the float temporaries
@@ -175,7 +174,6 @@ def _convert_data(data: ImageData, size: tuple[int, int] | None, channels: int |
         images = _resize_array(images, size)
     data.images = images
     return data
-
 
 
 def _npy_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -289,4 +287,3 @@ def _load_npz(path: Path) -> ImageData:
     if raw_labels is not None:
         labels, classes = _check_labels(raw_labels, len(images), f"{path} [{label_key}]")
     return ImageData(images, labels, classes, str(path))
-

@@ -216,4 +216,3 @@ def _cifar_data(blobs: dict[str, bytes], order: Iterable[str], meta_text, split:
     if labels.max() >= len(classes):
         raise DataError(f"{where}: label {int(labels.max())} has no class name ({len(classes)} classes); replace it")
     return ImageData(images, labels, classes, f"cifar10:{split}")
-

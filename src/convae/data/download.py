@@ -54,10 +54,7 @@ def _download_missing(name: str, files: list[str], dirs: list[Path], download: b
     """Download `files` of dataset `name` into the first writable data dir; return its dataset folder."""
     folder_name = DATASET_FOLDERS[name]
     shown = dirs[0] / folder_name
-    head = (
-        f"{name} not found: place {', '.join(files)} in {shown}{os.sep} "
-        "(or pass --data-dir / set CONVAE_DATA)"
-    )
+    head = f"{name} not found: place {', '.join(files)} in {shown}{os.sep} (or pass --data-dir / set CONVAE_DATA)"
     if not download:
         raise DataError(head)
     target = None
@@ -128,4 +125,3 @@ def _fetch(url: str, dest: Path, md5: str | None, progress: bool) -> None:
         raise _DownloadFailed(f"{url}: {e.reason}") from e
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise _DownloadFailed(f"{url}: {error_reason(e)}") from e
-

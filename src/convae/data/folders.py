@@ -76,8 +76,6 @@ _GRAY_MODES = {"1", "L", "LA", "La", "I", "F"}
 _16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
-
-
 def _scan(root: Path) -> list[Path]:
     found = []
 
@@ -104,8 +102,15 @@ def _open_regular(path: str | os.PathLike):
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(
-                st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file"
+            kind = (
+                "a FIFO"
+                if stat.S_ISFIFO(st.st_mode)
+                else "a device"
+                if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket"
+                if stat.S_ISSOCK(st.st_mode)
+                else "not a file"
+            )
             raise ValueError(f"not a regular file ({kind})")
         if st.st_size == 0:
             raise ValueError("empty file")
@@ -178,7 +183,9 @@ def _decode(path: str | os.PathLike, size: tuple[int, int], channels: int) -> np
     with _open_regular(path) as f, Image.open(f) as im:
         limit = Image.MAX_IMAGE_PIXELS
         if limit and im.size[0] * im.size[1] > limit:
-            raise ValueError(f"image of {im.size[0]}x{im.size[1]} pixels exceeds the limit of {limit} (decompression bomb?)")
+            raise ValueError(
+                f"image of {im.size[0]}x{im.size[1]} pixels exceeds the limit of {limit} (decompression bomb?)"
+            )
         im.load()  # first frame of an animation
         im = ImageOps.exif_transpose(im)
         im = _fit(_to_mode(im, channels), size)
@@ -192,8 +199,7 @@ def _load_folder(
     files = _scan(root)
     if not files:
         raise DataError(
-            f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively); "
-            "check the path"
+            f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively); check the path"
         )
     sizes, skipped, any_colour = _probe_all(files, progress)
     size = size or _common_size(root, sizes)
@@ -243,8 +249,9 @@ def _common_size(root: Path, sizes: dict[int, tuple[int, int]]) -> tuple[int, in
     return next(iter(distinct), None)
 
 
-def _decode_all(files, candidates: list[int], size, channels: int, lazy: bool, progress: bool,
-                skipped: dict[int, str]) -> tuple[np.ndarray | None, np.ndarray]:
+def _decode_all(
+    files, candidates: list[int], size, channels: int, lazy: bool, progress: bool, skipped: dict[int, str]
+) -> tuple[np.ndarray | None, np.ndarray]:
     """Every candidate decoded in threads (kept unless `lazy`); (images, which decoded), `skipped` updated."""
     h, w = size if size is not None else (1, 1)
     out = None if lazy else np.empty((len(candidates), h, w, channels), dtype=np.uint8)

@@ -52,7 +52,6 @@ def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x, cells).flatten(1)  # (N, C, gh, gw) -> (N, C*gh*gw)
 
 
-
 class FeatureExtractor:
     """The pooled outputs of encoder layers, concatenated into one vector per image.
 
@@ -79,8 +78,15 @@ class FeatureExtractor:
     >>> X = ex.transform(images)          # (N, ex.dim) float32; columns ex.feature_names
     """
 
-    def __init__(self, model, layers: str | Iterable[str] = "bottleneck", pool: str | Iterable[str] = "flatten", *,
-                 device: str | torch.device = "cpu", batch_size: int | None = None):
+    def __init__(
+        self,
+        model,
+        layers: str | Iterable[str] = "bottleneck",
+        pool: str | Iterable[str] = "flatten",
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int | None = None,
+    ):
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)

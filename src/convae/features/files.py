@@ -194,8 +194,18 @@ def _fingerprint(extractor: FeatureExtractor, images, source: str, shape: tuple[
     return hashlib.sha256(json.dumps(record).encode()).hexdigest()
 
 
-def _write_rows(extractor, images, partial: Path, offset: int, done: int, dtype: str, progress_path: Path,
-                fingerprint: str, workers: int | None, progress: bool) -> None:
+def _write_rows(
+    extractor,
+    images,
+    partial: Path,
+    offset: int,
+    done: int,
+    dtype: str,
+    progress_path: Path,
+    fingerprint: str,
+    workers: int | None,
+    progress: bool,
+) -> None:
     """Rows done.. of the features into the partial .npy file, recording progress as they land."""
     n = len(images)
     row_bytes = extractor.dim * np.dtype(dtype).itemsize
@@ -285,11 +295,15 @@ def _shards_of(path: Path) -> list[Path]:
     if not found:
         return []
     if len(found) > 1:
-        raise ConfigError(f"{path}: shards of several extractions ({', '.join(f'of-{w}' for w in sorted(found))}); remove the stale ones")
+        raise ConfigError(
+            f"{path}: shards of several extractions ({', '.join(f'of-{w}' for w in sorted(found))}); remove the stale ones"
+        )
     world, shards = next(iter(found.items()))
     missing = sorted(set(range(world)) - set(shards))
     if missing:
-        raise ConfigError(f"{path}: shard(s) {', '.join(map(str, missing))} of {world} are missing; run the extraction again to finish them")
+        raise ConfigError(
+            f"{path}: shard(s) {', '.join(map(str, missing))} of {world} are missing; run the extraction again to finish them"
+        )
     return [shards[r] for r in range(world)]
 
 

@@ -38,8 +38,12 @@ def split_names(value: str | Iterable[str], what: str) -> list[str]:
     return out
 
 
-def resolve_layers(model, layers: str | Iterable[str] | None = "bottleneck",
-                   default: Callable[[], Sequence[str]] | None = None, option: str = "layers") -> list[str]:
+def resolve_layers(
+    model,
+    layers: str | Iterable[str] | None = "bottleneck",
+    default: Callable[[], Sequence[str]] | None = None,
+    option: str = "layers",
+) -> list[str]:
     """Layer names in network order, from "all", "a,b", a list, or None (`default()`).
 
     The one place layer names from users are checked: an unknown name lists the valid ones, in

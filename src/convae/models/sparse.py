@@ -91,7 +91,9 @@ class SparsePatchAutoencoderNet(AutoencoderNet):
         if k < 1 or k % 2 == 0:
             raise ConfigError(f"kernel_size must be odd, got {k}")
         if min(h, w) < k:
-            raise ConfigError(f"images of {h}x{w} pixels are smaller than the {k}x{k} patches: use a smaller --kernel-size")
+            raise ConfigError(
+                f"images of {h}x{w} pixels are smaller than the {k}x{k} patches: use a smaller --kernel-size"
+            )
         if not 1 <= config.sparse_k <= config.channels[0]:
             raise ConfigError(
                 f"sparse_k must be between 1 and the number of filters ({config.channels[0]}), got {config.sparse_k}"
@@ -101,7 +103,9 @@ class SparsePatchAutoencoderNet(AutoencoderNet):
         if config.patches_per_image < 1:
             raise ConfigError(f"patches_per_image must be at least 1, got {config.patches_per_image}")
         if config.code_wta:
-            raise ConfigError("code_wta applies to arch conv; arch sparse has its own sparsity (sparse_k), so leave it 0")
+            raise ConfigError(
+                "code_wta applies to arch conv; arch sparse has its own sparsity (sparse_k), so leave it 0"
+            )
 
     @classmethod
     def check_train_config(cls, train) -> None:
@@ -154,7 +158,9 @@ class SparsePatchAutoencoderNet(AutoencoderNet):
 
     def first_layer_filters(self) -> tuple[np.ndarray, str]:
         w = self.dictionary_images().float().cpu()  # (K, C, k, k)
-        return w.permute(0, 2, 3, 1).numpy(), f"{w.shape[-2]}x{w.shape[-1]} patches conv1's filters stand for (un-whitened)"
+        return w.permute(
+            0, 2, 3, 1
+        ).numpy(), f"{w.shape[-2]}x{w.shape[-1]} patches conv1's filters stand for (un-whitened)"
 
     # -- passes --------------------------------------------------------------
     def _contrast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

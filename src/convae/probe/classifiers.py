@@ -82,22 +82,29 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         ridge = 1.0 / (2.0 * self.C * n)
 
         def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            w, b = theta[: d * k].reshape(d, k), theta[d * k:]
+            w, b = theta[: d * k].reshape(d, k), theta[d * k :]
             margin = np.maximum(0.0, 1.0 - targets * (X @ w.astype(X.dtype) + b.astype(X.dtype)))  # (n, k)
             loss = float(np.sum(margin.astype(np.float64) ** 2)) / n + ridge * float(np.sum(w**2))
             dscore = (-2.0 / n) * targets * margin  # d loss / d score
             grad_w = (X.T @ dscore).astype(np.float64) + 2.0 * ridge * w
             return loss, np.concatenate([grad_w.ravel(), dscore.sum(axis=0, dtype=np.float64)])
 
-        result = minimize(loss_grad, np.zeros(d * k + k), jac=True, method="L-BFGS-B",
-                          options=dict(maxiter=self.max_iter, gtol=self.tol, ftol=1e-12))
+        result = minimize(
+            loss_grad,
+            np.zeros(d * k + k),
+            jac=True,
+            method="L-BFGS-B",
+            options=dict(maxiter=self.max_iter, gtol=self.tol, ftol=1e-12),
+        )
         self.coef_ = result.x[: d * k].reshape(d, k).T.copy()  # (k, d), as scikit-learn's linear models
-        self.intercept_ = result.x[d * k:].copy()
+        self.intercept_ = result.x[d * k :].copy()
         self.n_iter_ = int(result.nit)
         if self.n_iter_ >= self.max_iter:
             warnings.warn(
                 f"LinearSVM stopped at max_iter={self.max_iter} before converging (tol={self.tol}); "
-                "raise max_iter for the exact optimum", ConvergenceWarning, stacklevel=2,
+                "raise max_iter for the exact optimum",
+                ConvergenceWarning,
+                stacklevel=2,
             )
         return self
 
@@ -138,7 +145,7 @@ class Whitener(TransformerMixin, BaseEstimator):
         self.mean_ = X.mean(axis=0, dtype=np.float64)
         mean, cov = self.mean_.astype(X.dtype), np.zeros((d, d))
         for start in range(0, n, self.batch_size):  # bounded extra memory, float64 sums
-            centered = X[start:start + self.batch_size] - mean
+            centered = X[start : start + self.batch_size] - mean
             cov += centered.T @ centered
         eigenvalues, axes = np.linalg.eigh(cov / max(n - 1, 1))
         eigenvalues, axes = np.clip(eigenvalues[::-1], 0.0, None), axes[:, ::-1]  # strongest first

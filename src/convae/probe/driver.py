@@ -25,8 +25,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..estimator import ConvAutoencoder
 from ..features import FeatureExtractor, load_features, resolve_layers, split_names
-from ..progress import make_bar
 from ..models import build_model
+from ..progress import make_bar
 from ..run import load_config, load_model
 from ..tensors import evenly_spaced
 from .evaluate import FeatureSet, evaluate_features, label_subsets
@@ -36,8 +36,9 @@ from .options import ProbeOptions
 CALIBRATION_IMAGES = 10_000
 
 
-def calibrate(model: nn.Module, images, layers: Sequence[str], *, max_images: int = CALIBRATION_IMAGES,
-              batch_size: int = 256) -> None:
+def calibrate(
+    model: nn.Module, images, layers: Sequence[str], *, max_images: int = CALIBRATION_IMAGES, batch_size: int = 256
+) -> None:
     """Give an untrained `model` the data statistics training would (batch-norm statistics of the
     encoder up to `layers`; a sparse net's patch whitening) from up to `max_images` of `images`,
     evenly spaced, without a gradient step; leaves `model` in eval mode.
@@ -152,8 +153,14 @@ def _features(extractor: FeatureExtractor, images, mirror: bool, progress: bool)
 
 
 def _layer_sets(
-    extractor: FeatureExtractor, groups: Sequence[tuple[str, ...]], train, test, prefix: str, progress: bool,
-    mirror: bool = False, test_mirror: bool = False,
+    extractor: FeatureExtractor,
+    groups: Sequence[tuple[str, ...]],
+    train,
+    test,
+    prefix: str,
+    progress: bool,
+    mirror: bool = False,
+    test_mirror: bool = False,
 ) -> list[FeatureSet]:
     xtr = _features(extractor, train, mirror, progress)
     xte = _features(extractor, test, test_mirror, progress)
@@ -191,8 +198,19 @@ def _pca_dims(dims: Iterable[int], pixels_shape: tuple[int, int]) -> list[int | 
     return kept or [0.95]
 
 
-def run_probe(run, train, test, options: ProbeOptions | None = None, *, compare: Sequence = (), random_seed: int = 0,
-              device: str = "auto", batch_size: int | None = None, progress: bool = False, **settings) -> list[dict]:
+def run_probe(
+    run,
+    train,
+    test,
+    options: ProbeOptions | None = None,
+    *,
+    compare: Sequence = (),
+    random_seed: int = 0,
+    device: str = "auto",
+    batch_size: int | None = None,
+    progress: bool = False,
+    **settings,
+) -> list[dict]:
     """Probe the features of `run` (a run directory, a fitted ConvAutoencoder or a model).
 
     Parameters
@@ -231,8 +249,9 @@ def run_probe(run, train, test, options: ProbeOptions | None = None, *, compare:
     model, _ = _model_of(run)
     groups = layer_groups(model, options.layers)
     # every layer of every group, once (the extractor puts them in network order)
-    extractor = FeatureExtractor(model, {n for g in groups for n in g}, options.pool, device=device,
-                                 batch_size=batch_size)
+    extractor = FeatureExtractor(
+        model, {n for g in groups for n in g}, options.pool, device=device, batch_size=batch_size
+    )
     for name, images in (("train", train_images), ("test", test_images)):
         extractor.check_images(images, f"{name} images")
     probe = _Probe(extractor, groups, train_images, test_images, options, progress)
@@ -255,7 +274,9 @@ class _Probe:
         """Feature sets, one source at a time, so only one source's features are held in memory."""
         yield self.layer_sets(self.extractor, self.groups, "")
         if "random" in self.options.baselines:
-            yield self.layer_sets(self._random_extractor(model, random_seed, device, batch_size), self.groups, "random/")
+            yield self.layer_sets(
+                self._random_extractor(model, random_seed, device, batch_size), self.groups, "random/"
+            )
         used = {"random", "pixels", "pca"}
         for i, other in enumerate(compare, start=1):
             other_model, name = _model_of(other)
@@ -263,8 +284,9 @@ class _Probe:
             used.add(name)
             valid = set(other_model.feature_layer_names())
             theirs = [g for g in self.groups if set(g) <= valid] or layer_groups(other_model, None)
-            ex = FeatureExtractor(other_model, {n for g in theirs for n in g}, self.extractor.pools, device=device,
-                                  batch_size=batch_size)
+            ex = FeatureExtractor(
+                other_model, {n for g in theirs for n in g}, self.extractor.pools, device=device, batch_size=batch_size
+            )
             yield self.layer_sets(ex, theirs, f"{name}/")
         yield from self._pixel_sources()
 
@@ -272,8 +294,9 @@ class _Probe:
         with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
             torch.manual_seed(random_seed)
             untrained = type(model)(model.config)  # the same architecture, default initialisation
-        ex = FeatureExtractor(untrained, self.extractor.layers, self.extractor.pools, device=device,
-                              batch_size=batch_size)
+        ex = FeatureExtractor(
+            untrained, self.extractor.layers, self.extractor.pools, device=device, batch_size=batch_size
+        )
         calibrate(untrained, self.train, self.extractor.layers, batch_size=ex.batch_size)
         return ex
 
@@ -286,9 +309,11 @@ class _Probe:
         if "pixels" in o.baselines:
             yield [FeatureSet("pixels", xtr, xte, **flips)]
         if "pca" in o.baselines:
-            dims = o.pca_dims if o.pca_dims is not None else [
-                sum(b.dim for b in blocks) for _, blocks in _group_blocks(self.extractor, self.groups)
-            ]
+            dims = (
+                o.pca_dims
+                if o.pca_dims is not None
+                else [sum(b.dim for b in blocks) for _, blocks in _group_blocks(self.extractor, self.groups)]
+            )
             for d in _pca_dims(dims, xtr.shape):
                 # The standardized pixels on their first d principal axes. Standardizing the
                 # scores again would whiten them: noise axes blown up to the signal's scale.
@@ -305,8 +330,15 @@ class _Probe:
                 bar.total += fits_per_set * len(sets)
                 bar.refresh()
                 rows += evaluate_features(
-                    sets, y_train, y_test, classifiers=o.classifiers, labels_per_class=o.labels_per_class,
-                    seeds=o.seeds, normalize=o.normalize, c_scale=o.c_scale, max_iter=o.max_iter,
+                    sets,
+                    y_train,
+                    y_test,
+                    classifiers=o.classifiers,
+                    labels_per_class=o.labels_per_class,
+                    seeds=o.seeds,
+                    normalize=o.normalize,
+                    c_scale=o.c_scale,
+                    max_iter=o.max_iter,
                     on_fit=lambda: bar.update(1),
                 )
         finally:
@@ -330,7 +362,16 @@ def probe_feature_files(train_path, test_path, options: ProbeOptions | None = No
         raise ConfigError(f"{train_path} has {xtr.shape[1]} features per image but {test_path} has {xte.shape[1]}")
     name = Path(train_path).stem.split(".rank")[0]
     sets = [FeatureSet(name, np.asarray(xtr, dtype=np.float32), np.asarray(xte, dtype=np.float32))]
-    return list(evaluate_features(
-        sets, ytr, yte, classifiers=o.classifiers, labels_per_class=o.labels_per_class, seeds=o.seeds,
-        normalize=o.normalize, c_scale=o.c_scale, max_iter=o.max_iter,
-    ))
+    return list(
+        evaluate_features(
+            sets,
+            ytr,
+            yte,
+            classifiers=o.classifiers,
+            labels_per_class=o.labels_per_class,
+            seeds=o.seeds,
+            normalize=o.normalize,
+            c_scale=o.c_scale,
+            max_iter=o.max_iter,
+        )
+    )

@@ -19,8 +19,17 @@ from .classifiers import CLASSIFIERS, Whitener
 from .options import check_fit_options
 
 COLUMNS = (
-    "features", "classifier", "normalize", "augment", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std",
-    "macro_f1", "fit_seconds",
+    "features",
+    "classifier",
+    "normalize",
+    "augment",
+    "dim",
+    "labels_per_class",
+    "seeds",
+    "accuracy",
+    "accuracy_std",
+    "macro_f1",
+    "fit_seconds",
 )
 
 
@@ -127,8 +136,20 @@ class _Whitened:
         return self._cached
 
 
-def _fit_and_score(fs: FeatureSet, train_x, test_x, y_train, y_test, name: str, seed: int, idx: np.ndarray,
-                   per_class, whiten: bool, c_scale: float, max_iter: int | None) -> tuple[float, float, float]:
+def _fit_and_score(
+    fs: FeatureSet,
+    train_x,
+    test_x,
+    y_train,
+    y_test,
+    name: str,
+    seed: int,
+    idx: np.ndarray,
+    per_class,
+    whiten: bool,
+    c_scale: float,
+    max_iter: int | None,
+) -> tuple[float, float, float]:
     """(accuracy, macro-F1, fit seconds) of classifier `name` fitted on the train rows `idx` (all: every row)."""
     n_images = len(y_train)
     y_fit = np.concatenate([y_train, y_train]) if fs.mirrored else y_train
@@ -174,5 +195,3 @@ def predict_with_mirrors(clf, x: np.ndarray) -> np.ndarray:
     if mean.ndim == 1:  # binary decision_function: the second class's margin
         return clf.classes_[(mean > 0).astype(int)]
     return clf.classes_[mean.argmax(1)]
-
-

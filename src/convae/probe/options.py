@@ -46,7 +46,7 @@ def parse_list(
 
 
 def parse_labels_per_class(value: str | int | Iterable[str | int]) -> list[int | str]:
-    """"10,100,all" -> [10, 100, "all"]."""
+    """ "10,100,all" -> [10, 100, "all"]."""
     items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
     out: list[int | str] = []
     for v in items:

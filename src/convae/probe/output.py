@@ -12,15 +12,32 @@ from ..errors import ConfigError
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a GitHub Markdown table."""
-    head = ["features", "classifier", "normalize", "augment", "dim", "labels/class", "accuracy", "± (seeds)", "macro-F1",
-            "fit s"]
+    head = [
+        "features",
+        "classifier",
+        "normalize",
+        "augment",
+        "dim",
+        "labels/class",
+        "accuracy",
+        "± (seeds)",
+        "macro-F1",
+        "fit s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 6) + "|"]
     for r in rows:
         spread = f"{r['accuracy_std']:.4f} ({r['seeds']})" if r["seeds"] > 1 else "-"
         cells = [
-            r["features"], r["classifier"], r.get("normalize", "standard"), r.get("augment", "none"), str(r["dim"]),
+            r["features"],
+            r["classifier"],
+            r.get("normalize", "standard"),
+            r.get("augment", "none"),
+            str(r["dim"]),
             str(r["labels_per_class"]),
-            f"{r['accuracy']:.4f}", spread, f"{r['macro_f1']:.4f}", f"{r['fit_seconds']:.2f}",
+            f"{r['accuracy']:.4f}",
+            spread,
+            f"{r['macro_f1']:.4f}",
+            f"{r['fit_seconds']:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -126,16 +126,34 @@ def build_report(
     name = getattr(data, "name", "data")
     check_images(model, data.images, name)
     ctx = ViewContext(
-        model, data=data, history=read_history(run_dir), probe_rows=probe_rows, channels=channels, top_k=top_k,
-        max_images=max_images, steps=maximize_steps, seed=seed, tsne_points=tsne_points, progress=progress,
+        model,
+        data=data,
+        history=read_history(run_dir),
+        probe_rows=probe_rows,
+        channels=channels,
+        top_k=top_k,
+        max_images=max_images,
+        steps=maximize_steps,
+        seed=seed,
+        tsne_points=tsne_points,
+        progress=progress,
     )
     sections = _sections(ctx, config, progress)
     seconds = time.perf_counter() - t_start
     page = _ENV.get_template("report.html").render(
-        csp=CSP, style=STYLE, title=f"convae report: {Path(run_dir).name}", run_dir=str(run_dir), data_name=name,
-        n_images=len(data.images), made=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        version=__version__, device=str(next(model.parameters()).device), seconds=seconds,
-        notices=_notices(ctx, name), sections=sections, fmt=fmt,
+        csp=CSP,
+        style=STYLE,
+        title=f"convae report: {Path(run_dir).name}",
+        run_dir=str(run_dir),
+        data_name=name,
+        n_images=len(data.images),
+        made=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        version=__version__,
+        device=str(next(model.parameters()).device),
+        seconds=seconds,
+        notices=_notices(ctx, name),
+        sections=sections,
+        fmt=fmt,
     )
     return page, sections, seconds
 
@@ -198,6 +216,8 @@ def write_report(run_dir: str | Path, data, output: str | Path, **options) -> Re
     page, sections, seconds = build_report(run_dir, data, **options)
     atomic_write_text(output, page)
     return ReportResult(
-        path=output, seconds=seconds, sections=[s.title for s in sections],
+        path=output,
+        seconds=seconds,
+        sections=[s.title for s in sections],
         skipped={s.title: s.skipped for s in sections if s.skipped},
     )

@@ -38,9 +38,22 @@ def model_card(model, config, ctx) -> dict:
         *asdict(t).items(),
     ]
     name = getattr(ctx.data, "name", "data")
-    recon = [dict(data=f"{name} ({len(sample)} images)", mse=metrics["mse"], psnr=metrics["psnr"], ssim=metrics["ssim"])]
+    recon = [
+        dict(data=f"{name} ({len(sample)} images)", mse=metrics["mse"], psnr=metrics["psnr"], ssim=metrics["ssim"])
+    ]
     if history:
-        recon.append(dict(data="validation split, last epoch", mse=last.get("val_mse"), psnr=last.get("val_psnr"),
-                          ssim=last.get("val_ssim")))
-    return dict(architecture=model.describe(), model=model_items, training=train_items, reconstruction=recon,
-                trained_by=config.convae_version)
+        recon.append(
+            dict(
+                data="validation split, last epoch",
+                mse=last.get("val_mse"),
+                psnr=last.get("val_psnr"),
+                ssim=last.get("val_ssim"),
+            )
+        )
+    return dict(
+        architecture=model.describe(),
+        model=model_items,
+        training=train_items,
+        reconstruction=recon,
+        trained_by=config.convae_version,
+    )

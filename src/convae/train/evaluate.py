@@ -13,7 +13,11 @@ from ..tensors import iter_uint8_batches, to_float_nchw
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, images, indices: np.ndarray, device: torch.device, batch_size: int | None = None,
+    model: nn.Module,
+    images,
+    indices: np.ndarray,
+    device: torch.device,
+    batch_size: int | None = None,
     channels_last: bool = True,
 ) -> dict[str, float]:
     """Mean reconstruction MSE, PSNR (dB) and SSIM over `images[indices]` (batches sized to the model by default)."""

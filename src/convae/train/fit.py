@@ -88,8 +88,9 @@ def fit(
     try:
         if run_dir is not None:
             config, checkpoint, lock = rundir.start_run(run_dir, config, resume, images.shape, dist_info, on_nan)
-        trainer = Trainer(images, config, device, dist_info, run_dir, checkpoint=checkpoint, progress=progress,
-                          on_epoch=on_epoch)
+        trainer = Trainer(
+            images, config, device, dist_info, run_dir, checkpoint=checkpoint, progress=progress, on_epoch=on_epoch
+        )
         history = trainer.fit()
     finally:
         if lock is not None:

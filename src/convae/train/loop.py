@@ -111,8 +111,18 @@ def _finite_grads(params: list[torch.Tensor]) -> bool:
 class Trainer:
     """One training run of `config` on uint8 images (N, H, W, C); see :func:`convae.train.fit`."""
 
-    def __init__(self, images, config: RunConfig, device, dist_info, run_dir=None, *, checkpoint=None,
-                 progress: bool = False, on_epoch=None):
+    def __init__(
+        self,
+        images,
+        config: RunConfig,
+        device,
+        dist_info,
+        run_dir=None,
+        *,
+        checkpoint=None,
+        progress: bool = False,
+        on_epoch=None,
+    ):
         self.images, self.config, self.device, self.dist_info, self.run_dir = images, config, device, dist_info, run_dir
         self.train_idx, self.val_idx = split_train_val(len(images), config.train.val_fraction, config.train.seed)
         self._build_model(fit_statistics=checkpoint is None)  # a resumed run has them in its checkpoint
@@ -224,7 +234,9 @@ class Trainer:
         s.epoch += 1
         distributed.sync_buffers(self.model, self.dist_info)
         if self.epoch_progress.skipped and self.dist_info.is_main:
-            warn_caller(f"epoch {s.epoch}: skipped {self.epoch_progress.skipped} step(s) whose loss or gradients were not finite")
+            warn_caller(
+                f"epoch {s.epoch}: skipped {self.epoch_progress.skipped} step(s) whose loss or gradients were not finite"
+            )
         row = self._history_row(train_loss, seen)
         s.history.append(row)
         self.notify("on_epoch_end", row)
@@ -232,7 +244,9 @@ class Trainer:
     def _start_epoch(self, start: dict[str, Any] | None) -> EpochProgress:
         s, info = self.state, self.dist_info
         start = start or {"batches": 0, "loss_sum": 0.0, "seen": 0, "generator": None, "seconds": 0.0}
-        generator = torch.Generator().manual_seed(_seed64((self.config.train.seed * 1_000_003 + s.epoch) * 1009 + info.rank))
+        generator = torch.Generator().manual_seed(
+            _seed64((self.config.train.seed * 1_000_003 + s.epoch) * 1009 + info.rank)
+        )
         if start["generator"] is not None:
             generator.set_state(start["generator"])
         return EpochProgress(

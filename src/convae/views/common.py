@@ -74,7 +74,9 @@ def scale_for(h: int, w: int, target: int = _TILE_PX) -> int:
     return max(1, round(target / max(h, w)))
 
 
-def tile_mosaic(tiles: Sequence[np.ndarray | None], cols: int, pad: int = 4, bg: float = 1.0, frame: float | None = 0.55):
+def tile_mosaic(
+    tiles: Sequence[np.ndarray | None], cols: int, pad: int = 4, bg: float = 1.0, frame: float | None = 0.55
+):
     """Tiles (h, w, 3) of one size in a grid with `pad` pixels between; None leaves a blank cell.
 
     `frame`: the gray of a 1-pixel line around each tile, so white tiles stay apart on white.

@@ -32,7 +32,13 @@ def layer_features(
     bar = make_bar(progress, len(images), desc="features", leave=False)
     try:
         for start, batch in image_batches(images, np.arange(len(images)), batch_size):
-            a = model.forward_intermediates(to_float_nchw(batch, device), [layer])[layer].flatten(1).float().cpu().numpy()
+            a = (
+                model.forward_intermediates(to_float_nchw(batch, device), [layer])[layer]
+                .flatten(1)
+                .float()
+                .cpu()
+                .numpy()
+            )
             if out is None:
                 out = np.empty((len(images), a.shape[1]), dtype=np.float32)
             out[start : start + len(a)] = a
@@ -107,7 +113,9 @@ def embedding_figure(
             sel = labels == v
             name_v = classes[int(v)] if classes is not None and 0 <= int(v) < len(classes) else str(v)
             handles.append(
-                ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=cmap(j % cmap.N), alpha=0.7, linewidths=0, label=name_v)
+                ax.scatter(
+                    xy[sel, 0], xy[sel, 1], s=size, color=cmap(j % cmap.N), alpha=0.7, linewidths=0, label=name_v
+                )
             )
     if handles and len(handles) <= 20:
         scale = max(1, 6 / max(1, handles[0].get_sizes()[0]) ** 0.5)  # legend dots readable however small the points

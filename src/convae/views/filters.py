@@ -42,10 +42,6 @@ def filters_figure(model: nn.Module, max_filters: int = 64, title: str = ""):
     cols = min(16, len(tiles)) if model.spatial else min(8, len(tiles))
     mosaic, _ = tile_mosaic(tiles, cols)
     fig, ax = image_axes(mosaic, margins=(0.3, 0.3, 0.6, 0.15), min_width=5.0)
-    colour = (
-        "RGB, mid-gray = 0" if weights.shape[-1] == 3 else "red = positive, blue = negative weight"
-    )
-    fig.suptitle(
-        f"{title + ': ' if title else ''}first layer, {len(weights)} strongest {kind}\n({colour})", fontsize=9
-    )
+    colour = "RGB, mid-gray = 0" if weights.shape[-1] == 3 else "red = positive, blue = negative weight"
+    fig.suptitle(f"{title + ': ' if title else ''}first layer, {len(weights)} strongest {kind}\n({colour})", fontsize=9)
     return fig

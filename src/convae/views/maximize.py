@@ -151,8 +151,11 @@ def maximize_activation(
             p.requires_grad_(r)
         model.train(was_training)
     return Maximized(
-        layer=layer, channels=channels, images=x.permute(0, 2, 3, 1).cpu().numpy(),
-        start=start.cpu().numpy(), final=final.cpu().numpy(),
+        layer=layer,
+        channels=channels,
+        images=x.permute(0, 2, 3, 1).cpu().numpy(),
+        start=start.cpu().numpy(),
+        final=final.cpu().numpy(),
     )
 
 
@@ -170,9 +173,7 @@ def maximize_figure(model: nn.Module, results: Sequence[Maximized], title: str =
     fig, ax = image_axes(mosaic, margins=(1.3, 0.2, 0.55, 0.1), min_width=5.0)
     ax.set_yticks([corners[row * cols][0] + th / 2 for row in range(len(results))])
     ax.tick_params(length=0)
-    ax.set_yticklabels(
-        [f"{r.layer}\nRF {model.layer_info(r.layer)['receptive_field']}" for r in results], fontsize=7
-    )
+    ax.set_yticklabels([f"{r.layer}\nRF {model.layer_info(r.layer)['receptive_field']}" for r in results], fontsize=7)
     i = 0
     for r in results:
         for ch, fin in zip(r.channels, r.final):

@@ -97,9 +97,14 @@ def top_patches(
                 s = state.get(layer)
                 if s is None:
                     s = state[layer] = dict(
-                        sum=torch.zeros(c, dtype=torch.float64), sq=torch.zeros(c, dtype=torch.float64), count=0,
-                        val=torch.full((c, 0), -math.inf), idx=torch.zeros((c, 0), dtype=torch.long),
-                        pos=torch.zeros((c, 0), dtype=torch.long), w=w, spatial=outs[layer].ndim == 4,
+                        sum=torch.zeros(c, dtype=torch.float64),
+                        sq=torch.zeros(c, dtype=torch.float64),
+                        count=0,
+                        val=torch.full((c, 0), -math.inf),
+                        idx=torch.zeros((c, 0), dtype=torch.long),
+                        pos=torch.zeros((c, 0), dtype=torch.long),
+                        w=w,
+                        spatial=outs[layer].ndim == 4,
                     )
                 s["sum"] += a.double().sum((0, 2, 3)).cpu()
                 s["sq"] += a.double().pow(2).sum((0, 2, 3)).cpu()
@@ -121,8 +126,13 @@ def top_patches(
         var = np.maximum((s["sq"] / s["count"]).numpy() - mean**2, 0)
         chosen = [int(c) for c in np.argsort(-var, kind="stable")[:channels]]
         lp = LayerPatches(
-            layer=layer, receptive_field=int(info["receptive_field"]), stride=info["reduction"],
-            spatial=s["spatial"], variance=var, mean=mean, channels=chosen,
+            layer=layer,
+            receptive_field=int(info["receptive_field"]),
+            stride=info["reduction"],
+            spatial=s["spatial"],
+            variance=var,
+            mean=mean,
+            channels=chosen,
         )
         for c in chosen:
             row = []

@@ -25,7 +25,7 @@ def load_probe_results(path: str | Path) -> list[dict]:
         raise ConfigError(f"--probe {path}: not valid JSON ({e})") from e
     rows = doc.get("rows") if isinstance(doc, dict) else None
     if not isinstance(rows, list) or not rows:
-        raise ConfigError(f"--probe {path}: no \"rows\" list; pass the results.json `convae probe` writes")
+        raise ConfigError(f'--probe {path}: no "rows" list; pass the results.json `convae probe` writes')
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or not {"features", "classifier", "accuracy"} <= set(r):
             raise ConfigError(f"--probe {path}: row {i} lacks features, classifier or accuracy")

@@ -73,7 +73,12 @@ def receptive_field_figure(model: nn.Module, image: np.ndarray | None = None, ti
             top, left, bottom, right = model.receptive_box(layer, cy, cx)
             ax2.add_patch(
                 matplotlib.patches.Rectangle(
-                    (left - 0.5, top - 0.5), right - left, bottom - top, fill=False, lw=2, ec=color,
+                    (left - 0.5, top - 0.5),
+                    right - left,
+                    bottom - top,
+                    fill=False,
+                    lw=2,
+                    ec=color,
                     label=f"{layer}: {info['receptive_field']} px",
                 )
             )

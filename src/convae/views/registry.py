@@ -160,7 +160,9 @@ def _embedding(ctx: ViewContext) -> Shown:
     labels = None if ctx.data.labels is None else np.asarray(ctx.data.labels)[rows][which]
     fig = embedding_figure(coords, labels, getattr(ctx.data, "classes", None), title=ctx.title, notes=notes)
     pcs = min(50, feats.shape[1], len(which))
-    shown = [f"{len(which)} images; bottleneck codes of {feats.shape[1]} values; t-SNE on their first {pcs} principal components."]
+    shown = [
+        f"{len(which)} images; bottleneck codes of {feats.shape[1]} values; t-SNE on their first {pcs} principal components."
+    ]
     if labels is None:
         shown.insert(0, "The data has no labels, so the points are not coloured by class.")
     return Shown(fig, "embedding of the bottleneck", notes=shown)
@@ -222,7 +224,9 @@ def draw(name: str, ctx: ViewContext) -> Shown:
     if view is None:
         raise ConfigError(f"--view {name}: choose one of {', '.join(REGISTRY)}")
     if view.needs_data and ctx.data is None:
-        raise ConfigError(f"--view {name} needs DATA (images to show), e.g. `convae show RUN_DIR digits:test --view {name}`")
+        raise ConfigError(
+            f"--view {name} needs DATA (images to show), e.g. `convae show RUN_DIR digits:test --view {name}`"
+        )
     if ctx.data is not None:
         check_images(ctx.model, ctx.data.images, getattr(ctx.data, "name", "data"))
     return view.draw(ctx)
@@ -253,6 +257,7 @@ def render_view(view: str, model, **options) -> Figure:
     >>> save_figure(fig, "patches.png")                                                # doctest: +SKIP
     """
     return draw(view, ViewContext(model, **options)).figure
+
 
 if tuple(REGISTRY) != VIEWS:  # the CLI knows the names without importing the views
     raise ImportError("convae.views: REGISTRY and VIEWS disagree")
