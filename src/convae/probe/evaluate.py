@@ -157,8 +157,7 @@ def _fit_and_score(
         rows = slice(None)  # a view, not a copy
     else:
         rows = np.concatenate([idx, idx + n_images]) if fs.mirrored else idx
-    scaler = [StandardScaler()] if fs.standardize and not whiten else []
-    clf = make_pipeline(*scaler, CLASSIFIERS[name](seed, len(idx), fs.dim, c_scale, max_iter))
+    clf = _classifier(name, seed, len(idx), fs.dim, c_scale, max_iter, standardize=fs.standardize and not whiten)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         # an unconverged probe is still a fair, if slightly low, measurement
@@ -167,6 +166,15 @@ def _fit_and_score(
     seconds = time.perf_counter() - t0
     pred = predict_with_mirrors(clf, test_x) if fs.test_mirrored else clf.predict(test_x)
     return accuracy_score(y_test, pred), f1_score(y_test, pred, average="macro"), seconds
+
+
+def _classifier(name: str, seed: int, n: int, dim: int, c_scale: float, max_iter: int | None, standardize: bool):
+    """The classifier `name`, standardizing its input when `standardize`: by itself where it folds
+    the standardization into its weights (no standardized copy), else after a StandardScaler."""
+    clf = CLASSIFIERS[name](seed, n, dim, c_scale, max_iter)
+    if "standardize" in clf.get_params():
+        return clf.set_params(standardize=standardize)
+    return make_pipeline(StandardScaler(), clf) if standardize else clf
 
 
 def _row(fs: FeatureSet, name: str, per_class, whiten: bool, scores, prep_seconds: float) -> dict:

@@ -1,0 +1,642 @@
+"""Linear classifiers fitted by streaming the feature matrix: bounded memory, one read of it per step.
+
+``make_pipeline(StandardScaler(), LogisticRegression())`` on a probe's train features (CIFAR-10
+with mirrors: 100,000 x 12,800 float32, 5 GB) holds three copies of the matrix (the features,
+the scaler's output, scikit-learn's own copy) and reads the float32 matrix twice in every
+L-BFGS step. What no library does is the pass this module is built around:
+
+- the standardization is folded into the weights (``X @ (W / scale).T + (b - (W / scale) @ mean)``),
+  so no standardized copy exists, and X may be a read-only float16 memmap: a chunk of rows at a
+  time is converted to float32, small enough to stay in the core's L2 cache;
+- each evaluation of the objective and its gradient is one pass over the rows: a chunk's
+  scores, softmax (or hinge), loss and gradient contribution ``residual.T @ chunk`` are all
+  computed while the chunk is in cache, the two small matrix products in torch;
+- the chunks are shared out to worker threads by contiguous groups, each group summing its own
+  gradient; the groups are added in a fixed order, so a fit is deterministic whatever thread
+  runs which group. Threads each running one-threaded torch ops beat torch's own two-thread
+  ops here: an OpenMP barrier per small op stalls whenever the machine is busy
+  (benchmarks/linear_probe.py measures both, ``--threads-mode``);
+- scipy's L-BFGS-B drives the optimization with scikit-learn's options (gtol, ftol, maxls) on
+  the same objective, so it stops where ``LogisticRegression(solver="lbfgs")`` does; it asks for
+  one evaluation per step unless its line search needs more (about 1.05 passes a step measured),
+  which no hand-written line search would beat.
+
+What bounds a pass: it reads each value of X once (2 bytes in float16) and spends 4 k flops on
+it (the two products, k classes). MKL runs these skinny products at 40-50 GFLOP/s a core, so
+on a 2-core machine a float16 pass with 10 classes is bound by the cores, several times a copy
+of the same bytes, float32 about twice; the chunks are already read once. With more cores per
+memory channel, or on a GPU, the same pass meets the bandwidth. bfloat16 products (AMX, through
+oneDNN) were no faster at these shapes and put 0.2% errors in the scores: not used.
+``benchmarks/linear_probe.py --compute-only`` measures which bound a machine hits.
+
+``device="cuda"`` runs the same pass on a GPU, the matrix uploaded once in its own dtype when it
+fits in half the free GPU memory, else streamed through pinned buffers on every pass.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import minimize
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
+
+__all__ = ["StreamingLinearSVM", "StreamingLogisticRegression"]
+
+_DTYPES = (np.float32, np.float16, np.float64)  # accepted as they are; anything else becomes float32
+_CHUNK_BYTES = 2 << 20  # a converted float32 chunk: about a core's L2 (measured: benchmarks/linear_probe.py)
+_MAX_GROUPS = 16  # gradient partial sums per pass (a k x d float32 matrix each)
+_GROUP_BYTES = 256 << 20  # ... but no more memory than this for all of them together
+_THREADS_FROM_BYTES = 32 << 20  # the smallest X whose passes are shared out to threads by default
+_PREDICT_BYTES = 16 << 20  # rows scored at a time by decision_function, in float64
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+    return torch.device(device)
+
+
+def _torch_view(X: np.ndarray) -> torch.Tensor | None:
+    """X as a tensor sharing its memory (a memmap stays a memmap), or None where torch can't."""
+    if X.dtype.byteorder == ">" or any(s < 0 or s % X.itemsize for s in X.strides):
+        return None
+    with warnings.catch_warnings():
+        # a read-only memmap: torch warns that writing would be undefined; nothing here writes
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(X)
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads set to `n` for the block (worker threads read it on first use)."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
+
+
+def _groups(n_rows: int, chunk_rows: int, n_groups: int) -> list[tuple[int, int]]:
+    """`n_rows` cut into at most `n_groups` contiguous row ranges, each a whole number of chunks."""
+    n_chunks = -(-n_rows // chunk_rows)
+    n_groups = max(1, min(n_groups, n_chunks))
+    cuts = [round(i * n_chunks / n_groups) * chunk_rows for i in range(n_groups + 1)]
+    return [(a, min(b, n_rows)) for a, b in zip(cuts, cuts[1:]) if a < min(b, n_rows)]
+
+
+class _Rows:
+    """The feature matrix as float32 chunks of rows on the compute device, and the threads that share them.
+
+    `map(fn)` calls ``fn(group, start, stop, chunks)`` for each row group, where `chunks` yields
+    ``(start, stop, float32 tensor)`` for the group's chunks; results come back in group order.
+    """
+
+    def __init__(self, X: np.ndarray, device: torch.device, chunk_rows: int | None, n_threads: int, n_groups: int):
+        self.X, self.device = X, device
+        self.n, self.d = X.shape
+        self.view = _torch_view(X)
+        self.on_gpu = device.type != "cpu"
+        if chunk_rows is None:
+            chunk_rows = (64 if self.on_gpu else 1) * _CHUNK_BYTES // (4 * max(self.d, 1))
+        self.chunk_rows = max(1, min(int(chunk_rows), self.n))
+        self.n_threads = 1 if self.on_gpu else max(1, int(n_threads))
+        self.groups = _groups(self.n, self.chunk_rows, 1 if self.on_gpu else n_groups)
+        self._local = threading.local()
+        self._device_copy = self._upload() if self.on_gpu else None
+        self._pool = ThreadPoolExecutor(self.n_threads) if self.n_threads > 1 and len(self.groups) > 1 else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        self._device_copy, self._local = None, threading.local()  # the buffers go with them
+
+    def map(self, fn) -> list:
+        calls = [(g, a, b, self._chunks(a, b)) for g, (a, b) in enumerate(self.groups)]
+        if self._pool is None:
+            return [fn(*c) for c in calls]
+        return list(self._pool.map(lambda c: fn(*c), calls))
+
+    def host_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows of X as a CPU tensor in X's dtype: a view where torch can share X's memory."""
+        if self.view is not None:
+            return self.view[start:stop]
+        return torch.from_numpy(np.ascontiguousarray(self.X[start:stop]))
+
+    def _chunks(self, start: int, stop: int):
+        for a in range(start, stop, self.chunk_rows):
+            b = min(a + self.chunk_rows, stop)
+            yield a, b, self._float32(a, b)
+
+    def _float32(self, start: int, stop: int) -> torch.Tensor:
+        if self._device_copy is not None:
+            return self._device_copy[start:stop].float()
+        rows = self.host_rows(start, stop)
+        if self.on_gpu:
+            return self._stream(rows).float()
+        if rows.dtype == torch.float32:
+            return rows  # read in place by the matrix products: no copy at all
+        buf = getattr(self._local, "buf", None)
+        if buf is None:  # one conversion buffer per worker thread, reused for every chunk
+            buf = self._local.buf = torch.empty((self.chunk_rows, self.d), dtype=torch.float32)
+        out = buf[: stop - start]
+        out.copy_(rows)  # float16/float64 -> float32, while the chunk is in cache
+        return out
+
+    def _upload(self) -> torch.Tensor | None:
+        """X copied once to the GPU in its own dtype, chunk by chunk, if it fits in half the free memory."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if self.X.nbytes > free // 2:
+            self._pinned = [
+                torch.empty((self.chunk_rows, self.d), dtype=self.host_rows(0, 1).dtype).pin_memory() for _ in range(2)
+            ]
+            self._events: list[torch.cuda.Event | None] = [None, None]
+            self._turn = 0
+            return None
+        out = torch.empty(self.X.shape, dtype=self.host_rows(0, 1).dtype, device=self.device)
+        for a in range(0, self.n, self.chunk_rows):
+            out[a : a + self.chunk_rows].copy_(self.host_rows(a, a + self.chunk_rows))
+        return out
+
+    def _stream(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` sent to the GPU through two pinned buffers, used in turn (a copy in flight is never overwritten)."""
+        i, self._turn = self._turn, 1 - self._turn
+        previous = self._events[i]
+        if previous is not None:
+            previous.synchronize()
+        staged = self._pinned[i][: len(rows)]
+        staged.copy_(rows)
+        out = staged.to(self.device, non_blocking=True)
+        copied = self._events[i] = torch.cuda.Event()
+        copied.record()
+        return out
+
+
+def _column_stats(rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and population variance of X in float64, in one pass (Chan et al.'s merge of chunks)."""
+
+    def empty() -> tuple[int, torch.Tensor, torch.Tensor]:
+        zeros = torch.zeros(rows.d, dtype=torch.float64, device=rows.device)
+        return 0, zeros, zeros.clone()
+
+    def group(_g, _a, _b, chunks):
+        stats = empty()
+        for a, b, x in chunks:
+            x = x.double()
+            chunk_mean = x.mean(0)
+            stats = _merge(*stats, b - a, chunk_mean, (x - chunk_mean).square_().sum(0))
+        return stats
+
+    count, mean, m2 = empty()
+    for stats in rows.map(group):
+        count, mean, m2 = _merge(count, mean, m2, *stats)
+    return mean.cpu().numpy(), (m2 / count).cpu().numpy()
+
+
+def _merge(n1: int, mean1: torch.Tensor, m2_1: torch.Tensor, n2: int, mean2: torch.Tensor, m2_2: torch.Tensor):
+    """Count, mean and sum of squared deviations of two sets of rows, from each one's (exact from n1 = 0)."""
+    n = n1 + n2
+    delta = mean2 - mean1
+    return n, mean1 + delta * (n2 / n), m2_1 + m2_2 + delta.square() * (n1 * n2 / n)
+
+
+def _scale(mean: np.ndarray, var: np.ndarray, n: int) -> np.ndarray:
+    """Standard deviations, 1 for constant columns: StandardScaler's rule (its variance error bound)."""
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    scale = np.sqrt(var)
+    scale[constant | (scale < 10 * eps)] = 1.0
+    return scale
+
+
+def _chunk_loss(kind: str, scores: torch.Tensor, target: torch.Tensor, minus_ones: torch.Tensor):
+    """The sum of a chunk's losses (a 0-d tensor) and their gradient with respect to `scores` (overwritten).
+
+    `target`: class codes, (rows, 1) int64, for "multinomial" and the multi-class hinge; 0/1
+    floats for "binomial"; -1/+1 floats for the two-class hinge. `minus_ones`: at least
+    (rows, 1) of -1 on the device.
+    """
+    if kind == "multinomial":
+        loss = F.cross_entropy(scores, target.view(-1), reduction="sum")
+        grad = torch.softmax(scores, 1)
+        grad.scatter_add_(1, target, minus_ones[: len(target)])  # softmax - one-hot
+        return loss, grad
+    if kind == "binomial":
+        loss = (F.softplus(scores) - target * scores).sum()
+        return loss, torch.sigmoid(scores).sub_(target)
+    if target.dtype == torch.int64:  # one-vs-rest: +1 for the class, -1 for the rest
+        signs = torch.full_like(scores, -1.0).scatter_(1, target, 1.0)
+    else:
+        signs = target
+    margin = (1.0 - signs * scores).clamp_(min=0.0)
+    loss = torch.dot(margin.view(-1), margin.view(-1))
+    return loss, margin.mul_(signs).mul_(-2.0)
+
+
+class _Objective:
+    """``mean loss + ||W||^2 / (2 C n)`` of a linear model on standardized X, and its gradient.
+
+    Called with the parameters ``[W.ravel(), b]`` (W: k x d, in standardized units) it makes
+    ONE pass over X (see the module's docstring), so scipy's L-BFGS-B can use it directly;
+    `passes` counts them. The objective is scikit-learn's ``C * sum(loss) + ||W||^2 / 2``
+    divided by ``C n``: the same minimum, with gradients on the scale its `tol` is meant for.
+    """
+
+    def __init__(
+        self, rows: _Rows, kind: str, target: np.ndarray, k: int, mean: np.ndarray, scale: np.ndarray, C: float
+    ):
+        self.rows, self.kind, self.k, self.mean, self.scale, self.C = rows, kind, k, mean, scale, C
+        dtype = torch.int64 if target.dtype.kind == "i" else torch.float32
+        self.target = torch.as_tensor(target, dtype=dtype).reshape(-1, 1).to(rows.device)
+        # one gradient accumulator per row group, reused by every pass
+        self.sums = [torch.empty((k, rows.d), dtype=torch.float32, device=rows.device) for _ in rows.groups]
+        self.minus_ones = torch.full((rows.chunk_rows, 1), -1.0, device=rows.device)
+        self.passes = 0
+
+    def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        k, d, n = self.k, self.rows.d, self.rows.n
+        W, b = theta[: k * d].reshape(k, d), theta[k * d :]
+        A = W / self.scale  # folded standardization: scores = X @ A.T + c
+        c = b - A @ self.mean
+        device = self.rows.device
+        At = torch.from_numpy(A.astype(np.float32)).to(device).T
+        c32 = torch.from_numpy(c.astype(np.float32)).to(device)
+        parts = self.rows.map(lambda g, a, z, chunks: self._group(At, c32, g, chunks))
+        self.passes += 1
+        grad_A = sum(p[0].double() for p in parts).cpu().numpy()  # in group order: deterministic
+        grad_c = sum(p[1] for p in parts).cpu().numpy()
+        loss = float(sum(p[2] for p in parts))
+        grad_W = (grad_A - np.outer(grad_c, self.mean)) / self.scale / n + W / (self.C * n)
+        f = loss / n + float(np.sum(W * W)) / (2.0 * self.C * n)
+        return f, np.concatenate([grad_W.ravel(), grad_c / n])
+
+    def _group(self, At: torch.Tensor, c: torch.Tensor, g: int, chunks):
+        """One row group's loss, and its sums of ``grad.T @ x`` and of ``grad``, chunk after chunk."""
+        acc = self.sums[g]
+        acc.zero_()
+        grad_c = torch.zeros(self.k, dtype=torch.float64, device=acc.device)
+        loss = torch.zeros((), dtype=torch.float64, device=acc.device)
+        for a, b, x in chunks:
+            scores = torch.addmm(c, x, At)
+            chunk_loss, grad = _chunk_loss(self.kind, scores, self.target[a:b], self.minus_ones)
+            loss += chunk_loss
+            grad_c += grad.sum(0)
+            acc.addmm_(grad.T, x)  # while x is still in cache
+        return acc, grad_c, loss
+
+
+class _StreamingLinearClassifier(ClassifierMixin, BaseEstimator):
+    """What both classifiers share: the checks, the fit by fused passes, the chunked scoring."""
+
+    _parameter_constraints: dict = {
+        "C": [Interval(Real, 0, None, closed="neither")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "standardize": ["boolean"],
+        "chunk_rows": [Interval(Integral, 1, None, closed="left"), None],
+        "n_threads": [Interval(Integral, 1, None, closed="left"), None],
+        "device": [StrOptions({"cpu", "cuda", "auto"})],
+    }
+    _ftol: float  # scipy L-BFGS-B options of the estimator this one reproduces
+    _maxls: int
+
+    def _kind(self, n_classes: int) -> str:
+        raise NotImplementedError
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Fit the model to `X` (rows of features, any accepted dtype, memmaps read in place) and labels `y`.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training features: float32, float16 or float64 (others are converted to float32),
+            possibly a read-only ``np.memmap``; never copied whole.
+        y : array-like of shape (n_samples,)
+            Class labels (any type ``np.unique`` can sort, strings too).
+
+        Returns
+        -------
+        self : object
+            The fitted classifier.
+        """
+        # finiteness is checked in the statistics pass: scikit-learn's check sums float16 in
+        # float16, overflows on large matrices and then allocates a boolean copy of X
+        X, y = validate_data(self, X, y, dtype=_DTYPES, ensure_all_finite=False)
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes; got 1 class ({self.classes_[0]!r})"
+            )
+        device = _resolve_device(self.device)
+        # handing a pass to worker threads costs scheduler wake-ups, milliseconds on a busy
+        # machine: by default only passes over enough bytes to pay for them are shared out
+        n_threads = self.n_threads or (torch.get_num_threads() if X.nbytes >= _THREADS_FROM_BYTES else 1)
+        kind = self._kind(len(self.classes_))
+        k = 1 if len(self.classes_) == 2 else len(self.classes_)
+        n_groups = max(n_threads, min(_MAX_GROUPS, _GROUP_BYTES // (4 * k * X.shape[1] + 1)))
+        # workers run one-threaded torch ops (see the module's docstring)
+        with _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+            rows = _Rows(X, device, self.chunk_rows, n_threads, n_groups)
+            try:
+                theta, result, passes = self._solve(rows, kind, k, codes)
+            finally:
+                rows.close()
+        self._set_solution(theta, k, X.shape[1], C=float(self.C), n=X.shape[0], result=result)
+        self.n_passes_ = passes
+        return self
+
+    def _solve(self, rows: _Rows, kind: str, k: int, codes: np.ndarray):
+        mean, var = _column_stats(rows)
+        if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+            raise ValueError("Input X contains NaN or infinity (or values too large for float32)")
+        if self.standardize:
+            self.mean_, self.scale_ = mean, _scale(mean, var, rows.n)
+        else:
+            self.mean_, self.scale_ = np.zeros(rows.d), np.ones(rows.d)
+        target = codes if (k > 1 or kind == "multinomial") else self._binary_target(codes)
+        objective = _Objective(rows, kind, target, k, self.mean_, self.scale_, float(self.C))
+        # L-BFGS-B's own vector operations are small BLAS calls: BLAS threads only make them wait
+        # for each other (8 ms a step for 20,000 parameters on a busy 2-core machine, 0.1 ms without)
+        with threadpool_limits(limits=1, user_api="blas"):
+            result = minimize(
+                objective,
+                np.zeros(k * rows.d + k),
+                jac=True,
+                method="L-BFGS-B",
+                options=dict(maxiter=self.max_iter, maxls=self._maxls, gtol=self.tol, ftol=self._ftol),
+            )
+        return result.x, result, objective.passes + 1  # + the statistics pass
+
+    def _binary_target(self, codes: np.ndarray) -> np.ndarray:
+        return codes.astype(np.float32)
+
+    def _n_iter(self, nit: int):
+        return nit
+
+    def _set_solution(self, theta: np.ndarray, k: int, d: int, *, C: float, n: int, result) -> None:
+        W, b = theta[: k * d].reshape(k, d), theta[k * d :]
+        self.coef_ = W / self.scale_  # on X as given: the standardization folded in
+        self.intercept_ = b - self.coef_ @ self.mean_
+        # scikit-learn's objective, C * sum(loss) + ||W||^2 / 2, at the solution
+        self.objective_ = float(result.fun) * C * n
+        self.n_iter_ = self._n_iter(int(result.nit))
+        if result.nit >= self.max_iter:
+            warnings.warn(
+                f"{type(self).__name__} stopped at max_iter={self.max_iter} before converging (tol={self.tol}); "
+                "raise max_iter for the exact optimum",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
+    def decision_function(self, X) -> np.ndarray:
+        """Scores ``X @ coef_.T + intercept_``, computed in float64 a few MB of rows at a time.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Features, as for :meth:`fit` (a memmap is read in place).
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,) for two classes, else (n_samples, n_classes)
+            For two classes, positive scores mean ``classes_[1]``.
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=_DTYPES, ensure_all_finite=False, reset=False)
+        coef, k = self.coef_.T, self.coef_.shape[0]
+        step = max(1, _PREDICT_BYTES // (8 * max(X.shape[1], 1)))
+        scores = np.empty((X.shape[0], k))
+        for start in range(0, X.shape[0], step):
+            np.matmul(np.asarray(X[start : start + step], dtype=np.float64), coef, out=scores[start : start + step])
+        scores += self.intercept_
+        if not np.isfinite(scores).all():  # a NaN or infinite feature gives a NaN or infinite score
+            raise ValueError("Input X contains NaN or infinity")
+        return scores[:, 0] if k == 1 else scores
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted class labels.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Features, as for :meth:`fit`.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+            Elements of ``classes_``.
+        """
+        scores = self.decision_function(X)
+        picked = (scores > 0).astype(np.intp) if scores.ndim == 1 else scores.argmax(axis=1)
+        return self.classes_[picked]
+
+
+class StreamingLogisticRegression(_StreamingLinearClassifier):
+    """Multinomial L2 logistic regression on standardized features, fitted in bounded memory.
+
+    Minimizes scikit-learn's objective for ``make_pipeline(StandardScaler(),
+    LogisticRegression(C=C))`` (lbfgs): ``C * sum_i CE(softmax(z_i W.T + b), y_i) + ||W||_F^2 / 2``
+    on the standardized rows z_i (column means and population standard deviations; constant
+    columns scaled by 1), intercept unpenalized; with two classes the binomial loss of one
+    weight vector, as scikit-learn. The standardization is folded into the weights and every
+    L-BFGS evaluation is one fused pass over X's rows (see the module's docstring), so X is
+    never copied whole: a float16 memmap of the features is read in place.
+
+    Parameters
+    ----------
+    C : float, default=1.0
+        Inverse of the L2 penalty's strength, as in scikit-learn.
+    max_iter : int, default=100
+        L-BFGS iterations at most (a ConvergenceWarning when reached).
+    tol : float, default=1e-4
+        L-BFGS stops when every gradient entry of the objective divided by ``C * n_samples``
+        is below `tol` (scikit-learn's criterion).
+    standardize : bool, default=True
+        Fit on standardized features (as after a StandardScaler); False fits on X as it is.
+    chunk_rows : int or None, default=None
+        Rows per chunk; None sizes a float32 chunk to 1 MiB (64 MiB on a GPU).
+    n_threads : int or None, default=None
+        Worker threads on the CPU, each running one-threaded torch operations; None uses
+        ``torch.get_num_threads()`` for X of 32 MiB or more, one thread below. torch's own
+        thread count is set to 1 during the fit (it is the process's: fit one model at a time).
+    device : {"cpu", "cuda", "auto"}, default="cpu"
+        Where the passes run; "auto" picks CUDA when torch sees a GPU.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        The class labels.
+    coef_ : ndarray of shape (1, n_features) for two classes, else (n_classes, n_features)
+        Weights on X as given (the standardization folded in); ``coef_ * scale_`` are the
+        weights on the standardized features.
+    intercept_ : ndarray of shape (1,) or (n_classes,)
+        Intercepts on X as given.
+    mean_, scale_ : ndarray of shape (n_features,)
+        The columns' means and standard deviations used to standardize (0 and 1 without).
+    n_iter_ : ndarray of shape (1,)
+        L-BFGS iterations, as scikit-learn's ``LogisticRegression.n_iter_``.
+    n_passes_ : int
+        Full passes over X during the fit (the statistics pass and one per evaluation).
+    objective_ : float
+        ``C * sum(loss) + ||W||^2 / 2`` at the solution (W in standardized units).
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from convae.probe.linear import StreamingLogisticRegression
+    >>> X, y = load_digits(return_X_y=True)
+    >>> clf = StreamingLogisticRegression(C=0.1, max_iter=500).fit(X[:1500], y[:1500])
+    >>> round(clf.score(X[1500:], y[1500:]), 2)
+    0.91
+    """
+
+    _ftol = 64 * np.finfo(float).eps
+    _maxls = 50
+
+    def __init__(
+        self,
+        C: float = 1.0,
+        max_iter: int = 100,
+        tol: float = 1e-4,
+        standardize: bool = True,
+        chunk_rows: int | None = None,
+        n_threads: int | None = None,
+        device: str = "cpu",
+    ):
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+        self.chunk_rows = chunk_rows
+        self.n_threads = n_threads
+        self.device = device
+
+    def _kind(self, n_classes: int) -> str:
+        return "binomial" if n_classes == 2 else "multinomial"
+
+    def _n_iter(self, nit: int):
+        return np.array([nit], dtype=np.int32)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities: the softmax of the scores (the logistic function for two classes).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Features, as for :meth:`fit`.
+
+        Returns
+        -------
+        proba : ndarray of shape (n_samples, n_classes)
+            Columns in the order of ``classes_``.
+        """
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            scores = np.stack([np.zeros_like(scores), scores], axis=1)  # softmax([0, s]) = [1 - p, p]
+        scores -= scores.max(axis=1, keepdims=True)
+        proba = np.exp(scores)
+        proba /= proba.sum(axis=1, keepdims=True)
+        return proba
+
+    def predict_log_proba(self, X) -> np.ndarray:
+        """Logarithms of :meth:`predict_proba`.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Features, as for :meth:`fit`.
+
+        Returns
+        -------
+        log_proba : ndarray of shape (n_samples, n_classes)
+            Columns in the order of ``classes_``.
+        """
+        return np.log(self.predict_proba(X))
+
+
+class StreamingLinearSVM(_StreamingLinearClassifier):
+    """One-vs-rest linear SVM with the squared hinge loss, fitted as :class:`StreamingLogisticRegression`.
+
+    Minimizes, for each class k (one weight vector for two classes, as convae's
+    :class:`convae.probe.LinearSVM`), ``||w_k||^2 / 2 + C * sum_i max(0, 1 - t_ik (z_i . w_k + b_k))^2``
+    with t_ik = +1 for the class and -1 for the rest, on the standardized rows z_i, intercept
+    unpenalized: LinearSVM's objective on ``StandardScaler`` output, by the same fused passes.
+
+    Parameters
+    ----------
+    C : float, default=1.0
+        Inverse of the L2 penalty's strength.
+    max_iter : int, default=1000
+        L-BFGS iterations at most (a ConvergenceWarning when reached).
+    tol : float, default=1e-5
+        L-BFGS's gradient tolerance on the objective divided by ``C * n_samples``, as LinearSVM.
+    standardize : bool, default=True
+        Fit on standardized features; False fits on X as it is.
+    chunk_rows : int or None, default=None
+        Rows per chunk; None sizes a float32 chunk to 1 MiB (64 MiB on a GPU).
+    n_threads : int or None, default=None
+        Worker threads on the CPU, as :class:`StreamingLogisticRegression`'s.
+    device : {"cpu", "cuda", "auto"}, default="cpu"
+        Where the passes run; "auto" picks CUDA when torch sees a GPU.
+
+    Attributes
+    ----------
+    classes_, coef_, intercept_, mean_, scale_, n_passes_, objective_
+        As for :class:`StreamingLogisticRegression`.
+    n_iter_ : int
+        L-BFGS iterations.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from convae.probe.linear import StreamingLinearSVM
+    >>> X, y = load_digits(return_X_y=True)
+    >>> clf = StreamingLinearSVM(C=0.01).fit(X[:1500], y[:1500])
+    >>> round(clf.score(X[1500:], y[1500:]), 2)
+    0.89
+    """
+
+    _ftol = 1e-12
+    _maxls = 20
+
+    def __init__(
+        self,
+        C: float = 1.0,
+        max_iter: int = 1000,
+        tol: float = 1e-5,
+        standardize: bool = True,
+        chunk_rows: int | None = None,
+        n_threads: int | None = None,
+        device: str = "cpu",
+    ):
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+        self.chunk_rows = chunk_rows
+        self.n_threads = n_threads
+        self.device = device
+
+    def _kind(self, n_classes: int) -> str:
+        return "squared_hinge"
+
+    def _binary_target(self, codes: np.ndarray) -> np.ndarray:
+        return np.where(codes == 1, 1.0, -1.0).astype(np.float32)

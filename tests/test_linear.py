@@ -1,0 +1,231 @@
+"""The streaming linear classifiers (convae.probe.linear) against scikit-learn and convae's LinearSVM, on real data."""
+
+from __future__ import annotations
+
+import gzip
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from convae.probe.linear import StreamingLinearSVM, StreamingLogisticRegression
+from convae.probe import LinearSVM, linsvm_c, logreg_c
+
+# Test accuracy within 0.05 points of the reference; objectives within this relative distance
+# (float32 passes against float64 references stop at slightly different points)
+ACCURACY_TOLERANCE = 0.0005
+OBJECTIVE_RTOL = 1e-5
+MNIST_TRAIN = 3000
+
+
+@parametrize_with_checks([StreamingLogisticRegression(), StreamingLinearSVM()])
+def test_scikit_learn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def _read_idx(path) -> np.ndarray:
+    with gzip.open(path) as f:
+        raw = f.read()
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(raw[3])]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
+
+
+@pytest.fixture(scope="module")
+def mnist(shared_datasets):
+    """The first MNIST_TRAIN train images and the 10,000 test images, pixels in [0, 1] as float32."""
+    folder = shared_datasets / "mnist"
+    if not (folder / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST not found in {folder}")
+
+    def load(prefix, n=None):
+        images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")[:n]
+        labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")[:n]
+        return images.reshape(len(images), -1).astype(np.float32) / 255, labels.astype(np.int64)
+
+    return (*load("train", MNIST_TRAIN), *load("t10k"))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return X[:1200].astype(np.float32), y[:1200], X[1200:].astype(np.float32), y[1200:]
+
+
+def objective(Z: np.ndarray, y: np.ndarray, W: np.ndarray, b: np.ndarray, C: float, loss: str) -> float:
+    """``C * sum(loss) + ||W||^2 / 2`` in float64 on standardized rows Z, written independently of both fits."""
+    scores = Z @ W.T + b
+    rows = np.arange(len(y))
+    if loss == "multinomial":
+        top = scores.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(scores - top).sum(axis=1))
+        total = np.sum(lse - scores[rows, y])
+    elif loss == "binomial":
+        total = np.sum(np.logaddexp(0.0, scores[:, 0]) - y * scores[:, 0])
+    else:  # squared hinge, one-vs-rest (one column for two classes)
+        signs = np.where(y == 1, 1.0, -1.0)[:, None] if W.shape[0] == 1 else -np.ones_like(scores)
+        if W.shape[0] > 1:
+            signs[rows, y] = 1.0
+        total = np.sum(np.maximum(0.0, 1.0 - signs * scores) ** 2)
+    return float(C * total + 0.5 * np.sum(W * W))
+
+
+def standardized_solution(model) -> tuple[np.ndarray, np.ndarray]:
+    """The streaming model's weights on standardized features (its coef_ apply to X as given)."""
+    return model.coef_ * model.scale_, model.intercept_ + model.coef_ @ model.mean_
+
+
+def compare_logreg(data, C: float, tol: float) -> tuple[float, float, float, float]:
+    Xtr, ytr, Xte, yte = data
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=C, tol=tol, max_iter=5000))
+    reference.fit(Xtr.astype(np.float64), ytr)
+    ours = StreamingLogisticRegression(C=C, tol=tol, max_iter=5000).fit(Xtr, ytr)
+    Z = StandardScaler().fit_transform(Xtr.astype(np.float64))
+    loss = "binomial" if len(ours.classes_) == 2 else "multinomial"
+    theirs = objective(Z, ytr, reference[-1].coef_, reference[-1].intercept_, C, loss)
+    mine = objective(Z, ytr, *standardized_solution(ours), C, loss)
+    assert ours.objective_ == pytest.approx(mine, rel=OBJECTIVE_RTOL)  # what the fit reports is what it reached
+    return reference.score(Xte, yte), ours.score(Xte, yte), theirs, mine
+
+
+@pytest.mark.parametrize("C", [None, 0.05])
+def test_logistic_regression_matches_scikit_learn_on_digits(digits, one_thread, C):
+    C = C or logreg_c(digits[0].shape[1])
+    their_accuracy, my_accuracy, theirs, mine = compare_logreg(digits, C, tol=1e-8)
+    assert my_accuracy == pytest.approx(their_accuracy, abs=ACCURACY_TOLERANCE)
+    assert mine == pytest.approx(theirs, rel=OBJECTIVE_RTOL)
+
+
+def test_logistic_regression_matches_scikit_learn_on_mnist(mnist, one_thread):
+    their_accuracy, my_accuracy, theirs, mine = compare_logreg(mnist, logreg_c(784), tol=1e-6)
+    assert my_accuracy == pytest.approx(their_accuracy, abs=ACCURACY_TOLERANCE)
+    assert mine == pytest.approx(theirs, rel=OBJECTIVE_RTOL)
+
+
+def test_two_classes_with_string_labels_match_scikit_learn(digits, one_thread):
+    """Two classes: one weight vector and the binomial loss, as scikit-learn; labels of any type."""
+    Xtr, ytr, Xte, yte = digits
+    names = np.array(["three", "eight"])
+    keep_tr, keep_te = np.isin(ytr, [3, 8]), np.isin(yte, [3, 8])
+    data = (Xtr[keep_tr], names[(ytr[keep_tr] == 8).astype(int)], Xte[keep_te], names[(yte[keep_te] == 8).astype(int)])
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, tol=1e-8, max_iter=5000)).fit(*data[:2])
+    ours = StreamingLogisticRegression(C=0.1, tol=1e-8, max_iter=5000).fit(*data[:2])
+    assert ours.coef_.shape == (1, Xtr.shape[1]) and list(ours.classes_) == sorted(names)
+    assert np.mean(ours.predict(data[2]) == reference.predict(data[2])) >= 1 - ACCURACY_TOLERANCE
+    np.testing.assert_allclose(ours.predict_proba(data[2]), reference.predict_proba(data[2]), atol=1e-4)
+    assert ours.decision_function(data[2]).shape == (len(data[2]),)
+    y01 = (data[1] == "three").astype(int)  # classes_ sorted, "eight" < "three": "three" is the positive class
+    Z = StandardScaler().fit_transform(data[0].astype(np.float64))
+    theirs = objective(Z, y01, reference[-1].coef_, reference[-1].intercept_, 0.1, "binomial")
+    assert objective(Z, y01, *standardized_solution(ours), 0.1, "binomial") == pytest.approx(theirs, rel=OBJECTIVE_RTOL)
+
+
+def test_a_float16_memmap_is_read_in_place_and_predicts_the_same(mnist, one_thread, tmp_path):
+    Xtr, ytr, Xte, yte = mnist
+    C = logreg_c(Xtr.shape[1])
+    reference = StreamingLogisticRegression(C=C, tol=1e-6, max_iter=5000).fit(Xtr, ytr)
+    np.save(tmp_path / "train.npy", Xtr.astype(np.float16))
+    np.save(tmp_path / "test.npy", Xte.astype(np.float16))
+    train16 = np.load(tmp_path / "train.npy", mmap_mode="r")
+    test16 = np.load(tmp_path / "test.npy", mmap_mode="r")
+    tracemalloc.start()  # numpy's allocations: a copy of X, even a float16 one, would show
+    try:
+        model = StreamingLogisticRegression(C=C, tol=1e-6, max_iter=5000).fit(train16, ytr)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # L-BFGS's history (2 x 10 parameter vectors) is most of it; a float16 copy alone would be X's size
+    assert peak < train16.nbytes, f"fit allocated {peak:,} bytes through numpy for {train16.nbytes:,} of X"
+    assert model.score(test16, yte) == pytest.approx(reference.score(Xte, yte), abs=ACCURACY_TOLERANCE)
+    assert np.mean(model.predict(test16) == reference.predict(Xte)) >= 1 - ACCURACY_TOLERANCE
+    assert not train16.flags.writeable and isinstance(train16, np.memmap)
+
+
+@pytest.mark.parametrize("dataset", ["digits", "mnist"])
+def test_linear_svm_matches_convae_linear_svm(dataset, request, one_thread):
+    Xtr, ytr, Xte, yte = request.getfixturevalue(dataset)
+    C = linsvm_c(Xtr.shape[1])
+    reference = make_pipeline(StandardScaler(), LinearSVM(C=C)).fit(Xtr.astype(np.float64), ytr)
+    ours = StreamingLinearSVM(C=C).fit(Xtr, ytr)
+    assert ours.score(Xte, yte) == pytest.approx(reference.score(Xte, yte), abs=ACCURACY_TOLERANCE)
+    Z = StandardScaler().fit_transform(Xtr.astype(np.float64))
+    theirs = objective(Z, ytr, reference[-1].coef_, reference[-1].intercept_, C, "hinge")
+    assert objective(Z, ytr, *standardized_solution(ours), C, "hinge") == pytest.approx(theirs, rel=OBJECTIVE_RTOL)
+
+
+def test_two_class_linear_svm_matches_convae_linear_svm(digits, one_thread):
+    Xtr, ytr, Xte, yte = digits
+    keep_tr, keep_te = np.isin(ytr, [1, 7]), np.isin(yte, [1, 7])
+    reference = make_pipeline(StandardScaler(), LinearSVM(C=0.01)).fit(Xtr[keep_tr].astype(np.float64), ytr[keep_tr])
+    ours = StreamingLinearSVM(C=0.01).fit(Xtr[keep_tr], ytr[keep_tr])
+    assert ours.coef_.shape == (1, Xtr.shape[1])
+    np.testing.assert_allclose(
+        ours.decision_function(Xte[keep_te]), reference.decision_function(Xte[keep_te]), atol=1e-3
+    )
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_threads_and_chunks_change_nothing_but_speed(mnist, one_thread):
+    """Row groups are summed in a fixed order: any number of threads gives the same bits."""
+    Xtr, ytr, Xte, _ = mnist
+    fits = [
+        StreamingLogisticRegression(C=0.1, max_iter=30, n_threads=t, chunk_rows=c).fit(Xtr, ytr)
+        for t, c in ((1, 100), (2, 100), (2, None))
+    ]
+    np.testing.assert_array_equal(fits[0].coef_, fits[1].coef_)
+    assert fits[0].n_passes_ == fits[1].n_passes_
+    np.testing.assert_allclose(fits[2].decision_function(Xte), fits[0].decision_function(Xte), atol=1e-3)
+    assert torch.get_num_threads() == 1  # the caller's setting (one_thread's) is back
+
+
+def test_without_standardization_it_fits_x_as_given(digits, one_thread):
+    Xtr, ytr, Xte, yte = digits
+    reference = LogisticRegression(C=0.01, tol=1e-8, max_iter=5000).fit(Xtr.astype(np.float64), ytr)
+    ours = StreamingLogisticRegression(C=0.01, tol=1e-8, max_iter=5000, standardize=False).fit(Xtr, ytr)
+    np.testing.assert_array_equal(ours.mean_, 0.0)
+    np.testing.assert_array_equal(ours.scale_, 1.0)
+    assert ours.score(Xte, yte) == pytest.approx(reference.score(Xte, yte), abs=ACCURACY_TOLERANCE)
+    theirs = objective(Xtr.astype(np.float64), ytr, reference.coef_, reference.intercept_, 0.01, "multinomial")
+    # raw pixels (0-16, an unpenalized intercept) are badly conditioned: float32 passes stop 2e-5 above
+    assert ours.objective_ == pytest.approx(theirs, rel=10 * OBJECTIVE_RTOL)
+    assert ours.objective_ >= theirs * (1 - OBJECTIVE_RTOL)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_constant_columns_and_non_finite_values(digits, tmp_path):
+    Xtr, ytr, _, _ = digits
+    assert (Xtr.std(axis=0) == 0).any()  # digits has blank pixels: scale 1, as StandardScaler
+    model = StreamingLogisticRegression(max_iter=5).fit(Xtr, ytr)
+    scaler = StandardScaler().fit(Xtr.astype(np.float64))
+    np.testing.assert_allclose(model.scale_, scaler.scale_, rtol=1e-12)
+    np.testing.assert_allclose(model.mean_, scaler.mean_, rtol=1e-12)
+    np.testing.assert_array_equal(model.scale_ == 1, scaler.scale_ == 1)
+    bad = Xtr.astype(np.float16)
+    bad[7, 3] = np.inf
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        StreamingLogisticRegression().fit(np.load(tmp_path / "bad.npy", mmap_mode="r"), ytr)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        model.predict(np.load(tmp_path / "bad.npy", mmap_mode="r"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("estimator", [StreamingLogisticRegression, StreamingLinearSVM])
+def test_cuda_fits_as_the_cpu(mnist, estimator):
+    Xtr, ytr, Xte, yte = mnist
+    X16 = Xtr.astype(np.float16)
+    cpu = estimator(C=0.1, tol=1e-6, max_iter=2000).fit(X16, ytr)
+    gpu = estimator(C=0.1, tol=1e-6, max_iter=2000, device="cuda").fit(X16, ytr)
+    streamed = estimator(C=0.1, tol=1e-6, max_iter=2000, device="cuda", chunk_rows=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        streamed.fit(X16, ytr)
+    for model in (gpu, streamed):
+        assert model.score(Xte, yte) == pytest.approx(cpu.score(Xte, yte), abs=ACCURACY_TOLERANCE)
+        assert model.objective_ == pytest.approx(cpu.objective_, rel=OBJECTIVE_RTOL)
