@@ -15,8 +15,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from convae.probe.linear import StreamingLinearSVM, StreamingLogisticRegression
 from convae.probe import LinearSVM, linsvm_c, logreg_c
+from convae.probe.linear import StreamingLinearSVM, StreamingLogisticRegression
 
 # Test accuracy within 0.05 points of the reference; objectives within this relative distance
 # (float32 passes against float64 references stop at slightly different points)
