@@ -231,7 +231,11 @@ def test_extract_writes_npy_with_labels_and_npz_with_both(tmp_path):
     (tmp_path / "saved.npy").unlink()
     np.testing.assert_array_equal(np.load(tmp_path / "f.labels.npy"), labels)
     assert res.shape == expected.shape and res.resumed_from == 0 and res.labels_path == tmp_path / "f.labels.npy"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.labels.npy", "f.npy"]  # no partial files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "f.index.csv",
+        "f.labels.npy",
+        "f.npy",
+    ]  # no partial files left
 
     extract_to_file(ex, images, tmp_path / "g.npz", labels=labels, dtype="float16")
     with np.load(tmp_path / "g.npz") as z:

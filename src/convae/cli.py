@@ -513,7 +513,13 @@ def layers_command(run_dir):
     "-o",
     type=click.Path(path_type=Path),
     required=True,
-    help="OUT.npy (labels go to OUT.labels.npy) or OUT.npz.",
+    help="OUT.npy (labels go to OUT.labels.npy), OUT.npz or OUT.parquet; each row's source goes to OUT.index.csv (Parquet: its first columns).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["npy", "npz", "parquet"]),  # features.FORMATS (named here: --help loads no torch)
+    help="npy, npz or parquet (one file: index, path, label, class, then a column per feature). Default: from OUT's suffix.",
 )
 @with_data_options
 @click.option(
@@ -538,6 +544,7 @@ def extract(
     run_dir,
     data,
     output,
+    fmt,
     data_dir,
     split,
     image_size,
@@ -550,12 +557,14 @@ def extract(
     device,
     quiet,
 ):
-    """Encoder features of DATA, one row per image, into OUT.npy or OUT.npz.
+    """Encoder features of DATA, one row per image, into OUT.npy, OUT.npz or OUT.parquet.
 
-    The pooled features of the requested layers are concatenated in network order. Rows are
-    written batch by batch, so memory stays flat; run the same command again after an
-    interruption and it resumes where it stopped.
+    The pooled features of the requested layers are concatenated in network order. Each row's
+    source (its index in the split; for a folder its path, class and label) goes to
+    OUT.index.csv, or into the Parquet file. Rows are written batch by batch, so memory stays
+    flat; run the same command again after an interruption and it resumes where it stopped.
     """
+    output = _with_format(output, fmt)
     dist = convae.distributed.env_info()  # under torchrun: this rank's shard of the images
     model, _ = convae.load_model(run_dir)
     device = convae.distributed.process_device(convae.tensors.resolve_device(device), dist)
@@ -563,18 +572,38 @@ def extract(
     h, w, c = extractor.image_shape
     channels = channels or (c if c in (1, 3) else None)  # the run's, where the loader can convert to it
     dataset = _load(data, data_dir, split, image_size or f"{h}x{w}", channels, no_download, quiet)
-    images, labels = dataset.images, dataset.labels
+    images, labels, index = dataset.images, dataset.labels, dataset.source_index()
     if dist.enabled:
         images, labels = convae.features.shard_images(images, labels, dist.rank, dist.world_size)
+        index = index.take(slice(*convae.features.shard_range(len(index), dist.rank, dist.world_size)))
         output = convae.features.shard_path(output, dist.rank, dist.world_size)
     result = convae.extract_to_file(
-        extractor, images, output, labels=labels, dtype=dtype, source=dataset.name, progress=not quiet and dist.is_main
+        extractor,
+        images,
+        output,
+        labels=labels,
+        index=index,
+        dtype=dtype,
+        source=dataset.name,
+        progress=not quiet and dist.is_main,
     )
     resumed = f"; resumed at image {result.resumed_from:,}" if result.resumed_from else ""
     blocks = ", ".join(b.name for b in extractor.blocks)
     click.echo(f"wrote {result.path}: {result.shape[0]:,} x {result.shape[1]:,} {dtype} ({blocks}){resumed}")
     if result.labels_path is not None:
         click.echo(f"labels: {result.labels_path}")
+    if result.index_path is not None:
+        click.echo(f"index: {result.index_path}")
+
+
+def _with_format(output: Path, fmt: str | None) -> Path:
+    """OUT with the suffix --format asks for (added when OUT has none); a conflicting suffix is an error."""
+    suffix = output.suffix.lower().lstrip(".")
+    if fmt is None:
+        return output
+    if suffix in ("npy", "npz", "parquet") and suffix != fmt:
+        raise ConvaeError(f"--format {fmt}: --output {output} says .{suffix}; name it .{fmt}")
+    return output if suffix == fmt else output.with_name(output.name + "." + fmt)
 
 
 @main.command()

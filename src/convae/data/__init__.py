@@ -1,7 +1,8 @@
 """Datasets: built-in benchmarks, folders of images and .npy/.npz arrays, all as uint8 NHWC.
 
     load.py        load_dataset: one name for every source
-    containers.py  ImageData, what every loader returns
+    containers.py  ImageData, what every loader returns (images, labels, each image's source)
+    index.py       SourceIndex: each row's index, path, label and class; its CSV file
     dirs.py        where built-in datasets are looked for
     builtin.py     digits, MNIST and Fashion-MNIST (IDX), CIFAR-10 (binary) readers
     download.py    downloads verified against the official checksums
@@ -48,6 +49,7 @@ from .containers import ImageData
 from .dirs import find_data_dir
 from .download import CHECKSUMS, MIRRORS
 from .folders import IMAGE_EXTENSIONS, LazyImages
+from .index import SourceIndex, read_index_csv, write_index_csv
 from .load import load_dataset
 
 __all__ = [
@@ -58,7 +60,10 @@ __all__ = [
     "SPLITS",
     "ImageData",
     "LazyImages",
+    "SourceIndex",
     "as_uint8_images",
     "find_data_dir",
     "load_dataset",
+    "read_index_csv",
+    "write_index_csv",
 ]

@@ -67,6 +67,11 @@ class LazyImages:
             out[k] = self._one(int(i))
         return out
 
+    def subset(self, rows) -> LazyImages:
+        """The images at `rows` (indices or a mask), still read on access."""
+        picked = np.arange(len(self.paths))[rows]
+        return LazyImages([self.paths[int(i)] for i in picked], self.image_size, self.channels)
+
     def __array__(self, dtype=None, copy=None):
         arr = self[:]
         return arr if dtype is None else arr.astype(dtype, copy=False)
@@ -218,7 +223,8 @@ def _load_folder(
         raise DataError(f"none of the {len(files)} image files in {root} could be read; see the warnings")
     images: np.ndarray | LazyImages = LazyImages(kept, size, channels) if lazy else (out if ok.all() else out[ok])
     labels, classes = _folder_labels(root, kept)
-    return ImageData(images, labels, classes, str(root))
+    paths = [p.relative_to(root).as_posix() for p in kept]  # what the index records, row by row
+    return ImageData(images, labels, classes, str(root), paths=paths)
 
 
 def _probe_all(files: list[Path], progress: bool) -> tuple[dict[int, tuple[int, int]], dict[int, str], bool]:

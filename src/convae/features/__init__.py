@@ -2,7 +2,9 @@
 
     plan.py        layer names, poolings, and the blocks of columns they give
     extractor.py   FeatureExtractor: one forward pass per batch, stopping after the deepest layer
-    files.py       extract_to_file (resumable, sharded under torchrun) and load_features
+    files.py       extract_to_file (resumable, sharded under torchrun, each row's source in
+                   OUT.index.csv) and load_features
+    parquet.py     the same as one Parquet file (--format parquet)
 
 ``stage1.conv1.split`` (any conv block's name plus ``.split``) is that block's sign-split maps:
 its normalized pre-activation z as [relu(z - t), relu(-z - t)], 2C channels, pooled like any
@@ -19,12 +21,16 @@ if TYPE_CHECKING:
     from .extractor import MAX_BATCH, FeatureExtractor, auto_batch_size, pool_features
     from .files import (
         DTYPES,
+        FORMATS,
         ExtractResult,
+        LoadedFeatures,
         RowRange,
         extract_to_file,
+        index_path_of,
         is_feature_file,
         load_features,
         model_digest,
+        output_format,
         partial_paths,
         shard_images,
         shard_path,
@@ -44,19 +50,23 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "FORMATS",
     "MAX_BATCH",
     "POOLS",
     "Block",
     "ExtractResult",
     "FeatureExtractor",
+    "LoadedFeatures",
     "RowRange",
     "auto_batch_size",
     "block_feature_names",
     "extract_to_file",
+    "index_path_of",
     "is_feature_file",
     "layer_table",
     "load_features",
     "model_digest",
+    "output_format",
     "partial_paths",
     "plan_blocks",
     "pool_features",
@@ -72,6 +82,10 @@ __all__ = [
 _EXPORTS = {
     "Block": ".plan",
     "DTYPES": ".files",
+    "FORMATS": ".files",
+    "LoadedFeatures": ".files",
+    "index_path_of": ".files",
+    "output_format": ".files",
     "ExtractResult": ".files",
     "FeatureExtractor": ".extractor",
     "MAX_BATCH": ".extractor",

@@ -1,8 +1,10 @@
-"""Features written to disk: resumable extraction into .npy/.npz, and reading it back.
+"""Features written to disk: resumable extraction into .npy/.npz/.parquet, and reading it back.
 
 :func:`extract_to_file` writes features batch by batch, so memory stays flat however many
-images there are, and an interrupted extraction resumes where it stopped. Under torchrun each
-rank writes a shard (``OUT.rank0-of-2.npy``); :func:`load_features` reads shards as one result.
+images there are, and an interrupted extraction resumes where it stopped. Each row's source
+(index, path, label, class: :class:`convae.data.SourceIndex`) goes beside the features as
+``OUT.index.csv``, or into the Parquet file as its first columns. Under torchrun each rank
+writes a shard (``OUT.rank0-of-2.npy``); :func:`load_features` reads shards as one result.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from torch import nn
 
 from .._io import _fsync_dir, atomic_open, atomic_path, atomic_write_text
 from .._version import __version__
+from ..data.index import SourceIndex, read_index_csv, write_index_csv
 from ..errors import ConfigError
 from ..progress import progress_bar
 from .extractor import FeatureExtractor
 
 DTYPES: tuple[str, ...] = ("float32", "float16")
+#: Output formats, by file suffix.
+FORMATS: tuple[str, ...] = ("npy", "npz", "parquet")
 # The progress file is rewritten (with an fsync) at most this often: resuming redoes at most
 # this much work, and a fast GPU extraction is not slowed by a sync per batch.
 _PROGRESS_EVERY_S = 0.5
@@ -35,11 +40,36 @@ _PROGRESS_EVERY_S = 0.5
 @dataclass
 class ExtractResult:
     path: Path
-    labels_path: Path | None  # OUT.labels.npy; None for .npz (labels inside) or unlabelled data
+    labels_path: Path | None  # OUT.labels.npy; None for .npz/.parquet (labels inside) or unlabelled data
     shape: tuple[int, int]
     dtype: str
     resumed_from: int  # rows an interrupted extraction had already written
     feature_names: list[str]
+    index_path: Path | None = None  # OUT.index.csv; None for .parquet (the index is in its first columns)
+
+
+class LoadedFeatures(tuple):
+    """``(features, labels)``, as :func:`load_features` always returned, that also knows each
+    row's source: ``.index`` (a :class:`convae.data.SourceIndex`: index, path, label, class).
+
+    ``X, y = load_features(path)`` keeps working; ``load_features(path).index.paths`` names the
+    file of each row.
+    """
+
+    index: SourceIndex
+
+    def __new__(cls, features: np.ndarray, labels: np.ndarray | None, index: SourceIndex):
+        self = super().__new__(cls, (features, labels))
+        self.index = index
+        return self
+
+    @property
+    def features(self) -> np.ndarray:
+        return self[0]
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self[1]
 
 
 def partial_paths(out: str | os.PathLike) -> tuple[Path, Path]:
@@ -121,28 +151,35 @@ def extract_to_file(
     out: str | os.PathLike,
     *,
     labels: np.ndarray | None = None,
+    index: SourceIndex | None = None,
     dtype: str = "float32",
     source: str = "",
     workers: int | None = None,
     progress: bool = False,
 ) -> ExtractResult:
-    """Write the features of `images` to `out` (.npy, plus OUT.labels.npy; or .npz with both).
+    """Write the features of `images` to `out` (.npy, .npz or .parquet), with each row's source.
 
     Rows go into ``OUT.partial`` (an .npy file) batch by batch, with a progress record
-    ``OUT.progress.json`` that names what is being extracted (model weights, data, layers,
-    pooling, dtype). Run again after an interruption, it continues from the last recorded row;
-    the finished file is renamed into place, so a complete OUT is always whole.
+    ``OUT.progress.json`` that names what is being extracted (model weights, data, its index,
+    layers, pooling, dtype). Run again after an interruption, it continues from the last
+    recorded row; the finished file is renamed into place, so a complete OUT is always whole.
 
     Parameters
     ----------
     extractor : FeatureExtractor
         The model, layers and pooling.
-    images : array or LazyImages
-        uint8 (N, H, W, C) images of the model's shape.
+    images : array, LazyImages or ImageData
+        uint8 (N, H, W, C) images of the model's shape; an ImageData brings its labels, its
+        source index (paths of a folder's files) and its name.
     out : path
-        ``.npy`` (labels go to ``OUT.labels.npy``) or ``.npz`` (arrays ``features``, ``labels``).
+        ``.npy`` (labels go to ``OUT.labels.npy``), ``.npz`` (arrays ``features``, ``labels``)
+        or ``.parquet`` (columns index, path, label, class, then one per feature, named as
+        ``extractor.feature_names``). Beside .npy and .npz, ``OUT.index.csv`` says where each
+        row came from (:class:`convae.data.SourceIndex`).
     labels : array, optional
         One per image.
+    index : SourceIndex, optional
+        Each image's source (default: rows 0..N-1 with `labels`).
     dtype : {"float32", "float16"}
     source : str
         Names the data (e.g. the dataset spec) in the progress record.
@@ -155,37 +192,72 @@ def extract_to_file(
     Examples
     --------
     >>> ex = FeatureExtractor(convae.load_model("runs/mnist")[0], "stage2", "grid4")  # doctest: +SKIP
-    >>> extract_to_file(ex, convae.load_dataset("mnist", "test").images, "test.npy")  # doctest: +SKIP
+    >>> extract_to_file(ex, convae.load_dataset("./photos", image_size=64), "feats.parquet")  # doctest: +SKIP
     """
     out = Path(out)
-    _check_request(out, dtype, len(images), labels, source)
+    images, labels, index, source = _unpack(images, labels, index, source)
+    _check_request(out, dtype, len(images), labels, index, source)
     shape = (len(images), extractor.dim)
-    fingerprint = _fingerprint(extractor, images, source, shape, dtype)
+    fingerprint = _fingerprint(extractor, images, index, source, shape, dtype)
     partial, progress_path = partial_paths(out)
     offset, done = _open_partial(partial, progress_path, fingerprint, shape, np.dtype(dtype))
     resumed_from = done
     _write_rows(extractor, images, partial, offset, done, dtype, progress_path, fingerprint, workers, progress)
-    labels_path = _finish(out, partial, labels)
+    labels_path, index_path = _finish(out, partial, labels, index, extractor.feature_names, source)
     progress_path.unlink(missing_ok=True)
-    return ExtractResult(out, labels_path, shape, dtype, resumed_from, extractor.feature_names)
+    return ExtractResult(out, labels_path, shape, dtype, resumed_from, extractor.feature_names, index_path)
 
 
-def _check_request(out: Path, dtype: str, n: int, labels, source: str) -> None:
-    if out.suffix.lower() not in (".npy", ".npz"):
-        raise ConfigError(f"output {out}: name it .npy (with OUT.labels.npy beside it) or .npz")
+def _unpack(images, labels, index: SourceIndex | None, source: str):
+    """(images, labels, index, source) from an ImageData or an array and what was given beside it."""
+    if hasattr(images, "source_index"):  # an ImageData
+        data = images
+        labels = data.labels if labels is None else labels
+        index = data.source_index() if index is None else index
+        source = source or data.name
+        images = data.images
+    if index is None:
+        index = SourceIndex.of_rows(len(images), labels)
+    elif labels is not None and index.labels is None:
+        index = SourceIndex(index.index, index.paths, labels, index.classes)
+    return images, labels, index, source
+
+
+def output_format(out: str | os.PathLike) -> str:
+    """npy, npz or parquet, from the suffix of `out`; any other suffix is a ConfigError."""
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise ConfigError(f"output {out}: name it .npy (with OUT.labels.npy beside it), .npz or .parquet")
+    return suffix
+
+
+def _check_request(out: Path, dtype: str, n: int, labels, index: SourceIndex, source: str) -> None:
+    output_format(out)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if n == 0:
         raise ConfigError(f"{source or 'the data'}: no images to extract features from")
     if labels is not None and len(labels) != n:
         raise ConfigError(f"labels: {len(labels)} for {n} images")
+    if len(index) != n:
+        raise ConfigError(f"index: {len(index)} rows for {n} images")
 
 
-def _fingerprint(extractor: FeatureExtractor, images, source: str, shape: tuple[int, int], dtype: str) -> str:
+def _index_digest(index: SourceIndex) -> str:
+    """The rows' ids and paths: a resume continues only over the same files in the same order."""
+    h = hashlib.sha256(index.index.tobytes())
+    for p in index.paths or ():
+        h.update(p.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
+
+
+def _fingerprint(
+    extractor: FeatureExtractor, images, index: SourceIndex, source: str, shape: tuple[int, int], dtype: str
+) -> str:
     """What is being extracted: a resume continues only the same extraction."""
     record = {
         "model": model_digest(extractor.model),
-        "data": [source, _data_digest(images)],
+        "data": [source, _data_digest(images), _index_digest(index)],
         "blocks": [[b.layer, b.pool] for b in extractor.blocks],
         "shape": shape,
         "dtype": dtype,
@@ -225,16 +297,33 @@ def _write_rows(
                 last_sync = time.monotonic()
 
 
-def _finish(out: Path, partial: Path, labels) -> Path | None:
-    """The finished partial file put in place as `out` (with its labels); the labels file, if one."""
-    if out.suffix.lower() == ".npy":
+def index_path_of(out: str | os.PathLike) -> Path:
+    """feats.npy -> feats.index.csv (where the rows' sources go)."""
+    out = Path(out)
+    return out.with_name(out.name[: -len(out.suffix)] + ".index.csv")
+
+
+def _finish(
+    out: Path, partial: Path, labels, index: SourceIndex, names: list[str], source: str
+) -> tuple[Path | None, Path | None]:
+    """The finished partial file put in place as `out`, with its labels and index: (labels file, index file)."""
+    kind = output_format(out)
+    if kind == "parquet":
+        from .parquet import write_parquet  # pyarrow only when asked for
+
+        write_parquet(out, np.load(partial, mmap_mode="r"), index, names, source)
+        partial.unlink()
+        return None, None
+    index_path = index_path_of(out)
+    write_index_csv(index_path, index)  # before the features: a finished OUT always has its index
+    if kind == "npy":
         labels_path = None
         if labels is not None:
             labels_path = out.with_name(out.name[: -len(".npy")] + ".labels.npy")
             _save_npy(labels_path, np.asarray(labels))
         os.replace(partial, out)
         _fsync_dir(out.parent)
-        return labels_path
+        return labels_path, index_path
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
         # the layout np.savez writes; the finished .npy is copied in chunks, not loaded
         with zf.open("features.npy", "w", force_zip64=True) as dst, open(partial, "rb") as src:
@@ -243,7 +332,7 @@ def _finish(out: Path, partial: Path, labels) -> Path | None:
             with zf.open("labels.npy", "w", force_zip64=True) as dst:
                 np.lib.format.write_array(dst, np.asarray(labels))
     partial.unlink()
-    return None
+    return None, index_path
 
 
 # -- sharded extraction (one shard per torchrun rank) ----------------------------------------
@@ -307,25 +396,47 @@ def _shards_of(path: Path) -> list[Path]:
     return [shards[r] for r in range(world)]
 
 
-def _load_one(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    if path.suffix.lower() == ".npz":
+def _load_one(path: Path) -> LoadedFeatures:
+    kind = path.suffix.lower()
+    if kind == ".parquet":
+        from .parquet import read_parquet
+
+        features, index = read_parquet(path)
+        return LoadedFeatures(features, index.labels, index)
+    if kind == ".npz":
         with np.load(path, allow_pickle=False) as z:
             if "features" not in z:
                 raise ConfigError(f"{path}: no 'features' array; was it written by convae extract?")
-            return z["features"], (z["labels"] if "labels" in z else None)
-    features = np.load(path, mmap_mode="r", allow_pickle=False)
-    labels_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy")
-    labels = np.load(labels_path, allow_pickle=False) if labels_path.is_file() else None
-    return features, labels
+            features, labels = z["features"], (z["labels"] if "labels" in z else None)
+    else:
+        features = np.load(path, mmap_mode="r", allow_pickle=False)
+        labels_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy")
+        labels = np.load(labels_path, allow_pickle=False) if labels_path.is_file() else None
+    return LoadedFeatures(features, labels, _index_beside(path, len(features), labels))
+
+
+def _index_beside(path: Path, n: int, labels) -> SourceIndex:
+    """OUT.index.csv, checked against the features; rows 0..n-1 for files written before convae wrote one."""
+    csv_path = index_path_of(path)
+    if not csv_path.is_file():
+        return SourceIndex.of_rows(n, labels)
+    index = read_index_csv(csv_path)
+    if len(index) != n:
+        raise ConfigError(f"{csv_path}: {len(index)} rows for the {n} rows of {path.name}; extract again")
+    return index
 
 
 def is_feature_file(spec: str | os.PathLike) -> bool:
-    """A finished extraction (a 2-D .npy/.npz, or a complete set of rank shards) at `spec`."""
+    """A finished extraction (a 2-D .npy/.npz, a .parquet, or a complete set of rank shards) at `spec`."""
     path = Path(spec)
-    if path.suffix.lower() not in (".npy", ".npz"):
+    if path.suffix.lower() not in (".npy", ".npz", ".parquet"):
         return False
     if path.is_file():
         try:
+            if path.suffix.lower() == ".parquet":
+                from .parquet import is_parquet_features
+
+                return is_parquet_features(path)
             if path.suffix.lower() == ".npz":
                 with np.load(path, allow_pickle=False) as z:
                     return "features" in z
@@ -335,24 +446,29 @@ def is_feature_file(spec: str | os.PathLike) -> bool:
     return bool(_shards_of(path))
 
 
-def load_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """Features (N, dim) and labels (or None) of `convae extract` output, sharded or not.
+def load_features(path: str | os.PathLike) -> LoadedFeatures:
+    """Features (N, dim), labels (or None) and each row's source, of `convae extract` output, sharded or not.
 
     A sharded extraction (``OUT.rank0-of-N.npy`` ...) reads as one result, in image order.
 
     Parameters
     ----------
     path : path
-        ``OUT.npy`` (with ``OUT.labels.npy`` beside it), ``OUT.npz``, or the name the shards share.
+        ``OUT.npy`` (with ``OUT.labels.npy`` and ``OUT.index.csv`` beside it), ``OUT.npz``,
+        ``OUT.parquet``, or the name the shards share.
 
     Returns
     -------
-    (ndarray, ndarray or None)
-        The features (a read-only memmap for a single .npy) and the labels.
+    LoadedFeatures
+        The pair ``(features, labels)`` as before (the features a read-only memmap for a single
+        .npy), with ``.index``: each row's index, path, label and class
+        (:class:`convae.data.SourceIndex`; rows 0..N-1 for files from before convae wrote one).
 
     Examples
     --------
     >>> X, y = load_features("train.npy")   # doctest: +SKIP
+    >>> feats = load_features("photos.npy"); feats.index.paths[:2]   # doctest: +SKIP
+    ['cats/001.jpg', 'cats/002.jpg']
     """
     path = Path(path)
     if path.is_file():
@@ -361,6 +477,6 @@ def load_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | Non
     if not shards:
         raise ConfigError(f"{path}: no such features file (nor shards {shard_path(path, 0, 2).name}, ...)")
     parts = [_load_one(p) for p in shards]
-    features = np.concatenate([f for f, _ in parts])
-    labels = None if any(y is None for _, y in parts) else np.concatenate([y for _, y in parts])
-    return features, labels
+    features = np.concatenate([p.features for p in parts])
+    labels = None if any(p.labels is None for p in parts) else np.concatenate([p.labels for p in parts])
+    return LoadedFeatures(features, labels, SourceIndex.concatenate([p.index for p in parts]))
