@@ -87,6 +87,7 @@ _EXPORTS = {
     "tensors": ".tensors",
     "train": ".train",
     "views": ".views",
+    "analysis": ".analysis",
     "demo": ".demo",
 }
 __getattr__, __dir__ = exports(__name__, _EXPORTS, globals())

@@ -8,6 +8,7 @@ own usage errors included, ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import sys
+import tempfile
 import typing
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from click.core import ParameterSource
 import convae
 
 from ._memory import keep_freed_memory
+from .analysis.options import METRICS, NEIGHBOR_BASELINES, SCORES, ScoreOptions
 from .config import NAN_POLICIES, TrainConfig
 from .errors import ConvaeError
 from .features.plan import POOLS
@@ -87,6 +89,16 @@ def _ints(value: str | None, option: str) -> tuple[int, ...] | None:
     if not out:
         raise ConvaeError(f"{option}: give at least one integer")
     return out
+
+
+def _picks(value: str | None) -> list[int | str] | None:
+    """--index: row numbers, or files of a folder by path ("0,5" or "cats/a.jpg,dogs/b.jpg")."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ConvaeError("--index: give at least one image, e.g. 0,5 or cats/a.jpg")
+    return [int(v) if v.lstrip("-").isdigit() else v for v in items]
 
 
 def _image_size(value: str | None):
@@ -377,7 +389,10 @@ def with_view_options(f):
     "--layers",
     help="Encoder layers for maps/patches/maximize, comma-separated, or all; a block's sign-split maps too, e.g. stage1.conv1.split (see `convae layers`).",
 )
-@click.option("--index", help="Images to show (maps, recon, receptive), e.g. 0,5,9.")
+@click.option(
+    "--index",
+    help="Images to show (maps, recon, receptive; interpolate: two), e.g. 0,5,9, or files of a folder by path: cats/a.jpg,dogs/b.jpg.",
+)
 @click.option(
     "--count", "-n", type=click.IntRange(min=1), default=8, show_default=True, help="Images for recon (maps: up to 3)."
 )
@@ -408,9 +423,11 @@ def show(
 
     DATA (as for `fit`) is needed by maps, patches, recon and embedding; receptive and
     maximize use it when given. Views: curves (history.csv), recon (reconstructions and error),
-    filters (first layer), receptive (receptive-field growth), maps (feature maps by depth),
-    patches (top-activating patches cropped to each unit's receptive field), maximize
-    (activation maximization), embedding (PCA and t-SNE of the bottleneck), probe (--probe).
+    outliers (the --count worst reconstructed images, with per-pixel error maps), filters (first
+    layer), receptive (receptive-field growth), maps (feature maps by depth), patches
+    (top-activating patches cropped to each unit's receptive field), maximize (activation
+    maximization), embedding (PCA and t-SNE of the bottleneck), interpolate (--count points
+    between the codes of two images, --index A,B, beside their pixel blend), probe (--probe).
     """
     if output.suffix.lower() != ".png":
         raise ConvaeError(f"--output {output}: views are written as PNG; name it .png")
@@ -427,7 +444,7 @@ def show(
         channels=top_channels,
         top_k=top_k,
         count=count,
-        indices=_ints(index, "--index"),
+        indices=_picks(index),
         max_images=max_images,
         steps=steps,
         seed=seed,
@@ -608,10 +625,24 @@ def _with_format(output: Path, fmt: str | None) -> Path:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--train", "train_data", help="Labelled data the classifiers are fitted on, e.g. mnist:train.")
+@click.option("--test", "test_data", help="Labelled data they are scored on, e.g. mnist:test.")
 @click.option(
-    "--train", "train_data", required=True, help="Labelled data the classifiers are fitted on, e.g. mnist:train."
+    "--data",
+    "one_data",
+    help="One labelled dataset instead of --train/--test, split by --test-fraction or --cv, e.g. a folder of class subfolders.",
 )
-@click.option("--test", "test_data", required=True, help="Labelled data they are scored on, e.g. mnist:test.")
+@click.option(
+    "--test-fraction",
+    type=float,
+    help="With --data: score on a stratified hold-out of this fraction (seeded by --split-seed), fit on the rest.",
+)
+@click.option(
+    "--cv",
+    type=int,
+    help="With --data: stratified K-fold cross-validation; every row gives the mean over the folds and their standard deviation.",
+)
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the --test-fraction / --cv split.")
 @click.option(
     "--output",
     "-o",
@@ -698,6 +729,7 @@ def probe(
     run_dir,
     train_data,
     test_data,
+    one_data,
     output,
     preset,
     compare,
@@ -716,12 +748,20 @@ def probe(
     Fits StandardScaler (or --normalize whiten) + classifier on the --train features of each
     layer and pooling and reports --test accuracy and macro-F1, with the same classifier on raw
     pixels, on PCA of the pixels, on the same architecture with random weights and on any
-    --compare run.
+    --compare run. With one labelled dataset, --data DATA --test-fraction 0.2 (a stratified
+    hold-out) or --data DATA --cv 5 (stratified folds, mean and standard deviation) instead.
     """
     if not str(output).lower().endswith(".json"):
         raise ConvaeError(f"--output {output}: name it .json (a Markdown copy is written beside it)")
+    _check_probe_data(train_data, test_data, one_data, given)
     options = ProbeOptions.with_preset(preset, **given, pca_dims=_ints(pca_dim, "--pca-dim"))  # checked: no data yet
-    if convae.features.is_feature_file(train_data) and convae.features.is_feature_file(test_data):
+    if one_data is not None:
+        data, _ = _probe_data(run_dir, one_data, None, options, data_dir, image_size, channels, no_download, quiet)
+        rows = convae.probe.run_probe_on(
+            run_dir, data, options, compare=compare, device=device, batch_size=batch_size, progress=not quiet
+        )
+        names = dict(data=data.name)
+    elif convae.features.is_feature_file(train_data) and convae.features.is_feature_file(test_data):
         rows = convae.probe.probe_feature_files(train_data, test_data, options)
         if options.baselines:
             click.echo("note: baselines need images, so precomputed features are probed alone", err=True)
@@ -741,16 +781,198 @@ def probe(
     click.echo(f"wrote {json_path} and {md_path}")
 
 
+def _check_probe_data(train_data, test_data, one_data, given) -> None:
+    """Either --train and --test, or --data with --test-fraction or --cv."""
+    split = given.get("test_fraction") is not None or given.get("cv") is not None
+    if one_data is not None:
+        if train_data is not None or test_data is not None:
+            raise ConvaeError("--data splits one dataset: give it without --train/--test")
+        if not split:
+            raise ConvaeError("--data needs --test-fraction (e.g. 0.2) or --cv (e.g. 5) to split it")
+        return
+    if split:
+        raise ConvaeError("--test-fraction and --cv split one dataset: give it as --data")
+    if train_data is None or test_data is None:
+        raise ConvaeError("give --train and --test, or one labelled dataset as --data with --test-fraction or --cv")
+
+
 def _probe_data(run_dir, train_data, test_data, options, data_dir, image_size, channels, no_download, quiet):
-    """The probe's train and test images at the run's size, after its layers are checked against the run."""
+    """The probe's train and test images at the run's size (test None: not given), after its
+    layers are checked against the run."""
     convae.probe.check_layers(run_dir, options)  # so is an unknown layer, before any data is loaded
     m = convae.load_config(run_dir).model
     h, w = m.image_size
     size, chans = image_size or f"{h}x{w}", channels or (m.in_channels if m.in_channels in (1, 3) else None)
     return (
         _load(train_data, data_dir, None, size, chans, no_download, quiet),
-        _load(test_data, data_dir, None, size, chans, no_download, quiet),
+        None if test_data is None else _load(test_data, data_dir, None, size, chans, no_download, quiet),
     )
+
+
+compute_options = [
+    click.option("--batch-size", type=int, help="Images per forward pass (default: sized to the model's largest map, at most 256)."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+]  # fmt: skip
+
+
+def with_compute_options(f):
+    for option in reversed(compute_options):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("data")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="scores.csv to write.")
+@with_data_options
+@click.option(
+    "--train",
+    "train_data",
+    help="The training images the k-NN distance is measured to and thresholds are taken from (default: the data the run was trained on, as its config.json names it); none: reconstruction scores only.",
+)
+@click.option(
+    "--layers",
+    default=ScoreOptions.layers,
+    show_default=True,
+    help="Features of the k-NN distance: encoder layers (see `convae layers`).",
+)
+@click.option("--pool", default=ScoreOptions.pool, show_default=True, help=f"Their pooling: {', '.join(POOLS)}.")
+@click.option(
+    "--k",
+    type=int,
+    default=ScoreOptions.k,
+    show_default=True,
+    help="Nearest training images the distance is averaged over.",
+)
+@click.option("--metric", type=click.Choice(METRICS), default=ScoreOptions.metric, show_default=True)
+@click.option(
+    "--by",
+    type=click.Choice(SCORES),
+    default=ScoreOptions.by,
+    show_default=True,
+    help="The score rows are sorted by, worst first, and flagged on.",
+)
+@click.option(
+    "--threshold-quantile",
+    type=float,
+    help="Flag the images whose --by score is above this quantile of the training images' own scores, e.g. 0.99.",
+)
+@click.option(
+    "--calibration-images",
+    type=int,
+    default=ScoreOptions.calibration_images,
+    show_default=True,
+    help="Training images (evenly spaced) whose own scores give the thresholds.",
+)
+@with_compute_options
+def score(run_dir, data, output, data_dir, split, image_size, channels, no_download, train_data, batch_size, device, quiet, **given):  # fmt: skip
+    """Anomaly scores of every image of DATA: reconstruction MSE, 1 - SSIM, and the mean distance
+    to the k nearest training images in feature space, as CSV, worst first, each row with its
+    index, path, label and class.
+    """
+    options = ScoreOptions(**given)  # checked before any data is loaded
+    if output.suffix.lower() != ".csv":
+        raise ConvaeError(f"--output {output}: name it .csv")
+    model, config = convae.load_model(run_dir, device=convae.tensors.resolve_device(device))
+    load = lambda spec, sp: _load_for_run(run_dir, spec, data_dir, sp, image_size, channels, no_download, quiet)  # noqa: E731
+    train_spec = train_data if train_data is not None else config.data.spec
+    if not train_spec:
+        raise ConvaeError(f"{run_dir} was trained from an array: give --train DATA (or --train none)")
+    reference = None if train_spec == "none" else load(train_spec, None)
+    dataset = load(data, split)
+    with tempfile.TemporaryDirectory(
+        prefix=f".{output.name}.", dir=output.parent if output.parent.is_dir() else None
+    ) as work:
+        result = convae.analysis.score_images(
+            model, dataset, reference, options, work_dir=work, batch_size=batch_size, progress=not quiet
+        )
+    convae.analysis.write_scores(output, result)
+    order = result.order()
+    rows = [
+        {"rank": r + 1, "image": dataset.describe(i), **{k: float(v[i]) for k, v in result.scores.items()}}
+        for r, i in enumerate(order[:5])
+    ]
+    click.echo(_table(rows))
+    flagged = result.flagged()
+    if flagged is not None:
+        t = result.thresholds[options.by]
+        n_ref = len(result.reference_scores[options.by])
+        click.echo(
+            f"{int(flagged.sum()):,} of {len(flagged):,} images above the {options.threshold_quantile} quantile "
+            f"of {n_ref:,} training images' {options.by} ({t:.4g})"
+        )
+    click.echo(f"wrote {output} ({len(order):,} images, worst first by {options.by})")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--index", "index_data", required=True, help="The images searched, e.g. cifar10:train or a folder.")
+@click.option("--query", "query_data", required=True, help="The images whose neighbours are found.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="neighbors.png (the grid); neighbors.csv goes beside it (every query's neighbours).",
+)
+@click.option("--k", type=int, default=10, show_default=True, help="Neighbours per query.")
+@click.option(
+    "--layers",
+    default="bottleneck",
+    show_default=True,
+    help="Encoder layers whose features are compared (see `convae layers`).",
+)
+@click.option("--pool", default="avg", show_default=True, help=f"Their pooling: {', '.join(POOLS)}.")
+@click.option(
+    "--show", type=click.IntRange(min=1), default=8, show_default=True, help="Queries in the picture (the first ones)."
+)
+@click.option(
+    "--baselines",
+    default=",".join(NEIGHBOR_BASELINES),
+    show_default=True,
+    help="precision@k beside: pixels, random (the architecture untrained), or none.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="Where built-in datasets are looked up (then $CONVAE_DATA, ~/.cache/convae).",
+)
+@click.option("--image-size", help="Resize and centre-crop folder images to this size (default: the run's).")
+@click.option("--channels", type=int, help="Image channels: 1 or 3 (default: the run's).")
+@click.option("--no-download", is_flag=True, help="Never download a missing built-in dataset.")
+@with_compute_options
+def neighbors(run_dir, index_data, query_data, output, k, layers, pool, show, baselines, data_dir, image_size, channels, no_download, batch_size, device, quiet):  # fmt: skip
+    """The k most similar --index images for each --query image, by cosine similarity of features.
+
+    Exact search in chunks (the index features wait on disk beside --output), so memory stays
+    bounded however large the index. Writes the picture grid and a CSV of every query's
+    neighbours; with labels on both sets, prints precision@k beside raw pixels and random weights.
+    """
+    png, csv_path = _neighbor_outputs(output)
+    chosen = [] if baselines.strip() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
+    model, _ = convae.load_model(run_dir, device=convae.tensors.resolve_device(device))
+    convae.features.plan_blocks(model, layers, pool)  # unknown layers: one line before any data is loaded
+    load = lambda spec: _load_for_run(run_dir, spec, data_dir, None, image_size, channels, no_download, quiet)  # noqa: E731
+    index, query = load(index_data), load(query_data)
+    with tempfile.TemporaryDirectory(prefix=f".{png.name}.", dir=png.parent if png.parent.is_dir() else None) as work:
+        result = convae.analysis.find_neighbors(
+            model, index, query, layers=layers, pool=pool, k=k, baselines=chosen, work_dir=work,
+            batch_size=batch_size, progress=not quiet,
+        )  # fmt: skip
+    convae.analysis.write_neighbors(csv_path, result)
+    convae.views.save_figure(convae.analysis.neighbors_grid(result, index, query, show), png)
+    if result.precision:
+        click.echo(_table([{"features": name, f"precision@{k}": p} for name, p in result.precision.items()]))
+    click.echo(f"wrote {png} and {csv_path} ({len(query):,} queries x {result.neighbours.indices.shape[1]} neighbours)")
+
+
+def _neighbor_outputs(output: Path) -> tuple[Path, Path]:
+    suffix = output.suffix.lower()
+    if suffix not in (".png", ".csv"):
+        raise ConvaeError(f"--output {output}: name it .png (the grid; the .csv goes beside it)")
+    return output.with_suffix(".png"), output.with_suffix(".csv")
 
 
 @main.command()

@@ -56,12 +56,17 @@ class LoadedFeatures(tuple):
     file of each row.
     """
 
-    index: SourceIndex
+    _index: SourceIndex
 
     def __new__(cls, features: np.ndarray, labels: np.ndarray | None, index: SourceIndex):
         self = super().__new__(cls, (features, labels))
-        self.index = index
+        self._index = index
         return self
+
+    # named like the file it comes from (OUT.index.csv); a pair's tuple.index(value) is no loss
+    @property
+    def index(self) -> SourceIndex:  # type: ignore[override]
+        return self._index
 
     @property
     def features(self) -> np.ndarray:

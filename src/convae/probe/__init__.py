@@ -3,7 +3,9 @@
     options.py       ProbeOptions: what to probe, checked before any data is loaded (torch-free)
     classifiers.py   the classifiers by name; LinearSVM and Whitener for wide features
     evaluate.py      fit and score one feature set: rows averaged over label subsets
-    driver.py        run_probe: the run's features and its baselines, one source at a time
+    driver.py        run_probe: the run's features and its baselines, one source at a time;
+                     run_probe_on: one labelled dataset, held out or in K folds (split.py)
+    split.py         stratified hold-out and K-fold splits; fold rows averaged
     output.py        results.json and its Markdown copy
 
 For each feature set (an encoder layer under a pooling) and classifier, fit
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
         mirrored,
         probe_feature_files,
         run_probe,
+        run_probe_on,
     )
     from .evaluate import COLUMNS, FeatureSet, evaluate_features, label_subsets, predict_with_mirrors
     from .options import (
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
         parse_list,
     )
     from .output import markdown_table, write_results
+    from .split import aggregate_folds, probe_splits
 
 __all__ = [
     "AUGMENTATIONS",
@@ -58,6 +62,7 @@ __all__ = [
     "NORMALIZATIONS",
     "ProbeOptions",
     "Whitener",
+    "aggregate_folds",
     "calibrate",
     "check_layers",
     "evaluate_features",
@@ -71,7 +76,9 @@ __all__ = [
     "parse_list",
     "predict_with_mirrors",
     "probe_feature_files",
+    "probe_splits",
     "run_probe",
+    "run_probe_on",
     "write_results",
 ]
 
@@ -89,6 +96,9 @@ _EXPORTS = {
     "mirrored": ".driver",
     "probe_feature_files": ".driver",
     "run_probe": ".driver",
+    "run_probe_on": ".driver",
+    "aggregate_folds": ".split",
+    "probe_splits": ".split",
     "COLUMNS": ".evaluate",
     "FeatureSet": ".evaluate",
     "evaluate_features": ".evaluate",

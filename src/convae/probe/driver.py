@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from ..data import ImageData
 from ..errors import ConfigError
 from ..estimator import ConvAutoencoder
 from ..features import FeatureExtractor, load_features, resolve_layers, split_names
@@ -31,6 +32,7 @@ from ..run import load_config, load_model
 from ..tensors import evenly_spaced
 from .evaluate import FeatureSet, evaluate_features, label_subsets
 from .options import ProbeOptions
+from .split import aggregate_folds, probe_splits
 
 #: The random-weight baseline's data statistics are measured on up to this many train images.
 CALIBRATION_IMAGES = 10_000
@@ -375,3 +377,20 @@ def probe_feature_files(train_path, test_path, options: ProbeOptions | None = No
             max_iter=o.max_iter,
         )
     )
+
+
+def run_probe_on(run, data, options: ProbeOptions, **kwargs) -> list[dict]:
+    """Probe one labelled dataset (an ImageData), split by `options`: a stratified hold-out
+    (`test_fraction`) or stratified K folds (`cv`, the rows averaged over the folds with their
+    standard deviation); `kwargs` go to :func:`run_probe`.
+
+    Each split is probed as a train and a test set would be: the unsupervised parts (PCA, the
+    random baseline's statistics) see its train images only.
+    """
+    images, labels = _images_labels(data, "the")
+    if not hasattr(data, "subset"):  # an (images, labels) pair
+        data = ImageData(images, labels, None, "data")
+    folds = [
+        run_probe(run, data.subset(tr), data.subset(te), options, **kwargs) for tr, te in probe_splits(labels, options)
+    ]
+    return folds[0] if options.cv is None else aggregate_folds(folds)

@@ -75,6 +75,16 @@ def check_fit_options(c_scale: float, max_iter: int | None) -> None:
         raise ConfigError(f"max iterations must be a positive integer, got {max_iter!r}")
 
 
+def check_split(test_fraction: float | None, cv: int | None) -> None:
+    """--test-fraction in (0, 1) or --cv of at least 2 folds, not both."""
+    if test_fraction is not None and cv is not None:
+        raise ConfigError("--test-fraction and --cv: give one (a hold-out or K folds)")
+    if test_fraction is not None and not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
+        raise ConfigError(f"--test-fraction must be between 0 and 1 (e.g. 0.2), got {test_fraction!r}")
+    if cv is not None and (not isinstance(cv, int) or cv < 2):
+        raise ConfigError(f"--cv must be at least 2 folds, got {cv!r}")
+
+
 def check_normalize(normalize: str) -> None:
     if normalize not in NORMALIZATIONS:
         raise ConfigError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
@@ -102,6 +112,10 @@ class ProbeOptions:
     pca_dims: tuple[int, ...] | None = None
     preset: str | None = None
     preset_layers: bool = False
+    # one labelled dataset: a stratified hold-out of this fraction, or stratified K-fold (seeded)
+    test_fraction: float | None = None
+    cv: int | None = None
+    split_seed: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize the parsed forms once, here
@@ -115,6 +129,7 @@ class ProbeOptions:
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         resolve_pools(self.pool)
+        check_split(self.test_fraction, self.cv)
 
     @classmethod
     def with_preset(cls, preset: str | None = None, **given: Any) -> ProbeOptions:
@@ -139,7 +154,12 @@ class ProbeOptions:
 
     def fit_meta(self) -> dict[str, Any]:
         """How the rows were fitted, for results.json."""
-        return dict(c_scale=self.c_scale, max_iter=self.max_iter)
+        meta: dict[str, Any] = dict(c_scale=self.c_scale, max_iter=self.max_iter)
+        if self.test_fraction is not None:
+            meta["split"] = dict(test_fraction=self.test_fraction, stratified=True, seed=self.split_seed)
+        if self.cv is not None:
+            meta["split"] = dict(cv=self.cv, stratified=True, seed=self.split_seed)
+        return meta
 
     def replace(self, **changes: Any) -> ProbeOptions:
         return replace(self, **changes)

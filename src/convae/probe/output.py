@@ -20,13 +20,16 @@ def markdown_table(rows: list[dict]) -> str:
         "dim",
         "labels/class",
         "accuracy",
-        "± (seeds)",
+        "± (seeds or folds)",
         "macro-F1",
         "fit s",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 6) + "|"]
     for r in rows:
-        spread = f"{r['accuracy_std']:.4f} ({r['seeds']})" if r["seeds"] > 1 else "-"
+        if r.get("folds"):
+            spread = f"{r['accuracy_std']:.4f} ({r['folds']} folds)"
+        else:
+            spread = f"{r['accuracy_std']:.4f} ({r['seeds']})" if r["seeds"] > 1 else "-"
         cells = [
             r["features"],
             r["classifier"],

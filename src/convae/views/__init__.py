@@ -7,6 +7,8 @@
     patches.py     top-activating patches       maximize.py    activation maximization
     receptive.py   receptive-field growth       training.py    reconstructions, training curves
     embedding.py   PCA and t-SNE of the code    probe.py       probe accuracy by layer
+    outliers.py    worst reconstructed images   interpolate.py between two images' codes
+    neighbors.py   similar images as a grid (convae neighbors)
 
 Each view has a function that computes its numbers (``top_patches``, ``maximize_activation``,
 ``receptive_field_table``, ``embed`` ...) and one that draws them (``*_figure``), so tests and
@@ -23,7 +25,8 @@ from .._lazy import exports
 
 #: The views' names, in the report's order (torch-free, for the command line's choices).
 VIEWS: tuple[str, ...] = (
-    "curves", "recon", "filters", "receptive", "maps", "patches", "maximize", "embedding", "probe",
+    "curves", "recon", "outliers", "filters", "receptive", "maps", "patches", "maximize", "embedding", "interpolate",
+    "probe",
 )  # fmt: skip
 
 if TYPE_CHECKING:
@@ -40,8 +43,11 @@ if TYPE_CHECKING:
     )
     from .embedding import embed, embedding_figure, layer_features
     from .filters import filters_figure, first_layer_weights
+    from .interpolate import Interpolation, interpolate, interpolation_figure
     from .maps import feature_maps, feature_maps_figure
     from .maximize import Maximized, maximize_activation, maximize_figure
+    from .neighbors import neighbors_figure
+    from .outliers import Outliers, outliers_figure, worst_reconstructed
     from .patches import LayerPatches, Patch, crop_patch, patches_figure, top_patches
     from .probe import load_probe_results, probe_figure
     from .receptive import receptive_field_figure, receptive_field_table
@@ -52,8 +58,10 @@ __all__ = [
     "OUTSIDE",
     "REGISTRY",
     "VIEWS",
+    "Interpolation",
     "LayerPatches",
     "Maximized",
+    "Outliers",
     "Patch",
     "Shown",
     "View",
@@ -71,10 +79,14 @@ __all__ = [
     "filters_figure",
     "first_layer_weights",
     "hierarchy_layers",
+    "interpolate",
+    "interpolation_figure",
     "layer_features",
     "load_probe_results",
     "maximize_activation",
     "maximize_figure",
+    "neighbors_figure",
+    "outliers_figure",
     "patch_layers",
     "patches_figure",
     "probe_figure",
@@ -86,6 +98,7 @@ __all__ = [
     "save_figure",
     "top_patches",
     "view_layers",
+    "worst_reconstructed",
 ]
 
 _EXPORTS = {
@@ -106,6 +119,13 @@ _EXPORTS = {
     "first_layer_weights": ".filters",
     "feature_maps": ".maps",
     "feature_maps_figure": ".maps",
+    "Interpolation": ".interpolate",
+    "interpolate": ".interpolate",
+    "interpolation_figure": ".interpolate",
+    "neighbors_figure": ".neighbors",
+    "Outliers": ".outliers",
+    "outliers_figure": ".outliers",
+    "worst_reconstructed": ".outliers",
     "Maximized": ".maximize",
     "maximize_activation": ".maximize",
     "maximize_figure": ".maximize",

@@ -22,8 +22,10 @@ from . import VIEWS
 from .common import ViewNotApplicable, check_images, hierarchy_layers, sample_indices, view_layers
 from .embedding import embed, embedding_figure, layer_features
 from .filters import filters_figure
+from .interpolate import interpolate, interpolation_figure
 from .maps import feature_maps_figure
 from .maximize import maximize_activation, maximize_figure
+from .outliers import outliers_figure, worst_reconstructed
 from .patches import patches_figure, top_patches
 from .probe import probe_figure
 from .receptive import receptive_field_figure, receptive_field_table
@@ -53,7 +55,7 @@ class ViewContext:
     channels: int = 8
     top_k: int = 8
     count: int = 8
-    indices: Sequence[int] | None = None
+    indices: Sequence[int | str] | None = None  # rows, or files of a folder (relative paths or unique names)
     max_images: int = 3000
     steps: int = 128
     seed: int = 0
@@ -75,10 +77,33 @@ class ViewContext:
         n = len(self.data.images)
         if self.indices is None:
             return np.arange(min(max(self.count, 1), n))
-        bad = [i for i in self.indices if not 0 <= i < n]
+        rows = [self._row(i) for i in self.indices]
+        bad = [i for i in rows if not 0 <= i < n]
         if bad:
             raise ConfigError(f"--index {bad[0]}: out of range for {n} images (0..{n - 1})")
-        return np.asarray(self.indices, dtype=np.int64)
+        return np.asarray(rows, dtype=np.int64)
+
+    def _row(self, pick: int | str) -> int:
+        """A row from an index, or from a file's path relative to the folder (or its unique name)."""
+        if isinstance(pick, (int, np.integer)):
+            return int(pick)
+        paths = getattr(self.data, "paths", None)
+        if not paths:
+            raise ConfigError(f"--index {pick}: images can be chosen by path only in a folder of images; give a number")
+        wanted = str(pick).replace("\\", "/")
+        found = [i for i, p in enumerate(paths) if p == wanted]
+        found = found or [i for i, p in enumerate(paths) if p.rsplit("/", 1)[-1] == wanted.rsplit("/", 1)[-1]]
+        if len(found) != 1:
+            what = "no image" if not found else f"{len(found)} images"
+            raise ConfigError(
+                f"--index {pick}: {what} of {self.data.name} by that path; give the path relative to the folder"
+            )
+        return found[0]
+
+    def name_of(self, row: int) -> str:
+        """Image `row` as figures name it: its path in a folder, else dataset[index]."""
+        describe = getattr(self.data, "describe", None)
+        return describe(int(row)) if describe else f"#{int(row)}"
 
 
 @dataclass(frozen=True)
@@ -144,6 +169,45 @@ def _recon(ctx: ViewContext) -> Shown:
     return Shown(reconstruction_figure(originals, recon, title, show_error=True), "reconstructions")
 
 
+def _outliers(ctx: ViewContext) -> Shown:
+    rows, sample = ctx.sample()
+    found = worst_reconstructed(ctx.model, sample, ctx.count)
+    names = [ctx.name_of(rows[r]) for r in found.rows]
+    title = (
+        ctx.title or f"{getattr(ctx.data, 'name', '')}: the {len(found.rows)} worst reconstructed of {len(rows)} images"
+    )
+    note = (
+        f"Ranked by reconstruction MSE over {len(rows)} images; `convae score` ranks every image by MSE, "
+        "1 - SSIM or the k-NN distance to the training images, with thresholds."
+    )
+    return Shown(outliers_figure(found, names, title), "worst reconstructed images", notes=[note])
+
+
+def _interpolate(ctx: ViewContext) -> Shown:
+    if ctx.indices is not None:
+        picks = ctx.picked()
+        if len(picks) != 2:
+            raise ConfigError(f"--view interpolate takes two images (--index A,B), got {len(picks)}")
+        a, b = (int(i) for i in picks)
+    else:
+        a, b = 0, _other_image(ctx.data)
+    steps = max(ctx.count, 3)
+    found = interpolate(ctx.model, np.asarray(ctx.data.images[a]), np.asarray(ctx.data.images[b]), steps)
+    names = (ctx.name_of(a), ctx.name_of(b))
+    return Shown(interpolation_figure(found, names, ctx.title), "interpolation between two images")
+
+
+def _other_image(data) -> int:
+    """The first image of another class than the first image's (with labels), else the second image."""
+    if len(data.images) < 2:
+        raise ViewNotApplicable("interpolation needs two images")
+    if data.labels is not None:
+        other = np.flatnonzero(np.asarray(data.labels) != data.labels[0])
+        if len(other):
+            return int(other[0])
+    return 1
+
+
 def _curves(ctx: ViewContext) -> Shown:
     return Shown(curves_figure(ctx.history or [], title=ctx.title), "training curves")
 
@@ -192,6 +256,10 @@ REGISTRY: dict[str, View] = {
              "Loss, validation PSNR and SSIM and the learning rate, epoch by epoch (history.csv).", _curves),
         View("recon", "Reconstructions",
              "Originals (top), reconstructions (middle) and the absolute error per pixel (bottom).", _recon, True),
+        View("outliers", "Worst reconstructed images",
+             "The images the model reconstructs worst, worst first: original, reconstruction and the squared "
+             "error per pixel (one colour scale). Outliers, defects, mislabelled or broken files tend to be here.",
+             _outliers, True),
         View("filters", "First-layer filters",
              "The first layer's weights, strongest first: edge, corner and (for colour images) colour-gradient "
              "detectors.", _filters),
@@ -211,6 +279,9 @@ REGISTRY: dict[str, View] = {
         View("embedding", "Embedding of the bottleneck",
              "The bottleneck codes in 2-D: PCA (linear) and t-SNE (neighbourhoods); classes that separate here are "
              "easy to read off the code.", _embedding, True),
+        View("interpolate", "Between two images",
+             "Codes on the line between two images' codes, decoded (top), beside the pixel-space blend of the same "
+             "two images (bottom): what the code space holds between them.", _interpolate, True),
         View("probe", "Probe accuracy by layer",
              "Linear (or other) classifiers on each layer's frozen features, beside pixel, PCA and random-weight "
              "baselines.", _probe),
@@ -238,8 +309,8 @@ def render_view(view: str, model, **options) -> Figure:
     Parameters
     ----------
     view : str
-        One of ``convae.views.VIEWS``: curves, recon, filters, receptive, maps, patches,
-        maximize, embedding, probe.
+        One of ``convae.views.VIEWS``: curves, recon, outliers, filters, receptive, maps,
+        patches, maximize, embedding, interpolate, probe.
     model : AutoencoderNet
     **options
         :class:`ViewContext`'s fields: data (an ImageData of the model's image shape), history,
