@@ -19,7 +19,10 @@ from convae.data import ImageData, load_dataset
 from convae.report import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-SECTIONS = ["card", "curves", "recon", "filters", "receptive", "maps", "patches", "maximize", "embedding", "probe"]
+SECTIONS = [
+    "card", "curves", "recon", "outliers", "filters", "receptive", "maps", "patches", "maximize", "embedding", "interpolate",
+    "probe",
+]  # fmt: skip
 PROBE = {
     "rows": [
         {
