@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+import cli_helpers
 import convae
 from cli_helpers import assert_user_error
-from cli_helpers import convae as run_convae
 from convae.analysis import nearest
 from convae.data import load_dataset
 from convae.features import FeatureExtractor, extract_to_file, load_features, shard_images, shard_path, shard_range
@@ -25,6 +26,11 @@ from killing import kill_when
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ENV_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def run_convae(*args, check=True):
+    """The installed `convae`, on one thread (spinning threads on 2 shared cores are slow)."""
+    return cli_helpers.convae(*args, check=check, env={**os.environ, **ENV_THREADS})
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -52,6 +58,26 @@ def folder(mnist, tmp_path_factory) -> tuple[Path, list[str], np.ndarray]:
         Image.fromarray(test.images[i, ..., 0]).save(path)
     paths = sorted(f"{test.labels[i]}/{i:05d}.png" for i in rows)
     return root, paths, np.array([int(p.split("/")[0]) for p in paths])
+
+
+@pytest.fixture(scope="module")
+def small(folder, tmp_path_factory) -> tuple[Path, list[str], np.ndarray]:
+    """The first 60 digits of each class of `folder`: 600 files."""
+    root = tmp_path_factory.mktemp("small") / "digits"
+    firsts = _firsts(folder[1])
+    paths = [p for p in folder[1] if int(p.split("/")[1][:-4]) in firsts]
+    for p in paths:
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder[0] / p, root / p)
+    return root, paths, np.array([int(p.split("/")[0]) for p in paths])
+
+
+def _firsts(paths: list[str], per_class: int = 60) -> set[int]:
+    by_class: dict[str, list[int]] = {}
+    for p in paths:
+        c, name = p.split("/")
+        by_class.setdefault(c, []).append(int(name[:-4]))
+    return {i for ids in by_class.values() for i in sorted(ids)[:per_class]}
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +144,9 @@ def test_sharded_extractions_keep_the_index_in_order(run, folder, tmp_path):
     assert sub.source_index().index.tolist() == [5, 705, 1405, 2105, 2805] and sub.paths[1] == folder[1][705]
 
 
-def test_parquet_has_the_index_then_one_column_per_feature(run, folder, tmp_path):
+def test_parquet_has_the_index_then_one_column_per_feature(run, small, tmp_path):
     pd = pytest.importorskip("pandas")
-    root, paths, labels = folder
+    root, paths, labels = small
     run_convae(
         "extract", run, root, "-o", tmp_path / "f", "--format", "parquet", "--layers", "stage1", "--pool", "grid2", "-q"
     )
@@ -138,15 +164,14 @@ def test_parquet_has_the_index_then_one_column_per_feature(run, folder, tmp_path
 
 
 # -- anomaly scores ---------------------------------------------------------------------------------
-def test_scores_rank_a_planted_corrupted_image_first(run, folder, tmp_path):
-    root, paths, _ = folder
+def test_scores_rank_a_planted_corrupted_image_first(run, small, tmp_path):
+    root, paths, _ = small
     data = tmp_path / "data"
-    for p in paths[::15]:  # 200 real digits
+    for p in paths[::3]:  # 200 real digits
         (data / p).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(root / p, data / p)
-    # a digit gone wrong: inverted (a white page) with a band of noise across it
-    bad = 255 - np.asarray(Image.open(root / paths[7]))
-    bad[10:18] = np.random.default_rng(0).integers(0, 256, (8, 28), dtype=np.uint8)
+    # a file whose pixels a broken writer replaced by a checkerboard of dead and stuck pixels
+    bad = (np.indices((28, 28)).sum(0) % 2 * 255).astype(np.uint8)
     Image.fromarray(bad).save(data / "7" / "corrupted.png")
     out = tmp_path / "scores.csv"
     proc = run_convae(
@@ -173,19 +198,19 @@ def test_scores_rank_a_planted_corrupted_image_first(run, folder, tmp_path):
     assert_user_error(proc, "--train")
 
 
-def test_the_outliers_view_shows_the_worst_reconstructed_images(run, folder, tmp_path):
-    proc = run_convae(
-        "show", run, folder[0], "--view", "outliers", "-o", tmp_path / "o.png", "-n", 5, "--max-images", 300
-    )
-    assert proc.stdout.strip() == f"wrote {tmp_path / 'o.png'}"
+def test_the_outliers_view_ranks_the_worst_reconstructed_first(run, small):
     model, _ = convae.load_model(run)
-    found = convae.views.worst_reconstructed(model, load_dataset(folder[0]).images[:300], 5)
+    images = load_dataset(small[0]).images[:300]
+    found = convae.views.worst_reconstructed(model, images, 5)
     assert found.error_maps.shape == (5, 28, 28) and np.all(np.diff(found.mse) <= 0)
+    mse, _ = convae.analysis.reconstruction_errors(model, images)
+    np.testing.assert_array_equal(found.rows, np.argsort(-mse, kind="stable")[:5])
+    np.testing.assert_allclose(found.mse, mse[found.rows], rtol=1e-5)
 
 
 # -- similar images ---------------------------------------------------------------------------------
-def test_neighbours_of_an_image_include_itself_first(run, folder, tmp_path):
-    root, paths, _ = folder
+def test_neighbours_of_an_image_include_itself_first(run, small, tmp_path):
+    root, paths, _ = small
     out = tmp_path / "nb.png"
     proc = run_convae(
         "neighbors",
@@ -215,7 +240,7 @@ def test_neighbours_of_an_image_include_itself_first(run, folder, tmp_path):
     assert sum(r["path"] == r["query_path"] for r in firsts) >= len(paths) - 5
     table = {line.split()[0]: float(line.split()[1]) for line in proc.stdout.splitlines()[2:5]}
     assert set(table) == {"convae/stage2/grid2", "pixels", "random/stage2/grid2"}
-    assert all(0.3 < p <= 1 for p in table.values())  # itself counts: precision@3 of 3,000 digits
+    assert all(0.3 < p <= 1 for p in table.values())  # itself counts: precision@3 of 600 digits
     with Image.open(out) as img:
         assert img.format == "PNG" and min(img.size) > 100
 
@@ -254,8 +279,8 @@ def test_the_cv_split_is_stratified_and_disjoint():
         probe_splits(labels, ProbeOptions(cv=6, baselines="none"))
 
 
-def test_probe_one_labelled_folder_by_hold_out_or_cross_validation(run, folder, tmp_path):
-    root = folder[0]
+def test_probe_one_labelled_folder_by_hold_out_or_cross_validation(run, small, tmp_path):
+    root = small[0]
     common = ["--layers", "stage2", "--baselines", "pixels", "--quiet"]
     run_convae("probe", run, "--data", root, "--cv", 3, "-o", tmp_path / "cv.json", *common)
     doc = json.loads((tmp_path / "cv.json").read_text())
@@ -270,25 +295,23 @@ def test_probe_one_labelled_folder_by_hold_out_or_cross_validation(run, folder, 
     for args, fragment in (
         (["--data", root], "--test-fraction"),
         (["--data", root, "--cv", 3, "--test-fraction", 0.2], "give one"),
-        (["--train", root, "--cv", 3], "--data"),
-        (["--data", root, "--cv", 1], "--cv"),
     ):
         assert_user_error(run_convae("probe", run, *args, "-o", tmp_path / "x.json", check=False), fragment)
 
 
 # -- between two images -------------------------------------------------------------------------------
-def test_interpolation_by_paths_decodes_the_line_between_two_codes(run, folder, tmp_path):
-    root, paths, _ = folder
+def test_interpolation_by_paths_decodes_the_line_between_two_codes(run, small, tmp_path):
+    root, paths, _ = small
     a, b = paths[0], paths[-1]
     run_convae("show", run, root, "--view", "interpolate", "--index", f"{a},{b}", "-n", 5, "-o", tmp_path / "i.png")
     model, _ = convae.load_model(run)
     ia, ib = (np.asarray(Image.open(root / p))[..., None] for p in (a, b))
-    found = convae.views.interpolate(model, ia, ib, 5)
+    found = convae.views.interpolate_codes(model, ia, ib, 5)
     with torch.inference_mode():
         ends = model.decode(model.encode(convae.tensors.to_float_nchw(np.stack([ia, ib]))))
     np.testing.assert_allclose(found.decoded[[0, -1]], ends.permute(0, 2, 3, 1).numpy(), atol=1e-5)
     np.testing.assert_allclose(found.blended[2], (ia / 255.0 + ib / 255.0) / 2, atol=1e-6)
-    proc = run_convae(
-        "show", run, root, "--view", "interpolate", "--index", "0/nope.png,1", "-o", tmp_path / "x.png", check=False
-    )
-    assert_user_error(proc, "0/nope.png")
+    ctx = convae.views.ViewContext(model, data=load_dataset(root), indices=["0/nope.png", 1])
+    with pytest.raises(convae.ConfigError, match="0/nope.png"):
+        ctx.picked()
+    assert ctx.name_of(ctx._row(b)) == b and ctx._row(b.split("/")[1]) == len(paths) - 1  # by unique name too

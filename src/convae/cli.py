@@ -875,6 +875,8 @@ def score(run_dir, data, output, data_dir, split, image_size, channels, no_downl
     options = ScoreOptions(**given)  # checked before any data is loaded
     if output.suffix.lower() != ".csv":
         raise ConvaeError(f"--output {output}: name it .csv")
+    if train_data == "none" and (options.threshold_quantile is not None or options.by == "knn"):
+        raise ConvaeError("--train none leaves no training images: --threshold-quantile and --by knn need them")
     model, config = convae.load_model(run_dir, device=convae.tensors.resolve_device(device))
     load = lambda spec, sp: _load_for_run(run_dir, spec, data_dir, sp, image_size, channels, no_download, quiet)  # noqa: E731
     train_spec = train_data if train_data is not None else config.data.spec

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     )
     from .embedding import embed, embedding_figure, layer_features
     from .filters import filters_figure, first_layer_weights
-    from .interpolate import Interpolation, interpolate, interpolation_figure
+    from .interpolate import Interpolation, interpolate_codes, interpolation_figure
     from .maps import feature_maps, feature_maps_figure
     from .maximize import Maximized, maximize_activation, maximize_figure
     from .neighbors import neighbors_figure
@@ -79,7 +79,7 @@ __all__ = [
     "filters_figure",
     "first_layer_weights",
     "hierarchy_layers",
-    "interpolate",
+    "interpolate_codes",
     "interpolation_figure",
     "layer_features",
     "load_probe_results",
@@ -120,7 +120,7 @@ _EXPORTS = {
     "feature_maps": ".maps",
     "feature_maps_figure": ".maps",
     "Interpolation": ".interpolate",
-    "interpolate": ".interpolate",
+    "interpolate_codes": ".interpolate",
     "interpolation_figure": ".interpolate",
     "neighbors_figure": ".neighbors",
     "Outliers": ".outliers",

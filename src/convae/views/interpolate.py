@@ -23,7 +23,7 @@ class Interpolation:
 
 
 @torch.inference_mode()
-def interpolate(model, a: np.ndarray, b: np.ndarray, steps: int = 8) -> Interpolation:
+def interpolate_codes(model, a: np.ndarray, b: np.ndarray, steps: int = 8) -> Interpolation:
     """Decode (1 - t) code(a) + t code(b) for `steps` values of t from 0 to 1 (uint8 images (H, W, C))."""
     t = np.linspace(0.0, 1.0, max(2, steps))
     x = to_float_nchw(np.stack([a, b]), device_of(model))

@@ -22,7 +22,7 @@ from . import VIEWS
 from .common import ViewNotApplicable, check_images, hierarchy_layers, sample_indices, view_layers
 from .embedding import embed, embedding_figure, layer_features
 from .filters import filters_figure
-from .interpolate import interpolate, interpolation_figure
+from .interpolate import interpolate_codes, interpolation_figure
 from .maps import feature_maps_figure
 from .maximize import maximize_activation, maximize_figure
 from .outliers import outliers_figure, worst_reconstructed
@@ -192,7 +192,7 @@ def _interpolate(ctx: ViewContext) -> Shown:
     else:
         a, b = 0, _other_image(ctx.data)
     steps = max(ctx.count, 3)
-    found = interpolate(ctx.model, np.asarray(ctx.data.images[a]), np.asarray(ctx.data.images[b]), steps)
+    found = interpolate_codes(ctx.model, np.asarray(ctx.data.images[a]), np.asarray(ctx.data.images[b]), steps)
     names = (ctx.name_of(a), ctx.name_of(b))
     return Shown(interpolation_figure(found, names, ctx.title), "interpolation between two images")
 
