@@ -190,7 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--split", choices=("validation", "test"), default="validation")
     ap.add_argument("--select", type=Path, help="validation JSON the test run takes its scorers from")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (one: spinning threads on shared cores are slow)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (one: spinning threads on shared cores are slow)"
+    )
     ap.add_argument("--epochs", type=int, help="override the dataset's training epochs (for trying budgets)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)

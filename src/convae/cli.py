@@ -834,9 +834,7 @@ def with_compute_options(f):
 )
 @click.option(
     "--layers",
-    default=ScoreOptions.layers,
-    show_default=True,
-    help="Features of the k-NN distance: encoder layers (see `convae layers`).",
+    help="Features of the k-NN distance: encoder layers (see `convae layers`). Default: the middle depth (stage2 of the default ConvAE).",
 )
 @click.option("--pool", default=ScoreOptions.pool, show_default=True, help=f"Their pooling: {', '.join(POOLS)}.")
 @click.option(
@@ -922,11 +920,9 @@ def score(run_dir, data, output, data_dir, split, image_size, channels, no_downl
 @click.option("--k", type=int, default=10, show_default=True, help="Neighbours per query.")
 @click.option(
     "--layers",
-    default="bottleneck",
-    show_default=True,
-    help="Encoder layers whose features are compared (see `convae layers`).",
+    help="Encoder layers whose features are compared (see `convae layers`). Default: the middle depth (stage2 of the default ConvAE).",
 )
-@click.option("--pool", default="avg", show_default=True, help=f"Their pooling: {', '.join(POOLS)}.")
+@click.option("--pool", default="grid4", show_default=True, help=f"Their pooling: {', '.join(POOLS)}.")
 @click.option(
     "--show", type=click.IntRange(min=1), default=8, show_default=True, help="Queries in the picture (the first ones)."
 )
@@ -955,6 +951,7 @@ def neighbors(run_dir, index_data, query_data, output, k, layers, pool, show, ba
     png, csv_path = _neighbor_outputs(output)
     chosen = [] if baselines.strip() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
     model, _ = convae.load_model(run_dir, device=convae.tensors.resolve_device(device))
+    layers = layers or convae.analysis.middle_layer(model)
     convae.features.plan_blocks(model, layers, pool)  # unknown layers: one line before any data is loaded
     load = lambda spec: _load_for_run(run_dir, spec, data_dir, None, image_size, channels, no_download, quiet)  # noqa: E731
     index, query = load(index_data), load(query_data)

@@ -15,8 +15,16 @@ from .._lazy import exports
 
 if TYPE_CHECKING:
     from .knn import Neighbours, knn_distance, nearest
-    from .neighbors import NeighborResult, find_neighbors, neighbors_grid, precision_at_k, write_neighbors
-    from .options import METRICS, NEIGHBOR_BASELINES, SCORES, ScoreOptions
+    from .neighbors import (
+        NeighborResult,
+        PixelFeatures,
+        find_neighbors,
+        neighbors_grid,
+        precision_at_k,
+        untrained_extractor,
+        write_neighbors,
+    )
+    from .options import METRICS, NEIGHBOR_BASELINES, SCORES, ScoreOptions, middle_layer
     from .score import ScoreResult, feature_matrix, reconstruction_errors, score_images, take_images, write_scores
 
 __all__ = [
@@ -24,18 +32,21 @@ __all__ = [
     "NEIGHBOR_BASELINES",
     "SCORES",
     "NeighborResult",
+    "PixelFeatures",
     "Neighbours",
     "ScoreOptions",
     "ScoreResult",
     "feature_matrix",
     "find_neighbors",
     "knn_distance",
+    "middle_layer",
     "nearest",
     "neighbors_grid",
     "precision_at_k",
     "reconstruction_errors",
     "score_images",
     "take_images",
+    "untrained_extractor",
     "write_neighbors",
     "write_scores",
 ]
@@ -47,12 +58,15 @@ _EXPORTS = {
     "NeighborResult": ".neighbors",
     "find_neighbors": ".neighbors",
     "neighbors_grid": ".neighbors",
+    "PixelFeatures": ".neighbors",
+    "untrained_extractor": ".neighbors",
     "precision_at_k": ".neighbors",
     "write_neighbors": ".neighbors",
     "METRICS": ".options",
     "NEIGHBOR_BASELINES": ".options",
     "SCORES": ".options",
     "ScoreOptions": ".options",
+    "middle_layer": ".options",
     "ScoreResult": ".score",
     "feature_matrix": ".score",
     "reconstruction_errors": ".score",

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..features import FeatureExtractor
 from ..tensors import device_of, evenly_spaced
 from .knn import Neighbours, nearest
-from .options import NEIGHBOR_BASELINES, check_k
+from .options import NEIGHBOR_BASELINES, check_k, middle_layer
 from .score import feature_matrix
 
 #: An untrained model's batch-norm statistics come from up to this many index images.
@@ -76,7 +76,7 @@ def precision_at_k(neighbours: Neighbours, query_labels: np.ndarray, index_label
     return float(hits.mean())
 
 
-def _random_extractor(model, layers, pool, index_images, batch_size, seed: int = 0) -> FeatureExtractor:
+def untrained_extractor(model, layers, pool, index_images, batch_size, seed: int = 0) -> FeatureExtractor:
     """The same architecture untrained, its data statistics measured on the index images (no gradient step)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -93,8 +93,8 @@ def find_neighbors(
     index_data,
     query_data,
     *,
-    layers: str = "bottleneck",
-    pool: str = "avg",
+    layers: str | None = None,
+    pool: str = "grid4",
     k: int = 10,
     baselines: Sequence[str] = NEIGHBOR_BASELINES,
     work_dir: str | os.PathLike | None = None,
@@ -104,6 +104,7 @@ def find_neighbors(
     """The `k` index images most similar to each query image (cosine similarity of the features of
     `layers` under `pool`), exactly.
 
+    `layers` None is the middle depth (:func:`convae.analysis.options.middle_layer`).
     `index_data` and `query_data` are ImageData (or image arrays) of the model's shape. With
     labels on both, precision@k is measured for the model's features and each of `baselines`
     (``pixels``, ``random``: the same architecture untrained). `work_dir` keeps the index
@@ -114,6 +115,7 @@ def find_neighbors(
     if unknown:
         raise ConfigError(f"--baselines {unknown[0]}: choose from {', '.join(NEIGHBOR_BASELINES)} (or none)")
     index_images, query_images = getattr(index_data, "images", index_data), getattr(query_data, "images", query_data)
+    layers = layers or middle_layer(model)
     ex = FeatureExtractor(model, layers, pool, device=device_of(model), batch_size=batch_size)
     found = _search(ex, index_images, query_images, k, work_dir, "index", progress)
     result = NeighborResult(found, _index_of(query_data), _index_of(index_data), f"{layers}/{pool}")
@@ -125,7 +127,7 @@ def find_neighbors(
         if name == "pixels":
             other = PixelFeatures(index_images.shape[1:])
         else:
-            other = _random_extractor(model, layers, pool, index_images, batch_size)
+            other = untrained_extractor(model, layers, pool, index_images, batch_size)
         key = "pixels" if name == "pixels" else f"random/{layers}/{pool}"
         result.precision[key] = precision_at_k(
             _search(other, index_images, query_images, k, work_dir, name, progress), *labels

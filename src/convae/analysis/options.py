@@ -16,6 +16,14 @@ METRICS: tuple[str, ...] = ("cosine", "euclidean")
 NEIGHBOR_BASELINES: tuple[str, ...] = ("pixels", "random")
 
 
+def middle_layer(model) -> str:
+    """The default layer of k-NN features: the middle one of the net's depths (``stage2`` of the
+    default three-stage ConvAE), the best on every one-class and retrieval validation measured
+    (benchmarks/RESULTS.md)."""
+    depths = model.hierarchy_layers()
+    return depths[(len(depths) - 1) // 2]
+
+
 def check_k(k: int, option: str = "--k") -> None:
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"{option} must be a positive integer, got {k!r}")
@@ -25,7 +33,8 @@ def check_k(k: int, option: str = "--k") -> None:
 class ScoreOptions:
     """How `convae score` scores images.
 
-    `layers`/`pool`: the features the k-NN distance is measured in; `k` neighbours; `metric`
+    `layers`/`pool`: the features the k-NN distance is measured in (layers None: the middle
+    depth, :func:`middle_layer`); `k` neighbours; `metric`
     cosine (1 - cosine similarity) or euclidean; `by`: the score rows are sorted by (worst
     first) and flagged on; `threshold_quantile`: flag images whose `by` score is above this
     quantile of the training images' own scores (None: no flags); `calibration_images`: how
@@ -33,8 +42,8 @@ class ScoreOptions:
     each image itself out).
     """
 
-    layers: str = "bottleneck"
-    pool: str = "avg"
+    layers: str | None = None
+    pool: str = "grid4"
     k: int = 5
     metric: str = "cosine"
     by: str = "knn"

@@ -25,7 +25,7 @@ from ..metrics import mse_per_image, ssim_per_image
 from ..progress import progress_bar
 from ..tensors import device_of, evenly_spaced, iter_uint8_batches, to_float_nchw
 from .knn import knn_distance, nearest
-from .options import SCORES, ScoreOptions
+from .options import SCORES, ScoreOptions, middle_layer
 
 
 @torch.inference_mode()
@@ -124,7 +124,8 @@ def score_images(model, data, reference=None, options: ScoreOptions | None = Non
             raise ConfigError("--threshold-quantile needs the training images (--train) to measure it on")
         return result
     ref_images = getattr(reference, "images", reference)
-    extractor = FeatureExtractor(model, options.layers, options.pool, device=device_of(model), batch_size=batch_size)
+    layers = options.layers or middle_layer(model)
+    extractor = FeatureExtractor(model, layers, options.pool, device=device_of(model), batch_size=batch_size)
     ref = feature_matrix(extractor, ref_images, work_dir, name="reference", progress=progress)
     query = extractor.transform(images, progress=progress)
     scores["knn"] = knn_distance(
