@@ -182,6 +182,48 @@ def load(name: str, split: str, data_dir: Path):
     return train.subset(~mask), train.subset(mask)
 
 
+CLASS_NAMES = {
+    "mnist": [str(c) for c in range(10)],
+    "fashion-mnist": ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
+
+def markdown(doc: dict, dataset: str) -> str:
+    """The test AUROCs of `dataset` as a Markdown table: one row per class and the mean (± the
+    standard deviation over seeds where there are several), a column per scorer, Deep SVDD last."""
+    runs = [r for r in doc["runs"] if r["dataset"] == dataset]
+    if not runs:
+        return ""
+    names = sorted(set.intersection(*(set(r["auroc"]) for r in runs)), key=lambda n: (n.split("/")[0] != "convae", n))
+    classes = sorted({r["class"] for r in runs})
+    svdd = DEEP_SVDD.get(dataset)
+    head = ["class", *names, *(["Deep SVDD (Ruff et al.)"] if svdd else [])]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    per_class = {n: [] for n in names}
+
+    def cell(values: list[float]) -> str:
+        return f"{100 * np.mean(values):.1f}" + (f" ± {100 * np.std(values):.1f}" if len(values) > 1 else "")
+
+    for c in classes:
+        cells = []
+        for n in names:
+            values = [r["auroc"][n] for r in runs if r["class"] == c]
+            per_class[n].append(np.mean(values))
+            cells.append(cell(values))
+        lines.append(
+            f"| {CLASS_NAMES[dataset][c]} | " + " | ".join(cells) + (f" | {svdd[c]:.1f}" if svdd else "") + " |"
+        )
+    seeds = sorted({r["seed"] for r in runs})
+    means = []
+    for n in names:  # the mean over classes, per seed; its spread is over the seeds
+        by_seed = [np.mean([r["auroc"][n] for r in runs if r["seed"] == s]) for s in seeds]
+        means.append(f"**{cell(by_seed)}**")
+    svdd_mean = f" | **{np.mean([svdd[c] for c in classes]):.1f}**" if svdd else ""
+    lines.append("| mean | " + " | ".join(means) + svdd_mean + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
@@ -195,7 +237,13 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--epochs", type=int, help="override the dataset's training epochs (for trying budgets)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--markdown", action="store_true", help="print --out's tables as Markdown, run nothing")
     args = ap.parse_args(argv)
+    if args.markdown:
+        doc = json.loads(args.out.read_text())
+        for name in args.datasets.split(","):
+            print(f"### {name}\n\n{markdown(doc, name)}")
+        return 0
     if args.split == "test" and args.select is None:
         ap.error("--split test needs --select VALIDATION.json: settings are chosen on validation only")
     import torch
@@ -213,7 +261,8 @@ def main(argv=None) -> int:
         doc.setdefault("models", {})[name] = {
             k: list(v) if isinstance(v, tuple) else v for k, v in MODELS[name].items()
         }
-        wanted = set(select(args.select, name).values()) if args.select else None
+        # the best of each family, and convae's reconstruction scores (cheap, and what users sort by too)
+        wanted = {*select(args.select, name).values(), "convae/mse", "convae/ssim_error"} if args.select else None
         train, evaluation = load(name, args.split, args.data_dir)
         for seed, c in itertools.product(map(int, args.seeds.split(",")), map(int, args.classes.split(","))):
             if (name, c, seed) in done:

@@ -82,7 +82,7 @@ def report(digits_run):
 
 def test_report_is_one_self_contained_file(report):
     out, proc = report
-    assert re.fullmatch(rf"wrote {re.escape(str(out))} \(10 sections\) in \d+\.\d s\n", proc.stdout)
+    assert re.fullmatch(rf"wrote {re.escape(str(out))} \(12 sections\) in \d+\.\d s\n", proc.stdout)
     page = out.read_text(encoding="utf-8")
     tags = parse(page)
     names = {t for t, _ in tags}
@@ -222,7 +222,7 @@ def test_dense_model_on_unlabelled_data_says_what_is_missing(tmp_path, one_threa
     assert "unlabelled digits has no labels" in page and "not coloured by class" in page
     assert "dense autoencoder" in page and "templates" in page
     assert page.count("Not shown:") == 3
-    assert page.count("<img ") == 6  # curves, recon, filters, patches, maximize, embedding
+    assert page.count("<img ") == 8  # curves, recon, outliers, filters, patches, maximize, embedding, interpolate
     assert 0 < result.seconds < 120
 
 
@@ -236,4 +236,4 @@ def test_rgb_report_on_cifar10(shared_datasets, tmp_path, one_thread):
     assert set(result.skipped) == {"Probe accuracy by layer"}
     page = result.path.read_text(encoding="utf-8")
     assert "32 x 32 x 3" in page and "has no labels" not in page
-    assert page.count("<img ") == 8  # every view but the probe
+    assert page.count("<img ") == 10  # every view but the probe
