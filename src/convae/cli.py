@@ -222,11 +222,25 @@ def main():
     type=int,
     help="--arch sparse: random patches each training image gives per step (default 16).",
 )
-@click.option("--whiten-eps", type=float, help="--arch sparse, hsparse: eigenvalue floor of the patch whitening (default 0.1).")
-@click.option("--upper-kernel", type=int, help="--arch hsparse: patch side of the stages above the first, in positions of the pooled map below (default 3).")
-@click.option("--pool-size", type=int, help="--arch hsparse: q x q average pooling between stages, stride q (default 2).")
-@click.option("--reduce-dim", type=int, help="--arch hsparse: each location's values after PCA between stages (default 128; 0: none).")
-@click.option("--split-threshold", type=float, help="--arch hsparse: the soft threshold of the stages' sign split (default 0.25).")
+@click.option(
+    "--whiten-eps", type=float, help="--arch sparse, hsparse: eigenvalue floor of the patch whitening (default 0.1)."
+)
+@click.option(
+    "--upper-kernel",
+    type=int,
+    help="--arch hsparse: patch side of the stages above the first, in positions of the pooled map below (default 3).",
+)
+@click.option(
+    "--pool-size", type=int, help="--arch hsparse: q x q average pooling between stages, stride q (default 2)."
+)
+@click.option(
+    "--reduce-dim",
+    type=int,
+    help="--arch hsparse: each location's values after PCA between stages (default 128; 0: none).",
+)
+@click.option(
+    "--split-threshold", type=float, help="--arch hsparse: the soft threshold of the stages' sign split (default 0.25)."
+)
 @click.option("--epochs", type=int, default=TrainConfig.epochs, help="Epochs (default: from the dataset size).")
 @click.option("--max-time", type=float, default=TrainConfig.max_time, help="Wall-clock training budget in seconds.")
 @click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)

@@ -23,6 +23,7 @@ undoing the PCA, the pooling (nearest) and the split, so what the deepest code k
 from __future__ import annotations
 
 import math
+import typing
 
 import numpy as np
 import torch
@@ -105,6 +106,14 @@ class HierarchicalSparseNet(AutoencoderNet):
                 channels = dim
         self.feature_info = FeatureInfo(self._layer_infos(), split_of=[f"stage{s}.conv1" for s in self._stage_ids()])
 
+    @property
+    def stage_coders(self) -> list[PatchCoder]:
+        return [typing.cast(PatchCoder, c) for c in self.coders]
+
+    @property
+    def stage_reducers(self) -> list[LocalPCA]:
+        return [typing.cast(LocalPCA, r) for r in self.reducers]
+
     def _stage_ids(self) -> range:
         return range(1, len(self.config.channels) + 1)
 
@@ -166,7 +175,7 @@ class HierarchicalSparseNet(AutoencoderNet):
         q = cfg.pool_size
         rf, jump, start = 1, 1, 0.0  # receptive field, stride, centre of unit 0 (input pixels)
         infos = []
-        for s, ((h, w), coder) in enumerate(zip(self._map_sizes(cfg), self.coders), start=1):
+        for s, ((h, w), coder) in enumerate(zip(self._map_sizes(cfg), self.stage_coders), start=1):
             p = coder.patch
             rf, start = rf + (p - 1) * jump, start + (p - 1) / 2 * jump  # a valid p x p convolution
             k = coder.filters.shape[0]
@@ -196,11 +205,11 @@ class HierarchicalSparseNet(AutoencoderNet):
         """Yield (stage number, z, pooled split) for stages 1..last; x (N, C, H, W) in [0, 1]."""
         inp = x.permute(0, 2, 3, 1)  # channels-last throughout: the patches are rows of a matmul
         for s in range(last):
-            z = self.coders[s].responses(inp)  # (N, h, w, K)
+            z = self.stage_coders[s].responses(inp)  # (N, h, w, K)
             pooled = self._pool(self._split(z))
             yield s + 1, z, pooled
             if s + 1 < last:
-                inp = self.reducers[s](pooled)  # (N, h', w', D)
+                inp = self.stage_reducers[s](pooled)  # (N, h', w', D)
 
     def _intermediates(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
         deepest = max(self._depth_of(name) for name in wanted)
@@ -238,7 +247,7 @@ class HierarchicalSparseNet(AutoencoderNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The image rebuilt from stage 1's code, each patch given back its mean and contrast."""
-        coder = self.coders[0]
+        coder = self.stage_coders[0]
         z = coder.responses(x.permute(0, 2, 3, 1))  # (N, h, w, K)
         patches = coder.decode_patches(k_sparse(z, self.config.sparse_k, dim=-1))  # normalized patches
         raw = unfold_nhwc(x.permute(0, 2, 3, 1).float(), coder.patch)
@@ -254,15 +263,16 @@ class HierarchicalSparseNet(AutoencoderNet):
         z = code.permute(0, 2, 3, 1)  # (N, h, w, K)
         sizes = self._map_sizes(self.config)
         for s in reversed(range(len(self.coders))):
-            coder = self.coders[s]
+            coder = self.stage_coders[s]
             below = sizes[s - 1] if s else None
             inp_size = self._input_size(s, sizes)
             rebuilt = self._fold(coder.decode_patches(z), coder, inp_size)  # stage s's input map
             if s == 0:
                 mean, std = 0.5, 0.1  # a code carries no patch's mean or contrast: a typical one
                 return (rebuilt * std + mean).permute(0, 3, 1, 2).clamp(0, 1)
-            pooled = self.reducers[s - 1].inverse(rebuilt)  # (N, h', w', 2K)
+            pooled = self.stage_reducers[s - 1].inverse(rebuilt)  # (N, h', w', 2K)
             split = pooled.repeat_interleave(self.config.pool_size, 1).repeat_interleave(self.config.pool_size, 2)
+            assert below is not None
             split = split[:, : below[0], : below[1]]
             k = split.shape[-1] // 2
             pos, neg = split[..., :k], split[..., k:]
@@ -286,11 +296,11 @@ class HierarchicalSparseNet(AutoencoderNet):
             return x.permute(0, 2, 3, 1)
         with torch.no_grad():
             *_, pooled = list(self._stages(x, stage))[-1]
-            return self.reducers[stage - 1](pooled)
+            return self.stage_reducers[stage - 1](pooled)
 
     def training_loss(self, x_in: torch.Tensor, target: torch.Tensor, step: TrainStep) -> torch.Tensor:
         """Stage `step.stage`'s loss on random windows of its input map, the stages below frozen."""
-        coder = self.coders[step.stage]
+        coder = self.stage_coders[step.stage]
         a, b = self._stage_input(x_in, step.stage), self._stage_input(target, step.stage)
         n, h, w, _ = a.shape
         p, per = coder.patch, self.config.patches_per_image
@@ -307,9 +317,9 @@ class HierarchicalSparseNet(AutoencoderNet):
         filters' starting points, random whitened patches."""
         picked = evenly_spaced(indices, STATISTICS_IMAGES)
         g = torch.Generator().manual_seed(1000 + stage)
-        coder = self.coders[stage]
+        coder = self.stage_coders[stage]
         if stage > 0:
-            self.reducers[stage - 1].fit(self._sample(images, picked, device, stage, g, pooled=True))
+            self.stage_reducers[stage - 1].fit(self._sample(images, picked, device, stage, g, pooled=True))
         patches = self._sample(images, picked, device, stage, g, pooled=False)
         floor = CONTRAST_FLOOR if stage == 0 else UPPER_FLOOR * float(patches.var(0).mean())
         random_filters = coder.filters.detach().clone()
@@ -327,7 +337,7 @@ class HierarchicalSparseNet(AutoencoderNet):
                 *_, maps = list(self._stages(x, stage))[-1]
                 p = 1
             else:
-                maps, p = self._stage_input(x, stage), self.coders[stage].patch
+                maps, p = self._stage_input(x, stage), self.stage_coders[stage].patch
             n, h, w, _ = maps.shape
             ys = torch.randint(0, h - p + 1, (n, per), generator=g).to(maps.device)
             xs = torch.randint(0, w - p + 1, (n, per), generator=g).to(maps.device)
@@ -336,12 +346,12 @@ class HierarchicalSparseNet(AutoencoderNet):
 
     def calibrate(self, images, indices: np.ndarray, layers, batch_size: int = 256) -> None:
         """An untrained net: every stage's PCA and whitening measured, its filters left random."""
-        device = self.coders[0].filters.device
+        device = self.stage_coders[0].filters.device
         for stage in range(len(self.coders)):
             self.begin_stage(stage, images, indices, device, init_filters=False)
 
     def first_layer_filters(self) -> tuple[np.ndarray, str]:
-        coder = self.coders[0]
+        coder = self.stage_coders[0]
         c, p = coder.channels, coder.patch
         atoms = (coder.unit_filters().detach() @ coder.unwhiten).view(-1, p, p, c)  # (K, p, p, C): dy, dx, c
         return atoms.float().cpu().numpy(), f"{p}x{p} patches stage1's filters stand for (un-whitened)"
