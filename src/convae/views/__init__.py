@@ -23,7 +23,7 @@ from .._lazy import exports
 
 #: The views' names, in the report's order (torch-free, for the command line's choices).
 VIEWS: tuple[str, ...] = (
-    "curves", "recon", "filters", "receptive", "maps", "patches", "maximize", "embedding", "probe",
+    "curves", "recon", "filters", "receptive", "maps", "patches", "maximize", "embedding", "probe", "depth",
 )  # fmt: skip
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         save_figure,
         view_layers,
     )
+    from .depth import depth_figure, depth_rows, layer_depth
     from .embedding import embed, embedding_figure, layer_features
     from .filters import filters_figure, first_layer_weights
     from .maps import feature_maps, feature_maps_figure
@@ -62,6 +63,8 @@ __all__ = [
     "check_images",
     "crop_patch",
     "curves_figure",
+    "depth_figure",
+    "depth_rows",
     "draw",
     "embed",
     "embedding_figure",
@@ -71,6 +74,7 @@ __all__ = [
     "filters_figure",
     "first_layer_weights",
     "hierarchy_layers",
+    "layer_depth",
     "layer_features",
     "load_probe_results",
     "maximize_activation",
@@ -99,6 +103,9 @@ _EXPORTS = {
     "sample_indices": ".common",
     "save_figure": ".common",
     "view_layers": ".common",
+    "depth_figure": ".depth",
+    "depth_rows": ".depth",
+    "layer_depth": ".depth",
     "embed": ".embedding",
     "embedding_figure": ".embedding",
     "layer_features": ".embedding",
