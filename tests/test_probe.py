@@ -603,3 +603,13 @@ def test_cli_probe_on_unlabelled_data_is_a_user_error(runs, tmp_path):
         "probe", conv, "--train", tmp_path / "unlabelled.npy", "--test", "digits:test", "-o", tmp_path / "r.json"
     )
     assert proc.returncode == 2 and "has no labels" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_features_held_in_float16_probe_as_float32_do(runs, digits):
+    """--dtype float16 halves the probe's memory; the streaming classifiers read it as it is."""
+    conv, _ = runs
+    common = dict(layers="stage1,bottleneck", pool="grid2", baselines="none")
+    full = run_probe(conv, *digits, **common)
+    half = run_probe(conv, *digits, dtype="float16", **common)
+    for a, b in zip(full, half):
+        assert a["features"] == b["features"] and abs(a["accuracy"] - b["accuracy"]) <= 0.006  # 2 of 360 images

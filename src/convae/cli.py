@@ -24,7 +24,7 @@ from .features.plan import POOLS
 from .models.config import Activation, Bottleneck, Decoder, Downsample, Norm, Upsample
 from .models.registry import ARCHITECTURES
 from .presets import PRESETS
-from .probe.options import AUGMENTATIONS, BASELINES, CLASSIFIER_NAMES, NORMALIZATIONS, ProbeOptions
+from .probe.options import AUGMENTATIONS, BASELINES, CLASSIFIER_NAMES, FEATURE_DTYPES, NORMALIZATIONS, ProbeOptions
 from .views import VIEWS
 
 _PRESET_NAMES = ", ".join(PRESETS)
@@ -665,6 +665,11 @@ def extract(
     "--max-iter",
     type=int,
     help="Iteration cap of logreg, linsvm and mlp (default: the --preset's, else 300, 1000 and 300).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(FEATURE_DTYPES),
+    help="How the probe holds the features in memory: float16 halves it (default: the --preset's, else float32).",
 )
 @click.option(
     "--pca-dim",

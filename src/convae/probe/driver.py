@@ -141,14 +141,14 @@ def mirrored(images):
     return MirroredImages(images)
 
 
-def _features(extractor: FeatureExtractor, images, mirror: bool, progress: bool) -> np.ndarray:
-    """Features of the images, then (with `mirror`) of their mirror images, in one array."""
-    if not mirror:
-        return extractor.transform(images, progress=progress)
+def _features(extractor: FeatureExtractor, images, mirror: bool, progress: bool, dtype=np.float32) -> np.ndarray:
+    """Features of the images, then (with `mirror`) of their mirror images, in one `dtype` array,
+    filled batch by batch: the only copy of them the probe holds."""
     n = len(images)
-    out = np.empty((2 * n, extractor.dim), dtype=np.float32)  # filled batch by batch: no second copy
+    out = np.empty(((2 if mirror else 1) * n, extractor.dim), dtype=dtype)
     extractor.fill(out, images, progress=progress)
-    extractor.fill(out, mirrored(images), offset=n, progress=progress)
+    if mirror:
+        extractor.fill(out, mirrored(images), offset=n, progress=progress)
     return out
 
 
@@ -161,9 +161,10 @@ def _layer_sets(
     progress: bool,
     mirror: bool = False,
     test_mirror: bool = False,
+    dtype=np.float32,
 ) -> list[FeatureSet]:
-    xtr = _features(extractor, train, mirror, progress)
-    xte = _features(extractor, test, test_mirror, progress)
+    xtr = _features(extractor, train, mirror, progress, dtype)
+    xte = _features(extractor, test, test_mirror, progress, dtype)
     sets = []
     for name, blocks in _group_blocks(extractor, groups):
         if all(a.stop == b.start for a, b in zip(blocks, blocks[1:])):
@@ -268,7 +269,8 @@ class _Probe:
 
     def layer_sets(self, extractor: FeatureExtractor, groups, prefix: str) -> list[FeatureSet]:
         o = self.options
-        return _layer_sets(extractor, groups, self.train, self.test, prefix, self.progress, o.mirror, o.test_mirror)
+        return _layer_sets(extractor, groups, self.train, self.test, prefix, self.progress, o.mirror, o.test_mirror,
+                           np.dtype(o.dtype))  # fmt: skip
 
     def sources(self, model, compare, random_seed: int, device, batch_size) -> Iterator[list[FeatureSet]]:
         """Feature sets, one source at a time, so only one source's features are held in memory."""
@@ -340,6 +342,7 @@ class _Probe:
                     c_scale=o.c_scale,
                     max_iter=o.max_iter,
                     on_fit=lambda: bar.update(1),
+                    device=self.extractor.device.type,
                 )
         finally:
             bar.close()

@@ -79,6 +79,7 @@ def evaluate_features(
     c_scale: float = 1.0,
     max_iter: int | None = None,
     on_fit: Callable[[], None] | None = None,
+    device: str = "cpu",
 ) -> Iterator[dict]:
     """One row per (feature set, labels per class, classifier), averaged over the label subsets.
 
@@ -94,6 +95,7 @@ def evaluate_features(
     scores each test image with its mirror image too (:func:`predict_with_mirrors`, "flip-tta").
     `c_scale` multiplies the C of logreg, linsvm and rbfsvm (above 1: less regularization);
     `max_iter` caps the iterations of logreg, linsvm and mlp (None: 300, 1000 and 300).
+    `device` ("cpu", "cuda"): where the classifiers that can (logreg, linsvm) fit.
     """
     check_fit_options(c_scale, max_iter)
     subsets = {k: label_subsets(y_train, k, seeds) for k in labels_per_class}
@@ -106,7 +108,7 @@ def evaluate_features(
             for name in classifiers:
                 scores = []
                 for seed, idx in enumerate(subsets[k]):
-                    fit = (fs, train_x, test_x, y_train, y_test, name, seed, idx, k, whiten, c_scale, max_iter)
+                    fit = (fs, train_x, test_x, y_train, y_test, name, seed, idx, k, whiten, c_scale, max_iter, device)
                     scores.append(_fit_and_score(*fit))
                     if on_fit is not None:
                         on_fit()
@@ -149,6 +151,7 @@ def _fit_and_score(
     whiten: bool,
     c_scale: float,
     max_iter: int | None,
+    device: str = "cpu",
 ) -> tuple[float, float, float]:
     """(accuracy, macro-F1, fit seconds) of classifier `name` fitted on the train rows `idx` (all: every row)."""
     n_images = len(y_train)
@@ -157,7 +160,7 @@ def _fit_and_score(
         rows = slice(None)  # a view, not a copy
     else:
         rows = np.concatenate([idx, idx + n_images]) if fs.mirrored else idx
-    clf = _classifier(name, seed, len(idx), fs.dim, c_scale, max_iter, standardize=fs.standardize and not whiten)
+    clf = _classifier(name, seed, len(idx), fs.dim, c_scale, max_iter, fs.standardize and not whiten, device)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         # an unconverged probe is still a fair, if slightly low, measurement
@@ -168,12 +171,14 @@ def _fit_and_score(
     return accuracy_score(y_test, pred), f1_score(y_test, pred, average="macro"), seconds
 
 
-def _classifier(name: str, seed: int, n: int, dim: int, c_scale: float, max_iter: int | None, standardize: bool):
+def _classifier(name: str, seed: int, n: int, dim: int, c_scale: float, max_iter: int | None, standardize: bool,
+                device: str = "cpu"):  # fmt: skip
     """The classifier `name`, standardizing its input when `standardize`: by itself where it folds
-    the standardization into its weights (no standardized copy), else after a StandardScaler."""
+    the standardization into its weights (no standardized copy; it fits on `device`), else after
+    a StandardScaler."""
     clf = CLASSIFIERS[name](seed, n, dim, c_scale, max_iter)
     if "standardize" in clf.get_params():
-        return clf.set_params(standardize=standardize)
+        return clf.set_params(standardize=standardize, device=device)
     return make_pipeline(StandardScaler(), clf) if standardize else clf
 
 
