@@ -42,7 +42,7 @@ def test_layers_shapes_receptive_fields_and_sizes():
     model = build_model(_config(size=(30, 37)))
     assert model.layer_names == ["stage1.conv1", "stage1", "stage2.conv1", "stage2", "bottleneck"]
     assert model.split_layer_names == ["stage1.conv1.split", "stage2.conv1.split"]
-    assert model.hierarchy_layers() == ["stage1", "stage2", "bottleneck"]
+    assert model.hierarchy_layers() == ["stage1", "stage2"]
     x = torch.rand(2, 3, 30, 37)
     out = model.forward_intermediates(x, model.feature_layer_names())
     for name, value in out.items():

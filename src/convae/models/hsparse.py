@@ -114,6 +114,10 @@ class HierarchicalSparseNet(AutoencoderNet):
     def stage_reducers(self) -> list[LocalPCA]:
         return [typing.cast(LocalPCA, r) for r in self.reducers]
 
+    def hierarchy_layers(self) -> list[str]:
+        """One layer per stage: its pooled split maps (the bottleneck is the last stage's code)."""
+        return [f"stage{s}" for s in self._stage_ids()]
+
     def _stage_ids(self) -> range:
         return range(1, len(self.config.channels) + 1)
 

@@ -1,9 +1,10 @@
 """Accuracy by depth, trained vs random weights: what learning adds at each depth of the hierarchy.
 
-A feature set's depth is that of its deepest layer: 1 + the number of the net's hierarchy layers
-(``hierarchy_layers``: one per depth) that come before it in network order, so ``stage1.conv1``,
-its split and ``stage1`` are depth 1, ``stage2.conv1`` depth 2, and a set joining depths
-(``stage1+stage2``) counts at its deepest. For each setting (classifier, pooling, labels per
+A feature set's depth is that of its deepest layer: the position of the first of the net's
+hierarchy layers (``hierarchy_layers``: one per depth) at or after it in network order, so
+``stage1.conv1``, its split and ``stage1`` are depth 1, ``stage2.conv1`` depth 2, a layer past the
+last one (a code at the top) the last depth, and a set joining depths (``stage1+stage2``) counts
+at its deepest. For each setting (classifier, pooling, labels per
 class) the best trained set at each depth is drawn beside the best random-weight set there.
 """
 
@@ -18,10 +19,11 @@ from .probe import _split_feature_name
 
 
 def layer_depth(model, layer: str) -> int:
-    """1 + the hierarchy layers before `layer` in network order (a split counts as its block)."""
+    """The 1-based position of the first hierarchy layer at or after `layer` in network order."""
     order = model.feature_layer_names()
     position = order.index(layer)
-    return 1 + sum(order.index(h) < position for h in model.hierarchy_layers())
+    hierarchy = [order.index(h) for h in model.hierarchy_layers()]
+    return next((i for i, h in enumerate(hierarchy, start=1) if h >= position), len(hierarchy))
 
 
 def depth_rows(rows: Sequence[dict], model) -> list[dict]:
