@@ -241,6 +241,12 @@ def main():
 @click.option(
     "--split-threshold", type=float, help="--arch hsparse: the soft threshold of the stages' sign split (default 0.25)."
 )
+@click.option(
+    "--groups",
+    type=int,
+    help="--arch hsparse: the stages above the first code this many receptive-field groups of co-varying channels of the map below, each with its own filters (default 0: PCA-reduced maps instead).",
+)
+@click.option("--group-size", type=int, help="--arch hsparse with --groups: channels in a group (default 32).")
 @click.option("--epochs", type=int, default=TrainConfig.epochs, help="Epochs (default: from the dataset size).")
 @click.option("--max-time", type=float, default=TrainConfig.max_time, help="Wall-clock training budget in seconds.")
 @click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)

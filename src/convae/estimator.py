@@ -123,6 +123,8 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         pool_size=None,
         reduce_dim=None,
         split_threshold=None,
+        groups=None,
+        group_size=None,
         epochs=TrainConfig.epochs,
         max_time=TrainConfig.max_time,
         batch_size=TrainConfig.batch_size,
@@ -167,6 +169,8 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         self.pool_size = pool_size
         self.reduce_dim = reduce_dim
         self.split_threshold = split_threshold
+        self.groups = groups
+        self.group_size = group_size
         self.epochs = epochs
         self.max_time = max_time
         self.batch_size = batch_size

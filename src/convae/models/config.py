@@ -64,6 +64,11 @@ class ModelConfig:
     pool_size: int = 2
     reduce_dim: int = 128
     split_threshold: float = 0.25
+    # arch="hsparse": the stages above the first code receptive-field groups instead of PCA-reduced
+    # maps when `groups` > 0: that many groups of `group_size` co-varying channels of the map below,
+    # each with its own coder (channels[k] // groups filters), as Coates and Ng's 2011 networks.
+    groups: int = 0
+    group_size: int = 32
 
     # Fields added after config.json files were first written: what such a file meant.
     LEGACY_DEFAULTS: ClassVar[dict] = {"decoder": "mirror"}

@@ -35,12 +35,16 @@ from ..tensors import evenly_spaced, iter_float_batches
 from .base import SPLIT_SUFFIX, AutoencoderNet, FeatureInfo, LayerInfo, TrainStep
 from .blocks import CONTRAST_FLOOR, k_sparse
 from .config import ModelConfig
-from .patches import PatchCoder, unfold_nhwc
+from .patches import GroupedPatchCoder, PatchCoder, fold_nhwc, unfold_nhwc
+
+Coder = PatchCoder | GroupedPatchCoder
 
 # Data statistics of each stage (its PCA, its whitening, its filters' starting points) are
 # measured on this many patches from up to this many training images, evenly spaced.
 STATISTICS_PATCHES = 100_000
 STATISTICS_IMAGES = 10_000
+# Grouped stages measure each group's whitening on this many windows (every group sees them all).
+GROUPED_STATISTICS_PATCHES = 20_000
 # Upper stages' contrast floor, relative to the mean variance of a patch's values (the pixel
 # floor of stage 1 has no meaning on PCA-whitened maps).
 UPPER_FLOOR = 0.1
@@ -97,22 +101,33 @@ class HierarchicalSparseNet(AutoencoderNet):
         self.reducers = nn.ModuleList()
         channels = config.in_channels
         for s, filters in enumerate(config.channels):
-            patch = config.kernel_size if s == 0 else config.upper_kernel
-            self.coders.append(PatchCoder(channels, patch, filters, contrast=True, eps=config.whiten_eps,
-                                          k=config.sparse_k))  # fmt: skip
+            self.coders.append(self._coder(config, s, channels, filters))
             if s + 1 < len(config.channels):
-                dim = config.reduce_dim or 2 * filters
-                self.reducers.append(LocalPCA(2 * filters, dim, config.whiten_eps))
-                channels = dim
+                if config.groups:  # the groups read the pooled split maps as they are
+                    self.reducers.append(nn.Identity())
+                    channels = 2 * filters
+                else:
+                    channels = config.reduce_dim or 2 * filters
+                    self.reducers.append(LocalPCA(2 * filters, channels, config.whiten_eps))
         self.feature_info = FeatureInfo(self._layer_infos(), split_of=[f"stage{s}.conv1" for s in self._stage_ids()])
 
-    @property
-    def stage_coders(self) -> list[PatchCoder]:
-        return [typing.cast(PatchCoder, c) for c in self.coders]
+    @staticmethod
+    def _coder(config: ModelConfig, stage: int, channels: int, filters: int) -> Coder:
+        eps, k = config.whiten_eps, config.sparse_k
+        if stage == 0:
+            return PatchCoder(channels, config.kernel_size, filters, contrast=True, eps=eps, k=k)
+        if config.groups:
+            return GroupedPatchCoder(config.upper_kernel, filters // config.groups, config.groups, config.group_size,
+                                     eps=eps, k=k)  # fmt: skip
+        return PatchCoder(channels, config.upper_kernel, filters, contrast=True, eps=eps, k=k)
 
     @property
-    def stage_reducers(self) -> list[LocalPCA]:
-        return [typing.cast(LocalPCA, r) for r in self.reducers]
+    def stage_coders(self) -> list[Coder]:
+        return [typing.cast(Coder, c) for c in self.coders]
+
+    @property
+    def stage_reducers(self) -> list[nn.Module]:
+        return list(self.reducers)
 
     def hierarchy_layers(self) -> list[str]:
         """One layer per stage: its pooled split maps (the bottleneck is the last stage's code)."""
@@ -140,16 +155,32 @@ class HierarchicalSparseNet(AutoencoderNet):
                 "sparse_k must be between 1 and the fewest filters of a stage",
             ),
             (not config.code_wta, "code_wta applies to arch conv; arch hsparse has its own sparsity (sparse_k)"),
+            (config.groups >= 0 and config.group_size >= 1, "groups must be >= 0 and group_size at least 1"),
         )
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if config.groups:
+            cls._check_groups(config)
         h, w = config.image_size
         for s, (mh, mw) in enumerate(cls._map_sizes(config), start=1):
             if min(mh, mw) < 1:
                 raise ConfigError(
                     f"images of {h}x{w} pixels are too small for {len(config.channels)} stages (stage {s} would get "
                     f"{mh}x{mw}): use fewer stages, smaller kernels or larger images"
+                )
+
+    @staticmethod
+    def _check_groups(config: ModelConfig) -> None:
+        for s in range(1, len(config.channels)):
+            if config.channels[s] % config.groups:
+                raise ConfigError(
+                    f"channels: stage {s + 1}'s {config.channels[s]} filters must split evenly into {config.groups} groups"
+                )
+            if config.group_size > 2 * config.channels[s - 1]:
+                raise ConfigError(
+                    f"group_size {config.group_size} is more than the {2 * config.channels[s - 1]} channels stage {s} "
+                    "gives the groups above it"
                 )
 
     @classmethod
@@ -182,8 +213,9 @@ class HierarchicalSparseNet(AutoencoderNet):
         for s, ((h, w), coder) in enumerate(zip(self._map_sizes(cfg), self.stage_coders), start=1):
             p = coder.patch
             rf, start = rf + (p - 1) * jump, start + (p - 1) / 2 * jump  # a valid p x p convolution
-            k = coder.filters.shape[0]
-            infos.append(LayerInfo(f"stage{s}.conv1", k, jump, rf, start, (k, h, w), coder.filters.numel()))
+            k = coder.n_filters
+            params = sum(p.numel() for p in coder.parameters())
+            infos.append(LayerInfo(f"stage{s}.conv1", k, jump, rf, start, (k, h, w), params))
             rf, start, jump = rf + (q - 1) * jump, start + (q - 1) / 2 * jump, jump * q  # q x q pooling, stride q
             infos.append(LayerInfo(f"stage{s}", 2 * k, jump, rf, start, (2 * k, -(-h // q), -(-w // q)), 0))
         last = infos[-2]
@@ -239,25 +271,15 @@ class HierarchicalSparseNet(AutoencoderNet):
         return self._intermediates(x, {"bottleneck"})["bottleneck"]
 
     # -- reconstruction ----------------------------------------------------------
-    def _fold(self, patches: torch.Tensor, coder: PatchCoder, size: tuple[int, int]) -> torch.Tensor:
-        """(N, h, w, d) patch reconstructions -> the (N, H, W, C) map, overlaps averaged."""
-        n, h, w, d = patches.shape
-        p, c = coder.patch, coder.channels
-        # unfold_nhwc orders a patch (dy, dx, c); fold wants (c, dy, dx)
-        cols = patches.reshape(n, h * w, p, p, c).permute(0, 4, 2, 3, 1).reshape(n, c * p * p, h * w)
-        summed = F.fold(cols, size, p)
-        overlaps = F.fold(torch.ones_like(cols[:1]), size, p)
-        return (summed / overlaps).permute(0, 2, 3, 1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The image rebuilt from stage 1's code, each patch given back its mean and contrast."""
-        coder = self.stage_coders[0]
+        coder = typing.cast(PatchCoder, self.stage_coders[0])
         z = coder.responses(x.permute(0, 2, 3, 1))  # (N, h, w, K)
         patches = coder.decode_patches(k_sparse(z, self.config.sparse_k, dim=-1))  # normalized patches
         raw = unfold_nhwc(x.permute(0, 2, 3, 1).float(), coder.patch)
         mean = raw.mean(-1, keepdim=True)
         std = torch.sqrt(raw.var(-1, keepdim=True, correction=0) + coder.floor)
-        image = self._fold(patches * std + mean, coder, self.config.image_size)
+        image = fold_nhwc(patches * std + mean, coder.patch, coder.channels, self._input_size(0, []))
         return image.permute(0, 3, 1, 2).clamp(0, 1)
 
     def decode(self, code: torch.Tensor) -> torch.Tensor:
@@ -267,22 +289,26 @@ class HierarchicalSparseNet(AutoencoderNet):
         z = code.permute(0, 2, 3, 1)  # (N, h, w, K)
         sizes = self._map_sizes(self.config)
         for s in reversed(range(len(self.coders))):
-            coder = self.stage_coders[s]
-            below = sizes[s - 1] if s else None
-            inp_size = self._input_size(s, sizes)
-            rebuilt = self._fold(coder.decode_patches(z), coder, inp_size)  # stage s's input map
+            rebuilt = self._decode_stage(s, z, self._input_size(s, sizes))  # stage s's input map
             if s == 0:
                 mean, std = 0.5, 0.1  # a code carries no patch's mean or contrast: a typical one
                 return (rebuilt * std + mean).permute(0, 3, 1, 2).clamp(0, 1)
-            pooled = self.stage_reducers[s - 1].inverse(rebuilt)  # (N, h', w', 2K)
+            reducer = self.stage_reducers[s - 1]
+            pooled = reducer.inverse(rebuilt) if isinstance(reducer, LocalPCA) else rebuilt  # (N, h', w', 2K)
             split = pooled.repeat_interleave(self.config.pool_size, 1).repeat_interleave(self.config.pool_size, 2)
-            assert below is not None
-            split = split[:, : below[0], : below[1]]
+            h, w = sizes[s - 1]
+            split = split[:, :h, :w]
             k = split.shape[-1] // 2
             pos, neg = split[..., :k], split[..., k:]
             active = (pos > 0) | (neg > 0)
             z = (pos - neg) + self.threshold * torch.sign(pos - neg) * active
         raise AssertionError("unreachable")
+
+    def _decode_stage(self, s: int, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        coder = self.stage_coders[s]
+        if isinstance(coder, GroupedPatchCoder):
+            return coder.decode_map(z, size, 2 * self.config.channels[s - 1])
+        return coder.decode_map(z, size)
 
     def _input_size(self, s: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
         if s == 0:
@@ -305,7 +331,7 @@ class HierarchicalSparseNet(AutoencoderNet):
     def training_loss(self, x_in: torch.Tensor, target: torch.Tensor, step: TrainStep) -> torch.Tensor:
         """Stage `step.stage`'s loss on random windows of its input map, the stages below frozen."""
         coder = self.stage_coders[step.stage]
-        a, b = self._stage_input(x_in, step.stage), self._stage_input(target, step.stage)
+        a, b = self._stage_input(x_in, step.stage), self._stage_input(target, step.stage)  # (N, h, w, C)
         n, h, w, _ = a.shape
         p, per = coder.patch, self.config.patches_per_image
         ys = torch.randint(0, h - p + 1, (n, per), generator=step.generator).to(a.device)
@@ -313,28 +339,39 @@ class HierarchicalSparseNet(AutoencoderNet):
         return coder.loss(_windows(a, p, ys, xs), _windows(b, p, ys, xs))
 
     @torch.no_grad()
-    def begin_stage(
-        self, stage: int, images, indices: np.ndarray, device: torch.device, init_filters: bool = True
-    ) -> None:
+    def begin_stage(self, stage: int, images, indices: np.ndarray, device: torch.device,
+                    init_filters: bool = True) -> None:  # fmt: skip
         """Stage `stage`'s data statistics from up to STATISTICS_IMAGES training images: the PCA
-        of the stage below's pooled maps, the whitening of its patches and (when training) its
-        filters' starting points, random whitened patches."""
+        (or the receptive-field groups) of the stage below's pooled maps, the whitening of its
+        patches and (when training) its filters' starting points, random whitened patches."""
         picked = evenly_spaced(indices, STATISTICS_IMAGES)
         g = torch.Generator().manual_seed(1000 + stage)
         coder = self.stage_coders[stage]
         if stage > 0:
-            self.stage_reducers[stage - 1].fit(self._sample(images, picked, device, stage, g, pooled=True))
-        patches = self._sample(images, picked, device, stage, g, pooled=False)
-        floor = CONTRAST_FLOOR if stage == 0 else UPPER_FLOOR * float(patches.var(0).mean())
-        random_filters = coder.filters.detach().clone()
-        coder.fit_statistics(patches, floor, g)
-        if not init_filters:
-            coder.filters.copy_(random_filters)
+            locations = self._sample(images, picked, device, stage, g, pooled=True)
+            reducer = self.stage_reducers[stage - 1]
+            if isinstance(reducer, LocalPCA):
+                reducer.fit(locations)
+            if isinstance(coder, GroupedPatchCoder):
+                coder.choose_groups(locations, g)
+            del locations
+        grouped = isinstance(coder, GroupedPatchCoder)
+        windows = self._sample(images, picked, device, stage, g, pooled=False, grouped=grouped)
+        coders = typing.cast(GroupedPatchCoder, coder).group_coders() if grouped else [typing.cast(PatchCoder, coder)]
+        parts = typing.cast(GroupedPatchCoder, coder).group_patches(windows) if grouped else [windows.flatten(1)]
+        for part_coder, patches in zip(coders, parts):
+            floor = CONTRAST_FLOOR if stage == 0 else UPPER_FLOOR * float(patches.var(0).mean())
+            random_filters = part_coder.filters.detach().clone()
+            part_coder.fit_statistics(patches, floor, g)
+            if not init_filters:
+                part_coder.filters.copy_(random_filters)
 
-    def _sample(self, images, picked: np.ndarray, device, stage: int, g: torch.Generator, pooled: bool) -> torch.Tensor:
-        """STATISTICS_PATCHES random patches of stage `stage`'s input (or, with `pooled`, single
-        locations of the stage below's pooled split maps), gathered batch by batch on the CPU."""
-        per = math.ceil(STATISTICS_PATCHES / len(picked))
+    def _sample(self, images, picked: np.ndarray, device, stage: int, g: torch.Generator, pooled: bool,
+                grouped: bool = False) -> torch.Tensor:  # fmt: skip
+        """Random p x p windows (M, p, p, C) of stage `stage`'s input (or, with `pooled`, single
+        locations (M, C) of the stage below's pooled split maps), gathered batch by batch on the CPU."""
+        total = GROUPED_STATISTICS_PATCHES if grouped else STATISTICS_PATCHES
+        per = math.ceil(total / len(picked))
         out = []
         for x in iter_float_batches(images, picked, 256, device):
             if pooled:
@@ -345,27 +382,28 @@ class HierarchicalSparseNet(AutoencoderNet):
             n, h, w, _ = maps.shape
             ys = torch.randint(0, h - p + 1, (n, per), generator=g).to(maps.device)
             xs = torch.randint(0, w - p + 1, (n, per), generator=g).to(maps.device)
-            out.append(_windows(maps, p, ys, xs).float().cpu())
+            windows = _windows(maps, p, ys, xs).float().cpu()
+            out.append(windows.flatten(1) if pooled else windows)
         return torch.cat(out)
 
     def calibrate(self, images, indices: np.ndarray, layers, batch_size: int = 256) -> None:
         """An untrained net: every stage's PCA and whitening measured, its filters left random."""
-        device = self.stage_coders[0].filters.device
+        device = typing.cast(PatchCoder, self.stage_coders[0]).filters.device
         for stage in range(len(self.coders)):
             self.begin_stage(stage, images, indices, device, init_filters=False)
 
     def first_layer_filters(self) -> tuple[np.ndarray, str]:
-        coder = self.stage_coders[0]
+        coder = typing.cast(PatchCoder, self.stage_coders[0])
         c, p = coder.channels, coder.patch
         atoms = (coder.unit_filters().detach() @ coder.unwhiten).view(-1, p, p, c)  # (K, p, p, C): dy, dx, c
         return atoms.float().cpu().numpy(), f"{p}x{p} patches stage1's filters stand for (un-whitened)"
 
 
 def _windows(maps: torch.Tensor, p: int, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """The p x p windows of (N, H, W, C) maps at (ys, xs) (N, per): (N * per, p*p*C), order dy, dx, c."""
+    """The p x p windows of (N, H, W, C) maps at (ys, xs) (N, per): (N * per, p, p, C)."""
     n, per = ys.shape
     offsets = torch.arange(p, device=maps.device)
     rows = (ys[..., None] + offsets)[..., :, None]  # (N, per, p, 1)
     cols = (xs[..., None] + offsets)[..., None, :]  # (N, per, 1, p)
     batch = torch.arange(n, device=maps.device)[:, None, None, None]
-    return maps[batch, rows, cols].reshape(n * per, -1)
+    return maps[batch, rows, cols].reshape(n * per, p, p, maps.shape[-1])
