@@ -331,19 +331,8 @@ class _Probe:
             for sets in sources:
                 bar.total += fits_per_set * len(sets)
                 bar.refresh()
-                rows += evaluate_features(
-                    sets,
-                    y_train,
-                    y_test,
-                    classifiers=o.classifiers,
-                    labels_per_class=o.labels_per_class,
-                    seeds=o.seeds,
-                    normalize=o.normalize,
-                    c_scale=o.c_scale,
-                    max_iter=o.max_iter,
-                    on_fit=lambda: bar.update(1),
-                    device=self.extractor.device.type,
-                )
+                rows += _evaluate(sets, y_train, y_test, o, on_fit=lambda: bar.update(1),
+                                  device=self.extractor.device.type)  # fmt: skip
         finally:
             bar.close()
         order = {k: i for i, k in enumerate(o.labels_per_class)}
@@ -364,17 +353,15 @@ def probe_feature_files(train_path, test_path, options: ProbeOptions | None = No
     if xtr.shape[1] != xte.shape[1]:
         raise ConfigError(f"{train_path} has {xtr.shape[1]} features per image but {test_path} has {xte.shape[1]}")
     name = Path(train_path).stem.split(".rank")[0]
-    sets = [FeatureSet(name, np.asarray(xtr, dtype=np.float32), np.asarray(xte, dtype=np.float32))]
-    return list(
-        evaluate_features(
-            sets,
-            ytr,
-            yte,
-            classifiers=o.classifiers,
-            labels_per_class=o.labels_per_class,
-            seeds=o.seeds,
-            normalize=o.normalize,
-            c_scale=o.c_scale,
-            max_iter=o.max_iter,
-        )
-    )
+    # The files' own arrays (a memmap of a single .npy): the streaming classifiers read float16 or
+    # float32 in place, so the probe makes no copy of them.
+    xtr, xte = (x if x.dtype in (np.float16, np.float32) else np.asarray(x, dtype=np.float32) for x in (xtr, xte))
+    return list(_evaluate([FeatureSet(name, xtr, xte)], ytr, yte, o))
+
+
+def _evaluate(sets: list[FeatureSet], y_train, y_test, o: ProbeOptions, **extra) -> Iterator[dict]:
+    """evaluate_features with the options' classifiers, label subsets and fit settings."""
+    return evaluate_features(
+        sets, y_train, y_test, classifiers=o.classifiers, labels_per_class=o.labels_per_class, seeds=o.seeds,
+        normalize=o.normalize, c_scale=o.c_scale, max_iter=o.max_iter, **extra,
+    )  # fmt: skip
