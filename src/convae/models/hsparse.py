@@ -331,7 +331,8 @@ class HierarchicalSparseNet(AutoencoderNet):
     def training_loss(self, x_in: torch.Tensor, target: torch.Tensor, step: TrainStep) -> torch.Tensor:
         """Stage `step.stage`'s loss on random windows of its input map, the stages below frozen."""
         coder = self.stage_coders[step.stage]
-        a, b = self._stage_input(x_in, step.stage), self._stage_input(target, step.stage)  # (N, h, w, C)
+        a = self._stage_input(x_in, step.stage)  # (N, h, w, C)
+        b = a if x_in is target else self._stage_input(target, step.stage)  # uncorrupted: the same map
         n, h, w, _ = a.shape
         p, per = coder.patch, self.config.patches_per_image
         ys = torch.randint(0, h - p + 1, (n, per), generator=step.generator).to(a.device)
