@@ -189,3 +189,73 @@ def test_more_processes_than_gpus_run_on_cpu_or_stop_with_a_message(monkeypatch)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node, on several nodes
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert resolve_device("auto") == torch.device("cuda")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(target: list[str], cwd: Path) -> None:
+    """`target` (a script and its arguments, or `-m convae ...`) on two torchrun "nodes" on this machine:
+    c10d rendezvous, one gloo process each, separate --node_rank, as the README's multi-node command
+    runs on two hosts."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for rank in (0, 1):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+            "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "convae-test",
+            *target,
+        ]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+
+
+def test_two_nodes_train_extract_and_probe_together(tmp_path):
+    """The multi-node path end to end: two "nodes" train one run and end with identical weights,
+    extract a shard each, and the probe fits the features read from those shards."""
+    _two_nodes([str(HERE / "ddp_worker.py"), str(tmp_path)], tmp_path)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    run = tmp_path / "run"
+    model, _ = load_model(run)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, a[key]), key
+    for split in ("train", "test"):
+        args = [
+            "extract",
+            str(run),
+            f"digits:{split}",
+            "--layers",
+            "stage1",
+            "--pool",
+            "grid2",
+            "--device",
+            "cpu",
+            "-q",
+        ]
+        _two_nodes(["-m", "convae", *args, "-o", str(tmp_path / f"{split}.npy")], tmp_path)
+        shards = sorted(p.name for p in tmp_path.glob(f"{split}.rank*-of-2.npy"))
+        assert shards == [f"{split}.rank0-of-2.npy", f"{split}.rank1-of-2.npy"]
+    import convae
+
+    train, _ = convae.load_features(tmp_path / "train.npy")
+    direct = convae.FeatureExtractor(model, "stage1", "grid2").transform(convae.load_dataset("digits", "train").images)
+    np.testing.assert_allclose(train, direct, rtol=1e-5, atol=1e-6)  # the shards, in image order
+    probe = subprocess.run(
+        [CONVAE, "probe", str(run), "--train", str(tmp_path / "train.npy"), "--test", str(tmp_path / "test.npy"),
+         "-o", str(tmp_path / "probe.json"), "-q"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    import json
+
+    (row,) = json.loads((tmp_path / "probe.json").read_text())["rows"]
+    assert row["dim"] == direct.shape[1] and row["accuracy"] > 0.8

@@ -253,13 +253,18 @@ def test_flip_tta_scores_each_test_image_with_its_mirror_image(runs, digits):
     (fs,) = _layer_sets(extractor, [("stage1",)], train, test, "", False, True, True)
     assert fs.mirrored and fs.test_mirrored and fs.train.shape == fs.test.shape == (600, fs.dim)
     np.testing.assert_array_equal(fs.test[300:], extractor.transform(np.ascontiguousarray(mirrored(test))))
-    (row,) = evaluate_features([fs], y_train, y_test)
+    plain, row = evaluate_features([fs], y_train, y_test)  # one fit: the test images alone, then with mirrors
     clf = make_pipeline(StandardScaler(), CLASSIFIERS["logreg"](0, 300, fs.dim, 1.0, None))
     scores = clf.fit(fs.train, np.concatenate([y_train, y_train])).decision_function(fs.test)
     expected = (clf.classes_[(scores[:300] + scores[300:]).argmax(1)] == y_test).mean()
     assert row["augment"] == "flip-tta" and row["accuracy"] == pytest.approx(expected)
+    assert plain["augment"] == "flip" and plain["accuracy"] == pytest.approx(
+        (clf.predict(fs.test[:300]) == y_test).mean()
+    )
     rows = run_probe(conv, *digits, layers="stage1", pool="grid2", baselines="pixels", augment="flip-tta")
-    assert [(r["features"], r["augment"]) for r in rows] == [("stage1/grid2", "flip-tta"), ("pixels", "flip-tta")]
+    assert [(r["features"], r["augment"]) for r in rows] == [
+        ("stage1/grid2", "flip"), ("stage1/grid2", "flip-tta"), ("pixels", "flip"), ("pixels", "flip-tta"),
+    ]  # fmt: skip
 
 
 def test_pca_with_the_dimension_of_the_bottleneck_is_expressible(runs, digits):
@@ -603,3 +608,13 @@ def test_cli_probe_on_unlabelled_data_is_a_user_error(runs, tmp_path):
         "probe", conv, "--train", tmp_path / "unlabelled.npy", "--test", "digits:test", "-o", tmp_path / "r.json"
     )
     assert proc.returncode == 2 and "has no labels" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_features_held_in_float16_probe_as_float32_do(runs, digits):
+    """--dtype float16 halves the probe's memory; the streaming classifiers read it as it is."""
+    conv, _ = runs
+    common = dict(layers="stage1,bottleneck", pool="grid2", baselines="none")
+    full = run_probe(conv, *digits, **common)
+    half = run_probe(conv, *digits, dtype="float16", **common)
+    for a, b in zip(full, half):
+        assert a["features"] == b["features"] and abs(a["accuracy"] - b["accuracy"]) <= 0.006  # 2 of 360 images

@@ -21,8 +21,9 @@ from convae.report import write_report
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 SECTIONS = [
     "card", "curves", "recon", "outliers", "filters", "receptive", "maps", "patches", "maximize", "embedding", "interpolate",
-    "probe",
+    "probe", "depth",
 ]  # fmt: skip
+DEPTH = "Accuracy by depth: trained vs random weights"
 PROBE = {
     "rows": [
         {
@@ -82,7 +83,7 @@ def report(digits_run):
 
 def test_report_is_one_self_contained_file(report):
     out, proc = report
-    assert re.fullmatch(rf"wrote {re.escape(str(out))} \(12 sections\) in \d+\.\d s\n", proc.stdout)
+    assert re.fullmatch(rf"wrote {re.escape(str(out))} \(13 sections\) in \d+\.\d s\n", proc.stdout)
     page = out.read_text(encoding="utf-8")
     tags = parse(page)
     names = {t for t, _ in tags}
@@ -216,12 +217,12 @@ def test_dense_model_on_unlabelled_data_says_what_is_missing(tmp_path, one_threa
         tmp_path / "run", data, tmp_path / "r.html", max_images=200, maximize_steps=20, tsne_points=100
     )
     page = result.path.read_text(encoding="utf-8")
-    assert set(result.skipped) == {"Feature maps", "Receptive fields", "Probe accuracy by layer"}
+    assert set(result.skipped) == {"Feature maps", "Receptive fields", "Probe accuracy by layer", DEPTH}
     assert "vectors, not maps" in result.skipped["Feature maps"]
     assert "whole image" in result.skipped["Receptive fields"]
     assert "unlabelled digits has no labels" in page and "not coloured by class" in page
     assert "dense autoencoder" in page and "templates" in page
-    assert page.count("Not shown:") == 3
+    assert page.count("Not shown:") == 4
     assert page.count("<img ") == 8  # curves, recon, outliers, filters, patches, maximize, embedding, interpolate
     assert 0 < result.seconds < 120
 
@@ -233,7 +234,7 @@ def test_rgb_report_on_cifar10(shared_datasets, tmp_path, one_thread):
     result = write_report(
         tmp_path / "run", data, tmp_path / "r.html", maximize_steps=20, tsne_points=150, channels=4, top_k=4
     )
-    assert set(result.skipped) == {"Probe accuracy by layer"}
+    assert set(result.skipped) == {"Probe accuracy by layer", DEPTH}
     page = result.path.read_text(encoding="utf-8")
     assert "32 x 32 x 3" in page and "has no labels" not in page
     assert page.count("<img ") == 10  # every view but the probe

@@ -245,7 +245,10 @@ def test_cli_fit_and_probe_with_the_cifar10_preset(tmp_path, shared_datasets):
 
     rows = probe()
     assert (rows[0]["c_scale"], rows[0]["max_iter"]) == (4.0, 1000)  # the preset's
-    assert [(r["features"], r["augment"], r["dim"]) for r in rows] == [("conv1.split/grid2", "flip-tta", 2 * 16 * 4)]
+    assert [(r["features"], r["augment"], r["dim"]) for r in rows] == [
+        ("conv1.split/grid2", "flip", 2 * 16 * 4),  # the same classifier on the test images alone
+        ("conv1.split/grid2", "flip-tta", 2 * 16 * 4),
+    ]
     assert rows[0]["accuracy"] > 0.3
     own = probe("--augment", "none", "--c-scale", "0.5", "--max-iter", "50")[0]  # the options win
     assert (own["augment"], own["c_scale"], own["max_iter"]) == ("none", 0.5, 50)

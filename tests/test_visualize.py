@@ -363,3 +363,22 @@ def test_hierarchy_layers_match_the_probes_default(conv, dense):
 
     for model in (conv, dense):
         assert V.hierarchy_layers(model) == model.hierarchy_layers()
+
+
+def test_accuracy_by_depth_takes_each_depths_best_trained_and_random_set(conv, tmp_path):
+    """A set counts at its deepest layer; each depth's best trained and best random set, and the margin."""
+    assert [V.layer_depth(conv, n) for n in conv.feature_layer_names()] == [1, 1, 1, 2, 2, 2, 2]
+    rows = [
+        dict(features=f, classifier="logreg", labels_per_class="all", accuracy=a)
+        for f, a in [
+            ("stage1/grid4", 0.90), ("stage1.conv1.split/grid4", 0.93), ("stage1+bottleneck/grid4", 0.95),
+            ("random/stage1/grid4", 0.88), ("random/stage1+bottleneck/grid4", 0.90), ("pixels", 0.80),
+        ]
+    ]  # fmt: skip
+    table = V.depth_rows(rows, conv)
+    assert [(e["depth"], e["trained_features"], e["random_features"]) for e in table] == [
+        (1, "stage1.conv1.split/grid4", "random/stage1/grid4"),
+        (2, "stage1+bottleneck/grid4", "random/stage1+bottleneck/grid4"),
+    ]
+    assert [round(e["margin"], 4) for e in table] == [0.05, 0.05]
+    png_ok(V.save_figure(V.depth_figure(rows, conv), tmp_path / "depth.png"))

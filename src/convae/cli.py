@@ -26,7 +26,7 @@ from .features.plan import POOLS
 from .models.config import Activation, Bottleneck, Decoder, Downsample, Norm, Upsample
 from .models.registry import ARCHITECTURES
 from .presets import PRESETS
-from .probe.options import AUGMENTATIONS, BASELINES, CLASSIFIER_NAMES, NORMALIZATIONS, ProbeOptions
+from .probe.options import AUGMENTATIONS, BASELINES, CLASSIFIER_NAMES, FEATURE_DTYPES, NORMALIZATIONS, ProbeOptions
 from .views import VIEWS
 
 _PRESET_NAMES = ", ".join(PRESETS)
@@ -201,7 +201,7 @@ def main():
     type=click.Choice(list(ARCHITECTURES)),
     default="conv",
     show_default=True,
-    help="conv: ConvAE; dense: the fully-connected baseline; sparse: one wide convolution over contrast-normalized, whitened patches, trained as a k-sparse autoencoder (--widths 1600 filters, --kernel-size 5 patches by default).",
+    help="conv: ConvAE; dense: the fully-connected baseline; sparse: one wide convolution over contrast-normalized, whitened patches, trained as a k-sparse autoencoder (--widths 1600 filters, --kernel-size 5 patches by default); hsparse: stages of such patch coders, each over the pooled, PCA-reduced output of the one below, trained greedily (--widths gives each stage's filters, e.g. 1600,1600).",
 )
 @click.option("--widths", help="Channels per encoder stage, e.g. 32,64,128 (default: from the image size).")
 @click.option("--convs-per-stage", type=int, help="Conv layers per stage.")
@@ -234,7 +234,31 @@ def main():
     type=int,
     help="--arch sparse: random patches each training image gives per step (default 16).",
 )
-@click.option("--whiten-eps", type=float, help="--arch sparse: eigenvalue floor of the patch whitening (default 0.1).")
+@click.option(
+    "--whiten-eps", type=float, help="--arch sparse, hsparse: eigenvalue floor of the patch whitening (default 0.1)."
+)
+@click.option(
+    "--upper-kernel",
+    type=int,
+    help="--arch hsparse: patch side of the stages above the first, in positions of the pooled map below (default 3).",
+)
+@click.option(
+    "--pool-size", type=int, help="--arch hsparse: q x q average pooling between stages, stride q (default 2)."
+)
+@click.option(
+    "--reduce-dim",
+    type=int,
+    help="--arch hsparse: each location's values after PCA between stages (default 128; 0: none).",
+)
+@click.option(
+    "--split-threshold", type=float, help="--arch hsparse: the soft threshold of the stages' sign split (default 0.25)."
+)
+@click.option(
+    "--groups",
+    type=int,
+    help="--arch hsparse: the stages above the first code this many receptive-field groups of co-varying channels of the map below, each with its own filters (default 0: PCA-reduced maps instead).",
+)
+@click.option("--group-size", type=int, help="--arch hsparse with --groups: channels in a group (default 32).")
 @click.option("--epochs", type=int, default=TrainConfig.epochs, help="Epochs (default: from the dataset size).")
 @click.option("--max-time", type=float, default=TrainConfig.max_time, help="Wall-clock training budget in seconds.")
 @click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)
@@ -707,6 +731,11 @@ def _with_format(output: Path, fmt: str | None) -> Path:
     "--max-iter",
     type=int,
     help="Iteration cap of logreg, linsvm and mlp (default: the --preset's, else 300, 1000 and 300).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(FEATURE_DTYPES),
+    help="How the probe holds the features in memory: float16 halves it (default: the --preset's, else float32).",
 )
 @click.option(
     "--pca-dim",

@@ -119,6 +119,12 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         sparse_k=None,
         whiten_eps=None,
         patches_per_image=None,
+        upper_kernel=None,
+        pool_size=None,
+        reduce_dim=None,
+        split_threshold=None,
+        groups=None,
+        group_size=None,
         epochs=TrainConfig.epochs,
         max_time=TrainConfig.max_time,
         batch_size=TrainConfig.batch_size,
@@ -159,6 +165,12 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         self.sparse_k = sparse_k
         self.whiten_eps = whiten_eps
         self.patches_per_image = patches_per_image
+        self.upper_kernel = upper_kernel
+        self.pool_size = pool_size
+        self.reduce_dim = reduce_dim
+        self.split_threshold = split_threshold
+        self.groups = groups
+        self.group_size = group_size
         self.epochs = epochs
         self.max_time = max_time
         self.batch_size = batch_size

@@ -9,7 +9,9 @@ probe, training and the estimator use only what :class:`AutoencoderNet` declares
     ``forward_intermediates(x, layers)``  the named layers' outputs; stops after the deepest
     ``encode`` / ``decode`` / ``forward``   code, images from codes, reconstructions
     ``training_loss(x_in, target, step)``  what a training step differentiates
-    ``fit_data_statistics`` / ``calibrate``  data statistics measured without a gradient step
+    ``training_stages`` / ``begin_stage``  greedy layer-wise training: stages trained one after the
+                                           other, each measuring its data statistics when it begins
+    ``calibrate``                          an untrained net's data statistics, without a gradient step
     ``first_layer_filters``                what the filters view draws
 
 Each net lives in its own module under ``convae.models`` and is registered by name in
@@ -136,6 +138,7 @@ class TrainStep:
 
     generator: torch.Generator  # this epoch's random stream (noise, masks, sampled patches)
     loss: str = "mse"  # TrainConfig.loss: "mse" or "bce" of the reconstruction
+    stage: int = 0  # which stage trains (greedy layer-wise training; see AutoencoderNet.training_stages)
 
 
 def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -272,9 +275,15 @@ class AutoencoderNet(nn.Module):
         """The loss a training step minimizes for input `x_in` (perhaps corrupted) and clean `target`."""
         raise NotImplementedError
 
-    # -- data statistics ---------------------------------------------------------
-    def fit_data_statistics(self, images, indices: np.ndarray, device: torch.device) -> None:
-        """Measure what the net needs from the data before its first training step (nothing here)."""
+    # -- stages and data statistics ----------------------------------------------
+    def training_stages(self) -> int:
+        """How many stages train one after the other (greedy layer-wise): stage k's objective
+        trains stage k with the stages before it frozen. One: the whole net at once."""
+        return 1
+
+    def begin_stage(self, stage: int, images, indices: np.ndarray, device: torch.device) -> None:
+        """Called once as stage `stage` begins training (after the stages before it), with the
+        training images: measure what the stage needs from the data (nothing here)."""
 
     @torch.no_grad()
     def calibrate(self, images, indices: np.ndarray, layers: Sequence[str], batch_size: int = 256) -> None:

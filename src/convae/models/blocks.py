@@ -109,12 +109,12 @@ def winner_take_all(code: torch.Tensor, rate: float) -> torch.Tensor:
     return code * keep.view(*keep.shape, *([1] * (code.dim() - 2)))
 
 
-def k_sparse(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep, along dim 1, the k responses of largest magnitude; zero the rest."""
-    if k >= z.shape[1]:
+def k_sparse(z: torch.Tensor, k: int, dim: int = 1) -> torch.Tensor:
+    """Keep, along `dim`, the k responses of largest magnitude; zero the rest."""
+    if k >= z.shape[dim]:
         return z
     magnitude = z.abs()
-    kth = magnitude.topk(k, dim=1).values.narrow(1, k - 1, 1)
+    kth = magnitude.topk(k, dim=dim).values.narrow(dim, k - 1, 1)
     return z * (magnitude >= kth)
 
 

@@ -56,6 +56,19 @@ class ModelConfig:
     sparse_k: int = 1
     whiten_eps: float = 0.1
     patches_per_image: int = 16
+    # arch="hsparse" (channels = each stage's filters; kernel_size = stage 1's patch side): the
+    # patch side of the stages above it (in positions of the pooled map below), the pooling
+    # between stages (q x q average, stride q), each location's values after PCA between stages
+    # (0: all 2K of them), and the soft threshold of the sign split the stages and probe read.
+    upper_kernel: int = 3
+    pool_size: int = 2
+    reduce_dim: int = 128
+    split_threshold: float = 0.25
+    # arch="hsparse": the stages above the first code receptive-field groups instead of PCA-reduced
+    # maps when `groups` > 0: that many groups of `group_size` co-varying channels of the map below,
+    # each with its own coder (channels[k] // groups filters), as Coates and Ng's 2011 networks.
+    groups: int = 0
+    group_size: int = 32
 
     # Fields added after config.json files were first written: what such a file meant.
     LEGACY_DEFAULTS: ClassVar[dict] = {"decoder": "mirror"}

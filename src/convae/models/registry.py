@@ -19,6 +19,7 @@ ARCHITECTURES: dict[str, str] = {
     "conv": "convae.models.conv:ConvAutoencoderNet",
     "dense": "convae.models.dense:DenseAutoencoderNet",
     "sparse": "convae.models.sparse:SparsePatchAutoencoderNet",
+    "hsparse": "convae.models.hsparse:HierarchicalSparseNet",
 }
 
 

@@ -2,7 +2,7 @@
 
 Every k x k patch is normalized (its mean removed, divided by its standard deviation) and
 ZCA-whitened with statistics measured on the training images before training
-(:meth:`SparsePatchAutoencoderNet.fit_data_statistics`; buffers, saved with the weights). The
+(:meth:`SparsePatchAutoencoderNet.begin_stage`; buffers, saved with the weights). The
 filters are unit vectors in that whitened space. Training reconstructs random patches from
 their `sparse_k` strongest responses through the same filters (tied weights): gradient-descent
 k-means when k = 1, as in Coates and Ng's dictionaries and Makhzani and Frey's k-sparse
@@ -137,15 +137,15 @@ class SparsePatchAutoencoderNet(AutoencoderNet):
         self.unwhiten.copy_(unwhiten)
         self.typical_contrast.copy_(contrast.float())
 
-    def fit_data_statistics(self, images, indices: np.ndarray, device: torch.device, batch_size: int = 256) -> None:
-        """The patch whitening, measured on up to WHITENING_IMAGES of `images[indices]`."""
+    def begin_stage(self, stage: int, images, indices: np.ndarray, device: torch.device, batch_size: int = 256) -> None:
+        """The patch whitening, measured on up to WHITENING_IMAGES of `images[indices]` before training."""
         picked = evenly_spaced(indices, WHITENING_IMAGES)
         batches = iter_float_batches(images, picked, batch_size, device)
         self.fit_whitening(batches, patches_per_image=math.ceil(WHITENING_PATCHES / len(picked)))
 
     def calibrate(self, images, indices: np.ndarray, layers, batch_size: int = 256) -> None:
         """An untrained sparse net gets its whitening measured, as its training would."""
-        self.fit_data_statistics(images, indices, self.filters.device, batch_size)
+        self.begin_stage(0, images, indices, self.filters.device, batch_size)
 
     def _unit_filters(self) -> torch.Tensor:
         return self.filters / self.filters.norm(dim=1, keepdim=True).clamp_min(1e-8)

@@ -143,14 +143,14 @@ def mirrored(images):
     return MirroredImages(images)
 
 
-def _features(extractor: FeatureExtractor, images, mirror: bool, progress: bool) -> np.ndarray:
-    """Features of the images, then (with `mirror`) of their mirror images, in one array."""
-    if not mirror:
-        return extractor.transform(images, progress=progress)
+def _features(extractor: FeatureExtractor, images, mirror: bool, progress: bool, dtype=np.float32) -> np.ndarray:
+    """Features of the images, then (with `mirror`) of their mirror images, in one `dtype` array,
+    filled batch by batch: the only copy of them the probe holds."""
     n = len(images)
-    out = np.empty((2 * n, extractor.dim), dtype=np.float32)  # filled batch by batch: no second copy
+    out = np.empty(((2 if mirror else 1) * n, extractor.dim), dtype=dtype)
     extractor.fill(out, images, progress=progress)
-    extractor.fill(out, mirrored(images), offset=n, progress=progress)
+    if mirror:
+        extractor.fill(out, mirrored(images), offset=n, progress=progress)
     return out
 
 
@@ -163,9 +163,10 @@ def _layer_sets(
     progress: bool,
     mirror: bool = False,
     test_mirror: bool = False,
+    dtype=np.float32,
 ) -> list[FeatureSet]:
-    xtr = _features(extractor, train, mirror, progress)
-    xte = _features(extractor, test, test_mirror, progress)
+    xtr = _features(extractor, train, mirror, progress, dtype)
+    xte = _features(extractor, test, test_mirror, progress, dtype)
     sets = []
     for name, blocks in _group_blocks(extractor, groups):
         if all(a.stop == b.start for a, b in zip(blocks, blocks[1:])):
@@ -270,7 +271,8 @@ class _Probe:
 
     def layer_sets(self, extractor: FeatureExtractor, groups, prefix: str) -> list[FeatureSet]:
         o = self.options
-        return _layer_sets(extractor, groups, self.train, self.test, prefix, self.progress, o.mirror, o.test_mirror)
+        return _layer_sets(extractor, groups, self.train, self.test, prefix, self.progress, o.mirror, o.test_mirror,
+                           np.dtype(o.dtype))  # fmt: skip
 
     def sources(self, model, compare, random_seed: int, device, batch_size) -> Iterator[list[FeatureSet]]:
         """Feature sets, one source at a time, so only one source's features are held in memory."""
@@ -331,18 +333,8 @@ class _Probe:
             for sets in sources:
                 bar.total += fits_per_set * len(sets)
                 bar.refresh()
-                rows += evaluate_features(
-                    sets,
-                    y_train,
-                    y_test,
-                    classifiers=o.classifiers,
-                    labels_per_class=o.labels_per_class,
-                    seeds=o.seeds,
-                    normalize=o.normalize,
-                    c_scale=o.c_scale,
-                    max_iter=o.max_iter,
-                    on_fit=lambda: bar.update(1),
-                )
+                rows += _evaluate(sets, y_train, y_test, o, on_fit=lambda: bar.update(1),
+                                  device=self.extractor.device.type)  # fmt: skip
         finally:
             bar.close()
         order = {k: i for i, k in enumerate(o.labels_per_class)}
@@ -363,20 +355,18 @@ def probe_feature_files(train_path, test_path, options: ProbeOptions | None = No
     if xtr.shape[1] != xte.shape[1]:
         raise ConfigError(f"{train_path} has {xtr.shape[1]} features per image but {test_path} has {xte.shape[1]}")
     name = Path(train_path).stem.split(".rank")[0]
-    sets = [FeatureSet(name, np.asarray(xtr, dtype=np.float32), np.asarray(xte, dtype=np.float32))]
-    return list(
-        evaluate_features(
-            sets,
-            ytr,
-            yte,
-            classifiers=o.classifiers,
-            labels_per_class=o.labels_per_class,
-            seeds=o.seeds,
-            normalize=o.normalize,
-            c_scale=o.c_scale,
-            max_iter=o.max_iter,
-        )
-    )
+    # The files' own arrays (a memmap of a single .npy): the streaming classifiers read float16 or
+    # float32 in place, so the probe makes no copy of them.
+    xtr, xte = (x if x.dtype in (np.float16, np.float32) else np.asarray(x, dtype=np.float32) for x in (xtr, xte))
+    return list(_evaluate([FeatureSet(name, xtr, xte)], ytr, yte, o))
+
+
+def _evaluate(sets: list[FeatureSet], y_train, y_test, o: ProbeOptions, **extra) -> Iterator[dict]:
+    """evaluate_features with the options' classifiers, label subsets and fit settings."""
+    return evaluate_features(
+        sets, y_train, y_test, classifiers=o.classifiers, labels_per_class=o.labels_per_class, seeds=o.seeds,
+        normalize=o.normalize, c_scale=o.c_scale, max_iter=o.max_iter, **extra,
+    )  # fmt: skip
 
 
 def run_probe_on(run, data, options: ProbeOptions, **kwargs) -> list[dict]:

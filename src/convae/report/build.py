@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 
 from .._io import atomic_write_text
 from .._version import __version__
@@ -141,8 +142,9 @@ def build_report(
     sections = _sections(ctx, config, progress)
     seconds = time.perf_counter() - t_start
     page = _ENV.get_template("report.html").render(
-        csp=CSP,
-        style=STYLE,
+        # Our own constants, not user text: escaping would break the policy and the CSS.
+        csp=markupsafe.Markup(CSP),
+        style=markupsafe.Markup(STYLE),
         title=f"convae report: {Path(run_dir).name}",
         run_dir=str(run_dir),
         data_name=name,

@@ -20,7 +20,7 @@ from torch import nn
 from .. import distributed
 from .. import run as rundir
 from ..config import RunConfig, TrainConfig
-from ..errors import RunDirError
+from ..errors import ConfigError, RunDirError
 from ..models import build_model
 from ..models.base import AutoencoderNet, TrainStep
 from ..tensors import default_workers, iter_uint8_batches, native_bf16, to_device, to_float_nchw
@@ -40,6 +40,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     position: dict[str, Any] | None = None  # where in its epoch a mid-epoch checkpoint stopped
     saved_at: str | None = None  # the last checkpoint, for messages
+    stage: int = 0  # the stage training (greedy layer-wise nets); its data statistics are measured
 
 
 @dataclass
@@ -128,6 +129,12 @@ class Trainer:
         self._build_model(fit_statistics=checkpoint is None)  # a resumed run has them in its checkpoint
         self._build_optimizer()
         self._plan_epochs()
+        self.stages = self.model.training_stages()
+        if self.epochs is not None and self.epochs < self.stages:
+            raise ConfigError(
+                f"arch {config.model.arch} trains {self.stages} stages one after the other, an epoch or more "
+                f"each: give at least {self.stages} epochs (got {self.epochs})"
+            )
         self.state = TrainState()
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -151,7 +158,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(self.device)
         if fit_statistics:
-            self.model.fit_data_statistics(self.images, self.train_idx, self.device)
+            self.model.begin_stage(0, self.images, self.train_idx, self.device)
         self.objective: nn.Module = _Objective(self.model)
         if self.dist_info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -197,6 +204,9 @@ class Trainer:
         if s.position is not None and self.dist_info.enabled:
             raise RunDirError(f"{where} was written mid-epoch by a single process; resume it without --nproc")
         s.saved_at = f"epoch {s.epoch}"
+        s.stage = checkpoint.get("stage", 0)  # written before stages existed: single-stage nets
+        if not isinstance(s.stage, int) or isinstance(s.stage, bool) or not 0 <= s.stage < self.stages:
+            raise RunDirError(f"{where}: its stage {s.stage!r} does not fit this run; cannot resume from it")
 
     # -- the loop ----------------------------------------------------------------
     def notify(self, event: str, *args: Any) -> None:
@@ -223,6 +233,10 @@ class Trainer:
         self.sampler.set_epoch(s.epoch)
         order = self.train_idx[np.fromiter(iter(self.sampler), dtype=np.int64)]
         start, s.position = s.position, None
+        stage = self._stage_of_epoch()
+        if stage > s.stage:  # the stages before it are trained: it measures its data, then trains
+            self.model.begin_stage(stage, self.images, self.train_idx, self.device)
+            s.stage = stage
         self.nan.on_epoch_begin(self)
         while True:  # one attempt at (the rest of) this epoch; reduce-lr may start it again
             self.notify("on_epoch_begin")
@@ -292,7 +306,7 @@ class Trainer:
         x_in = corrupt(x, train, ep.generator)
         buffers = [b.detach().clone() for b in self.model.buffers()] if self.nan.policy == "skip" else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = objective_loss(self.objective, x_in, x, TrainStep(ep.generator, train.loss))
+            loss = objective_loss(self.objective, x_in, x, TrainStep(ep.generator, train.loss, s.stage))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if ep.first_bad is not None:
@@ -335,12 +349,27 @@ class Trainer:
             self.notify("on_loss", value)
         return bad
 
-    def _progress(self) -> float:
-        """How far through the run this step is, by steps or by the time budget (the further one)."""
+    def _stage_of_epoch(self) -> int:
+        """The stage that trains in the epoch starting now: the run split evenly between stages,
+        by epochs, or by the time budget's seconds."""
         s, budget = self.state, self.config.train.max_time
-        parts = [s.step / self.total_steps] if self.total_steps else []
+        if self.epochs is not None:
+            return min(self.stages - 1, s.epoch * self.stages // self.epochs)
+        return min(self.stages - 1, int(s.elapsed * self.stages / budget))
+
+    def _first_epoch(self, stage: int) -> int:
+        return -(-stage * self.epochs // self.stages)  # ceil: the inverse of _stage_of_epoch
+
+    def _progress(self) -> float:
+        """How far through its stage (the whole run, for one stage) this step is, by steps or by the
+        time budget (the further one): the learning-rate schedule restarts with each stage."""
+        s, budget, k, n = self.state, self.config.train.max_time, self.state.stage, self.stages
+        parts = []
+        if self.total_steps:
+            start, stop = (self._first_epoch(i) * self.steps_per_epoch for i in (k, k + 1))
+            parts.append((s.step - start) / max(stop - start, 1))
         if budget:
-            parts.append(s.elapsed / budget)
+            parts.append((s.elapsed - k * budget / n) * n / budget)
         return max(parts)
 
     def _history_row(self, train_loss: float, seen: int) -> dict[str, float]:
@@ -375,6 +404,7 @@ class Trainer:
             "elapsed": s.elapsed,
             "history": s.history,
             "lr_scale": s.lr_scale,
+            "stage": s.stage,
         }
         if position is not None:
             state["position"] = position

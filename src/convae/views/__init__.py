@@ -26,7 +26,7 @@ from .._lazy import exports
 #: The views' names, in the report's order (torch-free, for the command line's choices).
 VIEWS: tuple[str, ...] = (
     "curves", "recon", "outliers", "filters", "receptive", "maps", "patches", "maximize", "embedding", "interpolate",
-    "probe",
+    "probe", "depth",
 )  # fmt: skip
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         save_figure,
         view_layers,
     )
+    from .depth import depth_figure, depth_rows, layer_depth
     from .embedding import embed, embedding_figure, layer_features
     from .filters import filters_figure, first_layer_weights
     from .interpolate import Interpolation, interpolate_codes, interpolation_figure
@@ -70,6 +71,8 @@ __all__ = [
     "check_images",
     "crop_patch",
     "curves_figure",
+    "depth_figure",
+    "depth_rows",
     "draw",
     "embed",
     "embedding_figure",
@@ -81,6 +84,7 @@ __all__ = [
     "hierarchy_layers",
     "interpolate_codes",
     "interpolation_figure",
+    "layer_depth",
     "layer_features",
     "load_probe_results",
     "maximize_activation",
@@ -112,6 +116,9 @@ _EXPORTS = {
     "sample_indices": ".common",
     "save_figure": ".common",
     "view_layers": ".common",
+    "depth_figure": ".depth",
+    "depth_rows": ".depth",
+    "layer_depth": ".depth",
     "embed": ".embedding",
     "embedding_figure": ".embedding",
     "layer_features": ".embedding",

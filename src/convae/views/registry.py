@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..tensors import device_of, to_float_nchw
 from . import VIEWS
 from .common import ViewNotApplicable, check_images, hierarchy_layers, sample_indices, view_layers
+from .depth import depth_figure, depth_rows
 from .embedding import embed, embedding_figure, layer_features
 from .filters import filters_figure
 from .interpolate import interpolate_codes, interpolation_figure
@@ -243,6 +244,18 @@ def _probe(ctx: ViewContext) -> Shown:
     return Shown(fig, "probe accuracy by layer", tables=[(list(ctx.probe_rows), columns, columns)])
 
 
+def _depth(ctx: ViewContext) -> Shown:
+    if not ctx.probe_rows:
+        raise ViewNotApplicable(
+            "no probe results given: run `convae probe RUN_DIR --train DATA:train --test DATA:test "
+            "-o results.json` with its random baseline (the default) and pass `--probe results.json`"
+        )
+    fig = depth_figure(ctx.probe_rows, ctx.model, title=ctx.title)
+    columns = ["setting", "depth", "trained", "random", "margin", "trained_features", "random_features"]
+    headers = ["setting", "depth", "trained", "random weights", "trained - random", "trained set", "random set"]
+    return Shown(fig, "accuracy by depth", tables=[(depth_rows(ctx.probe_rows, ctx.model), columns, headers)])
+
+
 PROBE_COLUMNS = (
     "features", "classifier", "normalize", "augment", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std",
     "macro_f1", "fit_seconds",
@@ -285,6 +298,10 @@ REGISTRY: dict[str, View] = {
         View("probe", "Probe accuracy by layer",
              "Linear (or other) classifiers on each layer's frozen features, beside pixel, PCA and random-weight "
              "baselines.", _probe),
+        View("depth", "Accuracy by depth: trained vs random weights",
+             "For each depth of the hierarchy, the best feature set reaching it, with the trained weights and with "
+             "random ones (the same architecture, its data statistics measured, no training): what learning adds "
+             "at each depth.", _depth),
     )
 }  # fmt: skip
 

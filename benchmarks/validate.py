@@ -1,0 +1,113 @@
+"""Choosing settings on a validation split held out from the train split: the only place they are chosen.
+
+    .venv/bin/python benchmarks/validate.py cifar10 benchmarks/candidates/cifar10.json \
+        [--data-dir ../shared/datasets] [--val 10000] [--threads 2] [--only NAME,...] [--random]
+
+For each candidate (a JSON list of {"name", "fit": ConvAutoencoder parameters, "probe": run_probe
+options}), the autoencoder trains on the train split less its last `--val` images (no labels),
+and the probe fits on those images' features (and their mirrors, when the candidate's probe says
+augment "flip") and scores the last `--val` train images: the official test split is never read.
+With --random, the same architecture with random weights (data statistics measured, no training)
+is probed alike. Every row goes to benchmarks/validation.jsonl as it is measured (a rerun skips the
+candidates already there), with the training seconds, the probe's seconds and the peak memory of
+this process; the table of the file's rows is printed as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "datasets"
+RESULTS = HERE / "validation.jsonl"
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def run_candidate(dataset: str, cand: dict, train, val, random_baseline: bool, threads: int) -> list[dict]:
+    import torch
+
+    import convae
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    est = convae.ConvAutoencoder(**{"device": "cpu", **cand["fit"]}).fit(train.images)
+    train_seconds = time.perf_counter() - t0
+    probe = {"classifiers": "logreg", **cand.get("probe", {})}
+    probe["baselines"] = "random" if random_baseline else "none"
+    t0 = time.perf_counter()
+    rows = convae.run_probe(est, train, val, device="cpu", **probe)
+    probe_seconds = time.perf_counter() - t0
+    common = dict(dataset=dataset, candidate=cand["name"], fit=cand["fit"], probe=cand.get("probe", {}),
+                  train_seconds=round(train_seconds, 1), probe_seconds=round(probe_seconds, 1),
+                  epochs=len(est.history_), peak_gb=round(_peak_gb(), 2))  # fmt: skip
+    return [dict(common, **row) for row in rows]
+
+
+def split(dataset: str, data_dir: Path, n_val: int):
+    """(train less its last n_val images, those n_val images), both labelled."""
+    import convae
+    from convae.data import ImageData
+
+    train = convae.load_dataset(dataset, "train", data_dir=data_dir, download=False)
+    cut = len(train) - n_val
+    fit = ImageData(train.images[:cut], train.labels[:cut], train.classes, f"{dataset}:train[:{cut}]")
+    val = ImageData(train.images[cut:], train.labels[cut:], train.classes, f"{dataset}:train[{cut}:]")
+    return fit, val
+
+
+def table(rows: list[dict]) -> str:
+    head = "| candidate | features | augment | dim | val accuracy | train s | probe s | peak GB |\n|---|---|---|---:|---:|---:|---:|---:|"
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['candidate']} | {r['features']} | {r.get('augment', 'none')} | {r['dim']} | {r['accuracy']:.4f} | "
+            f"{r['train_seconds']:.0f} | {r['probe_seconds']:.0f} | {r['peak_gb']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dataset")
+    ap.add_argument("candidates", type=Path)
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--val", type=int, default=10_000, help="last train images held out for scoring")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--only", help="candidate names, comma-separated")
+    ap.add_argument("--random", action="store_true", help="also probe the same architecture with random weights")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    candidates = json.loads(args.candidates.read_text())
+    if args.only:
+        wanted = set(args.only.split(","))
+        candidates = [c for c in candidates if c["name"] in wanted]
+    done = set()
+    if args.results.exists():
+        for line in args.results.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["dataset"], r["candidate"]))
+    train, val = split(args.dataset, args.data_dir, args.val)
+    for cand in candidates:
+        if (args.dataset, cand["name"]) in done:
+            continue
+        rows = run_candidate(args.dataset, cand, train, val, args.random, args.threads)
+        with open(args.results, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        print(table(rows), flush=True)
+    all_rows = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
+    print(table([r for r in all_rows if r["dataset"] == args.dataset]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

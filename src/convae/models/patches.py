@@ -1,0 +1,201 @@
+"""One stage of patch coding: a k-sparse tied-weight autoencoder of whitened p x p patches of a map.
+
+A :class:`PatchCoder` sees every p x p x C patch of its input map (channels-last), optionally
+contrast-normalized (each patch less its mean, over its floored standard deviation), ZCA-whitened
+with statistics measured on training data, and multiplied by K unit filters: its responses z
+(N, H-p+1, W-p+1, K). Training rebuilds random whitened patches from their `k` strongest
+responses through the same filters (k = 1: gradient-descent spherical k-means, as in Coates and
+Ng's dictionaries and Makhzani and Frey's k-sparse autoencoders). The hierarchical sparse net
+(:mod:`convae.models.hsparse`) stacks these; the single-layer sparse net keeps its own copy of the
+same arithmetic for its saved weights' names.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import k_sparse
+
+
+def fold_nhwc(patches: torch.Tensor, p: int, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w, p*p*C) patches (order dy, dx, c) -> the (N, H, W, C) map, overlaps averaged."""
+    n, h, w, _ = patches.shape
+    cols = patches.reshape(n, h * w, p, p, channels).permute(0, 4, 2, 3, 1).reshape(n, channels * p * p, h * w)
+    summed = F.fold(cols, size, p)
+    overlaps = F.fold(torch.ones_like(cols[:1]), size, p)
+    return (summed / overlaps).permute(0, 2, 3, 1)
+
+
+def unfold_nhwc(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, H, W, C) -> (N, H-p+1, W-p+1, p*p*C) patches (order dy, dx, c), one view and one copy."""
+    n, h, w, c = x.shape
+    u = x.unfold(1, p, 1).unfold(2, p, 1)  # (N, h', w', C, p, p)
+    return u.permute(0, 1, 2, 4, 5, 3).reshape(n, h - p + 1, w - p + 1, p * p * c)
+
+
+class PatchCoder(nn.Module):
+    """K unit filters over whitened (optionally contrast-normalized) p x p x C patches.
+
+    Buffers (measured by :meth:`fit_statistics`, saved with the weights): the normalized
+    patches' mean, the whitening and un-whitening matrices, and the contrast floor (the
+    variance added before dividing by a patch's standard deviation).
+    """
+
+    mean: torch.Tensor
+    whiten: torch.Tensor
+    unwhiten: torch.Tensor
+    floor: torch.Tensor
+
+    def __init__(self, channels: int, patch: int, filters: int, *, contrast: bool, eps: float, k: int = 1):
+        super().__init__()
+        self.channels, self.patch, self.contrast, self.eps, self.k = channels, patch, contrast, eps, k
+        d = channels * patch * patch
+        self.dim = d
+        self.filters = nn.Parameter(torch.randn(filters, d) / math.sqrt(d))
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("whiten", torch.eye(d))
+        self.register_buffer("unwhiten", torch.eye(d))
+        self.register_buffer("floor", torch.tensor(1.0))
+
+    def normalized(self, patches: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> each patch less its mean, over its floored standard deviation (if contrast)."""
+        if not self.contrast:
+            return patches
+        centred = patches - patches.mean(-1, keepdim=True)
+        return centred / torch.sqrt(centred.var(-1, keepdim=True, correction=0) + self.floor)
+
+    def whitened(self, patches: torch.Tensor) -> torch.Tensor:
+        return (self.normalized(patches) - self.mean) @ self.whiten
+
+    def unit_filters(self) -> torch.Tensor:
+        return self.filters / self.filters.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def fit_statistics(self, patches: torch.Tensor, floor: float, generator: torch.Generator) -> None:
+        """Whitening from raw patches (M, d), then the filters started at random whitened patches
+        (Coates et al.'s initialisation: every filter starts where data is)."""
+        self.floor.fill_(floor)
+        p = self.normalized(patches.float()).double()
+        mean = p.mean(0)
+        cov = (p - mean).T @ (p - mean) / len(p)
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        eigvals = eigvals.clamp_min(0) + self.eps
+        self.mean.copy_(mean.float())
+        self.whiten.copy_(((eigvecs * eigvals.rsqrt()) @ eigvecs.T).float())
+        self.unwhiten.copy_(((eigvecs * eigvals.sqrt()) @ eigvecs.T).float())
+        picks = torch.randint(0, len(patches), (self.filters.shape[0],), generator=generator)
+        start = self.whitened(patches[picks].float())
+        start = start + 0.01 * torch.randn(start.shape, generator=generator)  # duplicates part at once
+        self.filters.copy_(start / start.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def responses(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) map -> z (N, H-p+1, W-p+1, K): each normalized, whitened patch times each filter."""
+        with torch.autocast(x.device.type, enabled=False):  # normalization divides by small stds: fp32
+            detectors = self.unit_filters() @ self.whiten  # (K, d): the whitening folded into the filters
+            patches = self.normalized(unfold_nhwc(x.float(), self.patch))
+            return patches @ detectors.T - (self.mean @ detectors.T)
+
+    @property
+    def n_filters(self) -> int:
+        return self.filters.shape[0]
+
+    def loss(self, patches: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """MSE of the whitened `target` patches rebuilt from the `patches`' k strongest responses
+        (patches (M, d), or windows (M, p, p, C))."""
+        patches, target = patches.reshape(len(patches), -1), target.reshape(len(target), -1)
+        with torch.autocast(patches.device.type, enabled=False):  # whitened statistics want fp32
+            filters = self.unit_filters()
+            code = k_sparse(self.whitened(patches.float()) @ filters.T, self.k)  # (M, K)
+            return F.mse_loss(code @ filters, self.whitened(target.float()))
+
+    def decode_patches(self, code: torch.Tensor) -> torch.Tensor:
+        """Codes (..., K) -> the normalized patches they stand for (..., d), un-whitened."""
+        return (code @ self.unit_filters()) @ self.unwhiten + self.mean
+
+    def decode_map(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Codes (N, h, w, K) -> the (N, H, W, C) map of the normalized patches they stand for."""
+        return fold_nhwc(self.decode_patches(z), self.patch, self.channels, size)
+
+
+class GroupedPatchCoder(nn.Module):
+    """G patch coders, each over p x p patches of its own Gs channels of the input map: Coates and
+    Ng's receptive-field groups ("Selecting Receptive Fields in Deep Networks", 2011). A group is a
+    random seed channel and the Gs channels that co-vary with it most (:meth:`choose_groups`), so
+    each coder sees a few hundred values that belong together instead of the whole map's
+    thousands; the stage's responses are the groups' side by side (G * Kg channels).
+    """
+
+    members: torch.Tensor
+
+    def __init__(self, patch: int, filters_per_group: int, groups: int, group_size: int, *, eps: float, k: int = 1):
+        super().__init__()
+        self.patch, self.group_size = patch, group_size
+        self.coders = nn.ModuleList(
+            PatchCoder(group_size, patch, filters_per_group, contrast=True, eps=eps, k=k) for _ in range(groups)
+        )
+        self.register_buffer("members", torch.arange(groups * group_size).view(groups, group_size))
+
+    def group_coders(self) -> list[PatchCoder]:
+        return [typing.cast(PatchCoder, c) for c in self.coders]
+
+    @property
+    def n_filters(self) -> int:
+        return sum(c.n_filters for c in self.group_coders())
+
+    @property
+    def filters(self) -> list[torch.Tensor]:
+        return [c.filters for c in self.group_coders()]
+
+    @torch.no_grad()
+    def choose_groups(self, locations: torch.Tensor, generator: torch.Generator) -> None:
+        """Groups from (M, C) samples of the input map: each a random seed channel and the channels
+        most correlated with it (itself first)."""
+        z = locations.double()
+        z = (z - z.mean(0)) / z.std(0).clamp_min(1e-6)
+        similarity = z.T @ z / len(z)  # (C, C) correlations
+        seeds = torch.randperm(similarity.shape[0], generator=generator)[: len(self.coders)]
+        self.members.copy_(torch.stack([similarity[s].argsort(descending=True)[: self.group_size] for s in seeds]))
+
+    def group_patches(self, windows: torch.Tensor) -> list[torch.Tensor]:
+        """(M, p, p, C) windows of the input map -> each group's (M, p*p*Gs) patches (order dy, dx, c)."""
+        return [windows[..., idx].reshape(len(windows), -1) for idx in self.members]
+
+    def responses(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) -> (N, H-p+1, W-p+1, G * Kg): every group's coder on its channels, in one batch."""
+        n, h, w, _ = x.shape
+        g, gs, p = self.members.shape[0], self.group_size, self.patch
+        coders = self.group_coders()
+        with torch.autocast(x.device.type, enabled=False):
+            detectors = torch.stack([c.unit_filters() @ c.whiten for c in coders])  # (G, Kg, d)
+            offsets = torch.einsum("gd,gkd->gk", torch.stack([c.mean for c in coders]), detectors)  # (G, Kg)
+            floors = torch.stack([c.floor for c in coders]).view(g, 1, 1)
+            sub = x.float()[..., self.members.flatten()].view(n, h, w, g, gs).permute(3, 0, 1, 2, 4)
+            patches = unfold_nhwc(sub.reshape(g * n, h, w, gs), p).reshape(g, -1, p * p * gs)  # (G, N*h'*w', d)
+            centred = patches - patches.mean(-1, keepdim=True)
+            patches = centred / torch.sqrt(centred.var(-1, keepdim=True, correction=0) + floors)
+            z = torch.bmm(patches, detectors.transpose(1, 2)) - offsets[:, None, :]  # (G, N*h'*w', Kg)
+        h2, w2 = h - p + 1, w - p + 1
+        return z.view(g, n, h2, w2, -1).permute(1, 2, 3, 0, 4).reshape(n, h2, w2, -1)
+
+    def loss(self, windows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The groups' patch losses, averaged: each rebuilds its channels of the target windows."""
+        pairs = zip(self.group_coders(), self.group_patches(windows), self.group_patches(target))
+        return torch.stack([c.loss(a, b) for c, a, b in pairs]).mean()
+
+    def decode_map(self, z: torch.Tensor, size: tuple[int, int], channels: int) -> torch.Tensor:
+        """Codes (N, h, w, G * Kg) -> the (N, H, W, C) map they stand for: each group's patches folded
+        onto its channels, channels in several groups averaged (those in none stay 0)."""
+        n = z.shape[0]
+        groups = z.reshape(*z.shape[:3], len(self.coders), -1)
+        out = z.new_zeros(n, *size, channels)
+        count = z.new_zeros(channels)
+        for g, coder in enumerate(self.group_coders()):
+            folded = coder.decode_map(groups[..., g, :], size)  # (N, H, W, Gs)
+            out.index_add_(3, self.members[g], folded)
+            count.index_add_(0, self.members[g], torch.ones(self.group_size, device=z.device))
+        return out / count.clamp_min(1)

@@ -1,0 +1,153 @@
+"""arch="hsparse": stages of whitened k-sparse patch coders, trained greedily, on real images."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from convae import ConvAutoencoder
+from convae import run as rundir
+from convae.config import TrainConfig
+from convae.data import load_dataset
+from convae.errors import ConfigError
+from convae.models import ModelConfig, build_model, code_size
+from convae.models.base import TrainStep
+from convae.probe import calibrate, run_probe
+from convae.train import fit
+from test_presets import CONVAE
+from test_train import fit_killed_after_epoch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def cifar(shared_datasets):
+    """Real CIFAR-10 test images: 1,500 to train on, 500 held out."""
+    data = load_dataset("cifar10:test", data_dir=shared_datasets)
+    return data.images[:1500], data.labels[:1500], data.images[1500:2000], data.labels[1500:2000]
+
+
+def _config(filters=(24, 16), size=(32, 32), channels=3, **kw):
+    return ModelConfig(arch="hsparse", in_channels=channels, image_size=size, channels=filters, kernel_size=5,
+                       reduce_dim=12, **kw)  # fmt: skip
+
+
+def _float(images):
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def test_layers_shapes_receptive_fields_and_sizes():
+    model = build_model(_config(size=(30, 37)))
+    assert model.layer_names == ["stage1.conv1", "stage1", "stage2.conv1", "stage2", "bottleneck"]
+    assert model.split_layer_names == ["stage1.conv1.split", "stage2.conv1.split"]
+    assert model.hierarchy_layers() == ["stage1", "stage2"]
+    x = torch.rand(2, 3, 30, 37)
+    out = model.forward_intermediates(x, model.feature_layer_names())
+    for name, value in out.items():
+        assert list(value.shape[1:]) == model.layer_shape(name), name
+    # 30x37 -> 26x33 responses -> 13x17 pooled -> 11x15 -> 6x8
+    assert model.layer_shape("stage2") == [32, 6, 8] and code_size(model.config) == 16 * 11 * 15
+    info = {f.module: f for f in model.feature_info}
+    assert [info[n].receptive_field for n in model.layer_names] == [5, 6, 10, 12, 10]
+    assert [info[n].reduction for n in model.layer_names] == [1, 2, 2, 4, 2]
+    assert model(x).shape == x.shape and model.decode(model.encode(x)).shape == x.shape
+    assert model.training_stages() == 2
+
+
+def test_receptive_field_groups_code_their_channels_of_the_map_below(cifar):
+    """--groups: stage 2 is G coders, each over its Gs co-varying channels of stage 1's pooled maps."""
+    cfg = _config(filters=(24, 32), groups=4, group_size=8)
+    model = build_model(cfg)
+    assert model.layer_shape("stage2.conv1") == [32, 12, 12] and model.layer_shape("stage2") == [64, 6, 6]
+    train = TrainConfig(epochs=2, batch_size=64, seed=1, device="cpu", val_fraction=0.1)
+    trained = fit(cifar[0][:600], cfg, train).model
+    members = trained.coders[1].members
+    assert members.shape == (4, 8) and all(len(set(m.tolist())) == 8 for m in members)  # 8 distinct channels each
+    x = _float(cifar[2][:8])
+    assert trained.decode(trained.encode(x)).shape == x.shape
+    with pytest.raises(ConfigError, match="split evenly into 5 groups"):
+        _config(filters=(24, 32), groups=5)
+
+
+def test_receptive_box_is_exact_by_gradient():
+    """The input pixels that affect a unit are exactly its receptive_box (average pooling and the
+    sign split pass a gradient to every pixel of the field, given a small threshold)."""
+    torch.manual_seed(0)
+    model = build_model(_config(split_threshold=0.0)).eval()
+    for layer, (y, x) in [("stage1.conv1", (3, 9)), ("stage1", (4, 2)), ("stage2.conv1", (5, 1)), ("stage2", (2, 3))]:
+        inp = torch.rand(1, 3, 32, 32, requires_grad=True)
+        out = model.forward_intermediates(inp, [layer])[layer]
+        out[0, :, y, x].abs().sum().backward()
+        rows, cols = torch.nonzero(inp.grad[0].abs().sum(0) > 0, as_tuple=True)
+        assert (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) == model.receptive_box(layer, y, x), layer
+
+
+def test_invalid_settings_name_the_option():
+    with pytest.raises(ConfigError, match="too small for 3 stages"):
+        _config(filters=(8, 8, 8), size=(12, 12))
+    with pytest.raises(ConfigError, match="pool_size"):
+        _config(pool_size=0)
+    with pytest.raises(ConfigError, match="sparse_k"):
+        _config(filters=(8, 4), sparse_k=5)
+    with pytest.raises(ConfigError, match="at least 2 epochs"):
+        fit(np.zeros((10, 32, 32, 3), np.uint8), _config(), TrainConfig(epochs=1, device="cpu"))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_each_stage_trains_alone_and_learning_lowers_its_loss(cifar, grouped):
+    """Greedy: stage 1 trains first, then stage 2 with stage 1 frozen; each stage's held-out patch
+    loss ends below the same net with random filters (whitening, PCA or groups measured alike)."""
+    images = cifar[0]
+    cfg = _config(filters=(24, 32), groups=4, group_size=8) if grouped else _config()
+    train = TrainConfig(epochs=4, batch_size=64, lr=2e-3, seed=1, device="cpu", val_fraction=0.1)
+    result = fit(images, cfg, train)
+    untrained = build_model(cfg)
+    calibrate(untrained, images, untrained.hierarchy_layers())
+    x, g = _float(cifar[2][:200]), torch.Generator()
+    for stage in (0, 1):
+        losses = [
+            m.training_loss(x, x, TrainStep(g.manual_seed(5), "mse", stage)).item() for m in (result.model, untrained)
+        ]
+        assert losses[0] < 0.95 * losses[1], (stage, losses)
+
+
+def test_resume_in_the_second_stage_is_exact(cifar, tmp_path):
+    images = cifar[0][:600]
+    cfg, train = _config(filters=(12, 8)), TrainConfig(epochs=4, batch_size=50, seed=2, device="cpu")
+    whole = fit(images, cfg, train, run_dir=tmp_path / "whole")
+    fit_killed_after_epoch(3, images, cfg, train, tmp_path / "cut")  # stage 2 has begun at epoch 3
+    assert rundir.load_checkpoint(tmp_path / "cut" / rundir.CHECKPOINT_FILE)["stage"] == 1
+    resumed = fit(images, cfg, train, run_dir=tmp_path / "cut", resume=True)
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_the_second_stage_adds_to_the_first_and_training_beats_random_weights(cifar):
+    """On real images, stage 1 + stage 2 features classify better than stage 1's alone, and the
+    trained net better than the same net with random filters (a tiny net, 1,500 images)."""
+    est = ConvAutoencoder(arch="hsparse", channels=(48, 48), reduce_dim=24, epochs=4, batch_size=64, device="cpu")
+    est.fit(cifar[0])
+    rows = run_probe(est, (cifar[0], cifar[1]), (cifar[2], cifar[3]), layers="stage1,stage1+stage2",
+                     pool="grid2", baselines="random", device="cpu")  # fmt: skip
+    acc = {r["features"]: r["accuracy"] for r in rows}
+    assert acc["stage1+stage2/grid2"] > acc["stage1/grid2"]
+    assert acc["stage1+stage2/grid2"] > acc["random/stage1+stage2/grid2"]
+
+
+def test_cli_fit_and_views(cifar, tmp_path):
+    data = tmp_path / "images.npy"
+    np.save(data, cifar[0][:800])
+    run = tmp_path / "run"
+    args = ["--arch", "hsparse", "--widths", "16,12", "--reduce-dim", "8", "--epochs", "2", "-q"]
+    fitted = subprocess.run([CONVAE, "fit", str(data), "--out", str(run), *args], capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert fitted.returncode == 0, fitted.stderr
+    config = json.loads((run / "config.json").read_text())["model"]
+    assert config["arch"] == "hsparse" and config["channels"] == [16, 12] and config["reduce_dim"] == 8
+    for view in ("filters", "patches", "recon"):
+        out = tmp_path / f"{view}.png"
+        cmd = [CONVAE, "show", str(run), str(data), "--view", view, "--max-images", "200", "-o", str(out), "-q"]
+        shown = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert shown.returncode == 0, shown.stderr
