@@ -18,6 +18,7 @@ SHAPES = {
     "mnist": (28, 28, 1),
     "fashion-mnist": (28, 28, 1),
     "cifar10": (32, 32, 3),
+    "cifar10-patch": (32, 32, 3),
     "cifar10-deep": (32, 32, 3),
 }
 
