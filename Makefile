@@ -23,8 +23,12 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/convae demo
 
+# Two workers, a test file each at a time, one BLAS/OpenMP thread each: most tests are
+# single-threaded (process start-ups, small models), so two at once nearly halve the wall time
+# on a 2-core machine; more threads than cores would slow every test instead.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # House rules: ruff (lint, complexity ceiling, format) and mypy, configured in pyproject.toml.
 lint: $(VENV)/.installed-test

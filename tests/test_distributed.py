@@ -112,17 +112,20 @@ def test_sharded_extraction_reads_as_the_single_process_result(tmp_path):
     )
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("sharded.*")) == [
+        "sharded.rank0-of-2.index.csv",
         "sharded.rank0-of-2.labels.npy",
         "sharded.rank0-of-2.npy",
+        "sharded.rank1-of-2.index.csv",
         "sharded.rank1-of-2.labels.npy",
         "sharded.rank1-of-2.npy",
     ]
     import convae  # the public name the README gives
 
-    one, one_labels = convae.load_features(tmp_path / "one.npy")
-    both, both_labels = convae.load_features(tmp_path / "sharded.npy")
+    one_file, both_file = convae.load_features(tmp_path / "one.npy"), convae.load_features(tmp_path / "sharded.npy")
+    (one, one_labels), (both, both_labels) = one_file, both_file
     np.testing.assert_allclose(both, one, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(both_labels, one_labels)
+    assert both_file.index.index.tolist() == one_file.index.index.tolist() == list(range(len(one)))  # rows' sources
 
     # convae probe reads the shards as one result
     probe = subprocess.run(
