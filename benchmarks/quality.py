@@ -85,8 +85,8 @@ def headline(preset: str, run: Path, data_dir: Path) -> dict:
     return dict(probe_seconds=round(seconds, 1), probe_peak_gb=round(peak, 2), headline=best)
 
 
-def comparison(preset: str, run: Path, data_dir: Path) -> list[dict]:
-    """Every depth's feature sets beside random weights, pixels and PCA, with few labels too."""
+def comparison(preset: str, run: Path, data_dir: Path, baselines: str, labels: str) -> list[dict]:
+    """Every depth's feature sets beside the baselines (random weights, pixels, PCA), with few labels too."""
     import convae
 
     recommended = convae.presets.get_preset(preset).probe
@@ -94,7 +94,7 @@ def comparison(preset: str, run: Path, data_dir: Path) -> list[dict]:
     layers = list(dict.fromkeys([*recommended["layers"].split(","), *depth_sets(model)]))
     augment = "flip-tta" if recommended.get("augment", "none") != "none" else "none"
     out = run.parent / f"{preset}-comparison.json"
-    extra = ["--layers", ",".join(layers), "--baselines", "random,pixels,pca", "--labels-per-class", "10,100,all",
+    extra = ["--layers", ",".join(layers), "--baselines", baselines, "--labels-per-class", labels,
              "--augment", augment]  # fmt: skip
     timed(probe_command(preset, run, data_dir, out, *extra))
     return json.loads(out.read_text())["rows"]
@@ -235,7 +235,7 @@ def measure(preset: str, args, raw: dict) -> dict:
     run, info = (args.runs / preset, {k: raw[preset][k] for k in ("command", "fit_seconds", "fit_peak_gb")}) if reuse \
         else fit(preset, args.data_dir, args.runs, args.threads)  # fmt: skip
     info.update(headline(preset, run, args.data_dir))
-    rows = comparison(preset, run, args.data_dir)
+    rows = comparison(preset, run, args.data_dir, args.baselines, args.labels)
     model, _ = convae.load_model(run)
     augment = convae.presets.get_preset(preset).probe.get("augment", "none")
     return dict(info, rows=rows, summary=summarize(rows, model, augment), meta=meta_info(args.threads))
@@ -249,6 +249,9 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=HERE / "runs")
     p.add_argument("--reuse-runs", action="store_true", help="probe the runs already in --runs again")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
+    p.add_argument("--baselines", default="random,pixels,pca", help="the comparison's baselines (fewer: faster)")
+    p.add_argument("--labels", default="10,100,all", help="the comparison's labels per class")
+    p.add_argument("--json-only", action="store_true", help="write quality.json, print the section (a partial run)")
     p.add_argument("--from-json", action="store_true", help="rewrite the section from quality.json; run nothing")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -258,12 +261,13 @@ def main() -> None:
         raw[preset] = measure(preset, args, raw)
         best = raw[preset]["summary"]["all"]["best"]
         print(f"{preset}: {best['features']} {best['accuracy']:.4f}", flush=True)
+        raw[preset]["comparison"] = dict(baselines=args.baselines, labels=args.labels)
         if not args.no_write:
             raw_path.write_text(json.dumps(raw, indent=2) + "\n")
     order = [n for n in TARGETS if n in raw and "summary" in raw[n] and "depth" in raw[n]["summary"]["all"]]
     text = results_path.read_text() if results_path.exists() else "# convae benchmarks\n"
     body = section({n: raw[n] for n in order}, meta_info(args.threads), current_notes(text, "Quality"))
-    if args.no_write:
+    if args.no_write or args.json_only:
         print(body)
         return
     results_path.write_text(replace_section(text, "Quality", body))
