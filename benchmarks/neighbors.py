@@ -12,8 +12,8 @@ existing run given with ``--run DATA=RUN_DIR``); then every query image's
 share the query's label. Beside it, on the same images: raw pixels, and the same architecture
 with random weights (batch-norm statistics measured on the index images).
 
-``--split validation`` never touches the test split: the last 2,000 train images are the
-queries and the first 48,000 (CIFAR-10) or 58,000 (Fashion-MNIST) the index, and every layer
+``--split validation`` never touches the test split: the last 10,000 train images are the
+queries and the first 40,000 (CIFAR-10) or 50,000 (Fashion-MNIST) the index, and every layer
 and pooling is measured. ``--split test``
 queries the test split against the whole train split once, with the layer and pooling
 ``--select`` names (the best on validation).
