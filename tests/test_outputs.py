@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import assert_user_error, convae
-from convae import ConvAutoencoder, RunDirError
+from convae import ConfigError, ConvAutoencoder, RunDirError
 from convae import outputs as guard
 from convae.data import load_dataset
 
@@ -216,3 +216,27 @@ def test_seeds_out_of_range_are_one_line(work, tmp_path, command):
     if command == "show":
         args = [command, work / "run0", "digits", "--view", "embedding", "-o", tmp_path / "e.png", "--seed", -1]
     assert_user_error(convae(*args, check=False), "--seed")
+
+
+# One set of limits (item 6): what fit accepts, its config.json loader reads back.
+@pytest.mark.parametrize(
+    "setting, fragment",
+    [
+        (dict(noise=float("inf")), "noise must be a finite number"),
+        (dict(max_time=float("inf")), "max_time must be a finite number"),
+        (dict(arch="sparse", whiten_eps=float("inf")), "whiten_eps must be a finite number"),
+        (dict(latent_channels=70_000), "latent_channels = 70000 is implausibly large"),
+        (dict(kernel_size=999), "kernel_size = 999 is implausibly large"),
+    ],
+)
+def test_fit_refuses_what_its_config_loader_would_refuse_before_training(tmp_path, setting, fragment):
+    images = load_dataset("digits", "train").images[:100]
+    with pytest.raises(ConfigError, match=fragment):
+        ConvAutoencoder(**{**TINY, **setting}).fit(images, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before a run directory exists
+
+
+def test_fit_limits_through_the_cli(tmp_path):
+    proc = convae("fit", "digits", "--out", tmp_path / "run", "--noise", "inf", "-q", check=False)
+    assert_user_error(proc, "noise must be a finite number")
+    assert not (tmp_path / "run").exists()

@@ -279,7 +279,7 @@ def is_run_dir(directory: str | os.PathLike) -> bool:
 def holds_other_files(directory: str | os.PathLike) -> bool:
     """Whether `directory` exists and holds anything: a folder convae did not create for a run."""
     try:
-        with os.scandir(directory) as entries:
+        with os.scandir(os.fspath(directory)) as entries:
             return any(True for _ in entries)
     except (FileNotFoundError, NotADirectoryError):
         return False
