@@ -210,12 +210,26 @@ def test_an_output_lock_is_exclusive_and_leaves_no_file(tmp_path):
     assert not (tmp_path / "elsewhere").exists()
 
 
-@pytest.mark.parametrize("command", ["show", "report"])
+@pytest.mark.parametrize("command", ["show", "report", "probe"])
 def test_seeds_out_of_range_are_one_line(work, tmp_path, command):
-    args = [command, work / "run0", "digits", "-o", tmp_path / "out.html", "--seed", -1]
-    if command == "show":
-        args = [command, work / "run0", "digits", "--view", "embedding", "-o", tmp_path / "e.png", "--seed", -1]
-    assert_user_error(convae(*args, check=False), "--seed")
+    run = work / "run0"
+    args = {
+        "show": ["show", run, "digits", "--view", "embedding", "-o", tmp_path / "e.png", "--seed", -1],
+        "report": ["report", run, "digits", "-o", tmp_path / "out.html", "--seed", -1],
+        "probe": [
+            "probe",
+            run,
+            "--data",
+            "digits",
+            "--test-fraction",
+            0.2,
+            "--split-seed",
+            -1,
+            "-o",
+            tmp_path / "p.json",
+        ],
+    }[command]
+    assert_user_error(convae(*args, check=False), "seed")
 
 
 # One set of limits (item 6): what fit accepts, its config.json loader reads back.

@@ -24,6 +24,7 @@ from .analysis.options import METRICS, NEIGHBOR_BASELINES, SCORES, ScoreOptions
 from .config import NAN_POLICIES, TrainConfig
 from .errors import ConvaeError
 from .features.plan import POOLS
+from .limits import SEED_MAX
 from .models.config import Activation, Bottleneck, Decoder, Downsample, Norm, Upsample
 from .models.registry import ARCHITECTURES
 from .presets import PRESETS
@@ -406,7 +407,7 @@ view_options = [
     click.option("--top-channels", type=click.IntRange(min=1), default=8, show_default=True, help="Channels shown per layer (the most variable ones)."),
     click.option("--top-k", type=click.IntRange(min=1), default=8, show_default=True, help="Patches per channel."),
     click.option("--steps", type=click.IntRange(min=1), default=128, show_default=True, help="Gradient steps of activation maximization."),
-    click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the image sample, t-SNE and activation maximization (0 to 2**32-1: numpy's range)."),
+    click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Seed of the image sample, t-SNE and activation maximization (0 to 2**32-1: numpy's range)."),
     click.option("--device", default="cpu", show_default=True, help="cpu, auto, cuda or cuda:N."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
 ]  # fmt: skip

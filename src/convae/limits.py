@@ -29,6 +29,8 @@ MODEL_LIMITS = {
 MAX_STAGES = 64
 #: What JSON round-trips as an integer setting (the loader's range).
 INT_RANGE = (-(2**63), 2**63)
+#: Seeds that reach numpy's RandomState and scikit-learn's random_state (0 to 2**32 - 1).
+SEED_MAX = 2**32 - 1
 
 
 def _values(value: Any) -> tuple:
@@ -62,3 +64,9 @@ def check_model_limits(config: Any) -> None:
             if v > limit:
                 shown = v if v < 10**12 else "a huge value"
                 raise ConfigError(f"{name} = {shown} is implausibly large (at most {limit})")
+
+
+def check_seed(value: int, name: str) -> None:
+    """A seed numpy and scikit-learn accept (they raise a bare ValueError on others)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{name} must be an integer from 0 to {SEED_MAX}, got {value}")

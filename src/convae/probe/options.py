@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..features.plan import resolve_pools
+from ..limits import check_seed
 from ..presets import get_preset
 
 #: Classifier names (convae.probe.classifiers.CLASSIFIERS builds them).
@@ -134,6 +135,7 @@ class ProbeOptions:
             raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         resolve_pools(self.pool)
         check_split(self.test_fraction, self.cv)
+        check_seed(self.split_seed, "split_seed")
         if self.dtype not in FEATURE_DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")
 
