@@ -254,3 +254,14 @@ def test_fit_limits_through_the_cli(tmp_path):
     proc = convae("fit", "digits", "--out", tmp_path / "run", "--noise", "inf", "-q", check=False)
     assert_user_error(proc, "noise must be a finite number")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_replaced_feature_file_keeps_the_mode_the_user_gave_it(work, tmp_path, one_thread):
+    from convae import FeatureExtractor, extract_to_file, load_model
+
+    images, out = np.load(work / "imgs.npy"), tmp_path / "feats.npy"
+    extractor = FeatureExtractor(load_model(work / "run0")[0], "stage1", "avg")
+    extract_to_file(extractor, images, out)
+    out.chmod(0o600)  # private features
+    extract_to_file(FeatureExtractor(load_model(work / "run1")[0], "stage1", "avg"), images, out)
+    assert out.stat().st_mode & 0o777 == 0o600
