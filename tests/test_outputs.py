@@ -265,3 +265,14 @@ def test_a_replaced_feature_file_keeps_the_mode_the_user_gave_it(work, tmp_path,
     out.chmod(0o600)  # private features
     extract_to_file(FeatureExtractor(load_model(work / "run1")[0], "stage1", "avg"), images, out)
     assert out.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_full_disk_during_extraction_names_the_file_and_the_way_on(work, small_disk):
+    """A real 1 MiB tmpfs: the rows stop at ENOSPC, the message says which file."""
+    images = np.repeat(np.load(work / "imgs.npy"), 25, axis=0)  # their stage1 maps: more than the disk holds
+    np.save(small_disk.parent / "many.npy", images)
+    out = small_disk / "feats.npy"
+    args = ["extract", work / "run0", small_disk.parent / "many.npy", "-o", out, "--layers", "stage1", "-q"]
+    proc = convae(*args, "--device", "cpu", check=False)
+    assert_user_error(proc, f"cannot write {out}.partial: no space left on device", "run the same command again")
+    assert not out.exists()

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from .._io import _fsync_dir, _mode_for, atomic_open, atomic_path, atomic_write_text
+from .._io import DISK_FULL, _fsync_dir, _mode_for, atomic_open, atomic_path, atomic_write_text
 from .._version import __version__
 from ..data.index import SourceIndex, read_index_csv, write_index_csv
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageError
 from ..outputs import OutputError, create_exclusive, lock_output, open_existing_for_update, regular_file_kind
 from ..progress import progress_bar
 from .extractor import FeatureExtractor
@@ -224,10 +224,25 @@ def extract_to_file(
     with lock_output(out):  # a second extraction to OUT is refused: rows of two models never mix
         offset, done = _open_partial(out, partial, progress_path, fingerprint, shape, np.dtype(dtype))
         resumed_from = done
-        _write_rows(extractor, images, partial, offset, done, dtype, progress_path, fingerprint, workers, progress)
+        try:
+            _write_rows(extractor, images, partial, offset, done, dtype, progress_path, fingerprint, workers, progress)
+        except OSError as e:
+            if isinstance(e, StorageError) or e.errno not in DISK_FULL:
+                raise
+            raise _disk_full(partial, e) from e
         labels_path, index_path = _finish(out, partial, labels, index, extractor.feature_names, source)
         progress_path.unlink(missing_ok=True)
     return ExtractResult(out, labels_path, shape, dtype, resumed_from, extractor.feature_names, index_path)
+
+
+def _disk_full(partial: Path, e: OSError) -> StorageError:
+    """A full disk while rows land: one line naming the file and both ways on."""
+    return StorageError(
+        f"cannot write {partial}: no space left on device; free some space and run the same command "
+        f"again to resume, or delete {partial.name} to give its space back",
+        e.errno,
+        str(partial),
+    )
 
 
 def _unpack(images, labels, index: SourceIndex | None, source: str):
