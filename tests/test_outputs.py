@@ -117,13 +117,19 @@ def test_a_leftover_partial_of_another_extraction_is_replaced_not_written_into(w
     assert np.load(out).shape[0] == 300
 
 
-@pytest.mark.parametrize("case", ["extract-onto-its-input", "extract-onto-a-hard-link-of-it", "probe-onto-config"])
+@pytest.mark.parametrize(
+    "case", ["extract-onto-its-input", "extract-onto-a-hard-link-of-it", "extract-onto-a-folder", "probe-onto-config"]
+)
 def test_an_output_that_is_an_input_or_a_run_file_is_refused_before_any_work(work, tmp_path, case):
     before = _snapshot(work)
     if case == "probe-onto-config":
         args = ["probe", work / "run0", "--train", "digits:train", "--test", "digits:test"]
         args += ["-o", work / "run0" / "config.json"]
         expected = "config.json of the run"
+    elif case == "extract-onto-a-folder":  # found before the rows are computed, not after
+        (tmp_path / "feats.npy").mkdir()
+        args = ["extract", work / "run0", work / "imgs.npy", "-o", tmp_path / "feats.npy", "-q", "--device", "cpu"]
+        expected = "is a folder; give a file name"
     else:
         target = work / "imgs.npy"
         if case == "extract-onto-a-hard-link-of-it":
@@ -241,6 +247,8 @@ def test_seeds_out_of_range_are_one_line(work, tmp_path, command):
         (dict(arch="sparse", whiten_eps=float("inf")), "whiten_eps must be a finite number"),
         (dict(latent_channels=70_000), "latent_channels = 70000 is implausibly large"),
         (dict(kernel_size=999), "kernel_size = 999 is implausibly large"),
+        (dict(threads=100_000), "threads = 100000 is implausibly large"),
+        (dict(convs_per_stage=1000), "convs_per_stage = 1000 is implausibly large"),
     ],
 )
 def test_fit_refuses_what_its_config_loader_would_refuse_before_training(tmp_path, setting, fragment):

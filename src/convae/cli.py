@@ -24,7 +24,7 @@ from .analysis.options import METRICS, NEIGHBOR_BASELINES, SCORES, ScoreOptions
 from .config import NAN_POLICIES, TrainConfig
 from .errors import ConvaeError
 from .features.plan import POOLS
-from .limits import SEED_MAX
+from .limits import NPROC_MAX, SEED_MAX
 from .models.config import Activation, Bottleneck, Decoder, Downsample, Norm, Upsample
 from .models.registry import ARCHITECTURES
 from .presets import PRESETS
@@ -302,7 +302,7 @@ def main():
 )
 @click.option(
     "--nproc",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, NPROC_MAX),
     default=1,
     show_default=True,
     help="Train with N processes (torchrun + DDP); --batch-size and --lr are per process.",

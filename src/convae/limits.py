@@ -27,6 +27,11 @@ MODEL_LIMITS = {
     "image_size": 1 << 16,
 }
 MAX_STAGES = 64
+#: Training settings past which a machine, not the setting, gives out (a thread each, a process each).
+TRAIN_LIMITS = {"threads": 1024}
+NPROC_MAX = 1024
+#: Label subsets a probe averages: each is a full classifier fit.
+PROBE_SEEDS_MAX = 1000
 #: What JSON round-trips as an integer setting (the loader's range).
 INT_RANGE = (-(2**63), 2**63)
 #: Seeds that reach numpy's RandomState and scikit-learn's random_state (0 to 2**32 - 1).
@@ -53,9 +58,10 @@ def check_numbers(config: Any) -> None:
                 raise ConfigError(f"{field.name} is out of range (a 64-bit integer)")
 
 
-def check_model_limits(config: Any) -> None:
-    """The sizes of a ModelConfig within :data:`MODEL_LIMITS` (checked before any net is built)."""
-    for name, limit in MODEL_LIMITS.items():
+def check_model_limits(config: Any, limits: dict[str, int] = MODEL_LIMITS) -> None:
+    """The sizes of a ModelConfig within :data:`MODEL_LIMITS` (checked before any net is built),
+    or a TrainConfig's within :data:`TRAIN_LIMITS`."""
+    for name, limit in limits.items():
         value = getattr(config, name)
         if isinstance(value, tuple) and len(value) > MAX_STAGES:
             what = "stages" if name == "channels" else "entries"  # channels: one width per stage
