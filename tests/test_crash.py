@@ -21,9 +21,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import shutil
 import signal
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -316,22 +314,6 @@ def test_a_full_disk_is_one_clear_line_and_keeps_the_previous_checkpoint(digits,
     assert ckpt.read_bytes() == before[0] and not temp_files(tmp_path)
     monkeypatch.undo()
     assert len(fit(digits, CFG, train, run_dir=tmp_path, resume=True).history) == 2
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 1 MiB tmpfs (root only; skipped where mounting is not allowed)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def _fill(directory: Path) -> Path:

@@ -18,11 +18,13 @@ from click.core import ParameterSource
 
 import convae
 
+from . import outputs
 from ._memory import keep_freed_memory
 from .analysis.options import METRICS, NEIGHBOR_BASELINES, SCORES, ScoreOptions
 from .config import NAN_POLICIES, TrainConfig
 from .errors import ConvaeError
 from .features.plan import POOLS
+from .limits import NPROC_MAX, SEED_MAX
 from .models.config import Activation, Bottleneck, Decoder, Downsample, Norm, Upsample
 from .models.registry import ARCHITECTURES
 from .presets import PRESETS
@@ -142,6 +144,13 @@ def _fmt(value) -> str:
     if isinstance(value, int) and abs(value) >= 1000:
         return f"{value:,}"
     return str(value)
+
+
+def _claim(outs, *inputs, option: str = "--output") -> None:
+    """Check the outputs against the command's inputs and run files, before any work, and lock
+    them until the command ends (click closes the context's resources, on errors too)."""
+    claim = outputs.claim_outputs(outs, outputs.input_paths(*inputs), option)
+    click.get_current_context().with_resource(claim)
 
 
 def _given(names) -> set[str]:
@@ -282,13 +291,18 @@ def main():
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option(
+    "--force",
+    is_flag=True,
+    help="Write the run into an existing folder of other files (never replacing or removing them); without it such a folder is refused.",
+)
+@click.option(
     "--on-nan",
     type=click.Choice(NAN_POLICIES),
     help="A loss that turns NaN or infinite: stop (the default; keeping the last good checkpoint), skip the step, or go back to the epoch's start with half the learning rate. With --resume: the run's saved policy unless given.",
 )
 @click.option(
     "--nproc",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, NPROC_MAX),
     default=1,
     show_default=True,
     help="Train with N processes (torchrun + DDP); --batch-size and --lr are per process.",
@@ -306,6 +320,7 @@ def fit(
     hidden,
     quiet,
     resume,
+    force,
     nproc,
     preset,
     on_nan,
@@ -330,7 +345,7 @@ def fit(
     settings["channels"] = _ints(settings.pop("widths"), "--widths")
     settings["hidden"] = _ints(hidden, "--hidden")
     est = convae.ConvAutoencoder(verbose=not quiet, **settings)
-    est.fit(dataset.images, run_dir=out, data_spec=dataset.name, resume=resume, on_nan=on_nan)
+    est.fit(dataset.images, run_dir=out, data_spec=dataset.name, resume=resume, on_nan=on_nan, force=force)
     convae.distributed.shutdown()
     if not convae.distributed.env_info().is_main:
         return
@@ -371,6 +386,7 @@ def info(run_dir):
 @click.option("--count", "-n", type=click.IntRange(min=1), default=16, show_default=True, help="Images to show.")
 def reconstruct(run_dir, data, output, data_dir, split, image_size, channels, no_download, count):
     """Originals above reconstructions, with MSE and PSNR, as a PNG grid."""
+    _claim([output], run_dir, data)
     est = convae.ConvAutoencoder.load(run_dir)
     h, w, c = est.image_shape_
     dataset = _load(data, data_dir, split, image_size or f"{h}x{w}", channels or c, no_download)
@@ -391,7 +407,7 @@ view_options = [
     click.option("--top-channels", type=click.IntRange(min=1), default=8, show_default=True, help="Channels shown per layer (the most variable ones)."),
     click.option("--top-k", type=click.IntRange(min=1), default=8, show_default=True, help="Patches per channel."),
     click.option("--steps", type=click.IntRange(min=1), default=128, show_default=True, help="Gradient steps of activation maximization."),
-    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Seed of the image sample, t-SNE and activation maximization (0 to 2**32-1: numpy's range)."),
     click.option("--device", default="cpu", show_default=True, help="cpu, auto, cuda or cuda:N."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
 ]  # fmt: skip
@@ -455,6 +471,7 @@ def show(
     """
     if output.suffix.lower() != ".png":
         raise ConvaeError(f"--output {output}: views are written as PNG; name it .png")
+    _claim([output], run_dir, data, probe_path)
     model, _ = convae.load_model(run_dir, device=convae.tensors.resolve_device(device))
     probe_rows = convae.views.load_probe_results(probe_path) if probe_path else None
     dataset = _load_for_run(run_dir, data, data_dir, split, image_size, channels, no_download, quiet) if data else None
@@ -515,6 +532,7 @@ def report(
     DATA (as for `fit`, e.g. mnist:test) is what the views are computed on; without labels the
     label-based parts are skipped and the report says so. --probe adds probe accuracy by layer.
     """
+    _claim([output], run_dir, data, probe_path)
     dataset = _load_for_run(run_dir, data, data_dir, split, image_size, channels, no_download, quiet)
     result = convae.write_report(
         run_dir,
@@ -618,6 +636,7 @@ def extract(
         images, labels = convae.features.shard_images(images, labels, dist.rank, dist.world_size)
         index = index.take(slice(*convae.features.shard_range(len(index), dist.rank, dist.world_size)))
         output = convae.features.shard_path(output, dist.rank, dist.world_size)
+    outputs.check_outputs(_extract_files(output), outputs.input_paths(run_dir, data))  # locked by extract_to_file
     result = convae.extract_to_file(
         extractor,
         images,
@@ -635,6 +654,13 @@ def extract(
         click.echo(f"labels: {result.labels_path}")
     if result.index_path is not None:
         click.echo(f"index: {result.index_path}")
+
+
+def _extract_files(output: Path) -> list[Path]:
+    """OUT and the files written beside it (labels, index, the unfinished extraction)."""
+    stem = output.with_name(output.name[: -len(output.suffix)] if output.suffix else output.name)
+    side = [stem.with_name(stem.name + ".labels.npy"), convae.features.index_path_of(output)]
+    return [output, *side, *convae.features.partial_paths(output)]
 
 
 def _with_format(output: Path, fmt: str | None) -> Path:
@@ -783,6 +809,7 @@ def probe(
     if not str(output).lower().endswith(".json"):
         raise ConvaeError(f"--output {output}: name it .json (a Markdown copy is written beside it)")
     _check_probe_data(train_data, test_data, one_data, given)
+    _claim([output, output.with_suffix(".md")], run_dir, train_data, test_data, one_data, compare)
     options = ProbeOptions.with_preset(preset, **given, pca_dims=_ints(pca_dim, "--pca-dim"))  # checked: no data yet
     if one_data is not None:
         data, _ = _probe_data(run_dir, one_data, None, options, data_dir, image_size, channels, no_download, quiet)
@@ -902,6 +929,7 @@ def score(run_dir, data, output, data_dir, split, image_size, channels, no_downl
     options = ScoreOptions(**given)  # checked before any data is loaded
     if output.suffix.lower() != ".csv":
         raise ConvaeError(f"--output {output}: name it .csv")
+    _claim([output], run_dir, data, train_data)
     if train_data == "none" and (options.threshold_quantile is not None or options.by == "knn"):
         raise ConvaeError("--train none leaves no training images: --threshold-quantile and --by knn need them")
     model, config = convae.load_model(run_dir, device=convae.tensors.resolve_device(device))
@@ -978,6 +1006,7 @@ def neighbors(run_dir, index_data, query_data, output, k, layers, pool, show, ba
     neighbours; with labels on both sets, prints precision@k beside raw pixels and random weights.
     """
     png, csv_path = _neighbor_outputs(output)
+    _claim([png, csv_path], run_dir, index_data, query_data)
     chosen = [] if baselines.strip() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
     model, _ = convae.load_model(run_dir, device=convae.tensors.resolve_device(device))
     layers = layers or convae.analysis.middle_layer(model)

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 
 from ._version import __version__
 from .errors import ConfigError
+from .limits import TRAIN_LIMITS, check_model_limits, check_numbers
 from .models.config import ModelConfig
 
 T = TypeVar("T")
@@ -195,6 +196,8 @@ class TrainConfig:
     on_nan: NanPolicy = "stop"  # a NaN/inf loss: stop, skip the step, or halve the lr
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # finite, 64-bit: what config.json can hold and its loader reads back
+        check_model_limits(self, TRAIN_LIMITS)
         checks = [
             (
                 self.on_nan in NAN_POLICIES,

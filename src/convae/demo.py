@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .data import load_dataset
+from .errors import RunDirError
 from .estimator import ConvAutoencoder
+from .outputs import check_outputs, is_run_dir, lock_output
 from .probe import run_probe, write_results
 from .report import write_report
+from .run import load_config, remove_run
 from .train import evaluate
 from .views import reconstruction_figure, save_figure
 
@@ -32,14 +34,31 @@ class DemoResult:
 
 
 def run_demo(out_dir: str | Path = "demo-output", *, progress: bool = False) -> DemoResult:
-    """Train on digits:train; reconstruct, probe and report on digits:test. Replaces the previous demo run."""
+    """Train on digits:train; reconstruct, probe and report on digits:test. Replaces the previous demo run.
+
+    Only the demo's own files are replaced: the run's files in ``OUT/digits-run`` and the outputs
+    beside it; anything else a user keeps in those folders stays. A second demo writing into
+    the same folder is refused (:func:`convae.outputs.lock_output`).
+    """
     out_dir = Path(out_dir)
+    with lock_output(out_dir, "--out"):
+        return _run_demo(out_dir, progress)
+
+
+def _run_demo(out_dir: Path, progress: bool) -> DemoResult:
     run_dir = out_dir / "digits-run"
-    if (run_dir / "config.json").exists():
-        shutil.rmtree(run_dir)  # the demo's own output from an earlier `make demo`
+    outputs = [out_dir / name for name in ("reconstructions.png", "probe.json", "probe.md", "report.html")]
+    check_outputs(outputs, option="--out")  # not a folder, not a run's file
+    if is_run_dir(run_dir):
+        if load_config(run_dir).data.spec != "digits":
+            raise RunDirError(f"{run_dir}: a run on other data, not the demo's; choose another --out")
+        remove_run(run_dir)  # the demo's own run from an earlier `make demo`; the user's files stay
     train = load_dataset("digits", "train")
     test = load_dataset("digits", "test")
-    est = ConvAutoencoder(verbose=progress, **DEMO_SETTINGS).fit(train.images, run_dir=run_dir, data_spec="digits")
+    # force: digits-run may hold the user's files beside the run (kept; a run file of theirs is refused)
+    est = ConvAutoencoder(verbose=progress, **DEMO_SETTINGS).fit(
+        train.images, run_dir=run_dir, data_spec="digits", force=True
+    )
 
     metrics = evaluate(est.model_, test.images, np.arange(len(test)), est._device(), channels_last=False)
     recon_path = save_figure(

@@ -307,11 +307,22 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         )
 
     # -- fitting -----------------------------------------------------------
-    def fit(self, X, y=None, *, run_dir=None, data_spec: str = "", resume: bool = False, on_nan: str | None = None):
+    def fit(
+        self,
+        X,
+        y=None,
+        *,
+        run_dir=None,
+        data_spec: str = "",
+        resume: bool = False,
+        on_nan: str | None = None,
+        force: bool = False,
+    ):
         """Train on images X (see the class docstring for what X may be). `y` is ignored.
 
         With `run_dir`, checkpoint every epoch into that run directory (`resume` continues it,
-        with its saved settings; `on_nan` given here replaces its NaN policy).
+        with its saved settings; `on_nan` given here replaces its NaN policy). A `run_dir` that
+        holds other files but no run is refused unless `force` (the files are then kept).
         """
         images = self._images(X, reset=True)
         n, h, w, c = images.shape
@@ -326,6 +337,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
             resume=resume,
             progress=bool(self.verbose),
             on_nan=on_nan,
+            force=force,
         )
         self._set_fitted(result.model, result.config, result.history)
         return self

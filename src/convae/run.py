@@ -13,10 +13,12 @@ allocated, weights are safetensors (no code runs when they load), checkpoints lo
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +35,7 @@ from ._version import __version__
 from .config import RunConfig, from_dict, to_dict
 from .errors import ConfigError, RunDirError
 from .models import build_model
+from .outputs import holds_other_files, is_run_dir
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -94,38 +97,7 @@ def load_config(run_dir: str | Path) -> RunConfig:
         raise RunDirError(_first_line(e)) from e
     except RecursionError as e:
         raise RunDirError(f"{path}: nested too deeply to be a convae config") from e
-    _check_plausible(config, path)
     return config
-
-
-#: Bounds far beyond any real model: a config.json past them is broken or hostile, and
-#: building its model would hang or exhaust memory before any other check could run.
-_MODEL_LIMITS = {
-    "in_channels": 4096,
-    "channels": 1 << 16,
-    "convs_per_stage": 256,
-    "kernel_size": 255,
-    "latent_channels": 1 << 16,
-    "latent_dim": 1 << 24,
-    "hidden": 1 << 20,
-    "image_size": 1 << 16,
-}
-_MAX_STAGES = 64
-
-
-def _check_plausible(config: RunConfig, path: Path) -> None:
-    m = config.model
-    for name, limit in _MODEL_LIMITS.items():
-        value = getattr(m, name)
-        values = value if isinstance(value, tuple) else (value,)
-        if isinstance(value, tuple) and len(value) > _MAX_STAGES:
-            raise RunDirError(f"{path}: model.{name} has {len(value)} entries, implausibly many; replace the file")
-        for v in values:
-            if v > limit:
-                raise RunDirError(
-                    f"{path}: model.{name} = {v if v < 10**12 else 'a huge value'} is implausibly "
-                    f"large (at most {limit}); replace the file"
-                )
 
 
 def expected_state(config: RunConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -336,24 +308,74 @@ def lock_run(run_dir: Path):
     return lock
 
 
+def remove_run(run_dir: Path) -> None:
+    """Remove a run's own files (and their temporaries) from `run_dir`; anything else stays.
+
+    Only for a folder that holds a run (:func:`convae.outputs.is_run_dir`), while no process
+    trains into it; the folder itself goes only when nothing else is left in it.
+    """
+    if not is_run_dir(run_dir):
+        raise RunDirError(f"{run_dir}: not a convae run; nothing removed")
+    with lock_run(run_dir):
+        clean_run_dir(run_dir)
+        for name in (CHECKPOINT_FILE, HISTORY_FILE, WEIGHTS_FILE, CONFIG_FILE):  # config.json last: a run until then
+            (run_dir / name).unlink(missing_ok=True)
+    for folder in ((run_dir / CHECKPOINT_FILE).parent, run_dir):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only an empty folder goes: nothing of the user's in it
+
+
 def clean_run_dir(run_dir: Path) -> None:
     """Remove the temporary files a killed process left in `run_dir` (call while holding its lock)."""
     remove_stale_tmp(run_dir, RUN_FILES)
 
 
-def start_run(run_dir: Path, config: RunConfig, resume: bool, shape, dist_info, on_nan: str | None = None):
+def check_run_folder(run_dir: Path, force: bool = False) -> bool:
+    """Whether `run_dir` already holds a convae run; RunDirError for a folder of other files.
+
+    A folder that exists, holds files and is not a run (no config.json of a run) is the user's:
+    refused unless `force`, and even then no file of a run's name in it is replaced.
+    """
+    if is_run_dir(run_dir):
+        return True
+    if not holds_other_files(run_dir):
+        return False
+    taken = [name for name in RUN_FILES if os.path.lexists(run_dir / name)]
+    if taken:  # a file of a run's name that is no run's: the user's, which a run would replace
+        raise RunDirError(
+            f"{run_dir / taken[0]}: not a convae run's file; convae never replaces it, choose another --out"
+        )
+    if not force:
+        raise RunDirError(
+            f"{run_dir}: a folder of other files, not a convae run; choose a new or empty --out, "
+            "or pass --force to write the run beside them (they are kept)"
+        )
+    return False
+
+
+def start_run(
+    run_dir: Path,
+    config: RunConfig,
+    resume: bool,
+    shape,
+    dist_info,
+    on_nan: str | None = None,
+    force: bool = False,
+):
     """Check and lock the run directory; (config, checkpoint or None, lock).
 
     On resume the run's saved config wins (only the NaN policy, which does not change the
     weights of steps that go well, may change) and its checkpoint is checked against it. A
     directory whose run never finished an epoch (config.json only: killed early) holds nothing
     to lose: a plain rerun starts it again with the new settings, --resume with the saved ones.
+    A folder of other files is refused unless `force` (see :func:`check_run_folder`).
     """
     ckpt_path = run_dir / CHECKPOINT_FILE
     if resume and not (run_dir / CONFIG_FILE).is_file() and not ckpt_path.is_file():
         raise RunDirError(f"{run_dir}: nothing to resume (no {CHECKPOINT_FILE}); start it without --resume")
     lock = lock_run(run_dir) if dist_info.is_main else None
     try:
+        was_run = resume or check_run_folder(run_dir, force)
         checkpoint = None
         if resume:
             config, checkpoint = _resumed(run_dir, config, shape, dist_info, on_nan)
@@ -364,7 +386,8 @@ def start_run(run_dir: Path, config: RunConfig, resume: bool, shape, dist_info, 
             )
         distributed.barrier(dist_info)  # every rank has checked the directory before rank 0 writes
         if dist_info.is_main:
-            clean_run_dir(run_dir)  # temporary files of a killed run
+            if was_run:  # only a run's folder: in any other, a look-alike may be the user's file
+                clean_run_dir(run_dir)  # temporary files of a killed run
             save_config(run_dir, config)
     except BaseException:
         if lock is not None:

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from .._io import _fsync_dir, atomic_open, atomic_path, atomic_write_text
+from .._io import DISK_FULL, _fsync_dir, _mode_for, atomic_open, atomic_path, atomic_write_text
 from .._version import __version__
 from ..data.index import SourceIndex, read_index_csv, write_index_csv
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageError
+from ..outputs import OutputError, create_exclusive, lock_output, open_existing_for_update, regular_file_kind
 from ..progress import progress_bar
 from .extractor import FeatureExtractor
 
@@ -35,6 +36,7 @@ FORMATS: tuple[str, ...] = ("npy", "npz", "parquet")
 # The progress file is rewritten (with an fsync) at most this often: resuming redoes at most
 # this much work, and a fast GPU extraction is not slowed by a sync per batch.
 _PROGRESS_EVERY_S = 0.5
+_PROGRESS_MAX_BYTES = 4096  # a progress record is one short line
 
 
 @dataclass
@@ -102,9 +104,11 @@ def _data_digest(images) -> str:
 
 
 def _read_progress(path: Path) -> dict | None:
+    if regular_file_kind(path) != "file" or path.stat().st_size > _PROGRESS_MAX_BYTES:
+        return None  # not a record convae wrote (a FIFO would block, a huge file fill memory)
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return state if isinstance(state, dict) else None
 
@@ -124,16 +128,28 @@ def _data_offset(path: Path, shape: tuple[int, int], dtype: np.dtype) -> int | N
     return offset if (found_shape, fortran, found_dtype, size_ok) == (shape, False, dtype, True) else None
 
 
-def _open_partial(partial: Path, progress: Path, fingerprint: str, shape, dtype) -> tuple[int, int]:
-    """(offset of the rows in the partial .npy, rows already done): resumed when it matches, else started anew."""
+def _open_partial(out: Path, partial: Path, progress: Path, fingerprint: str, shape, dtype) -> tuple[int, int]:
+    """(offset of the rows in the partial .npy, rows already done): resumed when it matches, else started anew.
+
+    Call holding the output's lock. Something at OUT.partial that convae cannot have left there
+    (a symlink, a FIFO, a file with other hard links) is refused, never opened: writing the rows
+    would go through it into another file.
+    """
+    kind = regular_file_kind(partial)
+    if kind in ("a symlink", "not a regular file"):
+        raise OutputError(f"{partial}: {kind}, where convae keeps an unfinished extraction; remove it and run again")
     state = _read_progress(progress)
-    if state and state.get("fingerprint") == fingerprint:
+    if kind == "file" and state and state.get("fingerprint") == fingerprint:
         offset, rows = _data_offset(partial, shape, dtype), state.get("rows_done")
         if offset is not None and isinstance(rows, int) and 0 <= rows <= shape[0]:
             return offset, rows
     partial.parent.mkdir(parents=True, exist_ok=True)
+    # another extraction's leftover, or a name shared with another file (a hard link, which
+    # writing in place would change): the name goes, the rows go to a file of their own
+    partial.unlink(missing_ok=True)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-    with open(partial, "wb") as f:
+    # created exclusively, with the mode OUT has (it becomes OUT), else the umask's
+    with os.fdopen(create_exclusive(partial, _mode_for(out)), "wb") as f:
         np.lib.format.write_array_header_1_0(f, header)  # the header np.save writes
         offset = f.tell()
         f.truncate(offset + int(np.prod(shape)) * dtype.itemsize)  # rows to come: a sparse file
@@ -205,12 +221,28 @@ def extract_to_file(
     shape = (len(images), extractor.dim)
     fingerprint = _fingerprint(extractor, images, index, source, shape, dtype)
     partial, progress_path = partial_paths(out)
-    offset, done = _open_partial(partial, progress_path, fingerprint, shape, np.dtype(dtype))
-    resumed_from = done
-    _write_rows(extractor, images, partial, offset, done, dtype, progress_path, fingerprint, workers, progress)
-    labels_path, index_path = _finish(out, partial, labels, index, extractor.feature_names, source)
-    progress_path.unlink(missing_ok=True)
+    with lock_output(out):  # a second extraction to OUT is refused: rows of two models never mix
+        offset, done = _open_partial(out, partial, progress_path, fingerprint, shape, np.dtype(dtype))
+        resumed_from = done
+        try:
+            _write_rows(extractor, images, partial, offset, done, dtype, progress_path, fingerprint, workers, progress)
+        except OSError as e:
+            if isinstance(e, StorageError) or e.errno not in DISK_FULL:
+                raise
+            raise _disk_full(partial, e) from e
+        labels_path, index_path = _finish(out, partial, labels, index, extractor.feature_names, source)
+        progress_path.unlink(missing_ok=True)
     return ExtractResult(out, labels_path, shape, dtype, resumed_from, extractor.feature_names, index_path)
+
+
+def _disk_full(partial: Path, e: OSError) -> StorageError:
+    """A full disk while rows land: one line naming the file and both ways on."""
+    return StorageError(
+        f"cannot write {partial}: no space left on device; free some space and run the same command "
+        f"again to resume, or delete {partial.name} to give its space back",
+        e.errno,
+        str(partial),
+    )
 
 
 def _unpack(images, labels, index: SourceIndex | None, source: str):
@@ -238,6 +270,8 @@ def output_format(out: str | os.PathLike) -> str:
 
 def _check_request(out: Path, dtype: str, n: int, labels, index: SourceIndex, source: str) -> None:
     output_format(out)
+    if out.is_dir():  # found now, not after all the rows are written
+        raise OutputError(f"output {out}: is a folder; give a file name")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if n == 0:
@@ -288,7 +322,7 @@ def _write_rows(
     row_bytes = extractor.dim * np.dtype(dtype).itemsize
     # Plain positioned writes, not a memmap: written rows sit in the page cache, never in this
     # process's memory, however large the file grows.
-    with open(partial, "r+b") as f, progress_bar(progress, n, initial=done) as bar:
+    with os.fdopen(open_existing_for_update(partial), "r+b") as f, progress_bar(progress, n, initial=done) as bar:
         last_sync = time.monotonic()
         for row, feats in extractor.batches(images, done, workers=workers):
             f.seek(offset + row * row_bytes)

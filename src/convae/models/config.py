@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from ..errors import ConfigError
+from ..limits import check_model_limits, check_numbers
 from .registry import ARCHITECTURES, net_class
 
 Norm = Literal["batch", "group", "none"]
@@ -77,7 +78,13 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check the settings every net shares, then the net's own (``check_config``)."""
+        """Check the settings every net shares, then the net's own (``check_config``).
+
+        The limits come first: they are what a config.json loader accepts (``convae.limits``),
+        and they keep an absurd size from reaching a net's own checks.
+        """
+        check_numbers(self)
+        check_model_limits(self)
         h, w = self.image_size
         if h < 1 or w < 1:
             raise ConfigError(f"image size {h}x{w} must be positive")

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..features.plan import resolve_pools
+from ..limits import PROBE_SEEDS_MAX, check_seed
 from ..presets import get_preset
 
 #: Classifier names (convae.probe.classifiers.CLASSIFIERS builds them).
@@ -126,14 +127,15 @@ class ProbeOptions:
         set_(self, "classifiers", tuple(parse_list(self.classifiers, "classifiers", CLASSIFIER_NAMES)))
         set_(self, "baselines", tuple(parse_list(self.baselines, "baselines", BASELINES, allow_none=True)))
         set_(self, "labels_per_class", tuple(parse_labels_per_class(self.labels_per_class)))
-        if not isinstance(self.seeds, int) or self.seeds < 1:
-            raise ConfigError(f"seeds must be at least 1, got {self.seeds}")
+        if not isinstance(self.seeds, int) or not 1 <= self.seeds <= PROBE_SEEDS_MAX:
+            raise ConfigError(f"seeds must be from 1 to {PROBE_SEEDS_MAX}, got {self.seeds}")
         check_normalize(self.normalize)
         check_fit_options(self.c_scale, self.max_iter)
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         resolve_pools(self.pool)
         check_split(self.test_fraction, self.cv)
+        check_seed(self.split_seed, "split_seed")
         if self.dtype not in FEATURE_DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")
 

@@ -38,6 +38,7 @@ def fit(
     progress: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_nan: str | None = None,
+    force: bool = False,
 ) -> FitResult:
     """Train a model on uint8 images (N, H, W, C); with `run_dir`, checkpoint every epoch.
 
@@ -47,6 +48,9 @@ def fit(
     were); "reduce-lr" goes back to the start of the epoch and halves the learning rate. None
     takes ``train_config.on_nan`` (on resume, the run's saved policy); a value given here
     replaces it and is recorded in config.json.
+
+    An existing `run_dir` that holds other files but no run is refused unless `force`; then the
+    run's files go beside the user's, which are never replaced or removed.
 
     Ctrl-C (SIGINT) or SIGTERM, when fit runs in the main thread of a single process, stops at
     the next step boundary, writes a mid-epoch checkpoint that ``resume=True`` continues
@@ -87,7 +91,9 @@ def fit(
     lock = checkpoint = None
     try:
         if run_dir is not None:
-            config, checkpoint, lock = rundir.start_run(run_dir, config, resume, images.shape, dist_info, on_nan)
+            config, checkpoint, lock = rundir.start_run(
+                run_dir, config, resume, images.shape, dist_info, on_nan, force=force
+            )
         trainer = Trainer(
             images, config, device, dist_info, run_dir, checkpoint=checkpoint, progress=progress, on_epoch=on_epoch
         )
