@@ -232,6 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--split", choices=("validation", "test"), default="validation")
     ap.add_argument("--select", type=Path, help="validation JSON the test run takes its scorers from")
+    ap.add_argument("--select-from", help="take the scorers from this dataset's validation runs (default: its own)")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (one: spinning threads on shared cores are slow)"
     )
@@ -262,7 +263,8 @@ def main(argv=None) -> int:
             k: list(v) if isinstance(v, tuple) else v for k, v in MODELS[name].items()
         }
         # the best of each family, and convae's reconstruction scores (cheap, and what users sort by too)
-        wanted = {*select(args.select, name).values(), "convae/mse", "convae/ssim_error"} if args.select else None
+        chosen = select(args.select, args.select_from or name) if args.select else {}
+        wanted = {*chosen.values(), "convae/mse", "convae/ssim_error"} if args.select else None
         train, evaluation = load(name, args.split, args.data_dir)
         for seed, c in itertools.product(map(int, args.seeds.split(",")), map(int, args.classes.split(","))):
             if (name, c, seed) in done:
