@@ -26,6 +26,7 @@ from convae.probe import (
     label_subsets,
     mirrored,
     predict_with_mirrors,
+    probe_feature_files,
     run_probe,
     write_results,
 )
@@ -618,3 +619,49 @@ def test_features_held_in_float16_probe_as_float32_do(runs, digits):
     half = run_probe(conv, *digits, dtype="float16", **common)
     for a, b in zip(full, half):
         assert a["features"] == b["features"] and abs(a["accuracy"] - b["accuracy"]) <= 0.006  # 2 of 360 images
+
+
+def _bad_features(kind):
+    """A (features, labels) pair a classifier cannot fit, and the words its message must hold."""
+    x, y = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32), np.arange(40) % 4
+    if kind == "none":
+        return x, y, ""
+    if kind == "nan":
+        x[17, 2] = np.nan
+        return x, y, "row 17 holds NaN"
+    if kind == "inf":
+        x[3, 0] = np.inf
+        return x, y, "row 3 holds NaN or infinite"
+    if kind == "lengths":
+        return x, y[:30], "30 labels for 40 rows"
+    if kind == "empty":
+        return x[:0], y[:0], "no rows of features"
+    if kind == "one-class":
+        return x, np.zeros(40, np.int64), "every row has label 0"
+    return x, y.astype(np.float64) + 0.5, "labels must be class indices"  # float labels
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "lengths", "empty", "one-class", "float-labels"])
+def test_feature_files_a_classifier_cannot_fit_are_refused_naming_the_file(tmp_path, kind):
+    good_x, good_y, _ = _bad_features("none")
+    x, y, words = _bad_features(kind)
+    np.save(tmp_path / "train.npy", x)
+    np.save(tmp_path / "train.labels.npy", y)
+    np.save(tmp_path / "test.npy", good_x)
+    np.save(tmp_path / "test.labels.npy", good_y)
+    with pytest.raises(ConfigError, match="train.npy") as err:
+        probe_feature_files(tmp_path / "train.npy", tmp_path / "test.npy")
+    assert words in str(err.value)
+
+
+def test_cli_probe_of_feature_files_with_nan_rows_is_one_line(runs, tmp_path):
+    from cli_helpers import assert_user_error, convae
+
+    x, y, _ = _bad_features("nan")
+    for name in ("train", "test"):
+        np.save(tmp_path / f"{name}.npy", x)
+        np.save(tmp_path / f"{name}.labels.npy", y)
+    proc = convae("probe", runs[0], "--train", tmp_path / "train.npy", "--test", tmp_path / "test.npy",
+                  "-o", tmp_path / "r.json", check=False)  # fmt: skip
+    assert_user_error(proc, "train.npy", "row 17 holds NaN")
+    assert not (tmp_path / "r.json").exists()

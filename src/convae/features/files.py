@@ -451,6 +451,9 @@ def _load_one(path: Path) -> LoadedFeatures:
         features = np.load(path, mmap_mode="r", allow_pickle=False)
         labels_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy")
         labels = np.load(labels_path, allow_pickle=False) if labels_path.is_file() else None
+    if labels is not None and (labels.ndim != 1 or len(labels) != len(features)):
+        count = labels.shape[0] if labels.ndim == 1 else f"shape-{labels.shape}"
+        raise ConfigError(f"{path}: {count} labels for {len(features)} rows of features; extract again")
     return LoadedFeatures(features, labels, _index_beside(path, len(features), labels))
 
 

@@ -349,9 +349,10 @@ def probe_feature_files(train_path, test_path, options: ProbeOptions | None = No
     """
     o = ProbeOptions(**settings) if options is None else options.replace(**settings)
     (xtr, ytr), (xte, yte) = load_features(train_path), load_features(test_path)
-    for path, y in ((train_path, ytr), (test_path, yte)):
-        if y is None:
-            raise ConfigError(f"{path}: no labels beside these features; extract labelled data to probe it")
+    for path, x, y in ((train_path, xtr, ytr), (test_path, xte, yte)):
+        check_probe_features(path, x, y)
+    if len(np.unique(ytr)) < 2:
+        raise ConfigError(f"{train_path}: every row has label {int(ytr[0])}; a classifier needs two classes or more")
     if xtr.shape[1] != xte.shape[1]:
         raise ConfigError(f"{train_path} has {xtr.shape[1]} features per image but {test_path} has {xte.shape[1]}")
     name = Path(train_path).stem.split(".rank")[0]
@@ -359,6 +360,28 @@ def probe_feature_files(train_path, test_path, options: ProbeOptions | None = No
     # float32 in place, so the probe makes no copy of them.
     xtr, xte = (x if x.dtype in (np.float16, np.float32) else np.asarray(x, dtype=np.float32) for x in (xtr, xte))
     return list(_evaluate([FeatureSet(name, xtr, xte)], ytr, yte, o))
+
+
+# Rows checked a chunk at a time, so a check of a memory-mapped file costs no copy of it.
+_CHECK_ROWS = 4096
+
+
+def check_probe_features(path, x: np.ndarray, y: np.ndarray | None) -> None:
+    """Refuse, naming `path`, features a classifier cannot fit: no labels, labels that are not
+    class indices or do not match the rows, no rows, or NaN or infinite values."""
+    if y is None:
+        raise ConfigError(f"{path}: no labels beside these features; extract labelled data to probe it")
+    if x.ndim != 2 or len(x) == 0:
+        raise ConfigError(f"{path}: no rows of features (shape {tuple(x.shape)}); extract some images first")
+    if y.ndim != 1 or len(y) != len(x):
+        raise ConfigError(f"{path}: {len(y)} labels for {len(x)} rows of features; extract again")
+    if y.dtype.kind not in "iu" or (len(y) and y.min() < 0):
+        raise ConfigError(f"{path}: labels must be class indices 0..K-1 (integers), got dtype {y.dtype}")
+    for start in range(0, len(x), _CHECK_ROWS):
+        finite = np.isfinite(x[start : start + _CHECK_ROWS]).all(axis=1)
+        if not finite.all():
+            row = start + int(np.argmin(finite))
+            raise ConfigError(f"{path}: row {row} holds NaN or infinite values; extract it again or drop it")
 
 
 def _evaluate(sets: list[FeatureSet], y_train, y_test, o: ProbeOptions, **extra) -> Iterator[dict]:
