@@ -268,6 +268,12 @@ def main():
     help="--arch hsparse: the stages above the first code this many receptive-field groups of co-varying channels of the map below, each with its own filters (default 0: PCA-reduced maps instead).",
 )
 @click.option("--group-size", type=int, help="--arch hsparse with --groups: channels in a group (default 32).")
+@click.option(
+    "--upper-image-fraction",
+    type=float,
+    help="--arch hsparse: the fraction of each batch's images the stages above the first train on (default 1; "
+    "less is faster: their steps run stage 1 over whole images).",
+)
 @click.option("--epochs", type=int, default=TrainConfig.epochs, help="Epochs (default: from the dataset size).")
 @click.option("--max-time", type=float, default=TrainConfig.max_time, help="Wall-clock training budget in seconds.")
 @click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)

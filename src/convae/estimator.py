@@ -66,10 +66,12 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
     Parameters
     ----------
     arch : str
-        "conv" (the ConvAE), "dense" (fully-connected baseline), "sparse" (whitened patches);
+        "conv" (the ConvAE), "dense" (fully-connected baseline), "sparse" (whitened patches),
+        "hsparse" (stages of whitened k-sparse patch coders, trained greedily);
         see ``convae.models.registry.ARCHITECTURES``.
     channels, convs_per_stage, kernel_size, norm, activation, downsample, upsample, decoder,
-    bottleneck, latent_channels, latent_dim, hidden, code_wta, sparse_k, whiten_eps, patches_per_image
+    bottleneck, latent_channels, latent_dim, hidden, code_wta, sparse_k, whiten_eps, patches_per_image,
+    upper_kernel, pool_size, reduce_dim, split_threshold, groups, group_size, upper_image_fraction
         Architecture settings (:class:`convae.ModelConfig`'s fields); None: chosen from the image size.
     epochs, max_time, batch_size, lr, weight_decay, warmup, schedule, loss, noise, mask_ratio,
     mask_patch, val_fraction, seed, device, threads, amp, channels_last, on_nan
@@ -125,6 +127,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         split_threshold=None,
         groups=None,
         group_size=None,
+        upper_image_fraction=None,
         epochs=TrainConfig.epochs,
         max_time=TrainConfig.max_time,
         batch_size=TrainConfig.batch_size,
@@ -171,6 +174,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         self.split_threshold = split_threshold
         self.groups = groups
         self.group_size = group_size
+        self.upper_image_fraction = upper_image_fraction
         self.epochs = epochs
         self.max_time = max_time
         self.batch_size = batch_size

@@ -61,7 +61,15 @@ PRESETS: dict[str, Preset] = {
             "greedily, 2 epochs a stage. Probed with stage 2 and stage 1 + stage 2 averaged over the quadrants, "
             "in 16-bit, logistic regression's C x4 and 300 iterations (chosen on the last 10,000 train images "
             "with the research port of this model: RESULTS.md; its test-split row is not measured yet)",
-            fit=dict(arch="hsparse", widths="800,1600", kernel_size=5, groups=32, group_size=32, epochs=4),
+            fit=dict(
+                arch="hsparse",
+                widths="800,1600",
+                kernel_size=5,
+                groups=32,
+                group_size=32,
+                upper_image_fraction=0.25,
+                epochs=4,
+            ),
             probe=dict(layers="stage2,stage1+stage2", pool="grid2", c_scale=4.0, max_iter=300, dtype="float16"),
         ),
         Preset(

@@ -123,10 +123,13 @@ def k_sparse(z: torch.Tensor, k: int, dim: int = 1) -> torch.Tensor:
 CONTRAST_FLOOR = 10 / 255**2
 
 
-def normalized_patches(patches: torch.Tensor) -> torch.Tensor:
+def normalized_patches(patches: torch.Tensor, floor: float | torch.Tensor = CONTRAST_FLOOR) -> torch.Tensor:
     """(..., d) patches -> each less its mean, over its floored standard deviation."""
     centred = patches - patches.mean(-1, keepdim=True)
-    return centred / torch.sqrt(centred.var(-1, keepdim=True, correction=0) + CONTRAST_FLOOR)
+    # The variance of centred rows as a norm: Tensor.var over a short last dimension ran 28x slower
+    # on the CPU (43 ms against 1.5 ms for 50,000 x 75), and patch coders normalize every patch.
+    variance = torch.linalg.vector_norm(centred, dim=-1, keepdim=True).square() / patches.shape[-1]
+    return centred / torch.sqrt(variance + floor)
 
 
 @torch.no_grad()

@@ -70,6 +70,11 @@ class ModelConfig:
     # each with its own coder (channels[k] // groups filters), as Coates and Ng's 2011 networks.
     groups: int = 0
     group_size: int = 32
+    # arch="hsparse": the fraction of each batch's images whose maps the stages above the first
+    # draw their training windows from. Such a stage's step must run stage 1 over whole images
+    # (most of its time); the rest of the batch goes unused by it, as the design this model ports
+    # trained its second stage on the maps of 5,000 images.
+    upper_image_fraction: float = 1.0
 
     # Fields added after config.json files were first written: what such a file meant.
     LEGACY_DEFAULTS: ClassVar[dict] = {"decoder": "mirror"}
