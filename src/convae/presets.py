@@ -58,7 +58,7 @@ PRESETS: dict[str, Preset] = {
             "CIFAR-10 32x32x3, hierarchical: the hierarchical sparse autoencoder (--arch hsparse), 800 k-sparse "
             "5x5 filters on whitened patches, then 32 receptive-field groups of 32 co-varying stage-1 channels, "
             "each coded by 50 filters on 3x3 windows of the pooled maps (1,600 stage-2 channels); trained "
-            "greedily, 2 epochs a stage. Probed with stage 2 and stage 1 + stage 2 averaged over the quadrants, "
+            "greedily, 2 epochs a stage, stage 2 on windows of a quarter of each batch's images. Probed with stage 2 and stage 1 + stage 2 averaged over the quadrants, "
             "in 16-bit, logistic regression's C x4 and 300 iterations (chosen on the last 10,000 train images "
             "with the research port of this model: RESULTS.md; its test-split row is not measured yet)",
             fit=dict(
