@@ -101,7 +101,8 @@ def cpu_features() -> dict:
 def best_matmul(sizes: tuple[int, ...], repeats: int, dtype: torch.dtype) -> dict:
     """The matmul peak over several square sizes: the fastest size differs by dtype and machine
     (bf16 through AMX ran several times faster at 1024^3 than at 2048^3 on the busy 2-core machine)."""
-    by_size = {n: matmul_peak(n, repeats, dtype) for n in sizes}
+    # fewer repeats of the larger products: each 4096^3 one is 8x a 2048^3 one, and as steady
+    by_size = {n: matmul_peak(n, max(3, min(repeats, round(repeats * (2048 / n) ** 3))), dtype) for n in sizes}
     n = max(by_size, key=lambda k: by_size[k]["peak"])
     return by_size[n] | {"n": n, "by_size": {str(k): v["peak"] for k, v in by_size.items()}}
 
