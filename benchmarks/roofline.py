@@ -322,6 +322,16 @@ def section(results: dict, command: str) -> list[str]:
         f"**{lim['bandwidth']['gb_per_s']:.1f} GB/s** (a copy of {lim['bandwidth']['bytes_copied'] / 2**20:.0f} MiB, "
         "bytes read + written).",
         "",
+        "A stage's bound is the larger of its FLOPs over the peak it runs at (training: bf16 where "
+        "native, as `convae fit` trains; extraction and the probe's classifiers: fp32) and its bytes "
+        "over the bandwidth; % of bound is the bound's time over the measured time. FLOPs: torch's "
+        "flop counter over the default model's forward and backward (training, ~3x the forward) or "
+        "its forward up to the probed layers (extraction, every stage and the bottleneck at grid4); "
+        "for a classifier 4 x rows x dims x classes a pass, each pass reading the feature matrix once "
+        "(passes: L-BFGS's evaluations + the column statistics). Activations moved between layers are "
+        "not counted: a convolutional stage far below its FLOP bound is held back by what the roofline "
+        "does not see.",
+        "",
     ]
     return lines + table(results) + [""]
 
@@ -334,7 +344,7 @@ def write_section(path: Path, lines: list[str]) -> None:
     if found:
         text = text[: found.start()] + block + ("\n" if text[found.end() :] else "") + text[found.end() :]
     else:
-        text = text.rstrip("\n") + "\n\n" + block
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
