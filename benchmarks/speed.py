@@ -1,6 +1,7 @@
 """Speed benchmark: matmul peak, training and extraction throughput, memory.
 
     .venv/bin/python benchmarks/speed.py [--data-dir ../shared/datasets] [--repeat 3] [--quick]
+    .venv/bin/python benchmarks/speed.py --roofline [--sizes 28 32 96 128] [--quick] [--write]
     python benchmarks/speed.py --device cuda [--cifar cifar10-subset.npy]   # on a GPU machine
 
 Measures on this machine, in one run, and appends a section to benchmarks/RESULTS.md:
@@ -18,6 +19,11 @@ Measures on this machine, in one run, and appends a section to benchmarks/RESULT
   alternate `--repeat` times, the best of each kept (this host's speed drifts);
 - extraction throughput and peak memory (max RSS of a fresh process) for 10,000 and
   100,000 images read from a memmap, to show that memory stays flat.
+
+With `--roofline` (options: `--roofline --help`), the roofline of the whole path instead, per
+image size: each stage's rate (reading the images, a training step, extraction, each probe
+classifier's fit) against the bound the fp32/bf16 matmul peak and the memory bandwidth put on it
+(benchmarks/roofline.py; writes benchmarks/roofline.json, `--write` its RESULTS.md section).
 
 With `--device cuda` the same, on the GPU: fp32 (no TF32) and bf16 matmul peaks, convae's
 loop (bf16 autocast, channels_last) at the default batch and at `--gpu-batch`, against the
@@ -238,6 +244,11 @@ def machine() -> str:
 
 
 def main() -> None:
+    if "--roofline" in sys.argv[1:]:  # its own options: see benchmarks/roofline.py
+        import roofline
+
+        roofline.main([a for a in sys.argv[1:] if a != "--roofline"], prog="benchmarks/speed.py --roofline")
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
     parser.add_argument("--train-images", type=int, default=5_120, help="MNIST images per timed training epoch")

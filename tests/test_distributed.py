@@ -203,17 +203,17 @@ def _free_port() -> int:
 
 
 def _two_nodes(target: list[str], cwd: Path) -> None:
-    """`target` (a script and its arguments, or `-m convae ...`) on two torchrun "nodes" on this machine:
-    c10d rendezvous, one gloo process each, separate --node_rank, as the README's multi-node command
-    runs on two hosts."""
+    """`target` (a script and its arguments, or `-m convae ...`) on two torchrun "nodes" on this machine,
+    started as the README's multi-node command starts them on two hosts: the same command on each
+    (c10d rendezvous at one node's address; here one gloo process each). No --node_rank: c10d
+    ranks the nodes in the order they join and ignores it (torchrun warns that it does)."""
     endpoint = f"127.0.0.1:{_free_port()}"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "convae-test", *target,
+    ]  # fmt: skip
     procs = []
-    for rank in (0, 1):
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-            "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "convae-test",
-            *target,
-        ]  # fmt: skip
+    for _node in (0, 1):
         procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for proc in procs:
         _, err = proc.communicate(timeout=300)
@@ -221,30 +221,23 @@ def _two_nodes(target: list[str], cwd: Path) -> None:
 
 
 def test_two_nodes_train_extract_and_probe_together(tmp_path):
-    """The multi-node path end to end: two "nodes" train one run and end with identical weights,
-    extract a shard each, and the probe fits the features read from those shards."""
-    _two_nodes([str(HERE / "ddp_worker.py"), str(tmp_path)], tmp_path)
-    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    """The multi-node path end to end, through the CLI: two "nodes" run `convae fit` as one job and
+    end with identical weights, `convae extract` writes a shard per rank, and `convae probe` fits
+    the features read from those shards."""
+    from convae.distributed import weights_digest
+
     run = tmp_path / "run"
+    fit = ["fit", "digits", "--out", str(run), "--epochs", "2", "--batch-size", "32", "--seed", "5", "--device", "cpu"]
+    _two_nodes(["-m", "convae", *fit, "-q"], tmp_path)
     model, _ = load_model(run)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, a[key]), key
+    # Rank 0 alone writes the run; every rank's digest of its own weights, gathered at each
+    # epoch's end (fit stops if they differ), is kept in the checkpoint beside rank 0's weights.
+    checkpoint = torch.load(run / "checkpoint" / "last.pt", weights_only=True)
+    assert checkpoint["replicas"] == [weights_digest(model)] * 2
+    assert len((run / "history.csv").read_text().splitlines()) == 3  # header + 2 epochs, written once
     for split in ("train", "test"):
-        args = [
-            "extract",
-            str(run),
-            f"digits:{split}",
-            "--layers",
-            "stage1",
-            "--pool",
-            "grid2",
-            "--device",
-            "cpu",
-            "-q",
-        ]
-        _two_nodes(["-m", "convae", *args, "-o", str(tmp_path / f"{split}.npy")], tmp_path)
+        args = ["extract", str(run), f"digits:{split}", "--layers", "stage1", "--pool", "grid2", "--device", "cpu"]
+        _two_nodes(["-m", "convae", *args, "-q", "-o", str(tmp_path / f"{split}.npy")], tmp_path)
         shards = sorted(p.name for p in tmp_path.glob(f"{split}.rank*-of-2.npy"))
         assert shards == [f"{split}.rank0-of-2.npy", f"{split}.rank1-of-2.npy"]
     import convae
@@ -262,3 +255,18 @@ def test_two_nodes_train_extract_and_probe_together(tmp_path):
 
     (row,) = json.loads((tmp_path / "probe.json").read_text())["rows"]
     assert row["dim"] == direct.shape[1] and row["accuracy"] > 0.8
+
+
+def test_replicas_that_differ_stop_training_with_one_line(tmp_path):
+    from convae.distributed import check_replicas, weights_digest
+    from convae.errors import ConvaeError
+    from convae.models import build_model, default_model_config
+
+    model = build_model(default_model_config((8, 8, 1)))
+    digest = weights_digest(model)
+    assert weights_digest(model.to(memory_format=torch.channels_last)) == digest  # values, not layout
+    check_replicas([digest, digest], "epoch 1")
+    with torch.no_grad():
+        next(model.parameters())[0].flatten()[0] += 1e-7  # one rounding apart
+    with pytest.raises(ConvaeError, match=r"^epoch 3: the weights of rank\(s\) 1 differ from rank 0's \(2 processes\)"):
+        check_replicas([digest, weights_digest(model)], "epoch 3")

@@ -8,6 +8,7 @@ DistributedDataParallel: gloo on CPU, NCCL on GPU.
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import subprocess
 import sys
@@ -94,6 +95,41 @@ def sync_buffers(model: torch.nn.Module, info: DistInfo) -> None:
     if info.enabled:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's parameters and buffers by name: of the values, not of their memory layout."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def replica_digests(model: torch.nn.Module, info: DistInfo) -> list[str]:
+    """Every rank's :func:`weights_digest`, in rank order, on every rank.
+
+    DDP keeps replicas equal only while every rank computes the same update from the same
+    averaged gradients; nodes with other CPUs or library versions can round an optimizer step
+    differently and drift apart silently, and rank 0 alone saves its weights.
+    """
+    digest = weights_digest(model)
+    if not info.enabled:
+        return [digest]
+    gathered: list[str | None] = [None] * info.world_size
+    dist.all_gather_object(gathered, digest)
+    return [str(d) for d in gathered]
+
+
+def check_replicas(digests: list[str], when: str) -> None:
+    """Raise ConvaeError (the same on every rank) unless every rank's weights are rank 0's."""
+    differ = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+    if differ:
+        raise ConvaeError(
+            f"{when}: the weights of rank(s) {', '.join(map(str, differ))} differ from rank 0's "
+            f"({len(digests)} processes); the nodes compute the optimizer's step differently (other CPUs, "
+            "torch versions or GPUs?): run every node with the same software, or on one node"
+        )
 
 
 def barrier(info: DistInfo) -> None:

@@ -41,6 +41,7 @@ class TrainState:
     position: dict[str, Any] | None = None  # where in its epoch a mid-epoch checkpoint stopped
     saved_at: str | None = None  # the last checkpoint, for messages
     stage: int = 0  # the stage training (greedy layer-wise nets); its data statistics are measured
+    replicas: list[str] = field(default_factory=list)  # each rank's weights digest at the last epoch's end
 
 
 @dataclass
@@ -247,6 +248,9 @@ class Trainer:
                 self.nan.recover(self, e)
         s.epoch += 1
         distributed.sync_buffers(self.model, self.dist_info)
+        if self.dist_info.enabled:  # recorded in the checkpoint: each rank's weights, as rank 0 saves them
+            s.replicas = distributed.replica_digests(self.model, self.dist_info)
+            distributed.check_replicas(s.replicas, f"epoch {s.epoch}")
         if self.epoch_progress.skipped and self.dist_info.is_main:
             warn_caller(
                 f"epoch {s.epoch}: skipped {self.epoch_progress.skipped} step(s) whose loss or gradients were not finite"
@@ -406,6 +410,8 @@ class Trainer:
             "lr_scale": s.lr_scale,
             "stage": s.stage,
         }
+        if s.replicas:
+            state["replicas"] = s.replicas
         if position is not None:
             state["position"] = position
         rundir.save_checkpoint(self.run_dir / rundir.CHECKPOINT_FILE, state)

@@ -1,0 +1,78 @@
+"""The benchmark scripts' own promises: the photo folders they write, the results section they replace."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convae.data import load_dataset
+from convae.data.containers import ImageData
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import photo_folders  # noqa: E402
+import roofline  # noqa: E402
+
+CLASSES = ["airplane", "automobile", "bird"]
+
+
+@pytest.fixture
+def fake_cifar(monkeypatch):
+    """CIFAR-10 stand-in: 30 images a split, labels class by class in blocks, so a plain head would be one class."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(3), 10)
+    monkeypatch.setattr(photo_folders, "load_dataset", lambda *a, **k: ImageData(images, labels, CLASSES, "cifar10"))
+
+
+def test_photo_folders_are_balanced_class_folders_written_once(tmp_path, fake_cifar):
+    out = photo_folders.write_photo_folder(48, tmp_path / "p", limit=6, data_dir=tmp_path)
+    train = load_dataset(out, "train")
+    assert train.images.shape == (6, 48, 48, 3) and train.classes == CLASSES
+    assert np.bincount(train.labels).tolist() == [2, 2, 2]  # every class, in both splits
+    assert load_dataset(out, "test").classes == CLASSES
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
+    photo_folders.write_photo_folder(48, tmp_path / "p", limit=6, data_dir=tmp_path)  # complete: left as it is
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")} == stamp
+    photo_folders.write_photo_folder(48, tmp_path / "p", limit=9, data_dir=tmp_path)  # other settings: replaced
+    assert len(load_dataset(out, "train").images) == 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no temporary or old folder left
+
+
+def test_photo_folders_never_touch_a_folder_they_did_not_write(tmp_path, fake_cifar):
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "cat.jpg").write_bytes(b"a user's file")
+    with pytest.raises(SystemExit, match="was not written by"):
+        photo_folders.write_photo_folder(48, mine, limit=6, data_dir=tmp_path)
+    assert [p.name for p in mine.iterdir()] == ["cat.jpg"]
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch, fake_cifar):
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(photo_folders, "_write_split", fail)
+    with pytest.raises(OSError, match="disk full"):
+        photo_folders.write_photo_folder(48, tmp_path / "p", limit=6, data_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_roofline_section_replaces_its_earlier_self_only(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# R\n\n## Roofline — old\n\nold table\n\n## Speed\n\nkept\n", encoding="utf-8")
+    roofline.write_section(results, ["## Roofline — new", "", "new table", ""])
+    assert results.read_text(encoding="utf-8") == "# R\n\n## Roofline — new\n\nnew table\n\n## Speed\n\nkept\n"
+    results.write_text("# R\n\n## Speed\n\nkept\n", encoding="utf-8")
+    roofline.write_section(results, ["## Roofline — new", "", "t", ""])
+    assert results.read_text(encoding="utf-8") == "# R\n\n## Speed\n\nkept\n\n## Roofline — new\n\nt\n"
+
+
+def test_a_stage_is_held_to_the_larger_of_its_compute_and_memory_bounds():
+    limits = {"fp32": {"peak": 100.0}, "bf16": None, "bandwidth": {"gb_per_s": 10.0}}
+    compute = roofline.bound(roofline.stage("extract", 10, "images", 2.0, flops=100e9, nbytes=1e9, peak="fp32"), limits)
+    assert compute["bound"] == "fp32 matmul peak" and compute["bound_seconds"] == 1.0
+    assert compute["fraction_of_bound"] == 0.5
+    memory = roofline.bound(roofline.stage("probe", 5, "passes", 4.0, flops=1e9, nbytes=20e9, peak="fp32"), limits)
+    assert memory["bound"] == "memory bandwidth" and memory["fraction_of_bound"] == 0.5
+    assert roofline.bound(roofline.stage("read", 10, "images", 1.0), limits)["bound"] is None
