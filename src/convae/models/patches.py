@@ -166,20 +166,32 @@ class GroupedPatchCoder(nn.Module):
         return [windows[..., idx].reshape(len(windows), -1) for idx in self.members]
 
     def responses(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, C) -> (N, H-p+1, W-p+1, G * Kg): every group's coder on its channels, in one batch."""
+        """(N, H, W, C) -> (N, H-p+1, W-p+1, G * Kg): every group's coder on its channels, in one batch.
+
+        The contrast normalization is moved past the filters, W (x - m) / s = (W x - m W 1) / s, so
+        the filters run as one grouped convolution and each patch's mean m and standard deviation
+        s come from box filters of its group's channel means: the (G, positions, p*p*Gs) patch
+        matrix is never built. Building and normalizing it was three quarters of a CIFAR-10
+        extraction (32 groups x 288 values a position, 5.8x the 1,600 responses)."""
         n, h, w, _ = x.shape
         g, gs, p = self.members.shape[0], self.group_size, self.patch
+        h2, w2 = h - p + 1, w - p + 1
         coders = self.group_coders()
         with torch.autocast(x.device.type, enabled=False):
-            detectors = torch.stack([c.unit_filters() @ c.whiten for c in coders])  # (G, Kg, d)
+            detectors = torch.stack([c.unit_filters() @ c.whiten for c in coders])  # (G, Kg, d), d: (dy, dx, c)
+            kg = detectors.shape[1]
             offsets = torch.einsum("gd,gkd->gk", torch.stack([c.mean for c in coders]), detectors)  # (G, Kg)
-            floors = torch.stack([c.floor for c in coders]).view(g, 1, 1)
-            sub = x.float()[..., self.members.flatten()].view(n, h, w, g, gs).permute(3, 0, 1, 2, 4)
-            patches = unfold_nhwc(sub.reshape(g * n, h, w, gs), p).reshape(g, -1, p * p * gs)  # (G, N*h'*w', d)
-            patches = normalized_patches(patches, floors)
-            z = torch.bmm(patches, detectors.transpose(1, 2)) - offsets[:, None, :]  # (G, N*h'*w', Kg)
-        h2, w2 = h - p + 1, w - p + 1
-        return z.view(g, n, h2, w2, -1).permute(1, 2, 3, 0, 4).reshape(n, h2, w2, -1)
+            floors = torch.stack([c.floor for c in coders]).view(1, g, 1, 1)
+            sub = x.float()[..., self.members.flatten()].permute(0, 3, 1, 2)  # (N, G*Gs, H, W)
+            weight = detectors.view(g, kg, p, p, gs).permute(0, 1, 4, 2, 3).reshape(g * kg, gs, p, p)
+            raw = F.conv2d(sub, weight, groups=g).view(n, g, kg, h2, w2)  # W x of every patch
+            grouped = sub.reshape(n, g, gs, h, w)
+            mean = F.avg_pool2d(grouped.mean(2), p, 1)  # (N, G, h', w'): each patch's mean
+            square = F.avg_pool2d(grouped.square().mean(2), p, 1)
+            std = torch.sqrt((square - mean.square()).clamp_min(0) + floors)
+            rowsum = detectors.sum(-1)[None, :, :, None, None]  # (1, G, Kg, 1, 1)
+            z = (raw - mean[:, :, None] * rowsum) / std[:, :, None] - offsets[None, :, :, None, None]
+        return z.view(n, g * kg, h2, w2).permute(0, 2, 3, 1)  # a channels-last view
 
     def loss(self, windows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The groups' patch losses, averaged: each rebuilds its channels of the target windows.
