@@ -377,7 +377,7 @@ def info(run_dir):
     click.echo(_table(model.describe()))
     history = convae.run.read_history(run_dir)
     if history:
-        last = history[-1]
+        last = {"val_psnr": float("nan"), "val_ssim": float("nan"), **history[-1]}  # older runs: fewer columns
         click.echo(
             f"epochs {int(last['epoch'])}: val MSE {last['val_mse']:.5f}, PSNR {last['val_psnr']:.2f} dB, "
             f"SSIM {last['val_ssim']:.4f}"

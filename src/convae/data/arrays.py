@@ -217,6 +217,16 @@ def _check_npz_member(zf: zipfile.ZipFile, name: str, where: str) -> None:
         _check_npy_size(f, info.file_size, where)
 
 
+def check_npz_array(npz, key: str, where: str) -> None:
+    """DataError unless the array `key` of the open NpzFile `npz` promises no more bytes than its
+    member holds (and no more than deflate can give): checked before np.load inflates it."""
+    members = set(npz.zip.namelist())
+    try:
+        _check_npz_member(npz.zip, key + ".npy" if key + ".npy" in members else key, where)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError, RuntimeError) as e:
+        raise DataError(f"cannot read {where}: {error_reason(e)}") from e
+
+
 def _np_load(path: Path):
     try:
         if not zipfile.is_zipfile(path):  # an .npy: its header must fit the file's size
@@ -229,6 +239,12 @@ def _np_load(path: Path):
         raise DataError(f"cannot read {path}: {error_reason(e)}") from e
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError, RuntimeError) as e:
         raise DataError(f"cannot read {path}: {error_reason(e)}") from e
+
+
+def load_checked(path: str | os.PathLike):
+    """np.load of an .npy or .npz with every size its headers claim checked against the file
+    first (no pickles); a DataError naming the file otherwise."""
+    return _np_load(Path(path))
 
 
 def _load_npy(path: Path) -> ImageData:

@@ -16,6 +16,7 @@ import re
 import shutil
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,12 @@ from torch import nn
 
 from .._io import DISK_FULL, _fsync_dir, _mode_for, atomic_open, atomic_path, atomic_write_text
 from .._version import __version__
+from ..data.arrays import check_npz_array, load_checked
 from ..data.index import SourceIndex, read_index_csv, write_index_csv
 from ..errors import ConfigError, StorageError
 from ..outputs import OutputError, create_exclusive, lock_output, open_existing_for_update, regular_file_kind
 from ..progress import progress_bar
+from ..readback import ReadBackError, read_json
 from .extractor import FeatureExtractor
 
 DTYPES: tuple[str, ...] = ("float32", "float16")
@@ -104,11 +107,13 @@ def _data_digest(images) -> str:
 
 
 def _read_progress(path: Path) -> dict | None:
-    if regular_file_kind(path) != "file" or path.stat().st_size > _PROGRESS_MAX_BYTES:
-        return None  # not a record convae wrote (a FIFO would block, a huge file fill memory)
+    """The progress record at `path`, or None: a record convae cannot have written (a FIFO, a
+    huge or malformed file) only means the extraction starts over, never a hang or a crash."""
+    if not os.path.lexists(path):
+        return None
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        state = read_json(path, _PROGRESS_MAX_BYTES, "a progress record")
+    except ReadBackError:
         return None
     return state if isinstance(state, dict) else None
 
@@ -436,6 +441,15 @@ def _shards_of(path: Path) -> list[Path]:
 
 
 def _load_one(path: Path) -> LoadedFeatures:
+    """One feature file; numpy's and zipfile's errors on a damaged one are one line naming it."""
+    try:
+        return _read_one(path)
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"cannot read {path}: {reason}") from e
+
+
+def _read_one(path: Path) -> LoadedFeatures:
     kind = path.suffix.lower()
     if kind == ".parquet":
         from .parquet import read_parquet
@@ -446,11 +460,17 @@ def _load_one(path: Path) -> LoadedFeatures:
         with np.load(path, allow_pickle=False) as z:
             if "features" not in z:
                 raise ConfigError(f"{path}: no 'features' array; was it written by convae extract?")
+            for key in ("features", "labels"):  # sizes checked before inflating, as for datasets
+                if key in z:
+                    check_npz_array(z, key, f"{path} [{key}]")
             features, labels = z["features"], (z["labels"] if "labels" in z else None)
     else:
         features = np.load(path, mmap_mode="r", allow_pickle=False)
         labels_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy")
-        labels = np.load(labels_path, allow_pickle=False) if labels_path.is_file() else None
+        labels = load_checked(labels_path) if labels_path.is_file() else None
+        if labels is not None and not isinstance(labels, np.ndarray):
+            labels.close()
+            raise ConfigError(f"{labels_path}: an .npz archive, not labels; extract again")
     if labels is not None and (labels.ndim != 1 or len(labels) != len(features)):
         count = labels.shape[0] if labels.ndim == 1 else f"shape-{labels.shape}"
         raise ConfigError(f"{path}: {count} labels for {len(features)} rows of features; extract again")
@@ -462,7 +482,7 @@ def _index_beside(path: Path, n: int, labels) -> SourceIndex:
     csv_path = index_path_of(path)
     if not csv_path.is_file():
         return SourceIndex.of_rows(n, labels)
-    index = read_index_csv(csv_path)
+    index = read_index_csv(csv_path, rows=n)
     if len(index) != n:
         raise ConfigError(f"{csv_path}: {len(index)} rows for the {n} rows of {path.name}; extract again")
     return index
