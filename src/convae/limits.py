@@ -25,10 +25,18 @@ MODEL_LIMITS = {
     "latent_dim": 1 << 24,
     "hidden": 1 << 20,
     "image_size": 1 << 16,
+    # past these a meta-device pass (the memory estimate) would itself allocate per patch
+    "patches_per_image": 1 << 20,
+    "sparse_k": 1 << 16,
+    "upper_kernel": 255,
+    "pool_size": 1 << 16,
+    "reduce_dim": 1 << 16,
+    "groups": 1 << 16,
+    "group_size": 1 << 16,
 }
 MAX_STAGES = 64
 #: Training settings past which a machine, not the setting, gives out (a thread each, a process each).
-TRAIN_LIMITS = {"threads": 1024}
+TRAIN_LIMITS = {"threads": 1024, "mask_patch": 1 << 16}
 NPROC_MAX = 1024
 #: Label subsets a probe averages: each is a full classifier fit.
 PROBE_SEEDS_MAX = 1000

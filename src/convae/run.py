@@ -35,6 +35,7 @@ from ._version import __version__
 from .config import RunConfig, from_dict, to_dict
 from .errors import ConfigError, RunDirError
 from .models import build_model
+from .models.memory import check_inference_memory
 from .outputs import holds_other_files, is_run_dir
 from .readback import open_bounded, quoted, read_csv_rows, read_json
 
@@ -194,6 +195,10 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     if not path.is_file():
         raise RunDirError(f"{path}: missing; the run has not finished an epoch yet (resume it with --resume)")
     _check_weights_header(path, config)
+    try:  # the weights fit any image size a conv net is given: config.json's must fit memory too
+        check_inference_memory(config.model, device, quoted(Path(run_dir) / CONFIG_FILE))
+    except ConfigError as e:
+        raise RunDirError(str(e)) from e
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -8,6 +8,7 @@ nothing from convae but its errors, so any layer may use it without an import cy
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator, Sequence
@@ -55,6 +56,14 @@ def native_bf16(device: torch.device) -> bool:
         return False
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def full_precision(device_type: str):
+    """A block computed in fp32 even under autocast. On the meta device (where the memory
+    estimate runs a net's training step without allocating) autocast does not exist: no-op."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def device_of(module: torch.nn.Module) -> torch.device:
