@@ -1042,7 +1042,7 @@ def neighbors(run_dir, index_data, query_data, output, k, layers, pool, show, ba
     neighbours; with labels on both sets, prints precision@k beside raw pixels and random weights.
     """
     png, csv_path = _neighbor_outputs(output)
-    _claim([png, csv_path], run_dir, index_data, query_data)
+    _claim([png, csv_path] if output.suffix.lower() == ".png" else [csv_path, png], run_dir, index_data, query_data)
     chosen = [] if baselines.strip() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
     model, _ = convae.load_model(run_dir, device=convae.tensors.resolve_device(device))
     layers = layers or convae.analysis.middle_layer(model)

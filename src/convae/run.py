@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from . import distributed
-from ._io import atomic_write_bytes, atomic_write_text, lock_dir, remove_stale_tmp
+from ._io import atomic_write_bytes, atomic_write_text, lock_dir, make_folders, remove_stale_tmp
 from ._version import __version__
 from .config import RunConfig, from_dict, to_dict
 from .errors import ConfigError, RunDirError
@@ -323,7 +323,7 @@ def lock_run(run_dir: Path):
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: is a file, not a run directory; choose another --out")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_folders(run_dir)
     except OSError as e:
         raise RunDirError(f"cannot create run directory {run_dir}: {e.strerror or e}") from e
     lock = lock_dir(run_dir)

@@ -82,18 +82,37 @@ _16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def _scan(root: Path) -> list[Path]:
-    found = []
+    """Image files under `root`, hidden ones and symlinked folders left out, in path order.
 
-    def unreadable(e: OSError) -> None:  # os.walk would skip such a folder silently
-        if Path(e.filename or "") != root:
-            warnings.warn(f"skipped folder {e.filename}: {e.strerror or e}", SkippedFileWarning, stacklevel=4)
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for fn in filenames:
-            if not fn.startswith(".") and os.path.splitext(fn)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / fn)
+    A walk with a stack of its own, not os.walk (recursive in Python 3.11): a folder nested
+    thousands deep is scanned, not a RecursionError.
+    """
+    found, stack = [], [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as e:  # skipped, never silently
+            if Path(folder) != root:
+                warnings.warn(f"skipped folder {folder}: {e.strerror or e}", SkippedFileWarning, stacklevel=3)
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if _is_folder(entry):
+                if not entry.is_symlink():  # a linked folder is not followed (no loops, no escapes)
+                    stack.append(Path(entry.path))
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(Path(entry.path))
     return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop: a file entry that later fails to open, with a warning
+        return False
 
 
 @contextlib.contextmanager

@@ -23,12 +23,19 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from .._io import DISK_FULL, _fsync_dir, _mode_for, atomic_open, atomic_path, atomic_write_text
+from .._io import DISK_FULL, _fsync_dir, _mode_for, atomic_open, atomic_path, atomic_write_text, make_folders
 from .._version import __version__
 from ..data.arrays import check_npz_array, load_checked
 from ..data.index import SourceIndex, read_index_csv, write_index_csv
 from ..errors import ConfigError, StorageError
-from ..outputs import OutputError, create_exclusive, lock_output, open_existing_for_update, regular_file_kind
+from ..outputs import (
+    OutputError,
+    check_side_files,
+    create_exclusive,
+    lock_output,
+    open_existing_for_update,
+    regular_file_kind,
+)
 from ..progress import progress_bar
 from ..readback import ReadBackError, read_json
 from .extractor import FeatureExtractor
@@ -148,7 +155,7 @@ def _open_partial(out: Path, partial: Path, progress: Path, fingerprint: str, sh
         offset, rows = _data_offset(partial, shape, dtype), state.get("rows_done")
         if offset is not None and isinstance(rows, int) and 0 <= rows <= shape[0]:
             return offset, rows
-    partial.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(partial.parent)
     # another extraction's leftover, or a name shared with another file (a hard link, which
     # writing in place would change): the name goes, the rows go to a file of their own
     partial.unlink(missing_ok=True)
@@ -227,6 +234,7 @@ def extract_to_file(
     fingerprint = _fingerprint(extractor, images, index, source, shape, dtype)
     partial, progress_path = partial_paths(out)
     with lock_output(out):  # a second extraction to OUT is refused: rows of two models never mix
+        check_side_files(out, side_files(out), previous=[partial])
         offset, done = _open_partial(out, partial, progress_path, fingerprint, shape, np.dtype(dtype))
         resumed_from = done
         try:
@@ -341,6 +349,20 @@ def _write_rows(
                 last_sync = time.monotonic()
 
 
+def labels_path_of(out: str | os.PathLike) -> Path:
+    """feats.npy -> feats.labels.npy (where an .npy extraction's labels go)."""
+    out = Path(out)
+    return out.with_name(out.name[: -len(out.suffix)] + ".labels.npy")
+
+
+def side_files(out: str | os.PathLike) -> list[Path]:
+    """The files an extraction to `out` writes beside it (none for Parquet: all in one file)."""
+    kind = output_format(out)
+    if kind == "parquet":
+        return []
+    return [index_path_of(out), *([labels_path_of(out)] if kind == "npy" else [])]
+
+
 def index_path_of(out: str | os.PathLike) -> Path:
     """feats.npy -> feats.index.csv (where the rows' sources go)."""
     out = Path(out)
@@ -361,10 +383,12 @@ def _finish(
     index_path = index_path_of(out)
     write_index_csv(index_path, index)  # before the features: a finished OUT always has its index
     if kind == "npy":
-        labels_path = None
+        labels_path = labels_path_of(out)
         if labels is not None:
-            labels_path = out.with_name(out.name[: -len(".npy")] + ".labels.npy")
             _save_npy(labels_path, np.asarray(labels))
+        else:  # an earlier output's labels (check_side_files) would be read back with these rows
+            labels_path.unlink(missing_ok=True)
+            labels_path = None
         os.replace(partial, out)
         _fsync_dir(out.parent)
         return labels_path, index_path
@@ -480,7 +504,7 @@ def _read_one(path: Path) -> LoadedFeatures:
 def _index_beside(path: Path, n: int, labels) -> SourceIndex:
     """OUT.index.csv, checked against the features; rows 0..n-1 for files written before convae wrote one."""
     csv_path = index_path_of(path)
-    if not csv_path.is_file():
+    if not os.path.lexists(csv_path):  # anything else there is read back, and refused if not an index
         return SourceIndex.of_rows(n, labels)
     index = read_index_csv(csv_path, rows=n)
     if len(index) != n:

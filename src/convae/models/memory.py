@@ -139,7 +139,9 @@ def _cgroup_left() -> int | None:
 
 
 def _gib(n: int) -> str:
-    return f"{n / (1 << 30):,.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):,.0f} MiB"
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):,.1f} GiB"
+    return f"{n / (1 << 20):,.0f} MiB" if n >= 1 << 20 else f"{n / 1024:,.0f} KiB"
 
 
 def check_training_memory(model: ModelConfig, batch_size: int, device: torch.device | str) -> MemoryEstimate:
