@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .._memory import MEMORY_ENV, available_bytes
 from ..errors import DataError
 from .containers import ImageData, error_reason
 from .folders import _fit
@@ -168,12 +169,27 @@ def _resize_array(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _convert_data(data: ImageData, size: tuple[int, int] | None, channels: int | None) -> ImageData:
     images = data.images
+    _check_converted_size(data.name, images.shape, size, channels)
     if channels is not None:
         images = _convert_channels(images, channels)
     if size is not None:
         images = _resize_array(images, size)
     data.images = images
     return data
+
+
+def _check_converted_size(name: str, shape, size: tuple[int, int] | None, channels: int | None) -> None:
+    """DataError when the images resized to `size` (with `channels`) would not fit the memory
+    budget (``convae._memory.available_bytes``): found before the array is allocated."""
+    n, h, w, c = shape
+    h, w = size or (h, w)
+    needed = n * h * w * (channels or c)
+    budget, source = available_bytes()
+    if budget is not None and needed > budget:
+        raise DataError(
+            f"{name}: {n:,} images of {h}x{w}x{channels or c} take {needed / (1 << 30):,.1f} GiB, more than the "
+            f"{budget / (1 << 30):,.1f} GiB of {source}; choose a smaller --image-size (or set ${MEMORY_ENV})"
+        )
 
 
 def _npy_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:

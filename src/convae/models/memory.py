@@ -15,22 +15,20 @@ user who knows better (swap, a machine shared differently later) raises it there
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
 import torch
 
+from .._memory import MEMORY_ENV, available_bytes
 from ..errors import ConfigError
 from .config import ModelConfig
 from .registry import net_class
 
-MEMORY_ENV = "CONVAE_MEMORY_LIMIT"
 #: Bytes per parameter while training: the weights, their gradients and AdamW's two moments.
 _TRAIN_BYTES_PER_PARAM = 16
 #: The backward pass holds gradients of activations beside the saved ones: about as many again.
 _BACKWARD_FACTOR = 2
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 @dataclass(frozen=True)
@@ -80,62 +78,18 @@ def inference_memory(model: ModelConfig, batch_size: int = 1) -> MemoryEstimate:
     return MemoryEstimate(params, params * 4 + buffers, _activations(net, batch_size, False))
 
 
-def parse_bytes(text: str) -> int:
-    """'8G', '512m', '1000000' -> bytes; ConfigError for anything else."""
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
-    try:
-        value = float(t[: len(t) - len(unit)])
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"${MEMORY_ENV}={text[:40]!r}: give bytes, e.g. 8G or 512M")
-    return int(value * _UNITS[unit])
-
-
 def available_memory(device: torch.device | str) -> tuple[int | None, str]:
     """(bytes this process may still use on `device`, where that figure comes from); None: unknown."""
-    override = os.environ.get(MEMORY_ENV)
-    if override:
-        return parse_bytes(override), f"${MEMORY_ENV}"
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not os.environ.get(MEMORY_ENV):
         try:
             free, _ = torch.cuda.mem_get_info(device)
             return int(free), f"free on {device}"
         except (RuntimeError, AssertionError):
             return None, ""
-    if device.type != "cpu":
+    if device.type not in ("cpu", "cuda"):
         return None, ""
-    found = [v for v in (_meminfo_available(), _cgroup_left()) if v is not None]
-    return (min(found), "available memory") if found else (None, "")
-
-
-def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _cgroup_left() -> int | None:
-    """What the cgroup (v2) memory limit leaves, where one is set: a container's real ceiling."""
-    try:
-        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
-            limit = f.read().strip()
-        if limit == "max":
-            return None
-        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
-            return max(int(limit) - int(f.read().strip()), 0)
-    except (OSError, ValueError):
-        return None
+    return available_bytes()
 
 
 def _gib(n: int) -> str:
