@@ -24,7 +24,7 @@ from .analysis.options import METRICS, NEIGHBOR_BASELINES, SCORES, ScoreOptions
 from .config import NAN_POLICIES, TrainConfig
 from .errors import ConvaeError
 from .features.plan import POOLS
-from .limits import NPROC_MAX, SEED_MAX
+from .limits import FIGURE_ITEMS_MAX, NPROC_MAX, SEED_MAX, VIEW_STEPS_MAX
 from .models.config import Activation, Bottleneck, Decoder, Downsample, Norm, Upsample
 from .models.registry import ARCHITECTURES
 from .presets import PRESETS
@@ -419,7 +419,9 @@ def info(run_dir):
 @click.argument("data")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="PNG file to write.")
 @with_data_options
-@click.option("--count", "-n", type=click.IntRange(min=1), default=16, show_default=True, help="Images to show.")
+@click.option(
+    "--count", "-n", type=click.IntRange(1, FIGURE_ITEMS_MAX), default=16, show_default=True, help="Images to show."
+)
 def reconstruct(run_dir, data, output, data_dir, split, image_size, channels, no_download, count):
     """Originals above reconstructions, with MSE and PSNR, as a PNG grid."""
     _claim([output], run_dir, data)
@@ -440,9 +442,9 @@ def reconstruct(run_dir, data, output, data_dir, split, image_size, channels, no
 view_options = [
     click.option("--probe", "probe_path", type=click.Path(path_type=Path), help="results.json written by `convae probe`."),
     click.option("--max-images", type=click.IntRange(min=1), default=3000, show_default=True, help="Images (sampled with --seed) for patches, channel choice and the embedding."),
-    click.option("--top-channels", type=click.IntRange(min=1), default=8, show_default=True, help="Channels shown per layer (the most variable ones)."),
-    click.option("--top-k", type=click.IntRange(min=1), default=8, show_default=True, help="Patches per channel."),
-    click.option("--steps", type=click.IntRange(min=1), default=128, show_default=True, help="Gradient steps of activation maximization."),
+    click.option("--top-channels", type=click.IntRange(1, FIGURE_ITEMS_MAX), default=8, show_default=True, help="Channels shown per layer (the most variable ones)."),
+    click.option("--top-k", type=click.IntRange(1, FIGURE_ITEMS_MAX), default=8, show_default=True, help="Patches per channel."),
+    click.option("--steps", type=click.IntRange(1, VIEW_STEPS_MAX), default=128, show_default=True, help="Gradient steps of activation maximization."),
     click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Seed of the image sample, t-SNE and activation maximization (0 to 2**32-1: numpy's range)."),
     click.option("--device", default="cpu", show_default=True, help="cpu, auto, cuda or cuda:N."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
@@ -470,7 +472,12 @@ def with_view_options(f):
     help="Images to show (maps, recon, receptive; interpolate: two), e.g. 0,5,9, or files of a folder by path: cats/a.jpg,dogs/b.jpg.",
 )
 @click.option(
-    "--count", "-n", type=click.IntRange(min=1), default=8, show_default=True, help="Images for recon (maps: up to 3)."
+    "--count",
+    "-n",
+    type=click.IntRange(1, FIGURE_ITEMS_MAX),
+    default=8,
+    show_default=True,
+    help="Images for recon (maps: up to 3).",
 )
 @with_view_options
 def show(
@@ -1017,7 +1024,11 @@ def score(run_dir, data, output, data_dir, split, image_size, channels, no_downl
 )
 @click.option("--pool", default="grid4", show_default=True, help=f"Their pooling: {', '.join(POOLS)}.")
 @click.option(
-    "--show", type=click.IntRange(min=1), default=8, show_default=True, help="Queries in the picture (the first ones)."
+    "--show",
+    type=click.IntRange(1, FIGURE_ITEMS_MAX),
+    default=8,
+    show_default=True,
+    help="Queries in the picture (the first ones).",
 )
 @click.option(
     "--baselines",
