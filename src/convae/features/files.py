@@ -388,10 +388,9 @@ def _finish(
             _save_npy(labels_path, np.asarray(labels))
         else:  # an earlier output's labels (check_side_files) would be read back with these rows
             labels_path.unlink(missing_ok=True)
-            labels_path = None
         os.replace(partial, out)
         _fsync_dir(out.parent)
-        return labels_path, index_path
+        return (labels_path if labels is not None else None), index_path
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
         # the layout np.savez writes; the finished .npy is copied in chunks, not loaded
         with zf.open("features.npy", "w", force_zip64=True) as dst, open(partial, "rb") as src:
