@@ -120,6 +120,12 @@ def test_a_tampered_probe_results_json_is_one_line(work, tmp_path, how, fragment
     assert not (tmp_path / "p.png").exists()
 
 
+@pytest.mark.parametrize("how, fragment", [("fifo", "a FIFO"), ("huge", "too large")])
+def test_weights_replaced_by_a_fifo_or_a_huge_file_are_one_line(run, how, fragment):
+    _replace(run / "model.safetensors", how)
+    assert_user_error(convae("info", run, check=False, timeout=FAST), "model.safetensors", fragment)
+
+
 @pytest.mark.parametrize("how", ["fifo", "huge", b"not a checkpoint", b"\x80\x02]q\x00(" * 1000])
 def test_a_tampered_checkpoint_is_one_line_and_the_run_is_kept(run, work, how):
     before = (run / "model.safetensors").read_bytes()

@@ -192,8 +192,10 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     """
     config = load_config(run_dir)
     path = Path(run_dir) / WEIGHTS_FILE
-    if not path.is_file():
-        raise RunDirError(f"{path}: missing; the run has not finished an epoch yet (resume it with --resume)")
+    if not os.path.lexists(path):
+        raise RunDirError(f"{quoted(path)}: missing; the run has not finished an epoch yet (resume it with --resume)")
+    with open_bounded(path, weights_bound(config), "convae weights", RunDirError):
+        pass  # a regular file no larger than this config's weights can be: no FIFO waited on, no mmap of a huge file
     _check_weights_header(path, config)
     try:  # the weights fit any image size a conv net is given: config.json's must fit memory too
         check_inference_memory(config.model, device, quoted(Path(run_dir) / CONFIG_FILE))
@@ -261,6 +263,12 @@ _CHECKPOINT_FIELDS = {
 #: from the weights it must hold, is this many times their bytes plus room for the rest.
 _CHECKPOINT_WEIGHT_COPIES = 4
 _CHECKPOINT_SLACK_BYTES = 64 << 20
+
+
+def weights_bound(config: RunConfig) -> int:
+    """The most bytes model.safetensors of `config` can take: its tensors and a header (names, shapes)."""
+    state = expected_state(config)
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in state.values()) + 256 * len(state) + (1 << 20)
 
 
 def checkpoint_bound(config: RunConfig) -> int:
