@@ -387,8 +387,10 @@ def fit(
         return
     last = est.history_[-1]
     click.echo(
-        f"trained {len(est.history_)} epoch(s) on {dataset.name} ({len(dataset)} images): "
-        f"val MSE {last['val_mse']:.5f}, PSNR {last['val_psnr']:.2f} dB, SSIM {last['val_ssim']:.4f}"
+        _line(
+            f"trained {len(est.history_)} epoch(s) on {dataset.name} ({len(dataset)} images): "
+            f"val MSE {last['val_mse']:.5f}, PSNR {last['val_psnr']:.2f} dB, SSIM {last['val_ssim']:.4f}"
+        )
     )
     click.echo(_line(f"run directory: {out}"))
 
@@ -400,9 +402,11 @@ def info(run_dir):
     model, config = convae.load_model(run_dir)
     m = config.model
     click.echo(
-        f"{run_dir}: arch={m.arch}, input {m.image_size[0]}x{m.image_size[1]}x{m.in_channels}, "
-        f"code size {convae.models.code_size(m)}, trained on {config.data.spec or 'an array'} "
-        f"({config.data.num_images} images), convae {config.convae_version}"
+        _line(
+            f"{run_dir}: arch={m.arch}, input {m.image_size[0]}x{m.image_size[1]}x{m.in_channels}, "
+            f"code size {convae.models.code_size(m)}, trained on {config.data.spec or 'an array'} "
+            f"({config.data.num_images} images), convae {config.convae_version}"
+        )
     )
     click.echo(_table(model.describe()))
     history = convae.run.read_history(run_dir)

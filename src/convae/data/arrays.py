@@ -182,6 +182,8 @@ def _check_converted_size(name: str, shape, size: tuple[int, int] | None, channe
     """DataError when the images resized to `size` (with `channels`) would not fit the memory
     budget (``convae._memory.available_bytes``): found before the array is allocated."""
     n, h, w, c = shape
+    if (size is None or tuple(size) == (h, w)) and channels in (None, c):
+        return  # nothing converted, nothing allocated
     h, w = size or (h, w)
     needed = n * h * w * (channels or c)
     budget, source = available_bytes()

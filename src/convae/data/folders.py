@@ -196,6 +196,12 @@ def _fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
         return im
     scale = max(th / h, tw / w)
     nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+    budget = pixel_budget()
+    if nw * nh > budget:  # a size of another shape (100000x2 from 8x8) covered before the crop
+        raise DataError(
+            f"resizing {h}x{w} to cover {th}x{tw} takes {nh}x{nw} pixels, above convae's budget of {budget:,} "
+            f"(${PIXELS_ENV}); choose an --image-size closer to the images' shape"
+        )
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), Image.Resampling.LANCZOS)
     left, top = (nw - tw) // 2, (nh - th) // 2
