@@ -32,9 +32,14 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConvaeError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise ConvaeError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from e
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):  # meta holds no data; others compute nothing of ours
+        raise ConvaeError(f"--device {name}: not a device convae computes on (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConvaeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def gpu_for_every_process() -> bool:
