@@ -388,13 +388,13 @@ def test_memory_stays_flat_on_a_large_memmapped_dataset(tmp_path):
         tracemalloc.stop()
     assert peak < out_bytes / 20, f"peak {peak / 1e6:.1f} MB for {out_bytes / 1e6:.0f} MB of features"
     # resident memory too (torch's buffers included; the file's pages stay in the page cache)
-    growth = _peak_rss_growth(lambda: extract_to_file(ex, images, tmp_path / "f.npz"))
+    growth = _peak_rss_growth(lambda: extract_to_file(ex, images, tmp_path / "h.npz"))
     assert growth < out_bytes / 2, f"resident memory grew {growth / 1e6:.1f} MB for {out_bytes / 1e6:.0f} MB"
 
     feats = np.load(tmp_path / "f.npy", mmap_mode="r")
     assert feats.shape == (n, ex.dim)
     np.testing.assert_array_equal(feats[-300:], ex.transform(images[-300:]))
-    with np.load(tmp_path / "f.npz") as z:
+    with np.load(tmp_path / "h.npz") as z:
         np.testing.assert_array_equal(z["features"][:300], feats[:300])
 
 

@@ -285,3 +285,157 @@ def test_load_model_of_damaged_weights(tiny_run, data):
         one_line(e)
     finally:
         path.write_bytes(original)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI's options (issue #28): every command, values at and beyond each limit
+# ---------------------------------------------------------------------------------------------
+#: Per command: its examples are whole `convae` invocations, so fewer of them.
+FUZZ_CLI = settings(
+    max_examples=int(os.environ.get("CONVAE_FUZZ_CLI_EXAMPLES", 10)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+#: Integers at and beyond the limits of convae.limits (and of 64 bits), and small ones.
+_EDGE_INTS = [-(2**63), -1, 0, 1, 2, 255, 256, 1024, 1025, 65536, 65537, 1 << 20, (1 << 20) + 1, 2**32, 2**63, 2**64]
+_INTS = st.one_of(st.sampled_from(_EDGE_INTS), st.integers(-3, 40)).map(str)
+_SMALL = st.sampled_from(["-1", "0", "1", "2", "3", "2147483648", "x"])
+_FLOATS = st.one_of(
+    st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1", "1e308", "1e-308", "0.5", "x"]),
+    st.floats(-2, 2, allow_nan=False).map(repr),
+)
+_TEXT = st.sampled_from(["", "x", ",", "1,,2", "-1", "a\nb", "9" * 30, "all", "stage1", "4,8"])
+_WIDTHS = st.one_of(_TEXT, st.lists(st.sampled_from(_EDGE_INTS[:12]), min_size=1, max_size=3).map(
+    lambda v: ",".join(map(str, v))), st.just(",".join(["4"] * 65)))  # fmt: skip
+_SIZES = st.sampled_from(["8", "4", "1", "0", "-8", "8x8", "8x", "65536", "65537", "100000x2", "x", "9" * 30])
+_DEVICES = st.sampled_from(["cpu", "auto", "cuda", "cuda:99", "meta", "bogus"])
+
+_FIT_OPTIONS = {
+    "--arch": st.sampled_from(["conv", "dense", "sparse", "hsparse", "nope"]),
+    "--widths": _WIDTHS, "--hidden": _WIDTHS, "--convs-per-stage": _INTS, "--kernel-size": _INTS,
+    "--latent-channels": _INTS, "--latent-dim": _INTS, "--bottleneck": st.sampled_from(["conv", "dense", "x"]),
+    "--sparse-k": _INTS, "--patches-per-image": _INTS, "--whiten-eps": _FLOATS, "--upper-kernel": _INTS,
+    "--pool-size": _INTS, "--reduce-dim": _INTS, "--groups": _INTS, "--group-size": _INTS,
+    "--upper-image-fraction": _FLOATS, "--code-wta": _FLOATS, "--split-threshold": _FLOATS,
+    "--epochs": st.sampled_from(["-1", "1", "2", "x"]), "--max-time": _FLOATS, "--batch-size": _INTS,
+    "--lr": _FLOATS, "--weight-decay": _FLOATS, "--noise": _FLOATS, "--mask-ratio": _FLOATS,
+    "--val-fraction": _FLOATS, "--seed": _INTS, "--threads": st.sampled_from(["-1", "0", "1", "1025", "99999999"]),
+    "--nproc": st.sampled_from(["-1", "0", "1", "1025", str(2**63)]), "--image-size": _SIZES,
+    "--channels": _SMALL, "--device": _DEVICES, "--on-nan": st.sampled_from(["stop", "skip", "x"]),
+    "--preset": st.sampled_from(["mnist", "cifar10", "nope"]),
+}  # fmt: skip
+_VIEW_OPTIONS = {
+    "--max-images": _INTS, "--top-channels": _INTS, "--top-k": _INTS, "--steps": _SMALL, "--seed": _INTS,
+    "--device": _DEVICES, "--image-size": _SIZES, "--channels": _SMALL,
+}  # fmt: skip
+_COMMANDS = {
+    "fit": (["{imgs}", "-o", "{out}/run", "-q", "--epochs", "1", "--device", "cpu"], _FIT_OPTIONS),
+    "info": (["{run}"], {}),
+    "layers": (["{run}"], {}),
+    "extract": (["{run}", "{imgs}", "-q", "--device", "cpu"], {
+        "-o": st.sampled_from(["{out}/f.npy", "{out}/f.npz", "{out}/f.parquet", "{out}/f.txt", "{imgs}", "{run}/config.json", "{out}"]),
+        "--layers": _TEXT, "--pool": st.sampled_from(["avg", "flatten", "grid2", "grid99", "", "max,avg"]),
+        "--dtype": st.sampled_from(["float16", "int8"]), "--batch-size": _INTS, "--image-size": _SIZES,
+        "--channels": _SMALL, "--format": st.sampled_from(["npy", "npz", "csv"]),
+    }),
+    "reconstruct": (["{run}", "{imgs}", "-o", "{out}/r.png"], {"--count": _INTS, "--image-size": _SIZES, "--channels": _SMALL}),
+    "show": (["{run}", "{imgs}", "-q", "-o", "{out}/v.png"], {
+        "--view": st.sampled_from(["filters", "curves", "recon", "receptive", "maps", "outliers", "interpolate", "probe", "x"]),
+        "--count": _INTS, "--index": st.sampled_from(["0", "0,5", "-1", "99999", "a.png", ","]), "--layers": _TEXT,
+        "--probe": st.sampled_from(["{results}", "{imgs}", "{out}/missing.json"]), **_VIEW_OPTIONS,
+    }),
+    "report": (["{run}", "{imgs}", "-q", "-o", "{out}/r.html", "--max-images", "24", "--steps", "1"], {
+        "--tsne-points": _INTS, "--top-k": st.sampled_from(["0", "1", "2"]), "--seed": _INTS,
+        "--probe": st.sampled_from(["{results}", "{imgs}"]), "--image-size": _SIZES,
+    }),
+    "probe": (["{run}", "--train", "{feats}", "--test", "{feats}", "-o", "{out}/p.json"], {
+        "--classifiers": st.sampled_from(["logreg", "knn", "x", ""]), "--c-scale": _FLOATS, "--max-iter": _SMALL,
+        "--seeds": _INTS, "--labels-per-class": st.sampled_from(["1", "0", "-1", "all", "x", "1,all"]),
+        "--split-seed": _INTS, "--normalize": st.sampled_from(["standard", "whiten", "x"]), "--pca-dim": _TEXT,
+        "--dtype": st.sampled_from(["float16", "float64"]), "--cv": _SMALL, "--test-fraction": _FLOATS,
+    }),
+    "score": (["{run}", "{imgs}", "-q", "-o", "{out}/s.csv", "--device", "cpu", "--train", "{imgs}"], {
+        "--k": _INTS, "--threshold-quantile": _FLOATS, "--calibration-images": _INTS, "--layers": _TEXT,
+        "--pool": st.sampled_from(["avg", "grid4", "x"]), "--batch-size": _INTS, "--by": st.sampled_from(["mse", "knn", "x"]),
+    }),
+    "neighbors": (["{run}", "--index", "{imgs}", "--query", "{imgs}", "-q", "--device", "cpu"], {
+        "-o": st.sampled_from(["{out}/n.png", "{out}/n.csv", "{out}/n.txt", "{imgs}"]), "--k": _INTS,
+        "--show": _INTS, "--baselines": st.sampled_from(["none", "pixels", "x", ""]), "--pool": st.sampled_from(["avg", "x"]),
+    }),
+    "demo": ([], {"-o": st.sampled_from(["{imgs}", "{run}", "{run}/config.json", "{results}"])}),
+}  # fmt: skip
+#: Options each invocation needs (the rest are drawn, some at a time).
+_REQUIRED = {"extract": ["-o"], "show": ["--view"], "neighbors": ["-o"], "demo": ["-o"]}
+
+
+@pytest.fixture(scope="module")
+def cli_world(scratch):
+    """24 digits as .npy with labels, a tiny run trained on them, its features, a results.json."""
+    from click.testing import CliRunner
+
+    from convae.cli import main
+
+    world = scratch / "cli-world"
+    world.mkdir()
+    images = D.load_dataset("digits", "train").images[:24]
+    np.save(world / "imgs.npy", images)
+    np.save(world / "imgs.labels.npy", np.arange(24) % 3)
+    fit(images, default_model_config((8, 8, 1), channels=(2, 4)), TrainConfig(epochs=1, threads=1, device="cpu"),
+        run_dir=world / "run")  # fmt: skip
+    result = CliRunner().invoke(main, ["extract", str(world / "run"), str(world / "imgs.npy"), "-o",
+                                       str(world / "feats.npy"), "-q", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [{"features": "stage1/avg", "classifier": "logreg", "accuracy": 0.5}]
+    (world / "results.json").write_text(json.dumps({"rows": rows}))
+    return world
+
+
+def _files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", list(_COMMANDS))
+def test_cli_options_at_and_beyond_their_limits(cli_world, command):
+    """Any values of any options: exit 0, or exit 2 with one line; never a traceback, never a
+    change to a file outside the command's output folder, memory bounded (a budget is set)."""
+    import resource
+
+    import torch
+    from click.testing import CliRunner
+
+    from convae.cli import main
+
+    base, options = _COMMANDS[command]
+    names = {"imgs": cli_world / "imgs.npy", "run": cli_world / "run", "feats": cli_world / "feats.npy",
+             "results": cli_world / "results.json"}  # fmt: skip
+    before = _files_of(cli_world)
+    threads = torch.get_num_threads()
+
+    @FUZZ_CLI
+    @given(st.data())
+    def invoke(data):
+        out = Path(tempfile.mkdtemp(dir=scratch_dir))
+        fill = lambda a: a.format(out=out, **names)  # noqa: E731
+        drawn = data.draw(st.lists(st.sampled_from(sorted(options)), max_size=3, unique=True)) if options else []
+        chosen = list(dict.fromkeys(_REQUIRED.get(command, []) + drawn))
+        args = [command, *map(fill, base)]
+        for name in chosen:
+            args += [name, fill(data.draw(options[name], label=name))]
+        try:
+            result = CliRunner().invoke(main, args, env={"CONVAE_MEMORY_LIMIT": "512M"})
+        finally:
+            torch.set_num_threads(threads)
+        stderr = result.stderr.strip().splitlines()
+        assert result.exit_code in (0, 2), (args, result.exit_code, result.exception, result.stderr)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
+        assert "Traceback" not in result.output + result.stderr, args
+        if result.exit_code == 2:
+            errors = [line for line in stderr if line.startswith("convae: error:")]
+            assert len(errors) == 1 and stderr[-1] == errors[0], (args, result.stderr)
+        assert _files_of(cli_world) == before, args  # no input, run file or other file touched
+        shutil.rmtree(out, ignore_errors=True)
+
+    scratch_dir = cli_world.parent / f"out-{command}"
+    scratch_dir.mkdir(exist_ok=True)
+    invoke()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 << 20  # KiB: under 4 GiB

@@ -35,6 +35,25 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def make_folders(folder: str | os.PathLike) -> None:
+    """``mkdir -p`` without recursion (pathlib's and os.makedirs recurse once per missing level,
+    so a path thousands of folders deep would be a RecursionError): FileExistsError never,
+    other OSErrors as they come."""
+    folder = Path(folder)
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for level in reversed(missing):
+        try:
+            level.mkdir()
+        except FileExistsError:
+            if not level.is_dir():
+                raise
+
+
 def storage_error(path: str | os.PathLike, e: OSError) -> StorageError:
     """A one-line StorageError for an OSError met while writing `path`."""
     path = Path(path)
@@ -81,7 +100,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             os.fchmod(fd, _mode_for(path))  # mkstemp's 0600 would make every file private

@@ -11,9 +11,12 @@ anyway. Measured in benchmarks/RESULTS.md ("Speed").
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 import sys
+
+from .errors import ConfigError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -58,3 +61,63 @@ def _tune(all_sizes: bool) -> bool:
     if all_sizes and "MALLOC_MMAP_MAX_" not in os.environ:
         done &= mallopt(_M_MMAP_MAX, 0) == 1
     return bool(done)
+
+
+# ---------------------------------------------------------------------------------------------
+# the memory budget: what a command may still allocate (models.memory and the data loaders)
+# ---------------------------------------------------------------------------------------------
+MEMORY_ENV = "CONVAE_MEMORY_LIMIT"
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def available_bytes() -> tuple[int | None, str]:
+    """(bytes of memory this process may still use, where that figure comes from); None: unknown.
+
+    $CONVAE_MEMORY_LIMIT (bytes, or e.g. 8G) when set: a user who knows better raises or lowers
+    it there. Else ``MemAvailable`` and what the cgroup's limit leaves, the smaller.
+    """
+    override = os.environ.get(MEMORY_ENV)
+    if override:
+        return parse_bytes(override), f"${MEMORY_ENV}"
+    found = [v for v in (_meminfo_available(), _cgroup_left()) if v is not None]
+    return (min(found), "available memory") if found else (None, "")
+
+
+def parse_bytes(text: str) -> int:
+    """'8G', '512m', '1000000' -> bytes; ConfigError for anything else."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"${MEMORY_ENV}={text[:40]!r}: give bytes, e.g. 8G or 512M")
+    return int(value * _UNITS[unit])
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _cgroup_left() -> int | None:
+    """What the cgroup (v2) memory limit leaves, where one is set: a container's real ceiling."""
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            return max(int(limit) - int(f.read().strip()), 0)
+    except (OSError, ValueError):
+        return None

@@ -24,7 +24,7 @@ from .analysis.options import METRICS, NEIGHBOR_BASELINES, SCORES, ScoreOptions
 from .config import NAN_POLICIES, TrainConfig
 from .errors import ConvaeError
 from .features.plan import POOLS
-from .limits import NPROC_MAX, SEED_MAX
+from .limits import FIGURE_ITEMS_MAX, NPROC_MAX, SEED_MAX, VIEW_STEPS_MAX
 from .models.config import Activation, Bottleneck, Decoder, Downsample, Norm, Upsample
 from .models.registry import ARCHITECTURES
 from .presets import PRESETS
@@ -57,8 +57,12 @@ class _Group(click.Group):
             _fail(f"{name}{e.strerror or e}")
         except OSError as e:  # a full disk, an I/O error
             _fail(f"{getattr(e, 'filename', '') or ''}{': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
-        except MemoryError:
-            _fail("out of memory; use a smaller --batch-size, smaller --widths or --image-size, or fewer images")
+        except MemoryError as e:  # numpy's _ArrayMemoryError among them
+            _fail(_out_of_memory(e))
+        except RuntimeError as e:
+            if not _is_allocator_failure(e):
+                raise
+            _fail(_out_of_memory(e))
         except KeyboardInterrupt as e:
             detail = " ".join(str(e).split())  # fit says where its checkpoint is
             click.echo(
@@ -71,14 +75,40 @@ class _Group(click.Group):
             sys.exit(128 + getattr(e, "signum", 2))  # 130 for Ctrl-C, 143 for SIGTERM
 
 
+#: How torch's allocators word a failed allocation (CPU, CUDA, MPS, oneDNN).
+_ALLOCATOR_MESSAGES = ("not enough memory", "defaultcpuallocator", "out of memory", "can't allocate memory")
+
+
+def _is_allocator_failure(e: BaseException) -> bool:
+    text = str(e).lower()
+    return type(e).__name__ == "OutOfMemoryError" or any(m in text for m in _ALLOCATOR_MESSAGES)
+
+
+def _out_of_memory(e: BaseException) -> str:
+    """One line for an allocation that failed anywhere in a command, whatever allocator said so."""
+    detail = " ".join(str(e).split())[:160]
+    return (
+        f"out of memory ({detail or type(e).__name__}); use a smaller --batch-size, --widths or "
+        "--image-size, or fewer images"
+    )
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 0x7F)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def _line(text: object) -> str:
+    """`text` as one line: a control character (a newline in a file name above all) is shown
+    escaped, so no name can start a line of its own, such as a forged `convae: error:`."""
+    return str(text).translate(_CONTROL)
+
+
 def _fail(message: str) -> None:
-    first = message.strip().splitlines()[0] if message.strip() else "failed"
-    click.echo(f"convae: error: {first}", err=True)
+    click.echo(f"convae: error: {_line(message.strip()) or 'failed'}", err=True)
     sys.exit(2)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    click.echo(f"convae: warning: {message}", err=True)
+    click.echo(f"convae: warning: {_line(message)}", err=True)
 
 
 def _ints(value: str | None, option: str) -> tuple[int, ...] | None:
@@ -143,7 +173,7 @@ def _fmt(value) -> str:
         return f"{value:.4g}"
     if isinstance(value, int) and abs(value) >= 1000:
         return f"{value:,}"
-    return str(value)
+    return _line(value)  # a cell naming a file stays on its row
 
 
 def _claim(outs, *inputs, option: str = "--output") -> None:
@@ -357,10 +387,12 @@ def fit(
         return
     last = est.history_[-1]
     click.echo(
-        f"trained {len(est.history_)} epoch(s) on {dataset.name} ({len(dataset)} images): "
-        f"val MSE {last['val_mse']:.5f}, PSNR {last['val_psnr']:.2f} dB, SSIM {last['val_ssim']:.4f}"
+        _line(
+            f"trained {len(est.history_)} epoch(s) on {dataset.name} ({len(dataset)} images): "
+            f"val MSE {last['val_mse']:.5f}, PSNR {last['val_psnr']:.2f} dB, SSIM {last['val_ssim']:.4f}"
+        )
     )
-    click.echo(f"run directory: {out}")
+    click.echo(_line(f"run directory: {out}"))
 
 
 @main.command()
@@ -370,14 +402,16 @@ def info(run_dir):
     model, config = convae.load_model(run_dir)
     m = config.model
     click.echo(
-        f"{run_dir}: arch={m.arch}, input {m.image_size[0]}x{m.image_size[1]}x{m.in_channels}, "
-        f"code size {convae.models.code_size(m)}, trained on {config.data.spec or 'an array'} "
-        f"({config.data.num_images} images), convae {config.convae_version}"
+        _line(
+            f"{run_dir}: arch={m.arch}, input {m.image_size[0]}x{m.image_size[1]}x{m.in_channels}, "
+            f"code size {convae.models.code_size(m)}, trained on {config.data.spec or 'an array'} "
+            f"({config.data.num_images} images), convae {config.convae_version}"
+        )
     )
     click.echo(_table(model.describe()))
     history = convae.run.read_history(run_dir)
     if history:
-        last = history[-1]
+        last = {"val_psnr": float("nan"), "val_ssim": float("nan"), **history[-1]}  # older runs: fewer columns
         click.echo(
             f"epochs {int(last['epoch'])}: val MSE {last['val_mse']:.5f}, PSNR {last['val_psnr']:.2f} dB, "
             f"SSIM {last['val_ssim']:.4f}"
@@ -389,7 +423,9 @@ def info(run_dir):
 @click.argument("data")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="PNG file to write.")
 @with_data_options
-@click.option("--count", "-n", type=click.IntRange(min=1), default=16, show_default=True, help="Images to show.")
+@click.option(
+    "--count", "-n", type=click.IntRange(1, FIGURE_ITEMS_MAX), default=16, show_default=True, help="Images to show."
+)
 def reconstruct(run_dir, data, output, data_dir, split, image_size, channels, no_download, count):
     """Originals above reconstructions, with MSE and PSNR, as a PNG grid."""
     _claim([output], run_dir, data)
@@ -404,15 +440,15 @@ def reconstruct(run_dir, data, output, data_dir, split, image_size, channels, no
         )
     fig = convae.views.reconstruction_figure(images, est.reconstruct(images), dataset.name)
     convae.views.save_figure(fig, output)
-    click.echo(f"wrote {output}")
+    click.echo(_line(f"wrote {output}"))
 
 
 view_options = [
     click.option("--probe", "probe_path", type=click.Path(path_type=Path), help="results.json written by `convae probe`."),
     click.option("--max-images", type=click.IntRange(min=1), default=3000, show_default=True, help="Images (sampled with --seed) for patches, channel choice and the embedding."),
-    click.option("--top-channels", type=click.IntRange(min=1), default=8, show_default=True, help="Channels shown per layer (the most variable ones)."),
-    click.option("--top-k", type=click.IntRange(min=1), default=8, show_default=True, help="Patches per channel."),
-    click.option("--steps", type=click.IntRange(min=1), default=128, show_default=True, help="Gradient steps of activation maximization."),
+    click.option("--top-channels", type=click.IntRange(1, FIGURE_ITEMS_MAX), default=8, show_default=True, help="Channels shown per layer (the most variable ones)."),
+    click.option("--top-k", type=click.IntRange(1, FIGURE_ITEMS_MAX), default=8, show_default=True, help="Patches per channel."),
+    click.option("--steps", type=click.IntRange(1, VIEW_STEPS_MAX), default=128, show_default=True, help="Gradient steps of activation maximization."),
     click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Seed of the image sample, t-SNE and activation maximization (0 to 2**32-1: numpy's range)."),
     click.option("--device", default="cpu", show_default=True, help="cpu, auto, cuda or cuda:N."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
@@ -440,7 +476,12 @@ def with_view_options(f):
     help="Images to show (maps, recon, receptive; interpolate: two), e.g. 0,5,9, or files of a folder by path: cats/a.jpg,dogs/b.jpg.",
 )
 @click.option(
-    "--count", "-n", type=click.IntRange(min=1), default=8, show_default=True, help="Images for recon (maps: up to 3)."
+    "--count",
+    "-n",
+    type=click.IntRange(1, FIGURE_ITEMS_MAX),
+    default=8,
+    show_default=True,
+    help="Images for recon (maps: up to 3).",
 )
 @with_view_options
 def show(
@@ -498,7 +539,7 @@ def show(
         progress=not quiet,
     )
     convae.views.save_figure(fig, output)
-    click.echo(f"wrote {output}")
+    click.echo(_line(f"wrote {output}"))
 
 
 @main.command()
@@ -555,7 +596,7 @@ def report(
         progress=not quiet,
     )
     missing = f", {len(result.skipped)} not shown: {', '.join(result.skipped)}" if result.skipped else ""
-    click.echo(f"wrote {result.path} ({len(result.sections)} sections{missing}) in {result.seconds:.1f} s")
+    click.echo(_line(f"wrote {result.path} ({len(result.sections)} sections{missing}) in {result.seconds:.1f} s"))
 
 
 @main.command("layers")
@@ -655,11 +696,11 @@ def extract(
     )
     resumed = f"; resumed at image {result.resumed_from:,}" if result.resumed_from else ""
     blocks = ", ".join(b.name for b in extractor.blocks)
-    click.echo(f"wrote {result.path}: {result.shape[0]:,} x {result.shape[1]:,} {dtype} ({blocks}){resumed}")
+    click.echo(_line(f"wrote {result.path}: {result.shape[0]:,} x {result.shape[1]:,} {dtype} ({blocks}){resumed}"))
     if result.labels_path is not None:
-        click.echo(f"labels: {result.labels_path}")
+        click.echo(_line(f"labels: {result.labels_path}"))
     if result.index_path is not None:
-        click.echo(f"index: {result.index_path}")
+        click.echo(_line(f"index: {result.index_path}"))
 
 
 def _extract_files(output: Path) -> list[Path]:
@@ -840,7 +881,7 @@ def probe(
         names = dict(train=train.name, test=test.name)
     json_path, md_path = convae.probe.write_results(rows, output, run=str(run_dir), **names, **options.fit_meta())
     click.echo(_table(rows))
-    click.echo(f"wrote {json_path} and {md_path}")
+    click.echo(_line(f"wrote {json_path} and {md_path}"))
 
 
 def _check_probe_data(train_data, test_data, one_data, given) -> None:
@@ -966,7 +1007,7 @@ def score(run_dir, data, output, data_dir, split, image_size, channels, no_downl
             f"{int(flagged.sum()):,} of {len(flagged):,} images above the {options.threshold_quantile} quantile "
             f"of {n_ref:,} training images' {options.by} ({t:.4g})"
         )
-    click.echo(f"wrote {output} ({len(order):,} images, worst first by {options.by})")
+    click.echo(_line(f"wrote {output} ({len(order):,} images, worst first by {options.by})"))
 
 
 @main.command()
@@ -987,7 +1028,11 @@ def score(run_dir, data, output, data_dir, split, image_size, channels, no_downl
 )
 @click.option("--pool", default="grid4", show_default=True, help=f"Their pooling: {', '.join(POOLS)}.")
 @click.option(
-    "--show", type=click.IntRange(min=1), default=8, show_default=True, help="Queries in the picture (the first ones)."
+    "--show",
+    type=click.IntRange(1, FIGURE_ITEMS_MAX),
+    default=8,
+    show_default=True,
+    help="Queries in the picture (the first ones).",
 )
 @click.option(
     "--baselines",
@@ -1012,7 +1057,7 @@ def neighbors(run_dir, index_data, query_data, output, k, layers, pool, show, ba
     neighbours; with labels on both sets, prints precision@k beside raw pixels and random weights.
     """
     png, csv_path = _neighbor_outputs(output)
-    _claim([png, csv_path], run_dir, index_data, query_data)
+    _claim([png, csv_path] if output.suffix.lower() == ".png" else [csv_path, png], run_dir, index_data, query_data)
     chosen = [] if baselines.strip() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
     model, _ = convae.load_model(run_dir, device=convae.tensors.resolve_device(device))
     layers = layers or convae.analysis.middle_layer(model)
@@ -1028,7 +1073,9 @@ def neighbors(run_dir, index_data, query_data, output, k, layers, pool, show, ba
     convae.views.save_figure(convae.analysis.neighbors_grid(result, index, query, show), png)
     if result.precision:
         click.echo(_table([{"features": name, f"precision@{k}": p} for name, p in result.precision.items()]))
-    click.echo(f"wrote {png} and {csv_path} ({len(query):,} queries x {result.neighbours.indices.shape[1]} neighbours)")
+    click.echo(
+        _line(f"wrote {png} and {csv_path} ({len(query):,} queries x {result.neighbours.indices.shape[1]} neighbours)")
+    )
 
 
 def _neighbor_outputs(output: Path) -> tuple[Path, Path]:
@@ -1055,7 +1102,7 @@ def demo(out, quiet):
         click.echo(_table(result.probe_rows))
     click.echo("outputs:")
     for name, path in result.outputs.items():
-        click.echo(f"  {name}: {path}")
+        click.echo(_line(f"  {name}: {path}"))
 
 
 if __name__ == "__main__":

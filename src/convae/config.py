@@ -204,6 +204,7 @@ class TrainConfig:
                 f"on_nan must be one of {', '.join(NAN_POLICIES)}, got {_short(self.on_nan)}",
             ),
             (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
+            (self.seed >= 0, f"seed must be >= 0 (numpy's generators take no negative seed), got {self.seed}"),
             (self.max_time >= 0, f"max_time must be >= 0, got {self.max_time}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),

@@ -10,8 +10,9 @@ import numpy as np
 from .data import load_dataset
 from .errors import RunDirError
 from .estimator import ConvAutoencoder
-from .outputs import check_outputs, is_run_dir, lock_output
+from .outputs import OutputError, check_outputs, is_run_dir, lock_output, run_file_of
 from .probe import run_probe, write_results
+from .readback import quoted
 from .report import write_report
 from .run import load_config, remove_run
 from .train import evaluate
@@ -41,6 +42,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, progress: bool = False) -> 
     the same folder is refused (:func:`convae.outputs.lock_output`).
     """
     out_dir = Path(out_dir)
+    if is_run_dir(out_dir) or run_file_of(out_dir / "x"):  # its files would go among a run's own
+        raise OutputError(f"--out {quoted(out_dir)}: is (inside) a convae run; choose a folder of its own for the demo")
     with lock_output(out_dir, "--out"):
         return _run_demo(out_dir, progress)
 

@@ -331,7 +331,8 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         images = self._images(X, reset=True)
         n, h, w, c = images.shape
         model_config = self._model_config((h, w, c))
-        plan_blocks(build_model(model_config), self.layers, self.pool)  # bad layers fail before training
+        with torch.device("meta"):  # shapes only: a model too large for memory is refused by fit, not built here
+            plan_blocks(build_model(model_config), self.layers, self.pool)  # bad layers fail before training
         result = train_fit(
             images,
             model_config,

@@ -25,13 +25,26 @@ MODEL_LIMITS = {
     "latent_dim": 1 << 24,
     "hidden": 1 << 20,
     "image_size": 1 << 16,
+    # past these a meta-device pass (the memory estimate) would itself allocate per patch
+    "patches_per_image": 1 << 20,
+    "sparse_k": 1 << 16,
+    "upper_kernel": 255,
+    "pool_size": 1 << 16,
+    "reduce_dim": 1 << 16,
+    "groups": 1 << 16,
+    "group_size": 1 << 16,
 }
 MAX_STAGES = 64
 #: Training settings past which a machine, not the setting, gives out (a thread each, a process each).
-TRAIN_LIMITS = {"threads": 1024}
+TRAIN_LIMITS = {"threads": 1024, "mask_patch": 1 << 16}
 NPROC_MAX = 1024
 #: Label subsets a probe averages: each is a full classifier fit.
 PROBE_SEEDS_MAX = 1000
+#: Items one figure shows (images, channels, patches per channel, interpolation points, neighbours'
+#: queries): past this a figure is unreadable and its arrays, not the input, fill memory.
+FIGURE_ITEMS_MAX = 1024
+#: Gradient steps of activation maximization (a time bound: each is a forward and backward pass).
+VIEW_STEPS_MAX = 100_000
 #: What JSON round-trips as an integer setting (the loader's range).
 INT_RANGE = (-(2**63), 2**63)
 #: Seeds that reach numpy's RandomState and scikit-learn's random_state (0 to 2**32 - 1).

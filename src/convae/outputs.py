@@ -19,11 +19,12 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ._io import _mode_for, storage_error
+from ._io import _mode_for, make_folders, storage_error
 from .errors import ConvaeError
 
 #: A run directory's own files (run.RUN_FILES, named here so this module imports no torch).
@@ -135,7 +136,7 @@ def lock_output(path: str | os.PathLike, option: str = "output") -> OutputLock:
         return OutputLock(lock_path_of(path), None)
     lock_file = lock_path_of(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent)
     except OSError as e:
         raise storage_error(path, e) from e
     for _ in range(_LOCK_TRIES):
@@ -154,9 +155,30 @@ def lock_output(path: str | os.PathLike, option: str = "output") -> OutputLock:
         if _still_named(fd, lock_file):
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
+            remove_own_temporaries(path)  # a killed writer's: no other process writes `path` now
             return OutputLock(lock_file, fd)
         os.close(fd)
     raise OutputError(f"{_quote(path)}: could not lock {lock_file.name}; run the command again")
+
+
+#: The names _io.atomic_path's temporaries have: ``.NAME.`` + mkstemp's 8 characters + ``.tmp``.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_own_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries a killed writer of `path` left beside it (a killed .npz packing's
+    gigabytes, say); call only while holding its lock. Only regular files named exactly as
+    convae names them (``.NAME.xxxxxxxx.tmp``) go: a user's look-alike with another shape stays."""
+    path = Path(path)
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            m = _TEMPORARY.fullmatch(entry.name)
+            if m and m["name"] == path.name and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def _open_lock_file(lock_file: Path, path: Path) -> int:
@@ -248,16 +270,39 @@ def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[Path] =
                 )
 
 
+def check_side_files(
+    main: str | os.PathLike, sides: Iterable[str | os.PathLike], previous: Iterable[str | os.PathLike] = ()
+) -> None:
+    """Side files (written beside `main` and named after it: OUT.labels.npy, OUT.index.csv,
+    results.md) replace only an earlier output to `main`: with `main` (or one of `previous`, an
+    unfinished one's files) there, they are that output's and go with it. Without, a file at a
+    side file's name is someone else's, and it is refused rather than replaced without a word."""
+    main = Path(main)
+    if any(os.path.lexists(p) for p in (main, *previous)):
+        return
+    for side in map(Path, sides):
+        if os.path.lexists(side):
+            raise OutputError(
+                f"{_quote(side)}: exists but {_quote(main.name)} does not, so it is no earlier output of this "
+                f"command and writing {_quote(main.name)} would replace it; move it or choose another name"
+            )
+
+
 @contextlib.contextmanager
 def claim_outputs(
     outputs: Iterable[str | os.PathLike], inputs: Iterable[Path] = (), option: str = "--output"
 ) -> Iterator[None]:
-    """Check `outputs` (see :func:`check_outputs`) and hold a lock on each while the block runs."""
+    """Check `outputs` (see :func:`check_outputs`) and hold a lock on each while the block runs.
+
+    The first is the output the user named; the others are its side files (see
+    :func:`check_side_files`), checked once all are locked.
+    """
     outputs = [Path(p) for p in outputs]
     check_outputs(outputs, inputs, option)
     with contextlib.ExitStack() as stack:
         for out in outputs:
             stack.enter_context(lock_output(out, option))
+        check_side_files(outputs[0], outputs[1:])
         yield
 
 

@@ -30,12 +30,14 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from . import distributed
-from ._io import atomic_write_bytes, atomic_write_text, lock_dir, remove_stale_tmp
+from ._io import atomic_write_bytes, atomic_write_text, lock_dir, make_folders, remove_stale_tmp
 from ._version import __version__
 from .config import RunConfig, from_dict, to_dict
 from .errors import ConfigError, RunDirError
 from .models import build_model
+from .models.memory import check_inference_memory
 from .outputs import holds_other_files, is_run_dir
+from .readback import open_bounded, quoted, read_csv_rows, read_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -70,20 +72,10 @@ def load_config(run_dir: str | Path) -> RunConfig:
     """The RunConfig of a run directory; any problem is a one-line RunDirError naming config.json."""
     path = Path(run_dir) / CONFIG_FILE
     if not Path(run_dir).is_dir():
-        raise RunDirError(f"{run_dir}: no such run directory (create one with `convae fit DATA --out {run_dir}`)")
-    if not path.is_file():
-        raise RunDirError(f"{path}: missing; {run_dir} is not a convae run directory")
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise RunDirError(f"{path}: {size:,} bytes is far too large for a convae config; replace the file")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-        data = json.loads(raw.decode("utf-8"))
-    except RunDirError:
-        raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
-        raise RunDirError(f"{path}: not valid JSON ({_first_line(e)})") from e
+        raise RunDirError(f"{quoted(run_dir)}: no such run directory (create one with `convae fit DATA --out DIR`)")
+    if not os.path.lexists(path):
+        raise RunDirError(f"{quoted(path)}: missing; {quoted(run_dir)} is not a convae run directory")
+    data = read_json(path, MAX_CONFIG_BYTES, "a convae config", RunDirError)
     if isinstance(data, dict):
         version = data.get("convae_version")
         if isinstance(version, str) and _version_tuple(version)[:2] > _version_tuple(__version__)[:2]:
@@ -200,9 +192,15 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     """
     config = load_config(run_dir)
     path = Path(run_dir) / WEIGHTS_FILE
-    if not path.is_file():
-        raise RunDirError(f"{path}: missing; the run has not finished an epoch yet (resume it with --resume)")
+    if not os.path.lexists(path):
+        raise RunDirError(f"{quoted(path)}: missing; the run has not finished an epoch yet (resume it with --resume)")
+    with open_bounded(path, weights_bound(config), "convae weights", RunDirError):
+        pass  # a regular file no larger than this config's weights can be: no FIFO waited on, no mmap of a huge file
     _check_weights_header(path, config)
+    try:  # the weights fit any image size a conv net is given: config.json's must fit memory too
+        check_inference_memory(config.model, device, quoted(Path(run_dir) / CONFIG_FILE))
+    except ConfigError as e:
+        raise RunDirError(str(e)) from e
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -228,18 +226,21 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, float]]:
+    """history.csv's rows, each value a number; none when the run has no history yet."""
     path = Path(run_dir) / HISTORY_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         return []
-    try:
-        if path.stat().st_size > MAX_HISTORY_BYTES:
-            raise RunDirError(f"{path}: too large to be a convae history; remove it")
-        with open(path, newline="", encoding="utf-8") as f:
-            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    except RunDirError:
-        raise
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as e:
-        raise RunDirError(f"{path}: not a convae history ({_first_line(e)}); remove it or replace it") from e
+    what = "a convae history"
+    rows = read_csv_rows(path, MAX_HISTORY_BYTES, what, RunDirError)
+    out = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            out.append({k: float(v) for k, v in row.items()})
+        except (TypeError, ValueError) as e:
+            raise RunDirError(f"{quoted(path)}: line {line} is not numbers ({_first_line(e)[:80]}); not {what}") from e
+    if out and not all(math.isfinite(r.get("epoch", math.nan)) and "val_mse" in r for r in out):
+        raise RunDirError(f"{quoted(path)}: no finite 'epoch' or no 'val_mse' column; not {what}, remove or replace it")
+    return out
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -258,26 +259,60 @@ _CHECKPOINT_FIELDS = {
 }
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by :func:`save_checkpoint`, loaded without pickle and checked field by field."""
+#: A checkpoint holds the weights, two Adam moments of each and a short history: its bound,
+#: from the weights it must hold, is this many times their bytes plus room for the rest.
+_CHECKPOINT_WEIGHT_COPIES = 4
+_CHECKPOINT_SLACK_BYTES = 64 << 20
+
+
+def weights_bound(config: RunConfig) -> int:
+    """The most bytes model.safetensors of `config` can take: its tensors and a header (names, shapes)."""
+    state = expected_state(config)
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in state.values()) + 256 * len(state) + (1 << 20)
+
+
+def checkpoint_bound(config: RunConfig) -> int:
+    """The most bytes a checkpoint of `config`'s model can take (sized from the weights, on meta)."""
+    weights = sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected_state(config).values())
+    return _CHECKPOINT_WEIGHT_COPIES * weights + _CHECKPOINT_SLACK_BYTES
+
+
+def load_checkpoint(path: Path, max_bytes: int = 1 << 34) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`, loaded without pickle and checked field by field.
+
+    Read through the bounded reader: a FIFO in its place is refused, not waited on, and a file
+    above `max_bytes` (see :func:`checkpoint_bound`) is refused before torch reads it.
+    """
     fix = "cannot resume from it (start the run again with another --out)"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable checkpoint is the same user-facing problem
-        raise RunDirError(f"{path}: unreadable checkpoint ({type(e).__name__}); {fix}") from e
+    with open_bounded(path, max_bytes, "a convae checkpoint", RunDirError) as f:
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # any unreadable checkpoint is the same user-facing problem
+            raise RunDirError(f"{quoted(path)}: unreadable checkpoint ({type(e).__name__}); {fix}") from e
+    bad = _checkpoint_problem(state)
+    if bad:
+        raise RunDirError(f"{quoted(path)}: not a convae checkpoint ({bad}); {fix}")
+    return state
+
+
+def _checkpoint_problem(state: Any) -> str | None:
+    """What makes `state` no checkpoint save_checkpoint wrote, or None."""
     if not isinstance(state, dict):
-        raise RunDirError(f"{path}: not a convae checkpoint; {fix}")
+        return "not a dict"
     for name, kind in _CHECKPOINT_FIELDS.items():
         value = state.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise RunDirError(f"{path}: not a convae checkpoint (field {name!r} missing or malformed); {fix}")
+            return f"field {name!r} missing or malformed"
     if state["epoch"] < 0 or state["step"] < 0 or not math.isfinite(state["elapsed"]):
-        raise RunDirError(f"{path}: not a convae checkpoint (negative epoch or step); {fix}")
+        return "negative epoch or step"
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
-        raise RunDirError(f"{path}: not a convae checkpoint (field 'model' holds non-tensors); {fix}")
-    if not all(isinstance(r, dict) for r in state["history"]):
-        raise RunDirError(f"{path}: not a convae checkpoint (field 'history' malformed); {fix}")
-    return state
+        return "field 'model' holds non-tensors"
+    for row in state["history"]:
+        if not isinstance(row, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in row.items()
+        ):
+            return "field 'history' malformed"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +331,7 @@ def lock_run(run_dir: Path):
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: is a file, not a run directory; choose another --out")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_folders(run_dir)
     except OSError as e:
         raise RunDirError(f"cannot create run directory {run_dir}: {e.strerror or e}") from e
     lock = lock_dir(run_dir)
@@ -414,11 +449,16 @@ def _resumed(run_dir: Path, config: RunConfig, shape, dist_info, on_nan: str | N
             f"this data has {n}; resume it with the same data"
         )
     ckpt_path = run_dir / CHECKPOINT_FILE
-    if ckpt_path.is_file():
-        checkpoint = load_checkpoint(ckpt_path)
+    if os.path.lexists(ckpt_path):
+        checkpoint = load_checkpoint(ckpt_path, checkpoint_bound(config))
         found = {k: (tuple(v.shape), v.dtype) for k, v in checkpoint["model"].items()}
         check_state(found, config, ckpt_path)  # before a model of the config is built
         return config, checkpoint
+    if os.path.lexists(run_dir / WEIGHTS_FILE):  # trained weights and no checkpoint: retraining would replace them
+        raise RunDirError(
+            f"{quoted(run_dir)}: has trained weights but no {CHECKPOINT_FILE} (it finished, or the checkpoint "
+            "was removed); nothing to resume: use the run as it is, or train a new one with another --out"
+        )
     if dist_info.is_main:
         warnings.warn(
             f"{run_dir}: no checkpoint yet (the run stopped before its first epoch ended); "

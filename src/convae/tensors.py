@@ -8,6 +8,7 @@ nothing from convae but its errors, so any layer may use it without an import cy
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator, Sequence
@@ -31,9 +32,14 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConvaeError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise ConvaeError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from e
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):  # meta holds no data; others compute nothing of ours
+        raise ConvaeError(f"--device {name}: not a device convae computes on (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConvaeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def gpu_for_every_process() -> bool:
@@ -55,6 +61,14 @@ def native_bf16(device: torch.device) -> bool:
         return False
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def full_precision(device_type: str):
+    """A block computed in fp32 even under autocast. On the meta device (where the memory
+    estimate runs a net's training step without allocating) autocast does not exist: no-op."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

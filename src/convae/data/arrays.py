@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .._memory import MEMORY_ENV, available_bytes
 from ..errors import DataError
 from .containers import ImageData, error_reason
 from .folders import _fit
@@ -168,12 +169,29 @@ def _resize_array(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _convert_data(data: ImageData, size: tuple[int, int] | None, channels: int | None) -> ImageData:
     images = data.images
+    _check_converted_size(data.name, images.shape, size, channels)
     if channels is not None:
         images = _convert_channels(images, channels)
     if size is not None:
         images = _resize_array(images, size)
     data.images = images
     return data
+
+
+def _check_converted_size(name: str, shape, size: tuple[int, int] | None, channels: int | None) -> None:
+    """DataError when the images resized to `size` (with `channels`) would not fit the memory
+    budget (``convae._memory.available_bytes``): found before the array is allocated."""
+    n, h, w, c = shape
+    if (size is None or tuple(size) == (h, w)) and channels in (None, c):
+        return  # nothing converted, nothing allocated
+    h, w = size or (h, w)
+    needed = n * h * w * (channels or c)
+    budget, source = available_bytes()
+    if budget is not None and needed > budget:
+        raise DataError(
+            f"{name}: {n:,} images of {h}x{w}x{channels or c} take {needed / (1 << 30):,.1f} GiB, more than the "
+            f"{budget / (1 << 30):,.1f} GiB of {source}; choose a smaller --image-size (or set ${MEMORY_ENV})"
+        )
 
 
 def _npy_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -217,6 +235,16 @@ def _check_npz_member(zf: zipfile.ZipFile, name: str, where: str) -> None:
         _check_npy_size(f, info.file_size, where)
 
 
+def check_npz_array(npz, key: str, where: str) -> None:
+    """DataError unless the array `key` of the open NpzFile `npz` promises no more bytes than its
+    member holds (and no more than deflate can give): checked before np.load inflates it."""
+    members = set(npz.zip.namelist())
+    try:
+        _check_npz_member(npz.zip, key + ".npy" if key + ".npy" in members else key, where)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError, RuntimeError) as e:
+        raise DataError(f"cannot read {where}: {error_reason(e)}") from e
+
+
 def _np_load(path: Path):
     try:
         if not zipfile.is_zipfile(path):  # an .npy: its header must fit the file's size
@@ -229,6 +257,12 @@ def _np_load(path: Path):
         raise DataError(f"cannot read {path}: {error_reason(e)}") from e
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError, RuntimeError) as e:
         raise DataError(f"cannot read {path}: {error_reason(e)}") from e
+
+
+def load_checked(path: str | os.PathLike):
+    """np.load of an .npy or .npz with every size its headers claim checked against the file
+    first (no pickles); a DataError naming the file otherwise."""
+    return _np_load(Path(path))
 
 
 def _load_npy(path: Path) -> ImageData:

@@ -82,18 +82,37 @@ _16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def _scan(root: Path) -> list[Path]:
-    found = []
+    """Image files under `root`, hidden ones and symlinked folders left out, in path order.
 
-    def unreadable(e: OSError) -> None:  # os.walk would skip such a folder silently
-        if Path(e.filename or "") != root:
-            warnings.warn(f"skipped folder {e.filename}: {e.strerror or e}", SkippedFileWarning, stacklevel=4)
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for fn in filenames:
-            if not fn.startswith(".") and os.path.splitext(fn)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / fn)
+    A walk with a stack of its own, not os.walk (recursive in Python 3.11): a folder nested
+    thousands deep is scanned, not a RecursionError.
+    """
+    found, stack = [], [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as e:  # skipped, never silently
+            if Path(folder) != root:
+                warnings.warn(f"skipped folder {folder}: {e.strerror or e}", SkippedFileWarning, stacklevel=3)
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if _is_folder(entry):
+                if not entry.is_symlink():  # a linked folder is not followed (no loops, no escapes)
+                    stack.append(Path(entry.path))
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(Path(entry.path))
     return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop: a file entry that later fails to open, with a warning
+        return False
 
 
 @contextlib.contextmanager
@@ -177,10 +196,47 @@ def _fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
         return im
     scale = max(th / h, tw / w)
     nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+    budget = pixel_budget()
+    if nw * nh > budget:  # a size of another shape (100000x2 from 8x8) covered before the crop
+        raise DataError(
+            f"resizing {h}x{w} to cover {th}x{tw} takes {nh}x{nw} pixels, above convae's budget of {budget:,} "
+            f"(${PIXELS_ENV}); choose an --image-size closer to the images' shape"
+        )
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), Image.Resampling.LANCZOS)
     left, top = (nw - tw) // 2, (nh - th) // 2
     return im.crop((left, top, left + tw, top + th))
+
+
+#: Decoded pixels one image may take (after a JPEG's reduced decode): 4 bytes each in RGBA and a
+#: few copies while converting, in each decoding thread. $CONVAE_MAX_IMAGE_PIXELS raises it.
+MAX_DECODED_PIXELS = 50_000_000
+PIXELS_ENV = "CONVAE_MAX_IMAGE_PIXELS"
+#: Images above this many pixels decode reduced (JPEG draft, whole-factor reduce) before the
+#: resampling: below it they resample from full size exactly as they always have.
+_REDUCE_ABOVE = 4_000_000
+
+
+def pixel_budget() -> int:
+    """Pixels an image may decode to: $CONVAE_MAX_IMAGE_PIXELS, else :data:`MAX_DECODED_PIXELS`."""
+    text = os.environ.get(PIXELS_ENV, "").strip().replace("_", "")
+    if not text:
+        return MAX_DECODED_PIXELS
+    if not text.isdigit() or int(text) < 1:
+        raise DataError(f"${PIXELS_ENV}={text[:40]!r}: give a number of pixels, e.g. 200000000")
+    return int(text)
+
+
+def _draft_for(im: Image.Image, size: tuple[int, int] | None) -> None:
+    """Ask a JPEG to decode at 1/2, 1/4 or 1/8 scale, still covering `size` in either orientation
+    (EXIF rotation comes after): a photo of 9400x9400 becomes a few hundred pixels, never 88 M."""
+    if size is None or im.format != "JPEG" or im.size[0] * im.size[1] <= _REDUCE_ABOVE:
+        return
+    w, h = im.size
+    side = max(size)
+    scale = side / max(min(w, h), 1)
+    if scale < 1:
+        im.draft(im.mode, (max(1, -(-w * side // min(w, h))), max(1, -(-h * side // min(w, h)))))
 
 
 def _decode(path: str | os.PathLike, size: tuple[int, int], channels: int) -> np.ndarray:
@@ -191,11 +247,29 @@ def _decode(path: str | os.PathLike, size: tuple[int, int], channels: int) -> np
             raise ValueError(
                 f"image of {im.size[0]}x{im.size[1]} pixels exceeds the limit of {limit} (decompression bomb?)"
             )
+        _draft_for(im, size)
+        budget = pixel_budget()
+        if im.size[0] * im.size[1] > budget:  # what decoding would hold (the draft's size for a JPEG)
+            raise ValueError(
+                f"{im.size[0]}x{im.size[1]} pixels decoded is above convae's budget of {budget:,} per image "
+                f"(raise it with ${PIXELS_ENV}, or shrink the file)"
+            )
         im.load()  # first frame of an animation
+        im = _reduced(im, size)
         im = ImageOps.exif_transpose(im)
         im = _fit(_to_mode(im, channels), size)
         arr = np.asarray(im, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _reduced(im: Image.Image, size: tuple[int, int] | None) -> Image.Image:
+    """`im` shrunk by a whole factor (box filter, cheap) while it still covers `size` twice over
+    in either orientation: the mode conversions and the resampling after it work on far fewer
+    pixels. Orientation-agnostic, so it may run before the EXIF transpose."""
+    if size is None or im.size[0] * im.size[1] <= _REDUCE_ABOVE:
+        return im
+    factor = min(im.size) // (2 * max(size))
+    return im.reduce(factor) if factor >= 2 and im.mode not in ("P", "1") else im
 
 
 def _load_folder(

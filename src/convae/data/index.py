@@ -10,6 +10,7 @@ read it as it is.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 
 from .._io import atomic_open
 from ..errors import DataError
+from ..readback import open_bounded, quoted
 
 COLUMNS: tuple[str, ...] = ("index", "path", "label", "class")
 
@@ -97,19 +99,32 @@ def write_index_csv(path: str | os.PathLike, index: SourceIndex) -> None:
             writer.writerow(["" if v is None else v for v in row])
 
 
-def read_index_csv(path: str | os.PathLike) -> SourceIndex:
-    """A SourceIndex from a CSV :func:`write_index_csv` wrote; a file of another shape is a DataError."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or tuple(rows[0]) != COLUMNS:
-        raise DataError(f"{path}: not a convae index (expected the columns {','.join(COLUMNS)})")
-    body = rows[1:]
+#: An index row: a number, a path (at most PATH_MAX bytes, quoted), a label and a class name.
+_MAX_ROW_BYTES = 16 << 10
+
+
+def read_index_csv(path: str | os.PathLike, rows: int | None = None) -> SourceIndex:
+    """A SourceIndex from a CSV :func:`write_index_csv` wrote; a file of another shape is a DataError.
+
+    With `rows` (how many the features beside it have), a file larger than that many rows can
+    be is refused before it is read (the bounded reader: no FIFO waited on either).
+    """
+    bound = (rows + 1) * _MAX_ROW_BYTES if rows is not None else 1 << 40
+    with open_bounded(path, bound, "a convae index", DataError) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+        try:
+            found = list(csv.reader(text))
+        except csv.Error as e:
+            raise DataError(f"{quoted(path)}: not a convae index ({e})") from None
+    if not found or tuple(found[0]) != COLUMNS:
+        raise DataError(f"{quoted(path)}: not a convae index (expected the columns {','.join(COLUMNS)})")
+    body = found[1:]
     try:
         index = np.array([int(r[0]) for r in body], dtype=np.int64)
         has_labels = bool(body) and all(r[2] != "" for r in body)
         labels = np.array([int(r[2]) for r in body], dtype=np.int64) if has_labels else None
-    except (ValueError, IndexError):
-        raise DataError(f"{path}: a row with a missing or non-integer index or label") from None
+    except (ValueError, IndexError, OverflowError):
+        raise DataError(f"{quoted(path)}: a row with a missing or non-integer index or label") from None
     paths = [r[1] for r in body] if body and any(r[1] for r in body) else None
     classes = _classes(labels, [r[3] for r in body]) if labels is not None else None
     return SourceIndex(index, paths, labels, classes)
@@ -121,6 +136,6 @@ def _classes(labels: np.ndarray, names: list[str]) -> list[str] | None:
     for y, name in zip(labels.tolist(), names):
         if by_label.setdefault(y, name) != name:
             return None
-    if not by_label or min(by_label) < 0:
-        return None
+    if not by_label or min(by_label) < 0 or max(by_label) > 2 * len(labels) + 1000:
+        return None  # labels far apart: a list of names up to the largest would dwarf the file
     return [by_label.get(k, str(k)) for k in range(max(by_label) + 1)]

@@ -16,18 +16,28 @@ import re
 import shutil
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
-from .._io import DISK_FULL, _fsync_dir, _mode_for, atomic_open, atomic_path, atomic_write_text
+from .._io import DISK_FULL, _fsync_dir, _mode_for, atomic_open, atomic_path, atomic_write_text, make_folders
 from .._version import __version__
+from ..data.arrays import check_npz_array, load_checked
 from ..data.index import SourceIndex, read_index_csv, write_index_csv
 from ..errors import ConfigError, StorageError
-from ..outputs import OutputError, create_exclusive, lock_output, open_existing_for_update, regular_file_kind
+from ..outputs import (
+    OutputError,
+    check_side_files,
+    create_exclusive,
+    lock_output,
+    open_existing_for_update,
+    regular_file_kind,
+)
 from ..progress import progress_bar
+from ..readback import ReadBackError, read_json
 from .extractor import FeatureExtractor
 
 DTYPES: tuple[str, ...] = ("float32", "float16")
@@ -104,11 +114,13 @@ def _data_digest(images) -> str:
 
 
 def _read_progress(path: Path) -> dict | None:
-    if regular_file_kind(path) != "file" or path.stat().st_size > _PROGRESS_MAX_BYTES:
-        return None  # not a record convae wrote (a FIFO would block, a huge file fill memory)
+    """The progress record at `path`, or None: a record convae cannot have written (a FIFO, a
+    huge or malformed file) only means the extraction starts over, never a hang or a crash."""
+    if not os.path.lexists(path):
+        return None
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        state = read_json(path, _PROGRESS_MAX_BYTES, "a progress record")
+    except ReadBackError:
         return None
     return state if isinstance(state, dict) else None
 
@@ -143,7 +155,7 @@ def _open_partial(out: Path, partial: Path, progress: Path, fingerprint: str, sh
         offset, rows = _data_offset(partial, shape, dtype), state.get("rows_done")
         if offset is not None and isinstance(rows, int) and 0 <= rows <= shape[0]:
             return offset, rows
-    partial.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(partial.parent)
     # another extraction's leftover, or a name shared with another file (a hard link, which
     # writing in place would change): the name goes, the rows go to a file of their own
     partial.unlink(missing_ok=True)
@@ -222,6 +234,7 @@ def extract_to_file(
     fingerprint = _fingerprint(extractor, images, index, source, shape, dtype)
     partial, progress_path = partial_paths(out)
     with lock_output(out):  # a second extraction to OUT is refused: rows of two models never mix
+        check_side_files(out, side_files(out), previous=[partial])
         offset, done = _open_partial(out, partial, progress_path, fingerprint, shape, np.dtype(dtype))
         resumed_from = done
         try:
@@ -336,6 +349,20 @@ def _write_rows(
                 last_sync = time.monotonic()
 
 
+def labels_path_of(out: str | os.PathLike) -> Path:
+    """feats.npy -> feats.labels.npy (where an .npy extraction's labels go)."""
+    out = Path(out)
+    return out.with_name(out.name[: -len(out.suffix)] + ".labels.npy")
+
+
+def side_files(out: str | os.PathLike) -> list[Path]:
+    """The files an extraction to `out` writes beside it (none for Parquet: all in one file)."""
+    kind = output_format(out)
+    if kind == "parquet":
+        return []
+    return [index_path_of(out), *([labels_path_of(out)] if kind == "npy" else [])]
+
+
 def index_path_of(out: str | os.PathLike) -> Path:
     """feats.npy -> feats.index.csv (where the rows' sources go)."""
     out = Path(out)
@@ -356,13 +383,14 @@ def _finish(
     index_path = index_path_of(out)
     write_index_csv(index_path, index)  # before the features: a finished OUT always has its index
     if kind == "npy":
-        labels_path = None
+        labels_path = labels_path_of(out)
         if labels is not None:
-            labels_path = out.with_name(out.name[: -len(".npy")] + ".labels.npy")
             _save_npy(labels_path, np.asarray(labels))
+        else:  # an earlier output's labels (check_side_files) would be read back with these rows
+            labels_path.unlink(missing_ok=True)
         os.replace(partial, out)
         _fsync_dir(out.parent)
-        return labels_path, index_path
+        return (labels_path if labels is not None else None), index_path
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
         # the layout np.savez writes; the finished .npy is copied in chunks, not loaded
         with zf.open("features.npy", "w", force_zip64=True) as dst, open(partial, "rb") as src:
@@ -436,6 +464,15 @@ def _shards_of(path: Path) -> list[Path]:
 
 
 def _load_one(path: Path) -> LoadedFeatures:
+    """One feature file; numpy's and zipfile's errors on a damaged one are one line naming it."""
+    try:
+        return _read_one(path)
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"cannot read {path}: {reason}") from e
+
+
+def _read_one(path: Path) -> LoadedFeatures:
     kind = path.suffix.lower()
     if kind == ".parquet":
         from .parquet import read_parquet
@@ -446,11 +483,17 @@ def _load_one(path: Path) -> LoadedFeatures:
         with np.load(path, allow_pickle=False) as z:
             if "features" not in z:
                 raise ConfigError(f"{path}: no 'features' array; was it written by convae extract?")
+            for key in ("features", "labels"):  # sizes checked before inflating, as for datasets
+                if key in z:
+                    check_npz_array(z, key, f"{path} [{key}]")
             features, labels = z["features"], (z["labels"] if "labels" in z else None)
     else:
         features = np.load(path, mmap_mode="r", allow_pickle=False)
         labels_path = path.with_name(path.name[: -len(".npy")] + ".labels.npy")
-        labels = np.load(labels_path, allow_pickle=False) if labels_path.is_file() else None
+        labels = load_checked(labels_path) if labels_path.is_file() else None
+        if labels is not None and not isinstance(labels, np.ndarray):
+            labels.close()
+            raise ConfigError(f"{labels_path}: an .npz archive, not labels; extract again")
     if labels is not None and (labels.ndim != 1 or len(labels) != len(features)):
         count = labels.shape[0] if labels.ndim == 1 else f"shape-{labels.shape}"
         raise ConfigError(f"{path}: {count} labels for {len(features)} rows of features; extract again")
@@ -460,9 +503,9 @@ def _load_one(path: Path) -> LoadedFeatures:
 def _index_beside(path: Path, n: int, labels) -> SourceIndex:
     """OUT.index.csv, checked against the features; rows 0..n-1 for files written before convae wrote one."""
     csv_path = index_path_of(path)
-    if not csv_path.is_file():
+    if not os.path.lexists(csv_path):  # anything else there is read back, and refused if not an index
         return SourceIndex.of_rows(n, labels)
-    index = read_index_csv(csv_path)
+    index = read_index_csv(csv_path, rows=n)
     if len(index) != n:
         raise ConfigError(f"{csv_path}: {len(index)} rows for the {n} rows of {path.name}; extract again")
     return index

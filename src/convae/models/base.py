@@ -165,6 +165,11 @@ class AutoencoderNet(nn.Module):
     #: Whether training should feed it channels-last tensors (faster for its convolutions).
     channels_last: ClassVar[bool] = False
 
+    #: The options that make its weights large, then those that make a training step's
+    #: activations large: what a memory error tells the user to lower.
+    size_options: ClassVar[tuple[str, ...]] = ("--widths",)
+    activation_options: ClassVar[tuple[str, ...]] = ("--batch-size", "--image-size")
+
     config: ModelConfig
     feature_info: FeatureInfo
 
@@ -298,6 +303,39 @@ class AutoencoderNet(nn.Module):
         device = next(self.parameters()).device
         batches = iter_float_batches(images, indices, batch_size, device)
         update_bn(batches, _EncoderUpTo(self, layers))
+
+    # -- memory ----------------------------------------------------------------
+    def step_activation_bytes(self, batch: int, stage: int = 0, training: bool = True) -> int:
+        """Bytes a step over `batch` images keeps for its backward pass (autograd's saved tensors).
+
+        Measured by running the step on the meta device (call it on a net built there), so
+        nothing is allocated and every net's own objective is what is measured; a net whose
+        ops the meta device lacks falls back to its layers' shapes (generously). `training`
+        False: one forward pass without gradients, sized from the layers' shapes alone (every
+        encoder map and as much again for the decoder; no pass run, so loading stays fast).
+        """
+        h, w = self.config.image_size
+        if not training:
+            per_image = sum(math.prod(f.shape) for f in self.feature_info) * 4
+            return batch * (2 * per_image + self.config.in_channels * h * w * 4)
+        x = torch.empty(batch, self.config.in_channels, h, w, device="meta")
+        saved = [0]
+        seen = {id(t) for t in (*self.parameters(), *self.buffers())}  # saved weights are no new memory
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            base = t if t._base is None else t._base  # a view shares its base's memory: counted once
+            if id(base) not in seen:
+                seen.add(id(base))
+                saved[0] += base.numel() * base.element_size()
+            return t
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+                self.training_loss(x, x, TrainStep(torch.Generator(), "mse", stage))
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            per_image = sum(math.prod(f.shape) for f in self.feature_info) * 4
+            return 6 * batch * per_image + x.numel() * 4
+        return saved[0] + x.numel() * 4
 
     # -- views -----------------------------------------------------------------
     def first_layer_filters(self) -> tuple[np.ndarray, str]:

@@ -83,6 +83,7 @@ class ConvAutoencoderNet(AutoencoderNet):
     from_code: nn.Module
 
     description = "convolutional autoencoder"
+    size_options = ("--widths", "--latent-dim", "--latent-channels")
     config_fields = (
         "channels", "convs_per_stage", "kernel_size", "norm", "activation", "downsample", "upsample", "decoder",
         "bottleneck", "latent_channels", "latent_dim", "code_wta",

@@ -22,6 +22,8 @@ class DenseAutoencoderNet(AutoencoderNet):
     decoder: nn.Sequential
 
     description = "dense (fully-connected) autoencoder"
+    size_options = ("--hidden", "--latent-dim")
+    activation_options = ("--batch-size",)
     config_fields = ("hidden", "latent_dim", "norm", "activation")
     spatial = False
 

@@ -86,6 +86,8 @@ class LocalPCA(nn.Module):
 
 class HierarchicalSparseNet(AutoencoderNet):
     description = "hierarchical sparse autoencoder (stages of whitened k-sparse patch coders, trained greedily)"
+    size_options = ("--widths", "--reduce-dim", "--upper-kernel")
+    activation_options = ("--batch-size", "--patches-per-image", "--widths")
     config_fields = (
         "channels", "kernel_size", "upper_kernel", "pool_size", "reduce_dim", "split_threshold", "sparse_k",
         "whiten_eps", "patches_per_image", "upper_image_fraction",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tensors import full_precision
 from .blocks import k_sparse, normalized_patches
 
 
@@ -94,7 +95,7 @@ class PatchCoder(nn.Module):
 
     def responses(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, C) map -> z (N, H-p+1, W-p+1, K): each normalized, whitened patch times each filter."""
-        with torch.autocast(x.device.type, enabled=False):  # normalization divides by small stds: fp32
+        with full_precision(x.device.type):  # normalization divides by small stds: fp32
             detectors = self.unit_filters() @ self.whiten  # (K, d): the whitening folded into the filters
             patches = self.normalized(unfold_nhwc(x.float(), self.patch))  # (N, h, w, d)
             flat = torch.addmm(-(self.mean @ detectors.T), patches.flatten(0, 2), detectors.T)  # one pass
@@ -108,7 +109,7 @@ class PatchCoder(nn.Module):
         """MSE of the whitened `target` patches rebuilt from the `patches`' k strongest responses
         (patches (M, d), or windows (M, p, p, C))."""
         patches, target = patches.reshape(len(patches), -1), target.reshape(len(target), -1)
-        with torch.autocast(patches.device.type, enabled=False):  # whitened statistics want fp32
+        with full_precision(patches.device.type):  # whitened statistics want fp32
             filters = self.unit_filters()
             code = k_sparse(self.whitened(patches.float()) @ filters.T, self.k)  # (M, K)
             return F.mse_loss(code @ filters, self.whitened(target.float()))
@@ -177,7 +178,7 @@ class GroupedPatchCoder(nn.Module):
         g, gs, p = self.members.shape[0], self.group_size, self.patch
         h2, w2 = h - p + 1, w - p + 1
         coders = self.group_coders()
-        with torch.autocast(x.device.type, enabled=False):
+        with full_precision(x.device.type):
             detectors = torch.stack([c.unit_filters() @ c.whiten for c in coders])  # (G, Kg, d), d: (dy, dx, c)
             kg = detectors.shape[1]
             offsets = torch.einsum("gd,gkd->gk", torch.stack([c.mean for c in coders]), detectors)  # (G, Kg)
@@ -199,7 +200,7 @@ class GroupedPatchCoder(nn.Module):
         Every group's :meth:`PatchCoder.loss` in one batched pass (a loop over 32 groups spent
         more time dispatching small ops than multiplying)."""
         coders = self.group_coders()
-        with torch.autocast(windows.device.type, enabled=False):
+        with full_precision(windows.device.type):
             filters = torch.stack([c.unit_filters() for c in coders])  # (G, Kg, d)
             whiten = torch.stack([c.whiten for c in coders])  # (G, d, d)
             mean = torch.stack([c.mean for c in coders])[:, None, :]  # (G, 1, d)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..tensors import evenly_spaced, iter_float_batches
+from ..tensors import evenly_spaced, full_precision, iter_float_batches
 from .base import SPLIT_SUFFIX, AutoencoderNet, FeatureInfo, LayerInfo, TrainStep
 from .blocks import CONTRAST_FLOOR, k_sparse, normalized_patches, patch_statistics, sign_split, zca
 from .config import ModelConfig
@@ -49,6 +49,8 @@ class SparsePatchAutoencoderNet(AutoencoderNet):
     typical_contrast: torch.Tensor
 
     description = "sparse autoencoder of whitened patches (one wide convolution)"
+    size_options = ("--widths", "--kernel-size")
+    activation_options = ("--batch-size", "--patches-per-image", "--widths")
     config_fields = ("channels", "kernel_size", "sparse_k", "whiten_eps", "patches_per_image")
 
     def __init__(self, config: ModelConfig):
@@ -181,7 +183,7 @@ class SparsePatchAutoencoderNet(AutoencoderNet):
         k = self.config.kernel_size
         n, _, height, width = x.shape
         detectors = self._unit_filters() @ self.whiten  # (K, d): whitening folded into the filters
-        with torch.autocast(x.device.type, enabled=False):  # normalization divides by small stds: fp32
+        with full_precision(x.device.type):  # normalization divides by small stds: fp32
             patches = F.unfold(x.float(), k).transpose(1, 2)  # (N, L, d)
             centred = normalized_patches(patches) - self.patch_mean
             z = centred @ detectors.T  # (N, L, K)
@@ -242,7 +244,7 @@ class SparsePatchAutoencoderNet(AutoencoderNet):
             p = cols.gather(2, positions[:, None, :].expand(-1, cols.shape[1], -1)).transpose(1, 2)
             return (normalized_patches(p.reshape(-1, self.patch_dim)) - self.patch_mean) @ self.whiten
 
-        with torch.autocast(x_in.device.type, enabled=False):  # whitened statistics want fp32
+        with full_precision(x_in.device.type):  # whitened statistics want fp32
             filters = self._unit_filters()
             code = k_sparse(whitened(x_in) @ filters.T, self.config.sparse_k)  # (n, K)
             return F.mse_loss(code @ filters + self.decoder_bias, whitened(target))

@@ -15,6 +15,7 @@ from .._memory import keep_freed_memory
 from ..config import DataConfig, RunConfig, TrainConfig
 from ..errors import ConvaeError
 from ..models import ModelConfig, net_class
+from ..models.memory import check_training_memory
 from ..tensors import resolve_device
 from .hooks import TrainingError
 from .loop import Trainer
@@ -89,11 +90,15 @@ def fit(
 
     run_dir = Path(run_dir) if run_dir is not None else None
     lock = checkpoint = None
+    if not resume:  # before the run directory is made: a run that cannot fit leaves nothing behind
+        check_training_memory(config.model, min(config.train.batch_size, n), device)
     try:
         if run_dir is not None:
             config, checkpoint, lock = rundir.start_run(
                 run_dir, config, resume, images.shape, dist_info, on_nan, force=force
             )
+        if resume:  # the run's saved settings
+            check_training_memory(config.model, min(config.train.batch_size, n), device)
         trainer = Trainer(
             images, config, device, dist_info, run_dir, checkpoint=checkpoint, progress=progress, on_epoch=on_epoch
         )

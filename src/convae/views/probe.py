@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,27 +11,36 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from ..errors import ConfigError
+from ..readback import field, quoted, read_json
+
+#: A results.json holds a row per layer, pooling and classifier: a few hundred kB at most.
+MAX_RESULTS_BYTES = 16 << 20
 
 
 def load_probe_results(path: str | Path) -> list[dict]:
-    """The rows of a `convae probe` results.json, checked for the keys the views need."""
+    """The rows of a `convae probe` results.json, checked for the keys the views need.
+
+    Read through the bounded reader: no FIFO waited on, no file larger than a results file can be.
+    """
     path = Path(path)
-    if not path.is_file():
+    what = "a `convae probe` results.json"
+    if not os.path.lexists(path):
         raise ConfigError(
-            f"--probe {path}: no such file (write one with `convae probe RUN_DIR --train ... --test ... -o {path.name}`)"
+            f"--probe {quoted(path)}: no such file (write one with `convae probe RUN_DIR --train ... --test ... -o results.json`)"
         )
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--probe {path}: not valid JSON ({e})") from e
-    rows = doc.get("rows") if isinstance(doc, dict) else None
-    if not isinstance(rows, list) or not rows:
-        raise ConfigError(f'--probe {path}: no "rows" list; pass the results.json `convae probe` writes')
+    doc = read_json(path, MAX_RESULTS_BYTES, what, ConfigError)
+    rows = field(doc, "rows", list, path, what, ConfigError)
+    if not rows:
+        raise ConfigError(f"--probe {quoted(path)}: no rows; pass the results.json `convae probe` writes")
     for i, r in enumerate(rows):
-        if not isinstance(r, dict) or not {"features", "classifier", "accuracy"} <= set(r):
-            raise ConfigError(f"--probe {path}: row {i} lacks features, classifier or accuracy")
-        if not isinstance(r["accuracy"], (int, float)):
-            raise ConfigError(f"--probe {path}: row {i} accuracy {r['accuracy']!r} is not a number")
+        field(r, "features", str, path, f"{what} (row {i})", ConfigError)
+        field(r, "classifier", str, path, f"{what} (row {i})", ConfigError)
+        accuracy = field(r, "accuracy", (int, float), path, f"{what} (row {i})", ConfigError)
+        if not math.isfinite(accuracy):
+            raise ConfigError(f"--probe {quoted(path)}: row {i} accuracy {accuracy!r} is not a finite number")
+        for key, value in r.items():
+            if isinstance(value, (dict, list)):  # the views print and plot the rows' values
+                raise ConfigError(f"--probe {quoted(path)}: row {i} {key!r} is a {type(value).__name__}; not {what}")
     return rows
 
 
