@@ -159,7 +159,11 @@ class Whitener(TransformerMixin, BaseEstimator):
     def transform(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, dtype=(np.float32, np.float64), reset=False)
-        return (X - self.mean_.astype(X.dtype)) @ self.projection_.astype(X.dtype, copy=False)
+        mean, projection = self.mean_.astype(X.dtype), self.projection_.astype(X.dtype, copy=False)
+        out = np.empty((len(X), projection.shape[1]), dtype=X.dtype)
+        for start in range(0, len(X), self.batch_size):  # no centred copy of the whole matrix
+            out[start : start + self.batch_size] = (X[start : start + self.batch_size] - mean) @ projection
+        return out
 
 
 # name -> classifier for (seed, number of labelled train images, feature dimension, C scale,
