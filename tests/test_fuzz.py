@@ -293,6 +293,10 @@ def test_load_model_of_damaged_weights(tiny_run, data):
 #: Per command: its examples are whole `convae` invocations, so fewer of them.
 FUZZ_CLI = settings(
     max_examples=int(os.environ.get("CONVAE_FUZZ_CLI_EXAMPLES", 10)),
+    # The same examples on every run, so CI is reproducible; explore with
+    # CONVAE_FUZZ_CLI_RANDOM=1 and more examples (a random run found the case in the notes).
+    derandomize=not os.environ.get("CONVAE_FUZZ_CLI_RANDOM"),
+    database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
