@@ -15,7 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from convae.probe import LinearSVM, linsvm_c, logreg_c
+from convae.probe import LinearSVM, Whitener, linsvm_c, logreg_c
 from convae.probe.linear import StreamingLinearSVM, StreamingLogisticRegression
 
 # Test accuracy within 0.05 points of the reference; objectives within this relative distance
@@ -195,6 +195,27 @@ def test_without_standardization_it_fits_x_as_given(digits, one_thread):
     # raw pixels (0-16, an unpenalized intercept) are badly conditioned: float32 passes stop 2e-5 above
     assert ours.objective_ == pytest.approx(theirs, rel=10 * OBJECTIVE_RTOL)
     assert ours.objective_ >= theirs * (1 - OBJECTIVE_RTOL)
+
+
+@pytest.mark.parametrize("estimator", [StreamingLogisticRegression, StreamingLinearSVM])
+@pytest.mark.parametrize("standardize", [True, False])
+def test_folded_whitening_fits_what_a_whitened_copy_fits(mnist, one_thread, estimator, standardize, tmp_path):
+    """``whiten=eps`` reaches the solution of the same classifier on Whitener(eps)'s copy of the
+    (standardized) features: the same penalty on the weights, without the copy. MNIST's blank
+    pixels are constant columns: the floor keeps the covariance positive definite."""
+    Xtr, ytr, Xte, yte = mnist
+    np.save(tmp_path / "x.npy", Xtr.astype(np.float16))
+    X16 = np.load(tmp_path / "x.npy", mmap_mode="r")  # read in place, as the probe's features
+    whitener = make_pipeline(*([StandardScaler()] if standardize else []), Whitener(eps=0.1))
+    copy = whitener.fit_transform(np.asarray(X16, dtype=np.float32))
+    C = 4 * logreg_c(Xtr.shape[1])
+    reference = estimator(C=C, tol=1e-7, max_iter=3000, standardize=False).fit(copy, ytr)
+    ours = estimator(C=C, tol=1e-7, max_iter=3000, standardize=standardize, whiten=0.1).fit(X16, ytr)
+    assert ours.objective_ == pytest.approx(reference.objective_, rel=OBJECTIVE_RTOL)
+    theirs = reference.predict(whitener.transform(Xte))
+    assert np.mean(ours.predict(Xte) == theirs) >= 1 - ACCURACY_TOLERANCE
+    with pytest.raises(ValueError, match="whiten"):
+        estimator(whiten=0.0).fit(Xtr[:100], ytr[:100])
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
