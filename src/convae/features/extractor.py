@@ -71,6 +71,8 @@ class FeatureExtractor:
         "cpu", "cuda", "auto" ...
     batch_size : int, optional
         Images per forward pass; by default sized to the model's largest map.
+    keep_order : bool, default False
+        Columns in the order `layers` lists them (a list or "a,b"), instead of network order.
 
     Examples
     --------
@@ -86,12 +88,13 @@ class FeatureExtractor:
         *,
         device: str | torch.device = "cpu",
         batch_size: int | None = None,
+        keep_order: bool = False,
     ):
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.blocks = plan_blocks(model, layers, pool)
+        self.blocks = plan_blocks(model, layers, pool, keep_order)
         self.layers = list(dict.fromkeys(b.layer for b in self.blocks))
         self.pools = list(dict.fromkeys(b.pool for b in self.blocks))
         self.batch_size = int(batch_size) if batch_size else auto_batch_size(model, self.device, self.layers)

@@ -43,8 +43,9 @@ def resolve_layers(
     layers: str | Iterable[str] | None = "bottleneck",
     default: Callable[[], Sequence[str]] | None = None,
     option: str = "layers",
+    keep_order: bool = False,
 ) -> list[str]:
-    """Layer names in network order, from "all", "a,b", a list, or None (`default()`).
+    """Layer names in network order (`keep_order`: as asked), from "all", "a,b", a list, or None (`default()`).
 
     The one place layer names from users are checked: an unknown name lists the valid ones, in
     a message that starts with `option` (what the user gave them as).
@@ -63,6 +64,8 @@ def resolve_layers(
             f"{option}: unknown layer(s) {', '.join(unknown)}: choose from all, {', '.join(valid)} "
             "(`convae layers RUN_DIR` lists them)"
         )
+    if keep_order:
+        return list(dict.fromkeys(asked))
     return [name for name in valid if name in asked]
 
 
@@ -125,10 +128,11 @@ class Block:
         return slice(self.start, self.stop)
 
 
-def plan_blocks(model, layers="bottleneck", pool="flatten") -> list[Block]:
-    """The blocks a (layers, pool) request gives on `model`, in concatenation order."""
+def plan_blocks(model, layers="bottleneck", pool="flatten", keep_order: bool = False) -> list[Block]:
+    """The blocks a (layers, pool) request gives on `model`, in concatenation order: the layers in
+    network order, or as `layers` lists them with `keep_order`."""
     blocks, start = [], 0
-    for layer in resolve_layers(model, layers):
+    for layer in resolve_layers(model, layers, keep_order=keep_order):
         for p in resolve_pools(pool):
             shape = pooled_shape(model.layer_shape(layer), p)
             blocks.append(Block(layer, p, shape, start))
