@@ -47,6 +47,37 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+class NotRegularFile(OSError):
+    """What :func:`open_regular` found instead of a regular file: ``kind`` is "a FIFO", "a folder"..."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike) -> Iterator[tuple[IO[bytes], os.stat_result]]:
+    """(binary file object, its stat) for the regular file `path`; :class:`NotRegularFile` for anything else.
+
+    Opened non-blocking and checked on the open descriptor (then made blocking), so a FIFO,
+    device or socket in the file's place is refused at once, never waited on, and nothing can
+    be swapped in between the check and the open. OSError when it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(_kind(st.st_mode))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f, st
+
+
 @contextlib.contextmanager
 def open_bounded(
     path: str | os.PathLike, max_bytes: int, what: str, error: type[ConvaeError] = ReadBackError
@@ -55,26 +86,17 @@ def open_bounded(
 
     `what` names the file's role in messages ("a convae config", "a probe results file").
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise error(f"{_quote(path)}: cannot read {what} ({e.strerror or e})") from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"{_quote(path)}: {_kind(st.st_mode)}, not {what}; replace it")
+    with contextlib.ExitStack() as stack:
+        try:
+            f, st = stack.enter_context(open_regular(path))
+        except NotRegularFile as e:
+            raise error(f"{_quote(path)}: {e.kind}, not {what}; replace it") from None
+        except OSError as e:
+            raise error(f"{_quote(path)}: cannot read {what} ({e.strerror or e})") from e
         if st.st_size > max_bytes:
             raise error(
                 f"{_quote(path)}: {st.st_size:,} bytes, too large for {what} (at most {max_bytes:,}); replace it"
             )
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        f = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    with f:
         yield f
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
-import stat
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from PIL import Image, ImageOps
 
 from ..errors import DataError, SkippedFileWarning
 from ..progress import progress_bar
+from ..readback import NotRegularFile, open_regular
 from .containers import ImageData, error_reason
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tiff", ".tif", ".webp")
@@ -117,32 +117,15 @@ def _is_folder(entry: os.DirEntry) -> bool:
 
 @contextlib.contextmanager
 def _open_regular(path: str | os.PathLike):
-    """Open `path` for reading only if it is a regular, non-empty file.
-
-    Opened non-blocking and checked on the open descriptor, so a FIFO, a device or a socket
-    named like an image is refused at once (never waited on), with no race between check and open.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = (
-                "a FIFO"
-                if stat.S_ISFIFO(st.st_mode)
-                else "a device"
-                if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-                else "a socket"
-                if stat.S_ISSOCK(st.st_mode)
-                else "not a file"
-            )
-            raise ValueError(f"not a regular file ({kind})")
+    """Open `path` for reading only if it is a regular, non-empty file (:func:`convae.readback.open_regular`:
+    a FIFO, a device or a socket named like an image is refused at once, never waited on)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            f, st = stack.enter_context(open_regular(path))
+        except NotRegularFile as e:
+            raise ValueError(f"not a regular file ({e.kind})") from None
         if st.st_size == 0:
             raise ValueError("empty file")
-        f = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    with f:
         yield f
 
 
