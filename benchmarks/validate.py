@@ -4,7 +4,7 @@
         [--data-dir ../shared/datasets] [--val 10000] [--threads 2] [--only NAME,...] [--random]
 
 For each candidate (a JSON list of {"name", "fit": ConvAutoencoder parameters, "probe": run_probe
-options}), the autoencoder trains on the train split less its last `--val` images (no labels),
+options}, or "probes": a list of named run_probe options, each probing the one trained model), the autoencoder trains on the train split less its last `--val` images (no labels),
 and the probe fits on those images' features (and their mirrors, when the candidate's probe says
 augment "flip") and scores the last `--val` train images: the official test split is never read.
 With --random, the same architecture with random weights (data statistics measured, no training)
@@ -41,15 +41,26 @@ def run_candidate(dataset: str, cand: dict, train, val, random_baseline: bool, t
     t0 = time.perf_counter()
     est = convae.ConvAutoencoder(**{"device": "cpu", **cand["fit"]}).fit(train.images)
     train_seconds = time.perf_counter() - t0
-    probe = {"classifiers": "logreg", **cand.get("probe", {})}
-    probe["baselines"] = "random" if random_baseline else "none"
-    t0 = time.perf_counter()
-    rows = convae.run_probe(est, train, val, device="cpu", **probe)
-    probe_seconds = time.perf_counter() - t0
-    common = dict(dataset=dataset, candidate=cand["name"], fit=cand["fit"], probe=cand.get("probe", {}),
-                  train_seconds=round(train_seconds, 1), probe_seconds=round(probe_seconds, 1),
-                  epochs=len(est.history_), peak_gb=round(_peak_gb(), 2))  # fmt: skip
-    return [dict(common, **row) for row in rows]
+    out = []
+    for name, options in _probes(cand):
+        probe = {"classifiers": "logreg", **options}
+        probe["baselines"] = "random" if random_baseline else "none"
+        t0 = time.perf_counter()
+        rows = convae.run_probe(est, train, val, device="cpu", **probe)
+        probe_seconds = time.perf_counter() - t0
+        common = dict(dataset=dataset, candidate=name, fit=cand["fit"], probe=options,
+                      train_seconds=round(train_seconds, 1), probe_seconds=round(probe_seconds, 1),
+                      epochs=len(est.history_), peak_gb=round(_peak_gb(), 2))  # fmt: skip
+        out.extend(dict(common, **row) for row in rows)
+    return out
+
+
+def _probes(cand: dict) -> list[tuple[str, dict]]:
+    """(row name, run_probe options) of each probe of a candidate's one trained model: its "probe",
+    or each of its "probes" ({"name": ..., options}: named "candidate:name")."""
+    if "probes" not in cand:
+        return [(cand["name"], cand.get("probe", {}))]
+    return [(f"{cand['name']}:{p['name']}", {k: v for k, v in p.items() if k != "name"}) for p in cand["probes"]]
 
 
 def split(dataset: str, data_dir: Path, n_val: int):
@@ -94,7 +105,7 @@ def main(argv=None) -> int:
     if args.results.exists():
         for line in args.results.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["dataset"], r["candidate"]))
+            done.add((r["dataset"], r["candidate"].split(":")[0]))
     train, val = split(args.dataset, args.data_dir, args.val)
     for cand in candidates:
         if (args.dataset, cand["name"]) in done:

@@ -40,10 +40,14 @@ PRESETS: dict[str, Preset] = {
             "mnist",
             "MNIST 28x28: the default model (one conv per stage, batch 64) for 2 epochs (more lower the "
             "reconstruction error, not the probe's error); probed with stage2's and stage3's conv maps sign-split, "
-            "concatenated, and whitened before the classifier",
+            "concatenated, and whitened before the classifier; features held in 16-bit (the same validation "
+            "accuracy as 32-bit, half the memory)",
             fit=dict(widths="32,64,128", convs_per_stage=1, batch_size=64, epochs=2),
             probe=dict(
-                layers="stage2,bottleneck,stage2.conv1.split+stage3.conv1.split", pool="grid4", normalize="whiten"
+                layers="stage2,bottleneck,stage2.conv1.split+stage3.conv1.split",
+                pool="grid4",
+                normalize="whiten",
+                dtype="float16",
             ),
         ),
         Preset(
