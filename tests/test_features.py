@@ -173,6 +173,9 @@ def test_the_default_batch_keeps_the_largest_map_under_the_allocators_reuse_limi
     assert default_batch(default_model_config((32, 32, 3), channels=(256, 128, 256))) == 24
     assert default_batch(default_model_config((8, 8, 1))) == 256  # small maps: the cap
     assert default_batch(CONFIGS["dense"]) == 256
+    # maps of MBs an image: batches under 8 (the sparse model's split maps: 2.9x the rate of 8)
+    assert default_batch(default_model_config((32, 32, 3), channels=(1024, 8)), "stage1.conv1.split") == 3
+    assert default_batch(default_model_config((256, 256, 3), channels=(128, 8))) == 1
     wide = build_model(default_model_config((32, 32, 3), channels=(256, 8))).eval()
     images = _images(wide.config, n=30)
     auto = FeatureExtractor(wide, "stage1.conv1.split,bottleneck", "grid2")
