@@ -227,6 +227,14 @@ def test_the_probe_lays_out_columns_so_every_set_of_the_preset_shape_is_a_view(r
         sets[2].train, np.hstack([by_layer["stage1.conv1.split"], by_layer["stage2.conv1.split"]])
     )
     np.testing.assert_array_equal(sets[1].train, by_layer["bottleneck"])
+    # several poolings: each pooling's blocks together, so a joined set is a view at each of them
+    two = FeatureExtractor(model, column_order(groups), "avg,grid2", keep_order=True)
+    joined = [fs for fs in _layer_sets(two, groups, train, test, "", False) if "+" in fs.name]
+    assert [fs.name for fs in joined] == [
+        "stage1.conv1.split+stage2.conv1.split/avg",
+        "stage1.conv1.split+stage2.conv1.split/grid2",
+    ]
+    assert joined[0].train.base is joined[1].train.base is not None
 
 
 def test_sign_split_layers_are_probed_like_any_layer_and_their_random_twins_too(runs, digits):

@@ -75,7 +75,8 @@ class FeatureExtractor:
     batch_size : int, optional
         Images per forward pass; by default sized to the model's largest map.
     keep_order : bool, default False
-        Columns in the order `layers` lists them (a list or "a,b"), instead of network order.
+        Columns in the order `layers` lists them (a list or "a,b"), each pooling's together,
+        instead of network order with each layer's poolings together.
 
     Examples
     --------

@@ -130,13 +130,14 @@ class Block:
 
 def plan_blocks(model, layers="bottleneck", pool="flatten", keep_order: bool = False) -> list[Block]:
     """The blocks a (layers, pool) request gives on `model`, in concatenation order: the layers in
-    network order, or as `layers` lists them with `keep_order`."""
+    network order, each under every pooling; with `keep_order`, every pooling's blocks together,
+    the layers as `layers` lists them (so layers listed side by side stay side by side at each pooling)."""
+    names, pools = resolve_layers(model, layers, keep_order=keep_order), resolve_pools(pool)
+    pairs = [(n, p) for p in pools for n in names] if keep_order else [(n, p) for n in names for p in pools]
     blocks, start = [], 0
-    for layer in resolve_layers(model, layers, keep_order=keep_order):
-        for p in resolve_pools(pool):
-            shape = pooled_shape(model.layer_shape(layer), p)
-            blocks.append(Block(layer, p, shape, start))
-            start = blocks[-1].stop
+    for layer, p in pairs:
+        blocks.append(Block(layer, p, pooled_shape(model.layer_shape(layer), p), start))
+        start = blocks[-1].stop
     return blocks
 
 
