@@ -22,7 +22,7 @@ from .plan import GRIDS, block_feature_names, plan_blocks
 # _memory.py): the former CIFAR-10 preset's probed layers extracted at 380 images/s in batches
 # of 256, 1,080-1,090 at this size (48). Maps of several MB an image get batches below 8: the
 # single-layer sparse model (10 MB of sign-split maps an image) extracted at 325 images/s in
-# batches of 2 and 114 in batches of 8 (2 threads); the default model at 128 px, 55.5 at 5, 52 at 8.
+# batches of 2 and 114 in batches of 8 (2 threads; benchmarks/extraction_batches.py).
 _BATCH_MAP_BYTES = 24 << 20
 MAX_BATCH = 256
 

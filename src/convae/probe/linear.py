@@ -232,7 +232,7 @@ def _scale(mean: np.ndarray, var: np.ndarray, n: int) -> np.ndarray:
 class _Basis:
     """The features the weights W are fitted on, as a linear map of X: standardized or whitened rows.
 
-    Standardized: ``z = (x - mean) / scale``. Whitened (`floor` given): ``z = (x - mean) / scale @ R * gain``
+    Standardized: ``z = (x - mean) / scale``. Whitened (`inverse_factor` given): ``z = (x - mean) / scale @ R * gain``
     with ``R = U^-1`` for the Cholesky factor ``U.T @ U = cov(standardized X) + floor * I``, and
     `gain` making the whitened features' variance average 1: the Gram matrix, so an L2-penalized
     linear model's solution, of :class:`convae.probe.Whitener`'s PCA whitening (its rows are
@@ -541,7 +541,7 @@ class StreamingLogisticRegression(_StreamingLinearClassifier):
         Fit on the (standardized) features PCA-whitened as by :class:`convae.probe.Whitener`
         with ``eps=whiten`` (the eigenvalue floor, a fraction of the mean eigenvalue), without
         a whitened copy: the whitening is folded into the weights, at the cost of one more pass
-        over X and a d x d Cholesky factorization (2 d^2 float32 bytes while fitting). None: no whitening.
+        over X and a d x d Cholesky factorization (one d x d float32 matrix while fitting). None: no whitening.
     chunk_rows : int or None, default=None
         Rows per chunk; None sizes a float32 chunk to 1 MiB (64 MiB on a GPU).
     n_threads : int or None, default=None
@@ -566,7 +566,8 @@ class StreamingLogisticRegression(_StreamingLinearClassifier):
     n_iter_ : ndarray of shape (1,)
         L-BFGS iterations, as scikit-learn's ``LogisticRegression.n_iter_``.
     n_passes_ : int
-        Full passes over X during the fit (the statistics pass and one per evaluation).
+        Full passes over X during the fit (the statistics pass, the covariance pass with
+        `whiten`, and one per evaluation).
     objective_ : float
         ``C * sum(loss) + ||W||^2 / 2`` at the solution (W in standardized, or whitened, units).
 
