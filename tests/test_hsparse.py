@@ -71,6 +71,26 @@ def test_receptive_field_groups_code_their_channels_of_the_map_below(cifar):
         _config(filters=(24, 32), groups=5)
 
 
+def test_fused_stage_arithmetic_equals_the_plain_form():
+    """The grouped stage's one convolution (normalization moved past the filters) gives each group
+    coder's own responses on its channels, and the pooled sign split (softshrink, pooled, the
+    negative half by difference) equals pooling the plain split map."""
+    torch.manual_seed(0)
+    model = build_model(_config(filters=(24, 32), groups=4, group_size=8, split_threshold=0.3)).eval()
+    grouped = model.coders[1]
+    for coder in grouped.group_coders():  # statistics as training would leave them: not the identity
+        d = coder.dim
+        coder.mean.normal_()
+        coder.whiten.copy_(torch.eye(d) + 0.1 * torch.randn(d, d))
+        coder.floor.fill_(0.5)
+    maps = torch.rand(3, 9, 11, 48)  # (N, H, W, C): stage 1's sign-split pooled channels
+    z = grouped.responses(maps)
+    plain = torch.cat([c.responses(maps[..., idx]) for c, idx in zip(grouped.group_coders(), grouped.members)], -1)
+    assert z.shape == plain.shape == (3, 7, 9, 32)
+    torch.testing.assert_close(z, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model._pooled_split(z), model._pool(model._split(z)), rtol=1e-5, atol=1e-5)
+
+
 def test_receptive_box_is_exact_by_gradient():
     """The input pixels that affect a unit are exactly its receptive_box (average pooling and the
     sign split pass a gradient to every pixel of the field, given a small threshold)."""

@@ -185,14 +185,18 @@ class GroupedPatchCoder(nn.Module):
             floors = torch.stack([c.floor for c in coders]).view(1, g, 1, 1)
             sub = x.float()[..., self.members.flatten()].permute(0, 3, 1, 2)  # (N, G*Gs, H, W)
             weight = detectors.view(g, kg, p, p, gs).permute(0, 1, 4, 2, 3).reshape(g * kg, gs, p, p)
-            raw = F.conv2d(sub, weight, groups=g).view(n, g, kg, h2, w2)  # W x of every patch
+            raw = F.conv2d(sub, weight, groups=g).permute(0, 2, 3, 1).view(n, h2, w2, g, kg)  # W x of every patch
             grouped = sub.reshape(n, g, gs, h, w)
             mean = F.avg_pool2d(grouped.mean(2), p, 1)  # (N, G, h', w'): each patch's mean
             square = F.avg_pool2d(grouped.square().mean(2), p, 1)
             std = torch.sqrt((square - mean.square()).clamp_min(0) + floors)
-            rowsum = detectors.sum(-1)[None, :, :, None, None]  # (1, G, Kg, 1, 1)
-            z = (raw - mean[:, :, None] * rowsum) / std[:, :, None] - offsets[None, :, :, None, None]
-        return z.view(n, g * kg, h2, w2).permute(0, 2, 3, 1)  # a channels-last view
+            # z = raw / s - offset - (m / s) W1: two fused passes over the responses (the
+            # elementwise form, (raw - m W1) / s - offset, made four, each with a new full-size tensor)
+            inverse = std.reciprocal().permute(0, 2, 3, 1)[..., None]  # (N, h', w', G, 1)
+            shift = mean.permute(0, 2, 3, 1)[..., None] * inverse
+            z = torch.addcmul(-offsets, raw, inverse)
+            z.addcmul_(shift, detectors.sum(-1), value=-1)
+        return z.view(n, h2, w2, g * kg)
 
     def loss(self, windows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The groups' patch losses, averaged: each rebuilds its channels of the target windows.
