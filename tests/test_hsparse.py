@@ -72,9 +72,9 @@ def test_receptive_field_groups_code_their_channels_of_the_map_below(cifar):
 
 
 def test_fused_stage_arithmetic_equals_the_plain_form():
-    """The grouped stage's one convolution (normalization moved past the filters) gives each group
-    coder's own responses on its channels, and the pooled sign split (softshrink, pooled, the
-    negative half by difference) equals pooling the plain split map."""
+    """The grouped stage's one convolution (normalization moved past the filters, the folded
+    filters kept between inference calls) gives each group coder's own responses on its channels,
+    also after a weight changes; the pooled sign split equals pooling the plain split map."""
     torch.manual_seed(0)
     model = build_model(_config(filters=(24, 32), groups=4, group_size=8, split_threshold=0.3)).eval()
     grouped = model.coders[1]
@@ -88,6 +88,10 @@ def test_fused_stage_arithmetic_equals_the_plain_form():
     plain = torch.cat([c.responses(maps[..., idx]) for c, idx in zip(grouped.group_coders(), grouped.members)], -1)
     assert z.shape == plain.shape == (3, 7, 9, 32)
     torch.testing.assert_close(z, plain, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(grouped.responses(maps), z)  # the kept filters: the same responses
+        grouped.group_coders()[0].filters.mul_(-1)  # ... until a weight changes
+        assert not torch.allclose(grouped.responses(maps)[..., :8], z[..., :8])
     torch.testing.assert_close(model._pooled_split(z), model._pool(model._split(z)), rtol=1e-5, atol=1e-5)
 
 
