@@ -40,11 +40,11 @@ def unfold_nhwc(x: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def _state_key(module: nn.Module) -> tuple | None:
-    """What identifies a module's current weights: each tensor's storage and version counter, which
-    every in-place change bumps (optimizer steps, load_state_dict, copy_); None for inference-mode
+    """What identifies a module's current weights: each tensor, its storage and its version counter,
+    which every in-place change bumps (optimizer steps, load_state_dict, copy_); None for inference-mode
     tensors, which keep no version."""
     try:
-        return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+        return tuple((id(t), t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
     except RuntimeError:
         return None
 
@@ -142,6 +142,8 @@ class GroupedPatchCoder(nn.Module):
     """
 
     members: torch.Tensor
+    _folded_key: tuple | None = None  # see _folded
+    _folded_value: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
     def __init__(self, patch: int, filters_per_group: int, groups: int, group_size: int, *, eps: float, k: int = 1):
         super().__init__()
@@ -212,17 +214,19 @@ class GroupedPatchCoder(nn.Module):
         Kept between calls while no gradient is wanted and no weight has changed (extraction
         recomputed it every batch: 32 small products, 9% of a CIFAR-10 batch's time)."""
         key = None if torch.is_grad_enabled() else _state_key(self)
-        if key is None or key != getattr(self, "_folded_key", None):
-            coders = self.group_coders()
-            detectors = torch.stack([c.unit_filters() @ c.whiten for c in coders])  # (G, Kg, d), d: (dy, dx, c)
-            g, kg = detectors.shape[:2]
-            p, gs = self.patch, self.group_size
-            weight = detectors.view(g, kg, p, p, gs).permute(0, 1, 4, 2, 3).reshape(g * kg, gs, p, p)
-            offsets = torch.einsum("gd,gkd->gk", torch.stack([c.mean for c in coders]), detectors)
-            floors = torch.stack([c.floor for c in coders]).view(1, g, 1, 1)
-            self._folded_value = (weight, offsets, detectors.sum(-1), floors)
-            self._folded_key = key
-        return self._folded_value
+        if key is not None and key == self._folded_key:
+            return self._folded_value
+        coders = self.group_coders()
+        detectors = torch.stack([c.unit_filters() @ c.whiten for c in coders])  # (G, Kg, d), d: (dy, dx, c)
+        g, kg = detectors.shape[:2]
+        p, gs = self.patch, self.group_size
+        weight = detectors.view(g, kg, p, p, gs).permute(0, 1, 4, 2, 3).reshape(g * kg, gs, p, p)
+        offsets = torch.einsum("gd,gkd->gk", torch.stack([c.mean for c in coders]), detectors)
+        floors = torch.stack([c.floor for c in coders]).view(1, g, 1, 1)
+        folded = (weight, offsets, detectors.sum(-1), floors)
+        if key is not None:  # never a tensor that holds an autograd graph
+            self._folded_key, self._folded_value = key, folded
+        return folded
 
     def loss(self, windows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The groups' patch losses, averaged: each rebuilds its channels of the target windows.
