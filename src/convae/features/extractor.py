@@ -21,8 +21,8 @@ from .plan import GRIDS, block_feature_names, plan_blocks
 # inference reuses freed heap buffers instead of page-faulting fresh ones every batch (see
 # _memory.py): the former CIFAR-10 preset's probed layers extracted at 380 images/s in batches
 # of 256, 1,080-1,090 at this size (48). Maps of several MB an image get batches below 8: the
-# single-layer sparse model (10 MB of sign-split maps an image) extracted at 325 images/s in
-# batches of 2 and 114 in batches of 8 (2 threads; benchmarks/extraction_batches.py).
+# single-layer sparse model (10 MB of sign-split maps an image) extracted at 431 images/s in
+# batches of 2 and 155 in batches of 8 (2 threads; benchmarks/extraction_batches.py, RESULTS.md).
 _BATCH_MAP_BYTES = 24 << 20
 MAX_BATCH = 256
 
