@@ -9,7 +9,7 @@ and the probe fits on those images' features (and their mirrors, when the candid
 augment "flip") and scores the last `--val` train images: the official test split is never read.
 With --random, the same architecture with random weights (data statistics measured, no training)
 is probed alike. Every row goes to benchmarks/validation.jsonl as it is measured (a rerun skips the
-candidates already there), with the training seconds, the probe's seconds and the peak memory of
+probes already there; a candidate with a new probe retrains for it), with the training seconds, the probe's seconds and the peak memory of
 this process; the table of the file's rows is printed as Markdown.
 """
 
@@ -31,7 +31,9 @@ def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def run_candidate(dataset: str, cand: dict, train, val, random_baseline: bool, threads: int) -> list[dict]:
+def run_candidate(dataset: str, cand: dict, train, val, random_baseline: bool, threads: int,
+                  skip: frozenset[str] = frozenset()) -> list[dict]:  # fmt: skip
+    """Train the candidate once and run each of its probes not named in `skip`."""
     import torch
 
     import convae
@@ -43,6 +45,8 @@ def run_candidate(dataset: str, cand: dict, train, val, random_baseline: bool, t
     train_seconds = time.perf_counter() - t0
     out = []
     for name, options in _probes(cand):
+        if name in skip:
+            continue
         probe = {"classifiers": "logreg", **options}
         probe["baselines"] = "random" if random_baseline else "none"
         t0 = time.perf_counter()
@@ -105,12 +109,14 @@ def main(argv=None) -> int:
     if args.results.exists():
         for line in args.results.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["dataset"], r["candidate"].split(":")[0]))
+            done.add((r["dataset"], r["candidate"]))
     train, val = split(args.dataset, args.data_dir, args.val)
     for cand in candidates:
-        if (args.dataset, cand["name"]) in done:
+        # A candidate retrains only for probes it has no rows for (a probe added later).
+        skip = frozenset(name for name, _ in _probes(cand) if (args.dataset, name) in done)
+        if len(skip) == len(_probes(cand)):
             continue
-        rows = run_candidate(args.dataset, cand, train, val, args.random, args.threads)
+        rows = run_candidate(args.dataset, cand, train, val, args.random, args.threads, skip)
         with open(args.results, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
