@@ -9,8 +9,9 @@ and the probe fits on those images' features (and their mirrors, when the candid
 augment "flip") and scores the last `--val` train images: the official test split is never read.
 With --random, the same architecture with random weights (data statistics measured, no training)
 is probed alike. Every row goes to benchmarks/validation.jsonl as it is measured (a rerun skips the
-probes already there; a candidate with a new probe retrains for it), with the training seconds, the probe's seconds and the peak memory of
-this process; the table of the file's rows is printed as Markdown.
+probes already there; a candidate with a new probe retrains for it), with the training seconds,
+the probe's seconds and the peak memory of this process; the table of the file's rows is printed
+as Markdown.
 """
 
 from __future__ import annotations
