@@ -114,8 +114,9 @@ def main(argv=None) -> int:
     train, val = split(args.dataset, args.data_dir, args.val)
     for cand in candidates:
         # A candidate retrains only for probes it has no rows for (a probe added later).
-        skip = frozenset(name for name, _ in _probes(cand) if (args.dataset, name) in done)
-        if len(skip) == len(_probes(cand)):
+        names = [name for name, _ in _probes(cand)]
+        skip = frozenset(name for name in names if (args.dataset, name) in done)
+        if len(skip) == len(names):
             continue
         rows = run_candidate(args.dataset, cand, train, val, args.random, args.threads, skip)
         with open(args.results, "a") as f:
