@@ -123,7 +123,7 @@ def time_passes(
     """Fused passes over X at a fixed point, each beside a numpy copy of X's bytes."""
     import torch
 
-    from convae import _linear
+    from convae.probe import linear as _linear
 
     k, d = int(labels.max()) + 1, X.shape[1]
     theta = np.random.default_rng(1).standard_normal(k * d + k) * 1e-3
@@ -133,7 +133,8 @@ def time_passes(
     pairs = []
     with _linear._torch_threads(torch_threads):
         rows = _linear._Rows(X, torch.device("cpu"), chunk_rows, workers, max(workers, _linear._MAX_GROUPS))
-        objective = _linear._Objective(rows, "multinomial", labels, k, np.zeros(d), np.ones(d), 1.0)
+        basis = _linear._Basis(np.zeros(d), np.ones(d))
+        objective = _linear._Objective(rows, "multinomial", labels, k, basis, 1.0)
         objective(theta)  # warm-up: the file into the page cache, buffers allocated
         for _ in range(passes):
             copy = copy_seconds(src, dst)

@@ -60,6 +60,10 @@ __all__ = ["StreamingLinearSVM", "StreamingLogisticRegression"]
 
 _DTYPES = (np.float32, np.float16, np.float64)  # accepted as they are; anything else becomes float32
 _CHUNK_BYTES = 2 << 20  # a converted float32 chunk: about a core's L2 (measured: benchmarks/linear_probe.py)
+# ... but never fewer rows than this: at 12,800-32,000 columns, 2 MiB is 16-40 rows, and products
+# that skinny cost more than the cache misses they save (passes 1.2-1.3x slower than at 128 rows,
+# benchmarks/linear_probe.py --chunk-rows, RESULTS.md)
+_MIN_CHUNK_ROWS = 128
 _MAX_GROUPS = 16  # gradient partial sums per pass (a k x d float32 matrix each)
 _GROUP_BYTES = 256 << 20  # ... but no more memory than this for all of them together
 _THREADS_FROM_BYTES = 32 << 20  # the smallest X whose passes are shared out to threads by default
@@ -118,7 +122,7 @@ class _Rows:
         self.view = _torch_view(X)
         self.on_gpu = device.type != "cpu"
         if chunk_rows is None:
-            chunk_rows = (64 if self.on_gpu else 1) * _CHUNK_BYTES // (4 * max(self.d, 1))
+            chunk_rows = max(_MIN_CHUNK_ROWS, (64 if self.on_gpu else 1) * _CHUNK_BYTES // (4 * max(self.d, 1)))
         self.chunk_rows = max(1, min(int(chunk_rows), self.n))
         self.n_threads = 1 if self.on_gpu else max(1, int(n_threads))
         self.groups = _groups(self.n, self.chunk_rows, 1 if self.on_gpu else n_groups)
@@ -543,7 +547,7 @@ class StreamingLogisticRegression(_StreamingLinearClassifier):
         a whitened copy: the whitening is folded into the weights, at the cost of one more pass
         over X and a d x d Cholesky factorization (one d x d float32 matrix while fitting). None: no whitening.
     chunk_rows : int or None, default=None
-        Rows per chunk; None sizes a float32 chunk to 1 MiB (64 MiB on a GPU).
+        Rows per chunk; None sizes a float32 chunk to 2 MiB (128 MiB on a GPU), at least 128 rows.
     n_threads : int or None, default=None
         Worker threads on the CPU, each running one-threaded torch operations; None uses
         ``torch.get_num_threads()`` for X of 32 MiB or more, one thread below. torch's own
@@ -668,7 +672,7 @@ class StreamingLinearSVM(_StreamingLinearClassifier):
     whiten : float or None, default=None
         Fit on the features whitened, as :class:`StreamingLogisticRegression`'s `whiten`.
     chunk_rows : int or None, default=None
-        Rows per chunk; None sizes a float32 chunk to 1 MiB (64 MiB on a GPU).
+        Rows per chunk; None sizes a float32 chunk to 2 MiB (128 MiB on a GPU), at least 128 rows.
     n_threads : int or None, default=None
         Worker threads on the CPU, as :class:`StreamingLogisticRegression`'s.
     device : {"cpu", "cuda", "auto"}, default="cpu"
