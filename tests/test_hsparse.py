@@ -15,6 +15,7 @@ from convae.errors import ConfigError
 from convae.models import ModelConfig, build_model, code_size
 from convae.models.base import TrainStep
 from convae.probe import calibrate, run_probe
+from convae.tensors import native_bf16
 from convae.train import fit
 from test_presets import CONVAE
 from test_train import fit_killed_after_epoch
@@ -89,11 +90,17 @@ def test_fused_stage_arithmetic_equals_the_plain_form():
     assert z.shape == plain.shape == (3, 7, 9, 32)
     torch.testing.assert_close(z, plain, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
-        for _ in range(2):  # the first call keeps the folded filters, the second uses them
-            torch.testing.assert_close(grouped.responses(maps), z)
+        # inference convolves in bf16 where the CPU computes it natively: close to fp32, not equal
+        low = native_bf16(torch.device("cpu"))
+        first = grouped.responses(maps)  # keeps the folded filters ...
+        torch.testing.assert_close(grouped.responses(maps), first, rtol=0, atol=0)  # ... and uses them
+        if low:
+            assert (first - z).abs().mean() < 0.01 * z.std()
+        else:
+            torch.testing.assert_close(first, z)
         assert grouped._folded_key is not None
         grouped.group_coders()[0].filters.mul_(-1)  # ... until a weight changes
-        assert not torch.allclose(grouped.responses(maps)[..., :8], z[..., :8])
+        assert not torch.allclose(grouped.responses(maps)[..., :8], first[..., :8], atol=0.1)
     torch.testing.assert_close(model._pooled_split(z), model._pool(model._split(z)), rtol=1e-5, atol=1e-5)
 
 
