@@ -12,6 +12,10 @@ is probed alike. Every row goes to benchmarks/validation.jsonl as it is measured
 probes already there; a candidate with a new probe retrains for it), with the training seconds,
 the probe's seconds and the peak memory of this process; the table of the file's rows is printed
 as Markdown.
+
+A probe whose "max_iter" is a list (e.g. [150, 200, 300]) extracts its features once and fits
+the classifiers once per value: rows "candidate:probe@150" ..., each with the extraction's
+seconds plus its own fit's as its probe seconds (so L-BFGS's iteration cap is chosen here too).
 """
 
 from __future__ import annotations
@@ -46,18 +50,58 @@ def run_candidate(dataset: str, cand: dict, train, val, random_baseline: bool, t
     train_seconds = time.perf_counter() - t0
     out = []
     for name, options in _probes(cand):
-        if name in skip:
-            continue
-        probe = {"classifiers": "logreg", **options}
-        probe["baselines"] = "random" if random_baseline else "none"
-        t0 = time.perf_counter()
-        rows = convae.run_probe(est, train, val, device="cpu", **probe)
-        probe_seconds = time.perf_counter() - t0
-        common = dict(dataset=dataset, candidate=name, fit=cand["fit"], probe=options,
-                      train_seconds=round(train_seconds, 1), probe_seconds=round(probe_seconds, 1),
-                      epochs=len(est.history_), peak_gb=round(_peak_gb(), 2))  # fmt: skip
-        out.extend(dict(common, **row) for row in rows)
+        probe = {"classifiers": "logreg", **options, "baselines": "random" if random_baseline else "none"}
+        for row_name, row_options, probe_seconds, rows in _measured(est, train, val, name, options, probe, skip):
+            common = dict(dataset=dataset, candidate=row_name, fit=cand["fit"], probe=row_options,
+                          train_seconds=round(train_seconds, 1), probe_seconds=round(probe_seconds, 1),
+                          epochs=len(est.history_), peak_gb=round(_peak_gb(), 2))  # fmt: skip
+            out.extend(dict(common, **row) for row in rows)
     return out
+
+
+def _measured(est, train, val, name: str, options: dict, probe: dict, skip: frozenset[str]):
+    """(row name, its options as the candidate gives them, seconds, rows) of one probe (`probe`:
+    the run_probe options), or of each of its max_iter values."""
+    import convae
+
+    iters = probe.get("max_iter")
+    if not isinstance(iters, list):
+        if name not in skip:
+            t0 = time.perf_counter()
+            rows = convae.run_probe(est, train, val, device="cpu", **probe)
+            yield name, options, time.perf_counter() - t0, rows
+        return
+    todo = [m for m in iters if f"{name}@{m}" not in skip]
+    if not todo:
+        return
+    t0 = time.perf_counter()
+    sets, parsed = _feature_sets(est, train, val, probe)
+    extraction = time.perf_counter() - t0
+    for m in todo:
+        t0 = time.perf_counter()
+        rows = list(_evaluate(sets, train.labels, val.labels, parsed.replace(max_iter=m)))
+        yield f"{name}@{m}", {**options, "max_iter": m}, extraction + time.perf_counter() - t0, rows
+
+
+def _feature_sets(est, train, val, probe: dict):
+    """The probe's feature sets of the train and validation images, extracted once, as
+    ``convae.run_probe`` builds them (its internals: no public call stops before the fits)."""
+    from convae.features import FeatureExtractor
+    from convae.probe.driver import _Probe, column_order, layer_groups
+    from convae.probe.options import ProbeOptions
+
+    options = ProbeOptions(**{**probe, "max_iter": None})
+    groups = layer_groups(est.model_, options.layers)
+    extractor = FeatureExtractor(est.model_, column_order(groups), options.pool, keep_order=True)
+    return _Probe(extractor, groups, train.images, val.images, options, False).layer_sets(
+        extractor, groups, ""
+    ), options
+
+
+def _evaluate(sets, y_train, y_val, options):
+    from convae.probe.driver import _evaluate as evaluate
+
+    return evaluate(sets, y_train, y_val, options)
 
 
 def _probes(cand: dict) -> list[tuple[str, dict]]:
@@ -66,6 +110,11 @@ def _probes(cand: dict) -> list[tuple[str, dict]]:
     if "probes" not in cand:
         return [(cand["name"], cand.get("probe", {}))]
     return [(f"{cand['name']}:{p['name']}", {k: v for k, v in p.items() if k != "name"}) for p in cand["probes"]]
+
+
+def _row_names(name: str, options: dict) -> list[str]:
+    iters = options.get("max_iter")
+    return [f"{name}@{m}" for m in iters] if isinstance(iters, list) else [name]
 
 
 def split(dataset: str, data_dir: Path, n_val: int):
@@ -114,7 +163,7 @@ def main(argv=None) -> int:
     train, val = split(args.dataset, args.data_dir, args.val)
     for cand in candidates:
         # A candidate retrains only for probes it has no rows for (a probe added later).
-        names = [name for name, _ in _probes(cand)]
+        names = [row for name, options in _probes(cand) for row in _row_names(name, options)]
         skip = frozenset(name for name in names if (args.dataset, name) in done)
         if len(skip) == len(names):
             continue
