@@ -40,6 +40,8 @@ benchmarks/runs/roofline-quick.json and it is never written into RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import datetime
 import json
 import re
@@ -50,14 +52,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from convae.config import TrainConfig
 from convae.data import load_dataset
 from convae.features import FeatureExtractor
-from convae.models import build_model, default_model_config
+from convae.models import ModelConfig, build_model, default_model_config
+from convae.presets import PRESETS
 from convae.probe.classifiers import CLASSIFIERS
-from convae.probe.driver import layer_groups
+from convae.probe.driver import column_order, layer_groups
 from convae.probe.options import ProbeOptions
 from convae.tensors import native_bf16
 
@@ -68,6 +72,9 @@ from speed import DEFAULT_DATA, convae_throughput, in_fresh_process, machine, ma
 
 SIZES = (28, 32, 96, 128)
 BUILTIN = {28: "mnist", 32: "cifar10"}
+# the presets whose models are timed at each size (digits' 8 px model is too small to time)
+PRESET_MODELS = {28: ("mnist", "fashion-mnist"), 32: ("cifar10", "cifar10-patch", "cifar10-deep")}
+PEAK_OF = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 PROBE_CLASSIFIERS = ("logreg", "linsvm")
 SECTION = "## Roofline"
 
@@ -196,6 +203,65 @@ def extract_stage(model, subset: np.ndarray) -> tuple[dict, np.ndarray, FeatureE
     )
 
 
+class FlopsByDtype(TorchDispatchMode):
+    """FLOPs of the matrix products and convolutions a call runs (torch's flop formulas), by the
+    dtype each ran in: the hierarchical model's extraction convolves in bf16 where that is native
+    and multiplies in fp32, so its bound is the sum of each part over its own peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is None:  # a composite op (conv2d under inference mode): count what it decomposes into
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if formula is not None:
+            dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor))
+            self.flops[PEAK_OF.get(dtype, str(dtype))] += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def preset_model(preset: str, image_shape: tuple[int, ...]):
+    """The model `convae fit --preset` builds for images of `image_shape` (untrained: a forward pass
+    costs the same whatever the weights), and the extractor of what the preset's probe reads."""
+    fit = PRESETS[preset].fit
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    overrides = {k: v for k, v in fit.items() if k in fields}
+    overrides["channels"] = tuple(int(c) for c in str(fit["widths"]).split(","))
+    torch.manual_seed(0)
+    model = build_model(default_model_config(image_shape, **overrides))
+    probe = ProbeOptions(layers=PRESETS[preset].probe["layers"], pool=PRESETS[preset].probe.get("pool", "grid4"))
+    groups = layer_groups(model, probe.layers)
+    return model, FeatureExtractor(model, column_order(groups), probe.pool, device="cpu", keep_order=True)
+
+
+def preset_extract_stage(preset: str, images: np.ndarray) -> dict:
+    """Extraction of what `convae probe --preset` reads, through the preset's model."""
+    model, extractor = preset_model(preset, images.shape[1:])
+    x = torch.from_numpy(np.asarray(images[:8])).permute(0, 3, 1, 2).float() / 255
+    with FlopsByDtype() as counted:
+        extractor(x)
+    flops = {k: v / len(x) for k, v in counted.flops.items()}
+    extractor.transform(images[: min(len(images), 64)])  # warm-up
+    t = time.perf_counter()
+    extractor.transform(images)
+    seconds = time.perf_counter() - t
+    n = len(images)
+    moved = n * (images[0].nbytes + 4 * extractor.dim)
+    layers = ",".join(dict.fromkeys(b.layer for b in extractor.blocks))
+    return stage(
+        f"extract, {preset} preset", n, "images", seconds, flops=n * sum(flops.values()), nbytes=moved,
+        peak="+".join(sorted(flops)), flops_by_peak={k: n * v for k, v in flops.items()},
+        layers=layers, pool=extractor.pools[0], dim=extractor.dim, params=sum(p.numel() for p in model.parameters()),
+    )  # fmt: skip
+
+
 def probe_stages(features: np.ndarray, labels: np.ndarray, extractor: FeatureExtractor, dtype: str) -> list[dict]:
     """Each probe classifier fitted on the widest feature set, as `convae probe` fits it."""
     widest = max(extractor.blocks, key=lambda b: b.stop - b.start)
@@ -239,6 +305,9 @@ def measure_size(size: int, args, limits: dict) -> dict:
     extract, features, extractor = extract_stage(model, train.images[rows])
     stages.append(extract)
     stages += probe_stages(features, np.asarray(train.labels)[rows], extractor, args.probe_dtype)
+    preset_rows = spread(len(train.images), args.extract_images or 2_000)
+    for preset in PRESET_MODELS.get(size, ()) if args.presets else ():
+        stages.append(preset_extract_stage(preset, train.images[preset_rows]))
     model_name = f"default {list(config.channels)} x{config.convs_per_stage}, {sum(p.numel() for p in model.parameters()):,} parameters"
     return {"size": size, "model": model_name, "stages": [bound(s, limits) for s in stages]}
 
@@ -249,8 +318,8 @@ def bound(s: dict, limits: dict) -> dict:
     peak = s.get("peak")
     if peak is None:
         return s | {"bound": None, "bound_seconds": None, "fraction_of_bound": None}
-    gflops = limits[peak]["peak"]
-    compute = s["flops"] / (gflops * 1e9)
+    parts = s.get("flops_by_peak") or {peak: s["flops"]}
+    compute = sum(f / (limits[p]["peak"] * 1e9) for p, f in parts.items())  # each part at its own peak
     memory = s["bytes"] / (limits["bandwidth"]["gb_per_s"] * 1e9)
     which = f"{peak} matmul peak" if compute >= memory else "memory bandwidth"
     limit = max(compute, memory)
@@ -280,6 +349,10 @@ def _work(s: dict) -> str:
     if s["stage"] == "read train split":
         return f"{n:,} images, {s['source']}"
     per = f"{s['flops'] / n / 1e9:.3f} GFLOP/image" if s["flops"] else ""
+    if "flops_by_peak" in s and len(s["flops_by_peak"]) > 1:
+        per += " (" + ", ".join(f"{p} {f / n / 1e9:.3f}" for p, f in sorted(s["flops_by_peak"].items())) + ")"
+    if "layers" in s and "preset" in s["stage"]:
+        per += f", {s['layers']}/{s['pool']}"
     return f"{n:,} images, {per}" + (f", {s['dim']:,} features" if "dim" in s else "")
 
 
@@ -366,6 +439,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--folder-images", type=int, help="images per split of each JPEG folder (default 10,000; --quick 256)"
     )
+    p.add_argument("--no-presets", dest="presets", action="store_false", help="skip the preset models' extraction rows")
     p.add_argument("--probe-dtype", choices=["float32", "float16"], default="float32", help="the features' dtype")
     p.add_argument(
         "--json", type=Path, help="default benchmarks/roofline.json (--quick: benchmarks/runs/roofline-quick.json)"

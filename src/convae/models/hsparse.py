@@ -119,8 +119,8 @@ class HierarchicalSparseNet(AutoencoderNet):
         if stage == 0:
             return PatchCoder(channels, config.kernel_size, filters, contrast=True, eps=eps, k=k)
         if config.groups:
-            return GroupedPatchCoder(config.upper_kernel, filters // config.groups, config.groups, config.group_size,
-                                     eps=eps, k=k)  # fmt: skip
+            return GroupedPatchCoder(channels, config.upper_kernel, filters // config.groups, config.groups,
+                                     config.group_size, eps=eps, k=k)  # fmt: skip
         return PatchCoder(channels, config.upper_kernel, filters, contrast=True, eps=eps, k=k)
 
     @property

@@ -148,13 +148,15 @@ class GroupedPatchCoder(nn.Module):
     _folded_key: tuple | None = None  # see _folded
     _folded_value: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
-    def __init__(self, patch: int, filters_per_group: int, groups: int, group_size: int, *, eps: float, k: int = 1):
+    def __init__(self, channels: int, patch: int, filters_per_group: int, groups: int, group_size: int, *,
+                 eps: float, k: int = 1):  # fmt: skip
         super().__init__()
         self.patch, self.group_size = patch, group_size
         self.coders = nn.ModuleList(
             PatchCoder(group_size, patch, filters_per_group, contrast=True, eps=eps, k=k) for _ in range(groups)
         )
-        self.register_buffer("members", torch.arange(groups * group_size).view(groups, group_size))
+        # until choose_groups: the input's channels dealt out in turn (an untrained net runs too)
+        self.register_buffer("members", torch.arange(groups * group_size).view(groups, group_size) % channels)
 
     def group_coders(self) -> list[PatchCoder]:
         return [typing.cast(PatchCoder, c) for c in self.coders]
