@@ -13,7 +13,10 @@ Measures, in one run on this machine:
   photos go through is measured), a training step (convae's own loop, bf16 autocast where
   native, as `convae fit` trains), extraction of what `convae probe` extracts (every stage
   and the bottleneck, grid4 pooling), and the fit of each probe classifier (logreg, linsvm of
-  convae.probe) on the widest of those feature sets.
+  convae.probe) on the widest of those feature sets;
+- at 28 and 32 px, extraction through each preset's model (mnist, fashion-mnist; cifar10,
+  cifar10-patch, cifar10-deep: the model `convae fit --preset` builds, untrained) of the layers
+  and pooling the preset's probe reads, on 2,000 images (--no-presets skips them).
 
 Each stage's bound is the larger of its FLOPs over the peak that applies (bf16 for a bf16
 step, else fp32) and the bytes it must move over the bandwidth: FLOPs counted by
@@ -23,7 +26,9 @@ matrix (n_passes_, each reading every value once) and 4 x rows x dims x classes 
 (the scores and the gradient). Activations moved between a model's layers are not counted,
 so a stage near 100% of a FLOP bound is near the machine's limit, and one far from it is
 bound by something the roofline does not see (memory traffic of the activations, dispatch).
-JPEG decoding has no FLOP count: its rate is reported without a bound.
+JPEG decoding has no FLOP count: its rate is reported without a bound. Where one pass runs
+products in two precisions (the cifar10 preset's model convolves its upper stage in bf16 where
+that is native), the FLOPs are counted per dtype and each part is bounded by its own peak.
 
 Images: 2,048 a timed training epoch (after one warm-up epoch) and 10,000 extracted, then
 probed, up to 32 px; 512 and 2,000 at 96 and 128 px, whose steps cost 9-16x more; each time
@@ -396,7 +401,8 @@ def section(results: dict, command: str) -> list[str]:
         "bytes read + written).",
         "",
         "A stage's bound is the larger of its FLOPs over the peak it runs at (training: bf16 where "
-        "native, as `convae fit` trains; extraction and the probe's classifiers: fp32) and its bytes "
+        "native, as `convae fit` trains; extraction and the probe's classifiers: fp32, except the "
+        "hierarchical model's bf16 convolutions, each part at its own peak) and its bytes "
         "over the bandwidth; % of bound is the bound's time over the measured time. FLOPs: torch's "
         "flop counter over the default model's forward and backward (training, ~3x the forward) or "
         "its forward up to the probed layers (extraction, every stage and the bottleneck at grid4); "
