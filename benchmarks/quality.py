@@ -14,6 +14,10 @@ For each dataset (its preset; cifar10-patch is the single-layer reference row):
    the test images alone from the same fit: the trained, random-weight, pixel and PCA columns,
    few labels, the trained-minus-random margin per depth, and what test-time flips would add.
 
+`--headline-only` (with --reuse-runs) re-times step 2 alone, the probe a user runs, after a
+change that should move its speed and not its accuracy; the comparison rows of the entry
+before are kept (its "headline_meta" says when the headline was measured, "meta" when the rest).
+
 Writes the "## Quality" section of benchmarks/RESULTS.md (its hand-written notes, from the line
 starting "Notes (", are kept) and the raw rows to benchmarks/quality.json. Every setting was
 chosen on a validation split (benchmarks/validate.py); the test split is read here, once per
@@ -235,7 +239,11 @@ def measure(preset: str, args, raw: dict) -> dict:
     reuse = args.reuse_runs and (args.runs / preset / "model.safetensors").exists() and preset in raw
     run, info = (args.runs / preset, {k: raw[preset][k] for k in ("command", "fit_seconds", "fit_peak_gb")}) if reuse \
         else fit(preset, args.data_dir, args.runs, args.threads)  # fmt: skip
+    if args.headline_only and not (reuse and "rows" in raw.get(preset, {})):
+        raise SystemExit(f"--headline-only: {preset} needs a run in {args.runs} and its entry in quality.json")
     info.update(headline(preset, run, args.data_dir))
+    if args.headline_only:
+        return dict(raw[preset], **info, headline_meta=meta_info(args.threads))
     rows = comparison(preset, run, args.data_dir, args.baselines, args.labels)
     model, _ = convae.load_model(run)
     augment = convae.presets.get_preset(preset).probe.get("augment", "none")
@@ -249,6 +257,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=Path, default=HERE / "runs")
     p.add_argument("--reuse-runs", action="store_true", help="probe the runs already in --runs again")
+    p.add_argument("--headline-only", action="store_true", help="re-time the preset's probe alone (--reuse-runs)")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     p.add_argument("--baselines", default="random,pixels,pca", help="the comparison's baselines (fewer: faster)")
     p.add_argument("--labels", default="10,100,all", help="the comparison's labels per class")
@@ -262,7 +271,8 @@ def main() -> None:
         raw[preset] = measure(preset, args, raw)
         best = raw[preset]["summary"]["all"]["best"]
         print(f"{preset}: {best['features']} {best['accuracy']:.4f}", flush=True)
-        raw[preset]["comparison"] = dict(baselines=args.baselines, labels=args.labels)
+        if not args.headline_only:  # the comparison kept is the earlier run's
+            raw[preset]["comparison"] = dict(baselines=args.baselines, labels=args.labels)
         if not args.no_write:
             raw_path.write_text(json.dumps(raw, indent=2) + "\n")
     order = [n for n in TARGETS if n in raw and "summary" in raw[n] and "depth" in raw[n]["summary"]["all"]]
