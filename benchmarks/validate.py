@@ -15,7 +15,8 @@ as Markdown.
 
 A probe whose "max_iter" is a list (e.g. [150, 200, 300]) extracts its features once and fits
 the classifiers once per value: rows "candidate:probe@150" ..., each with the extraction's
-seconds plus its own fit's as its probe seconds (so L-BFGS's iteration cap is chosen here too).
+seconds plus its own fit's as its probe seconds (so L-BFGS's iteration cap is chosen here too);
+such a probe fits the trained model's features only (--random does not apply to it).
 """
 
 from __future__ import annotations
