@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from convae.data import load_dataset
 from convae.data.containers import ImageData
@@ -76,3 +77,18 @@ def test_a_stage_is_held_to_the_larger_of_its_compute_and_memory_bounds():
     memory = roofline.bound(roofline.stage("probe", 5, "passes", 4.0, flops=1e9, nbytes=20e9, peak="fp32"), limits)
     assert memory["bound"] == "memory bandwidth" and memory["fraction_of_bound"] == 0.5
     assert roofline.bound(roofline.stage("read", 10, "images", 1.0), limits)["bound"] is None
+
+
+def test_a_pass_in_two_precisions_is_bounded_by_each_part_at_its_own_peak():
+    """The hierarchical model's extraction convolves in bf16 and multiplies in fp32: FLOPs counted
+    per dtype (from a real forward pass), each part over its peak, the parts' times added."""
+    x = torch.rand(4, 8, 8)
+    with roofline.FlopsByDtype() as counted:
+        torch.mm(x[0], x[1])  # 2 * 8^3 in fp32
+        torch.mm(x[2].bfloat16(), x[3].bfloat16())  # the same in bf16
+    assert dict(counted.flops) == {"fp32": 1024, "bf16": 1024}
+    limits = {"fp32": {"peak": 100.0}, "bf16": {"peak": 400.0}, "bandwidth": {"gb_per_s": 10.0}}
+    s = roofline.stage("extract", 10, "images", 2.0, flops=500e9, nbytes=1e9, peak="bf16+fp32",
+                       flops_by_peak={"fp32": 100e9, "bf16": 400e9})  # fmt: skip
+    b = roofline.bound(s, limits)
+    assert b["bound_seconds"] == 2.0 and b["fraction_of_bound"] == 1.0  # 1 s at fp32's peak + 1 s at bf16's
