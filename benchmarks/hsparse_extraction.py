@@ -27,7 +27,6 @@ import convae.models.patches as patches
 from convae import load_model
 from convae.data import load_dataset
 from convae.features import FeatureExtractor
-from convae.tensors import native_bf16
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "datasets"
@@ -69,17 +68,14 @@ def main() -> None:
     extractor = FeatureExtractor(model, "stage1,stage2", "grid2")
     features(extractor, images[:64], True)  # warm-up: allocations and kernel choices
     rates: dict[str, list[float]] = {"bf16": [], "fp32": []}
+    outs: dict[str, np.ndarray] = {}
     for _ in range(args.rounds):
         for arm in rates:
-            out, seconds = features(extractor, images, arm == "bf16")
+            outs[arm], seconds = features(extractor, images, arm == "bf16")
             rates[arm].append(len(images) / seconds)
-            if arm == "bf16":
-                low = out
-            else:
-                full = out
     blocks = {b.layer: slice(b.start, b.stop) for b in extractor.blocks}
-    errors = {layer: disagreement(low, full, cols) for layer, cols in blocks.items()}
-    native = native_bf16(torch.device("cpu"))
+    errors = {layer: disagreement(outs["bf16"], outs["fp32"], cols) for layer, cols in blocks.items()}
+    native = NATIVE(torch.device("cpu"))
     print(f"{args.run} ({args.images} CIFAR-10 test images, batches of {extractor.batch_size}, {args.threads} threads; "
           f"native bf16: {native})\n")  # fmt: skip
     print("| layer | mean abs(bf16 - fp32) / std | 99th percentile | max |\n|---|---:|---:|---:|")

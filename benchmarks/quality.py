@@ -269,7 +269,8 @@ def main() -> None:
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     for preset in [] if args.from_json else filter(None, args.datasets.split(",")):
         raw[preset] = measure(preset, args, raw)
-        best = raw[preset]["summary"]["all"]["best"]
+        # what this run measured: the headline alone, or the comparison's best set
+        best = raw[preset]["headline"] if args.headline_only else raw[preset]["summary"]["all"]["best"]
         print(f"{preset}: {best['features']} {best['accuracy']:.4f}", flush=True)
         if not args.headline_only:  # the comparison kept is the earlier run's
             raw[preset]["comparison"] = dict(baselines=args.baselines, labels=args.labels)

@@ -64,6 +64,7 @@ def _measured(est, train, val, name: str, options: dict, probe: dict, skip: froz
     """(row name, its options as the candidate gives them, seconds, rows) of one probe (`probe`:
     the run_probe options), or of each of its max_iter values."""
     import convae
+    from convae.probe.driver import _evaluate  # no public call fits feature sets already extracted
 
     iters = probe.get("max_iter")
     if not isinstance(iters, list):
@@ -97,12 +98,6 @@ def _feature_sets(est, train, val, probe: dict):
     return _Probe(extractor, groups, train.images, val.images, options, False).layer_sets(
         extractor, groups, ""
     ), options
-
-
-def _evaluate(sets, y_train, y_val, options):
-    from convae.probe.driver import _evaluate as evaluate
-
-    return evaluate(sets, y_train, y_val, options)
 
 
 def _probes(cand: dict) -> list[tuple[str, dict]]:

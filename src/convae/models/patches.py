@@ -193,9 +193,10 @@ class GroupedPatchCoder(nn.Module):
         extraction (32 groups x 288 values a position, 5.8x the 1,600 responses).
 
         Where no gradient is wanted and the device computes bf16 natively, the convolution runs
-        in bf16 (the patch statistics and everything after stay fp32): 3-4x faster than fp32 on
-        an AMX CPU, and the cifar10 preset's probed features move by 0.4% of their standard
-        deviation on average (benchmarks/RESULTS.md: the probe's accuracy with and without)."""
+        in bf16 (the patch statistics and everything after stay fp32): the cifar10 preset's
+        extraction 1.1-1.3x as fast on an AMX CPU, its probed features moved by 0.4% of their
+        standard deviation on average (benchmarks/hsparse_extraction.py; RESULTS.md has the
+        probe's accuracy with and without)."""
         n, h, w, c = x.shape
         g, gs, p = self.members.shape[0], self.group_size, self.patch
         h2, w2 = h - p + 1, w - p + 1
