@@ -17,6 +17,7 @@ SHAPES = {
     "digits": (8, 8, 1),
     "mnist": (28, 28, 1),
     "fashion-mnist": (28, 28, 1),
+    "fashion-mnist-convae": (28, 28, 1),
     "cifar10": (32, 32, 3),
     "cifar10-patch": (32, 32, 3),
     "cifar10-deep": (32, 32, 3),
