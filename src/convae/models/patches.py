@@ -146,12 +146,12 @@ class GroupedPatchCoder(nn.Module):
 
     members: torch.Tensor
     _folded_key: tuple | None = None  # see _folded
-    _folded_value: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    _folded_value: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
     def __init__(self, channels: int, patch: int, filters_per_group: int, groups: int, group_size: int, *,
                  eps: float, k: int = 1):  # fmt: skip
         super().__init__()
-        self.patch, self.group_size = patch, group_size
+        self.channels, self.patch, self.group_size = channels, patch, group_size
         self.coders = nn.ModuleList(
             PatchCoder(group_size, patch, filters_per_group, contrast=True, eps=eps, k=k) for _ in range(groups)
         )
@@ -197,17 +197,15 @@ class GroupedPatchCoder(nn.Module):
         extraction 1.1-1.3x as fast on an AMX CPU, its probed features moved by 0.4% of their
         standard deviation on average (benchmarks/hsparse_extraction.py; RESULTS.md has the
         probe's accuracy with and without)."""
-        n, h, w, c = x.shape
-        g, gs, p = self.members.shape[0], self.group_size, self.patch
+        n, h, w, _ = x.shape
+        g, p = self.members.shape[0], self.patch
         h2, w2 = h - p + 1, w - p + 1
         with full_precision(x.device.type):
-            weight, offsets, rowsums, floors = self._folded()
+            weight, offsets, rowsums, floors, share = self._folded()
             kg = offsets.shape[1]
             x = x.float()
             # each group's channel mean and mean square at every location by one product with
             # its membership (no gathered copy), then each patch's over p x p by a box filter
-            share = torch.zeros(c, g, device=x.device)
-            share[self.members.flatten(), torch.arange(g, device=x.device).repeat_interleave(gs)] = 1.0 / gs
             mean = F.avg_pool2d((x @ share).permute(0, 3, 1, 2), p, 1)  # (N, G, h', w')
             square = F.avg_pool2d((x.square() @ share).permute(0, 3, 1, 2), p, 1)
             std = torch.sqrt((square - mean.square()).clamp_min(0) + floors)
@@ -224,10 +222,11 @@ class GroupedPatchCoder(nn.Module):
             z.addcmul_(shift, rowsums, value=-1)
         return z.view(n, h2, w2, g * kg)
 
-    def _folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The groups' whitening folded into their unit filters, as the grouped convolution's
         weight (G*Kg, Gs, p, p), with each filter's offset (its response to the mean patch, (G, Kg))
-        and row sum (G, Kg), and the contrast floors (1, G, 1, 1).
+        and row sum (G, Kg), the contrast floors (1, G, 1, 1), and the membership (C, G) that
+        averages each group's channels (1/Gs where a channel is in the group).
 
         Kept between calls while no gradient is wanted and no weight has changed (extraction
         recomputed it every batch: 32 small products, 9% of a CIFAR-10 batch's time)."""
@@ -241,7 +240,9 @@ class GroupedPatchCoder(nn.Module):
         weight = detectors.view(g, kg, p, p, gs).permute(0, 1, 4, 2, 3).reshape(g * kg, gs, p, p)
         offsets = torch.einsum("gd,gkd->gk", torch.stack([c.mean for c in coders]), detectors)
         floors = torch.stack([c.floor for c in coders]).view(1, g, 1, 1)
-        folded = (weight, offsets, detectors.sum(-1), floors)
+        share = weight.new_zeros(self.channels, g)
+        share[self.members.flatten(), torch.arange(g, device=share.device).repeat_interleave(gs)] = 1.0 / gs
+        folded = (weight, offsets, detectors.sum(-1), floors, share)
         if key is not None:  # never a tensor that holds an autograd graph
             self._folded_key, self._folded_value = key, folded
         return folded
