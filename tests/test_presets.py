@@ -10,7 +10,9 @@ import pytest
 
 from convae.errors import ConfigError
 from convae.estimator import ConvAutoencoder
+from convae.models import build_model
 from convae.presets import PRESETS, fit_args, get_preset
+from convae.probe.driver import layer_groups
 
 CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
 SHAPES = {
@@ -30,8 +32,10 @@ def test_every_preset_resolves_to_a_valid_model(name):
     settings = {k: v for k, v in preset.fit.items() if k != "widths"}
     if "widths" in preset.fit:
         settings["channels"] = tuple(int(w) for w in preset.fit["widths"].split(","))
-    ConvAutoencoder(**settings)._model_config(SHAPES[name])  # validates the architecture for its images
+    config = ConvAutoencoder(**settings)._model_config(SHAPES[name])  # validates the architecture for its images
     assert fit_args(name)[0].startswith("--")
+    # the layers its probe reads are layers of the model its fit builds
+    assert layer_groups(build_model(config), preset.probe["layers"])
 
 
 def test_unknown_preset_names_the_known_ones():
