@@ -14,7 +14,7 @@ Measures, in one run on this machine:
   native, as `convae fit` trains), extraction of what `convae probe` extracts (every stage
   and the bottleneck, grid4 pooling), and the fit of each probe classifier (logreg, linsvm of
   convae.probe) on the widest of those feature sets;
-- at 28 and 32 px, extraction through each preset's model (mnist, fashion-mnist, fashion-mnist-convae; cifar10,
+- at 28 and 32 px, extraction through each preset's model (mnist, mnist-convae, fashion-mnist, fashion-mnist-convae; cifar10,
   cifar10-patch, cifar10-deep: the model `convae fit --preset` builds, untrained) of the layers
   and pooling the preset's probe reads, on 2,000 images (--no-presets skips them).
 
@@ -79,7 +79,7 @@ SIZES = (28, 32, 96, 128)
 BUILTIN = {28: "mnist", 32: "cifar10"}
 # the presets whose models are timed at each size (digits' 8 px model is too small to time)
 PRESET_MODELS = {
-    28: ("mnist", "fashion-mnist", "fashion-mnist-convae"),
+    28: ("mnist", "mnist-convae", "fashion-mnist", "fashion-mnist-convae"),
     32: ("cifar10", "cifar10-patch", "cifar10-deep"),
 }
 PEAK_OF = {torch.float32: "fp32", torch.bfloat16: "bf16"}

@@ -18,6 +18,7 @@ CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "conva
 SHAPES = {
     "digits": (8, 8, 1),
     "mnist": (28, 28, 1),
+    "mnist-convae": (28, 28, 1),
     "fashion-mnist": (28, 28, 1),
     "fashion-mnist-convae": (28, 28, 1),
     "cifar10": (32, 32, 3),
@@ -66,8 +67,8 @@ def test_fit_with_a_preset_and_an_explicit_option(tmp_path):
     assert bad.returncode == 2 and "unknown preset" in bad.stderr
 
 
-def test_probe_preset_mnist_whitens_the_rows_with_all_labels(tmp_path, shared_datasets):
-    # a tiny model of the mnist preset's shape (three stages), trained on real MNIST digits
+def test_probe_preset_mnist_convae_whitens_the_rows_with_all_labels(tmp_path, shared_datasets):
+    # a tiny model of the mnist-convae preset's shape (three stages), trained on real MNIST digits
     from convae.data import load_dataset
 
     test = load_dataset("mnist:test", data_dir=shared_datasets)
@@ -88,7 +89,7 @@ def test_probe_preset_mnist_whitens_the_rows_with_all_labels(tmp_path, shared_da
                 "--test",
                 "mnist:test",
                 "--preset",
-                "mnist",
+                "mnist-convae",
                 "--layers",
                 "stage2.conv1.split+stage3.conv1.split",
                 "--labels-per-class",
