@@ -1,7 +1,7 @@
 """Choosing settings on a validation split held out from the train split: the only place they are chosen.
 
     .venv/bin/python benchmarks/validate.py cifar10 benchmarks/candidates/cifar10.json \
-        [--data-dir ../shared/datasets] [--val 10000] [--threads 2] [--only NAME,...] [--random]
+        [--data-dir ../shared/datasets] [--val 10000] [--split tail] [--threads 2] [--only NAME,...] [--random]
 
 For each candidate (a JSON list of {"name", "fit": ConvAutoencoder parameters, "probe": run_probe
 options}, or "probes": a list of named run_probe options, each probing the one trained model), the autoencoder trains on the train split less its last `--val` images (no labels),
@@ -55,7 +55,8 @@ def run_candidate(dataset: str, cand: dict, train, val, random_baseline: bool, t
         for row_name, row_options, probe_seconds, rows in _measured(est, train, val, name, options, probe, skip):
             common = dict(dataset=dataset, candidate=row_name, fit=cand["fit"], probe=row_options,
                           train_seconds=round(train_seconds, 1), probe_seconds=round(probe_seconds, 1),
-                          epochs=len(est.history_), peak_gb=round(_peak_gb(), 2))  # fmt: skip
+                          epochs=len(est.history_), images_seen=sum(int(h.get("images", 0)) for h in est.history_),
+                          peak_gb=round(_peak_gb(), 2))  # fmt: skip
             out.extend(dict(common, **row) for row in rows)
     return out
 
@@ -113,16 +114,21 @@ def _row_names(name: str, options: dict) -> list[str]:
     return [f"{name}@{m}" for m in iters] if isinstance(iters, list) else [name]
 
 
-def split(dataset: str, data_dir: Path, n_val: int):
-    """(train less its last n_val images, those n_val images), both labelled."""
+def split(dataset: str, data_dir: Path, n_val: int, how: str = "tail"):
+    """(train less n_val images, those n_val images), both labelled: the last n_val ("tail"), or a
+    stratified draw of n_val, seeded ("stratified": a folder of class subfolders lists its images
+    class by class, so its tail would be one or two classes)."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
     import convae
-    from convae.data import ImageData
 
     train = convae.load_dataset(dataset, "train", data_dir=data_dir, download=False)
     cut = len(train) - n_val
-    fit = ImageData(train.images[:cut], train.labels[:cut], train.classes, f"{dataset}:train[:{cut}]")
-    val = ImageData(train.images[cut:], train.labels[cut:], train.classes, f"{dataset}:train[{cut}:]")
-    return fit, val
+    if how == "tail":
+        return train.subset(np.arange(cut)), train.subset(np.arange(cut, len(train)))
+    fit_idx, val_idx = train_test_split(np.arange(len(train)), test_size=n_val, stratify=train.labels, random_state=0)
+    return train.subset(np.sort(fit_idx)), train.subset(np.sort(val_idx))
 
 
 def table(rows: list[dict]) -> str:
@@ -142,6 +148,12 @@ def main(argv=None) -> int:
     ap.add_argument("candidates", type=Path)
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--val", type=int, default=10_000, help="last train images held out for scoring")
+    ap.add_argument(
+        "--split",
+        choices=("tail", "stratified"),
+        default="tail",
+        help="hold out the last --val train images (the built-in datasets), or a seeded stratified draw (folders)",
+    )
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--only", help="candidate names, comma-separated")
     ap.add_argument("--random", action="store_true", help="also probe the same architecture with random weights")
@@ -156,7 +168,7 @@ def main(argv=None) -> int:
         for line in args.results.read_text().splitlines():
             r = json.loads(line)
             done.add((r["dataset"], r["candidate"]))
-    train, val = split(args.dataset, args.data_dir, args.val)
+    train, val = split(args.dataset, args.data_dir, args.val, args.split)
     for cand in candidates:
         # A candidate retrains only for probes it has no rows for (a probe added later).
         names = [row for name, options in _probes(cand) for row in _row_names(name, options)]
