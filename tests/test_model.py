@@ -178,10 +178,23 @@ def test_dense_baseline_has_a_comparable_code():
     assert model.describe()[-1]["params"] == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("shape,stages", [((8, 8, 1), 2), ((28, 28, 1), 3), ((32, 32, 3), 3), ((64, 64, 3), 4)])
-def test_defaults_adapt_to_the_image_size(shape, stages):
+@pytest.mark.parametrize(
+    "shape,channels",
+    [
+        ((8, 8, 1), (32, 64)),
+        ((28, 28, 1), (32, 64, 128)),
+        ((32, 32, 3), (64, 128, 256)),
+        ((48, 48, 3), (64, 128, 256, 256)),
+        # photo sizes: stages until about 8x8, colour from 32 channels (chosen on a 96 px folder)
+        ((64, 64, 3), (32, 64, 128)),
+        ((96, 96, 3), (32, 64, 128, 256)),
+        ((128, 96, 3), (32, 64, 128, 256)),
+        ((256, 256, 3), (32, 64, 128, 256, 256)),
+    ],
+)
+def test_defaults_adapt_to_the_image_size(shape, channels):
     cfg = default_model_config(shape)
-    assert len(cfg.channels) == stages
+    assert cfg.channels == channels
     assert cfg.in_channels == shape[2]
     assert build_model(cfg)(torch.rand(1, shape[2], *shape[:2])).shape == (1, shape[2], *shape[:2])
 
