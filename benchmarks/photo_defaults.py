@@ -25,26 +25,15 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from photo_folders import DEFAULT_DATA, write_photo_folder
+from quality import timed
 
 HERE = Path(__file__).resolve().parent
 CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
 RESULTS = HERE / "photo-defaults.json"
-
-
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Run `cmd`; (wall seconds, its peak resident memory in GB, from its own rusage)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1e6  # kB on Linux
 
 
 def measure(folder: Path, run: Path, args) -> dict:

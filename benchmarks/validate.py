@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("dataset")
     ap.add_argument("candidates", type=Path)
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--val", type=int, default=10_000, help="last train images held out for scoring")
+    ap.add_argument("--val", type=int, default=10_000, help="train images held out for scoring (--split says which)")
     ap.add_argument(
         "--split",
         choices=("tail", "stratified"),
