@@ -20,7 +20,6 @@ to benchmarks/photo-defaults.json under --name.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -28,6 +27,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from convae._io import atomic_write_text
+from convae.run import read_history
 from photo_folders import DEFAULT_DATA, write_photo_folder
 from quality import timed
 
@@ -40,8 +41,7 @@ def measure(folder: Path, run: Path, args) -> dict:
     fit = [CONVAE, "fit", str(folder / "train"), "--out", str(run), "--max-time", str(args.minutes * 60)]
     fit += ["--threads", str(args.threads), "--quiet"] + (["--widths", args.widths] if args.widths else [])
     fit_seconds, fit_gb = timed(fit)
-    with open(run / "history.csv", newline="") as f:
-        seen = sum(int(row["images"]) for row in csv.DictReader(f))
+    seen = sum(int(row["images"]) for row in read_history(run))
     out = run.parent / f"{run.name}-probe.json"
     probe = [CONVAE, "probe", str(run), "--train", str(folder / "train"), "--test", str(folder / "test")]
     probe += ["--baselines", "random,pixels", "-o", str(out), "--quiet"]
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     row = measure(folder, run, args)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results[f"{args.size}px/{args.name}"] = row
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_text(RESULTS, json.dumps(results, indent=1) + "\n")
     for r in row["rows"]:
         print(f"{r['features']:>24} {r['dim']:>6} {r['accuracy']:.4f}")
     print({k: v for k, v in row.items() if k not in ("rows", "fit_command", "probe_command")})

@@ -66,8 +66,9 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "mnist-convae",
-            "MNIST 28x28 with the ConvAE (the mnist preset before the hierarchical sparse model): the default model (one conv per stage, batch 64) for 2 epochs (more lower the "
-            "reconstruction error, not the probe's error); probed with stage2's and stage3's conv maps sign-split, "
+            "MNIST 28x28 with the ConvAE (the mnist preset before the hierarchical sparse model): the default "
+            "model (one conv per stage, batch 64) for 2 epochs (more lower the reconstruction error, not the "
+            "probe's error); probed with stage2's and stage3's conv maps sign-split, "
             "concatenated, and whitened before the classifier; features held in 16-bit (the same validation "
             "accuracy as 32-bit, half the memory)",
             fit=dict(widths="32,64,128", convs_per_stage=1, batch_size=64, epochs=2),
