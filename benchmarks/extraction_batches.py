@@ -1,13 +1,13 @@
 """Extraction throughput by batch size: the table behind `auto_batch_size` (features/extractor.py).
 
-    .venv/bin/python benchmarks/extraction_batches.py [--threads 2] [--repeats 3]
+    .venv/bin/python benchmarks/extraction_batches.py [--threads 2] [--repeats 3] [--only mnist]
 
-Builds each model from its configuration (training changes the weights, not the speed):
-the `cifar10-patch` sparse model (1,600 filters, conv1.split/grid2), the `cifar10`
-hierarchical model (stage1+stage2/grid2) and the default model at 96 and 128 px (every
-stage/grid4), and times ``FeatureExtractor`` on random images at each batch size, the batch
-sizes interleaved over `--repeats` rounds (the best round kept: the host's speed drifts).
-Prints a Markdown table of images/s, the default batch marked with *.
+Builds each preset's model for its dataset's image size, with the extractor of what its probe
+reads (`roofline.preset_model`: training changes the weights, not the speed), and the default
+model at 96 and 128 px (every stage/grid4), and times ``FeatureExtractor`` on random images at
+each batch size for at least half a second, the batch sizes interleaved over `--repeats` rounds
+(the best round kept: the host's speed drifts). Prints a Markdown table of images/s, the default
+batch marked with *.
 """
 
 from __future__ import annotations
@@ -17,55 +17,52 @@ import time
 
 import torch
 
+from convae._memory import keep_freed_memory
 from convae.features import FeatureExtractor
-from convae.models import ModelConfig, build_model, default_model_config
+from convae.models import build_model, default_model_config
+from roofline import preset_model  # benchmarks/ is the script's folder: on sys.path
 
-CASES = {
-    "`cifar10-patch`, conv1.split/grid2": (
-        lambda: ModelConfig(arch="sparse", in_channels=3, image_size=(32, 32), channels=(1600,), kernel_size=5),
-        lambda m: ["conv1.split"],
-        "grid2",
-    ),
-    "`cifar10` (hsparse), stage1+stage2/grid2": (
-        lambda: ModelConfig(
-            arch="hsparse",
-            in_channels=3,
-            image_size=(32, 32),
-            channels=(800, 1600),
-            kernel_size=5,
-            groups=32,
-            group_size=32,
-        ),  # fmt: skip
-        lambda m: ["stage1", "stage2"],
-        "grid2",
-    ),
-    "default model at 96 px, every stage/grid4": (
-        lambda: default_model_config((96, 96, 3)),
-        lambda m: m.hierarchy_layers(),
-        "grid4",
-    ),
-    "default model at 128 px, every stage/grid4": (
-        lambda: default_model_config((128, 128, 3)),
-        lambda m: m.hierarchy_layers(),
-        "grid4",
-    ),
+PRESET_SHAPES = {
+    "mnist": (28, 28, 1),
+    "fashion-mnist": (28, 28, 1),
+    "cifar10": (32, 32, 3),
+    "cifar10-patch": (32, 32, 3),
 }
-BATCHES = (1, 2, 4, 5, 8, 16)
 
 
-def rates(model, layers, pool, repeats: int, images: int = 48) -> dict[int, float]:
+def _default_model(size: int):
+    torch.manual_seed(0)
+    model = build_model(default_model_config((size, size, 3))).eval()
+    return model, FeatureExtractor(model, model.hierarchy_layers(), "grid4")
+
+
+def cases() -> dict:
+    """Name -> a function building (model, extractor at its default batch)."""
+    out = {
+        f"`{p}` preset, {'x'.join(map(str, s[:2]))} px": (lambda p=p, s=s: preset_model(p, s))
+        for p, s in PRESET_SHAPES.items()
+    }
+    for size in (96, 128):
+        out[f"default model at {size} px, every stage/grid4"] = lambda size=size: _default_model(size)
+    return out
+
+
+BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24)
+
+
+def rates(model, base: FeatureExtractor, repeats: int, seconds: float = 0.5) -> dict[int, float]:
     """Best images/s over `repeats` interleaved rounds, per batch size."""
     best: dict[int, float] = {}
     size = model.config.image_size
     for _ in range(repeats):
         for batch in BATCHES:
-            extractor = FeatureExtractor(model, layers, pool, batch_size=batch)
+            extractor = FeatureExtractor(model, base.layers, base.pools, batch_size=batch, keep_order=True)
             x = torch.rand(batch, model.config.in_channels, *size)
             extractor(x)  # warm-up: allocator and kernels
-            calls = max(2, images // batch)
-            t0 = time.perf_counter()
-            for _ in range(calls):
+            calls, t0 = 0, time.perf_counter()
+            while calls < 2 or time.perf_counter() - t0 < seconds:
                 extractor(x)
+                calls += 1
             best[batch] = max(best.get(batch, 0.0), calls * batch / (time.perf_counter() - t0))
     return best
 
@@ -77,15 +74,15 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="a case's name contains this")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as FeatureExtractor.batches, which `convae extract` and `probe` run
     print(f"| model, layers | default batch | {' | '.join(map(str, BATCHES))} |")
     print(f"|---|---:|{'---:|' * len(BATCHES)}")
-    for name, (config, layers_of, pool) in CASES.items():
+    for name, build in cases().items():
         if args.only and args.only not in name:
             continue
-        model = build_model(config()).eval()
-        layers = layers_of(model)
-        default = FeatureExtractor(model, layers, pool).batch_size
-        measured = rates(model, layers, pool, args.repeats)
+        model, extractor = build()
+        default = extractor.batch_size
+        measured = rates(model, extractor, args.repeats)
         cells = [f"{measured[b]:.0f}{'*' if b == default else ''}" for b in BATCHES]
         print(f"| {name} | {default} | {' | '.join(cells)} |", flush=True)
     return 0

@@ -7,7 +7,7 @@ L-BFGS step. What no library does is the pass this module is built around:
 
 - the standardization is folded into the weights (``X @ (W / scale).T + (b - (W / scale) @ mean)``),
   so no standardized copy exists, and X may be a read-only float16 memmap: a chunk of rows at a
-  time is converted to float32, small enough to stay in the core's L2 cache; so is a whitening
+  time is converted to float32, small enough to stay in the cache; so is a whitening
   (``whiten=``), through the Cholesky factor of the covariance (:class:`_Basis`);
 - each evaluation of the objective and its gradient is one pass over the rows: a chunk's
   scores, softmax (or hinge), loss and gradient contribution ``residual.T @ chunk`` are all
@@ -23,7 +23,7 @@ L-BFGS step. What no library does is the pass this module is built around:
   which no hand-written line search would beat.
 
 What bounds a pass: it reads each value of X once (2 bytes in float16) and spends 4 k flops on
-it (the two products, k classes). MKL runs these skinny products at 40-50 GFLOP/s a core, so
+it (the two products, k classes). MKL runs these skinny products at 30-60 GFLOP/s a core, so
 on a 2-core machine a float16 pass with 10 classes is bound by the cores, several times a copy
 of the same bytes, float32 about twice; the chunks are already read once. With more cores per
 memory channel, or on a GPU, the same pass meets the bandwidth. bfloat16 products (AMX, through
@@ -59,11 +59,13 @@ from threadpoolctl import threadpool_limits
 __all__ = ["StreamingLinearSVM", "StreamingLogisticRegression"]
 
 _DTYPES = (np.float32, np.float16, np.float64)  # accepted as they are; anything else becomes float32
-_CHUNK_BYTES = 2 << 20  # a converted float32 chunk: about a core's L2 (measured: benchmarks/linear_probe.py)
-# ... but never fewer rows than this: at 12,800-32,000 columns, 2 MiB is 16-40 rows, and products
-# that skinny cost more than the cache misses they save (passes 1.2-1.3x slower than at 128 rows,
-# benchmarks/linear_probe.py --chunk-rows, RESULTS.md)
-_MIN_CHUNK_ROWS = 128
+# a converted float32 chunk: 4 MiB, two per core fit in this host's L3 beside the weights. With
+# the scores computed k rows first (see _Objective._group), passes at 32,000 columns ran 1.7x as
+# fast on 32-row chunks as on 128 (the best before that change), and 96-128 rows at 9,600 and
+# 256-512 at 2,048 columns were within the host's noise of each other
+# (benchmarks/linear_probe.py --chunk-rows, 2 workers, 2026-12-06; RESULTS.md)
+_CHUNK_BYTES = 4 << 20
+_MIN_CHUNK_ROWS = 16  # products skinnier than this cost more than the cache misses they save
 _MAX_GROUPS = 16  # gradient partial sums per pass (a k x d float32 matrix each)
 _GROUP_BYTES = 256 << 20  # ... but no more memory than this for all of them together
 _THREADS_FROM_BYTES = 32 << 20  # the smallest X whose passes are shared out to threads by default
@@ -122,7 +124,7 @@ class _Rows:
         self.view = _torch_view(X)
         self.on_gpu = device.type != "cpu"
         if chunk_rows is None:
-            chunk_rows = max(_MIN_CHUNK_ROWS, (64 if self.on_gpu else 1) * _CHUNK_BYTES // (4 * max(self.d, 1)))
+            chunk_rows = max(_MIN_CHUNK_ROWS, (32 if self.on_gpu else 1) * _CHUNK_BYTES // (4 * max(self.d, 1)))
         self.chunk_rows = max(1, min(int(chunk_rows), self.n))
         self.n_threads = 1 if self.on_gpu else max(1, int(n_threads))
         self.groups = _groups(self.n, self.chunk_rows, 1 if self.on_gpu else n_groups)
@@ -319,7 +321,8 @@ def _chunk_loss(kind: str, scores: torch.Tensor, target: torch.Tensor, minus_one
     else:
         signs = target
     margin = (1.0 - signs * scores).clamp_(min=0.0)
-    loss = torch.dot(margin.view(-1), margin.view(-1))
+    flat = margin.reshape(-1)  # scores may be a transposed view
+    loss = torch.dot(flat, flat)
     return loss, margin.mul_(signs).mul_(-2.0)
 
 
@@ -347,9 +350,9 @@ class _Objective:
         A = self.basis.weights(W)  # folded standardization (whitening): scores = X @ A.T + c
         c = b - A @ self.basis.mean
         device = self.rows.device
-        At = torch.from_numpy(A.astype(np.float32)).to(device).T
-        c32 = torch.from_numpy(c.astype(np.float32)).to(device)
-        parts = self.rows.map(lambda g, a, z, chunks: self._group(At, c32, g, chunks))
+        A32 = torch.from_numpy(A.astype(np.float32)).to(device)
+        c32 = torch.from_numpy(c.astype(np.float32)).to(device).view(-1, 1)
+        parts = self.rows.map(lambda g, a, z, chunks: self._group(A32, c32, g, chunks))
         self.passes += 1
         grad_A = sum(p[0].double() for p in parts).cpu().numpy()  # in group order: deterministic
         grad_c = sum(p[1] for p in parts).cpu().numpy()
@@ -358,14 +361,16 @@ class _Objective:
         f = loss / n + float(np.sum(W * W)) / (2.0 * self.C * n)
         return f, np.concatenate([grad_W.ravel(), grad_c / n])
 
-    def _group(self, At: torch.Tensor, c: torch.Tensor, g: int, chunks):
+    def _group(self, A: torch.Tensor, c: torch.Tensor, g: int, chunks):
         """One row group's loss, and its sums of ``grad.T @ x`` and of ``grad``, chunk after chunk."""
         acc = self.sums[g]
         acc.zero_()
         grad_c = torch.zeros(self.k, dtype=torch.float64, device=acc.device)
         loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         for a, b, x in chunks:
-            scores = torch.addmm(c, x, At)
+            # scores.T = A @ x.T + c, not x @ A.T + c: MKL's product with the k-row side first runs
+            # 1.6-2x as fast at k = 10 (one thread, 128 rows of 9,600-32,000 columns, measured)
+            scores = torch.addmm(c, A, x.T).T
             chunk_loss, grad = _chunk_loss(self.kind, scores, self.target[a:b], self.minus_ones)
             loss += chunk_loss
             grad_c += grad.sum(0)
@@ -553,7 +558,7 @@ class StreamingLogisticRegression(_StreamingLinearClassifier):
         a whitened copy: the whitening is folded into the weights, at the cost of one more pass
         over X and a d x d Cholesky factorization (one d x d float32 matrix while fitting). None: no whitening.
     chunk_rows : int or None, default=None
-        Rows per chunk; None sizes a float32 chunk to 2 MiB (128 MiB on a GPU), at least 128 rows.
+        Rows per chunk; None sizes a float32 chunk to 4 MiB (128 MiB on a GPU), at least 16 rows.
     n_threads : int or None, default=None
         Worker threads on the CPU, each running one-threaded torch operations; None uses
         ``torch.get_num_threads()`` for X of 32 MiB or more, one thread below. torch's own
@@ -678,7 +683,7 @@ class StreamingLinearSVM(_StreamingLinearClassifier):
     whiten : float or None, default=None
         Fit on the features whitened, as :class:`StreamingLogisticRegression`'s `whiten`.
     chunk_rows : int or None, default=None
-        Rows per chunk; None sizes a float32 chunk to 2 MiB (128 MiB on a GPU), at least 128 rows.
+        Rows per chunk; None sizes a float32 chunk to 4 MiB (128 MiB on a GPU), at least 16 rows.
     n_threads : int or None, default=None
         Worker threads on the CPU, as :class:`StreamingLogisticRegression`'s.
     device : {"cpu", "cuda", "auto"}, default="cpu"
