@@ -19,7 +19,9 @@ change that should move its speed and not its accuracy; the comparison rows of t
 before are kept (its "headline_meta" says when the headline was measured, "meta" when the rest).
 
 Writes the "## Quality" section of benchmarks/RESULTS.md (its hand-written notes, from the line
-starting "Notes (", are kept) and the raw rows to benchmarks/quality.json. Every setting was
+starting "Notes (", are kept; a section with other blocks written by hand is never rewritten: the
+script stops after quality.json, and --json-only prints the section to paste) and the raw rows to
+benchmarks/quality.json, each file replaced whole (written beside it, then renamed). Every setting was
 chosen on a validation split (benchmarks/validate.py); the test split is read here, once per
 configuration reported.
 """
@@ -37,6 +39,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from convae._io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "datasets"
@@ -209,6 +213,17 @@ def current_notes(text: str, title: str) -> str:
     return m.group(1).rstrip("\n") if m else ""
 
 
+def hand_written_blocks(text: str, title: str) -> bool:
+    """Whether the `## title` section holds more than this script writes: anything before its notes
+    that does not begin with the generated "Measured ..." paragraph (whole blocks written by hand,
+    which replace_section would drop)."""
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    if not m:
+        return False
+    generated = m.group(1).split(NOTES_START, 1)[0].strip()
+    return bool(generated) and not generated.startswith("Measured ")
+
+
 def replace_section(text: str, title: str, body: str) -> str:
     """`text` with its `## title` section (up to the next `## `) replaced by `body`, or `body` appended."""
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
@@ -277,14 +292,19 @@ def main() -> None:
         if not args.headline_only:  # the comparison kept is the earlier run's
             raw[preset]["comparison"] = dict(baselines=args.baselines, labels=args.labels)
         if not args.no_write:
-            raw_path.write_text(json.dumps(raw, indent=2) + "\n")
+            atomic_write_text(raw_path, json.dumps(raw, indent=2) + "\n")
     order = [n for n in TARGETS if n in raw and "summary" in raw[n] and "depth" in raw[n]["summary"]["all"]]
     text = results_path.read_text() if results_path.exists() else "# convae benchmarks\n"
     body = section({n: raw[n] for n in order}, meta_info(args.threads), current_notes(text, "Quality"))
     if args.no_write or args.json_only:
         print(body)
         return
-    results_path.write_text(replace_section(text, "Quality", body))
+    if hand_written_blocks(text, "Quality"):
+        sys.exit(
+            f"{results_path}: not rewritten: its Quality section has blocks written by hand, which rewriting "
+            "would drop (quality.json holds every row measured); --json-only prints the section to edit in by hand"
+        )
+    atomic_write_text(results_path, replace_section(text, "Quality", body))
     print(f"wrote {results_path}")
 
 
