@@ -12,6 +12,7 @@ from convae.data.containers import ImageData
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import photo_folders  # noqa: E402
+import quality  # noqa: E402
 import roofline  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird"]
@@ -67,6 +68,18 @@ def test_the_roofline_section_replaces_its_earlier_self_only(tmp_path):
     results.write_text("# R\n\n## Speed\n\nkept\n", encoding="utf-8")
     roofline.write_section(results, ["## Roofline — new", "", "t", ""])
     assert results.read_text(encoding="utf-8") == "# R\n\n## Speed\n\nkept\n\n## Roofline — new\n\nt\n"
+
+
+def test_quality_never_rewrites_a_section_with_blocks_written_by_hand():
+    generated = (
+        "# R\n\n## Quality\n\nMeasured today on x.\n\n| table |\n\nNotes (by hand): kept.\n\n### a note\n\n## Speed\n"
+    )
+    assert not quality.hand_written_blocks(generated, "Quality")  # what it writes, notes and all: rewritable
+    assert not quality.hand_written_blocks("# R\n\n## Speed\n", "Quality")  # no section yet: appended
+    by_hand = generated.replace("## Quality\n\n", "## Quality\n\n### a test run, by hand\n\nrows\n\n")
+    assert quality.hand_written_blocks(by_hand, "Quality")
+    body = quality.section({}, quality.meta_info(2), quality.current_notes(generated, "Quality"))
+    assert not quality.hand_written_blocks(quality.replace_section(generated, "Quality", body), "Quality")
 
 
 def test_a_stage_is_held_to_the_larger_of_its_compute_and_memory_bounds():
