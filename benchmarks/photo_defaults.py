@@ -30,10 +30,9 @@ from pathlib import Path
 from convae._io import atomic_write_text
 from convae.run import read_history
 from photo_folders import DEFAULT_DATA, write_photo_folder
-from quality import timed
+from quality import CONVAE, timed
 
 HERE = Path(__file__).resolve().parent
-CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
 RESULTS = HERE / "photo-defaults.json"
 
 

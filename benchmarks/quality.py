@@ -213,11 +213,16 @@ def current_notes(text: str, title: str) -> str:
     return m.group(1).rstrip("\n") if m else ""
 
 
+def _section(title: str) -> re.Pattern:
+    """The `## title` section of a results file, up to the next `## `; group 1 its body."""
+    return re.compile(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", re.S | re.M)
+
+
 def hand_written_blocks(text: str, title: str) -> bool:
     """Whether the `## title` section holds more than this script writes: anything before its notes
     that does not begin with the generated "Measured ..." paragraph (whole blocks written by hand,
     which replace_section would drop)."""
-    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    m = _section(title).search(text)
     if not m:
         return False
     generated = m.group(1).split(NOTES_START, 1)[0].strip()
@@ -226,7 +231,7 @@ def hand_written_blocks(text: str, title: str) -> bool:
 
 def replace_section(text: str, title: str, body: str) -> str:
     """`text` with its `## title` section (up to the next `## `) replaced by `body`, or `body` appended."""
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = _section(title)
     if pattern.search(text):
         return pattern.sub(lambda m: body.rstrip("\n") + "\n\n", text, count=1)
     return text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
