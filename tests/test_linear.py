@@ -15,7 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from convae.probe import LinearSVM, Whitener, linsvm_c, logreg_c
+from convae.probe import LinearSVM, Whitener, linear, linsvm_c, logreg_c
 from convae.probe.linear import StreamingLinearSVM, StreamingLogisticRegression
 
 # Test accuracy within 0.05 points of the reference; objectives within this relative distance
@@ -218,6 +218,31 @@ def test_folded_whitening_fits_what_a_whitened_copy_fits(mnist, one_thread, esti
     assert np.mean(ours.predict(Xte) == theirs) >= 1 - ACCURACY_TOLERANCE
     with pytest.raises(ValueError, match="whiten"):
         estimator(whiten=0.0).fit(Xtr[:100], ytr[:100])
+
+
+def test_bf16_covariance_matches_float32(mnist, monkeypatch, tmp_path):
+    """The whitening's covariance from bf16 tile products (used where the CPU has native bf16 and
+    the features are wide) is the float32 syrk's to bf16 rounding, tiles of uneven widths
+    included, and the whitened fit predicts the same (forced here at 784 columns, tiles of 300)."""
+    Xtr, ytr, Xte, _ = mnist
+    np.save(tmp_path / "x.npy", Xtr.astype(np.float16))
+    X16 = np.load(tmp_path / "x.npy", mmap_mode="r")
+    rows = linear._Rows(X16, torch.device("cpu"), None, 1, 1)
+    mean, var = linear._column_stats(rows)
+    scale = linear._scale(mean, var, rows.n)
+    monkeypatch.setattr(linear, "_BF16_TILE_COLUMNS", 300)
+    low = np.triu(linear._covariance_bf16(rows, mean, scale))
+    monkeypatch.setattr(linear, "_BF16_COVARIANCE_COLUMNS", 10**9)
+    full = np.triu(linear._covariance(rows, mean, scale))
+    assert np.linalg.norm(low - full) <= 2**-8 * np.linalg.norm(full)  # bf16 keeps 8 significant bits
+    # a column with one large value: its square carries twice that value's rounding and the
+    # product's own (at most 2^-8 relative each)
+    np.testing.assert_allclose(np.diagonal(low), np.diagonal(full), rtol=3 * 2**-8, atol=1e-6)
+    fp32 = StreamingLogisticRegression(whiten=0.1).fit(X16, ytr)
+    monkeypatch.setattr(linear, "_BF16_COVARIANCE_COLUMNS", 0)
+    monkeypatch.setattr(linear, "native_bf16", lambda device: True)
+    bf16 = StreamingLogisticRegression(whiten=0.1).fit(X16, ytr)
+    assert np.mean(bf16.predict(Xte) == fp32.predict(Xte)) >= 0.995
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
