@@ -1,6 +1,7 @@
 """Extraction throughput by batch size: the table behind `auto_batch_size` (features/extractor.py).
 
     .venv/bin/python benchmarks/extraction_batches.py [--threads 2] [--repeats 3] [--only mnist]
+        [--batches 1,2,4,8,16,24,48]
 
 Builds each preset's model for its dataset's image size, with the extractor of what its probe
 reads (`roofline.preset_model`: training changes the weights, not the speed), and the default
@@ -50,12 +51,12 @@ def cases() -> dict:
 BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24)
 
 
-def rates(model, base: FeatureExtractor, repeats: int, seconds: float = 0.5) -> dict[int, float]:
+def rates(model, base: FeatureExtractor, repeats: int, batches=BATCHES, seconds: float = 0.5) -> dict[int, float]:
     """Best images/s over `repeats` interleaved rounds, per batch size."""
     best: dict[int, float] = {}
     size = model.config.image_size
     for _ in range(repeats):
-        for batch in BATCHES:
+        for batch in batches:
             extractor = FeatureExtractor(model, base.layers, base.pools, batch_size=batch, keep_order=True)
             x = torch.rand(batch, model.config.in_channels, *size)
             extractor(x)  # warm-up: allocator and kernels
@@ -72,18 +73,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", help="a case's name contains this")
+    ap.add_argument("--batches", help=f"comma-separated batch sizes (default: {','.join(map(str, BATCHES))})")
     args = ap.parse_args(argv)
+    batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else BATCHES
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as FeatureExtractor.batches, which `convae extract` and `probe` run
-    print(f"| model, layers | default batch | {' | '.join(map(str, BATCHES))} |")
-    print(f"|---|---:|{'---:|' * len(BATCHES)}")
+    print(f"| model, layers | default batch | {' | '.join(map(str, batches))} |")
+    print(f"|---|---:|{'---:|' * len(batches)}")
     for name, build in cases().items():
         if args.only and args.only not in name:
             continue
         model, extractor = build()
         default = extractor.batch_size
-        measured = rates(model, extractor, args.repeats)
-        cells = [f"{measured[b]:.0f}{'*' if b == default else ''}" for b in BATCHES]
+        measured = rates(model, extractor, args.repeats, batches)
+        cells = [f"{measured[b]:.0f}{'*' if b == default else ''}" for b in batches]
         print(f"| {name} | {default} | {' | '.join(cells)} |", flush=True)
     return 0
 

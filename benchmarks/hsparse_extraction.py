@@ -1,13 +1,14 @@
-"""Extraction of a trained hierarchical sparse model with its upper stages convolving in bf16 (as
-convae runs it where the device computes bf16 natively) against the same model all in fp32.
+"""Extraction of a trained hierarchical sparse model with its products in bf16 (stage 1's patch
+product and the grouped stages' convolution, as convae runs them in inference where the device
+computes bf16 natively) against the same model all in fp32.
 
     .venv/bin/python benchmarks/hsparse_extraction.py [--run benchmarks/runs/cifar10]
-        [--data-dir ../shared/datasets] [--images 2000] [--rounds 4] [--threads 2]
+        [--dataset cifar10:test] [--data-dir ../shared/datasets] [--images 2000] [--rounds 4] [--threads 2]
 
-Both arms extract what the cifar10 preset's probe reads (`stage1` and `stage2`, grid2) from the
-same CIFAR-10 test images with the same batches; the fp32 arm is the same code with bf16 turned
+Both arms extract what the hierarchical presets' probes read (`stage1` and `stage2`, grid2) from
+the same test images with the same batches; the fp32 arm is the same code with bf16 turned
 off (``convae.models.patches.native_bf16`` answering False), so the difference is the
-convolution's precision alone. Prints the features' disagreement per layer (|bf16 - fp32| over
+products' precision alone. Prints the features' disagreement per layer (|bf16 - fp32| over
 each feature's standard deviation: mean, 99th percentile, max) and images/s per arm in
 interleaved rounds (the host's speed drifts: read the per-round ratios), as Markdown and one
 JSON line. On a CPU without native bf16 both arms are fp32 and the script says so.
@@ -34,7 +35,7 @@ NATIVE = patches.native_bf16
 
 
 def features(extractor: FeatureExtractor, images: np.ndarray, bf16: bool) -> tuple[np.ndarray, float]:
-    """(features, seconds) of `images`, the upper stages in bf16 or not."""
+    """(features, seconds) of `images`, the products in bf16 or not."""
     patches.native_bf16 = NATIVE if bf16 else (lambda device: False)
     try:
         t = time.perf_counter()
@@ -53,6 +54,7 @@ def disagreement(low: np.ndarray, full: np.ndarray, columns: slice) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, default=HERE / "runs" / "cifar10", help="a trained hsparse run directory")
+    p.add_argument("--dataset", default="cifar10:test", help="the images (a convae dataset spec) the run takes")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=4)
@@ -64,7 +66,7 @@ def main() -> None:
     model, config = load_model(args.run)
     if config.model.arch != "hsparse":
         raise SystemExit(f"{args.run}: arch {config.model.arch}, not hsparse")
-    images = load_dataset("cifar10:test", data_dir=args.data_dir).images[: args.images]
+    images = load_dataset(args.dataset, data_dir=args.data_dir).images[: args.images]
     extractor = FeatureExtractor(model, "stage1,stage2", "grid2")
     features(extractor, images[:64], True)  # warm-up: allocations and kernel choices
     rates: dict[str, list[float]] = {"bf16": [], "fp32": []}
@@ -76,7 +78,7 @@ def main() -> None:
     blocks = {b.layer: slice(b.start, b.stop) for b in extractor.blocks}
     errors = {layer: disagreement(outs["bf16"], outs["fp32"], cols) for layer, cols in blocks.items()}
     native = NATIVE(torch.device("cpu"))
-    print(f"{args.run} ({args.images} CIFAR-10 test images, batches of {extractor.batch_size}, {args.threads} threads; "
+    print(f"{args.run} ({args.images} images of {args.dataset}, batches of {extractor.batch_size}, {args.threads} threads; "
           f"native bf16: {native})\n")  # fmt: skip
     print("| layer | mean abs(bf16 - fp32) / std | 99th percentile | max |\n|---|---:|---:|---:|")
     for layer, e in errors.items():
@@ -84,7 +86,7 @@ def main() -> None:
     print("\n| round | bf16 images/s | fp32 images/s | ratio |\n|---:|---:|---:|---:|")
     for i, (a, b) in enumerate(zip(rates["bf16"], rates["fp32"]), start=1):
         print(f"| {i} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
-    print(json.dumps({"run": str(args.run), "images": args.images, "native_bf16": native, "errors": errors,
+    print(json.dumps({"run": str(args.run), "dataset": args.dataset, "images": args.images, "native_bf16": native, "errors": errors,
                       "images_per_s": rates}))  # fmt: skip
 
 

@@ -102,6 +102,35 @@ def test_fused_stage_arithmetic_equals_the_plain_form():
         grouped.group_coders()[0].filters.mul_(-1)  # ... until a weight changes
         assert not torch.allclose(grouped.responses(maps)[..., :8], first[..., :8], atol=0.1)
     torch.testing.assert_close(model._pooled_split(z), model._pool(model._split(z)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model._pooled_split(z.clone(), consume=True), model._pooled_split(z))
+
+
+def test_inference_products_in_bf16_where_native_every_layer_float32():
+    """In inference mode (extraction) the patch product runs in bf16 where the CPU computes it
+    natively: every layer still comes back float32, within bf16's rounding of the fp32 pass, and
+    batches are sized by the narrower maps; elsewhere (and under no_grad, as training's stage
+    inputs) the pass is the fp32 one exactly."""
+    torch.manual_seed(0)
+    model = build_model(_config()).eval()
+    x = torch.rand(4, 3, 32, 32)
+    names = model.feature_layer_names()
+    with torch.no_grad():
+        full = model.forward_intermediates(x, names)
+    with torch.inference_mode():
+        fast = model.forward_intermediates(x, names)
+    low = native_bf16(torch.device("cpu"))
+    for name in names:
+        assert fast[name].dtype == torch.float32, name
+        if low:
+            assert (fast[name] - full[name]).abs().mean() <= 0.01 * full[name].std(), name
+        else:
+            torch.testing.assert_close(fast[name], full[name], rtol=0, atol=0)
+    cpu = torch.device("cpu")
+    values = int(np.prod(model.layer_shape("stage1.conv1")))
+    assert model.inference_map_bytes("stage1.conv1", cpu) == values * (2 if low else 4)
+    assert model.inference_map_bytes("stage1", cpu) == int(np.prod(model.layer_shape("stage1"))) * 4
+    grouped = build_model(_config(filters=(24, 32), groups=4, group_size=8))  # its convolution's output is fp32
+    assert grouped.inference_map_bytes("stage2.conv1", cpu) == int(np.prod(grouped.layer_shape("stage2.conv1"))) * 4
 
 
 def test_receptive_box_is_exact_by_gradient():

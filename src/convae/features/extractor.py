@@ -3,7 +3,6 @@ stops after the deepest layer asked for."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -35,7 +34,7 @@ def auto_batch_size(model, device: torch.device, layers: Iterable[str] = ()) -> 
     if device.type != "cpu":
         return MAX_BATCH
     names = [*model.layer_names, *(n for n in layers if n.endswith(SPLIT_SUFFIX))]
-    largest = max(math.prod(model.layer_shape(name)) for name in names) * 4
+    largest = max(model.inference_map_bytes(name, device) for name in names)
     fits = _BATCH_MAP_BYTES // largest
     return int(min(MAX_BATCH, fits // 8 * 8 if fits >= 8 else max(1, fits)))
 

@@ -218,6 +218,11 @@ class AutoencoderNet(nn.Module):
         """Output shape of one image at layer `name`: [C, H, W], or [D] for vector layers."""
         return list(self.feature_info.get(name).shape)
 
+    def inference_map_bytes(self, name: str, device: torch.device) -> int:
+        """Bytes one image's map at layer `name` takes in inference on `device` (what an
+        extraction batch is sized by): float32 unless the net computes that map narrower."""
+        return math.prod(self.layer_shape(name)) * 4
+
     def hierarchy_layers(self) -> list[str]:
         """One layer per depth: every layer that is not a block inside a stage."""
         return [name for name in self.layer_names if "." not in name]

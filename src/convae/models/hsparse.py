@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..tensors import evenly_spaced, iter_float_batches
+from ..tensors import evenly_spaced, iter_float_batches, native_bf16
 from .base import SPLIT_SUFFIX, AutoencoderNet, FeatureInfo, LayerInfo, TrainStep
 from .blocks import CONTRAST_FLOOR, k_sparse
 from .config import ModelConfig
@@ -134,6 +134,14 @@ class HierarchicalSparseNet(AutoencoderNet):
     def hierarchy_layers(self) -> list[str]:
         """One layer per stage: its pooled split maps (the bottleneck is the last stage's code)."""
         return [f"stage{s}" for s in self._stage_ids()]
+
+    def inference_map_bytes(self, name: str, device: torch.device) -> int:
+        """A plain (ungrouped) stage's responses are bf16 in inference where native (PatchCoder.responses)."""
+        size = super().inference_map_bytes(name, device)
+        if name.endswith(".conv1") and native_bf16(device):
+            if isinstance(self.stage_coders[self._depth_of(name) - 1], PatchCoder):
+                return size // 2
+        return size
 
     def _stage_ids(self) -> range:
         return range(1, len(self.config.channels) + 1)
