@@ -232,6 +232,10 @@ def test_bf16_covariance_matches_float32(mnist, monkeypatch, tmp_path):
     scale = linear._scale(mean, var, rows.n)
     monkeypatch.setattr(linear, "_BF16_TILE_COLUMNS", 300)
     low = np.triu(linear._covariance_bf16(rows, mean, scale))
+    X32 = np.asarray(X16, dtype=np.float32)  # read in place: centring must not write into it
+    rows32 = linear._Rows(X32, torch.device("cpu"), None, 1, 1)
+    np.testing.assert_array_equal(np.triu(linear._covariance_bf16(rows32, mean, scale)), low)
+    np.testing.assert_array_equal(X32, np.asarray(X16, dtype=np.float32))
     monkeypatch.setattr(linear, "_BF16_COVARIANCE_COLUMNS", 10**9)
     full = np.triu(linear._covariance(rows, mean, scale))
     assert np.linalg.norm(low - full) <= 2**-8 * np.linalg.norm(full)  # bf16 keeps 8 significant bits
