@@ -44,14 +44,22 @@ def keep_freed_memory(all_sizes: bool = False) -> bool:
     return _applied[all_sizes]
 
 
-def _tune(all_sizes: bool) -> bool:
+def _glibc(name: str, *argtypes):
+    """glibc's function `name` with its argument types set, or None (not Linux with glibc)."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        function = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
+        return None
+    function.argtypes = argtypes
+    return function
+
+
+def _tune(all_sizes: bool) -> bool:
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     done = True
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         done &= mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
@@ -70,13 +78,9 @@ def release_freed_memory() -> bool:
     extraction's batches leave up to the trim threshold free in the heap, which the probe's fit
     that follows would otherwise hold on to (the mnist preset's probe: 2.53 GB peak, RESULTS.md).
     """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    trim = _glibc("malloc_trim", ctypes.c_size_t)
+    if trim is None:
         return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = (ctypes.c_size_t,)
     trim(0)
     return True
 
