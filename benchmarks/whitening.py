@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,22 +31,33 @@ from convae.probe.classifiers import CLASSIFIERS
 ARMS = {"bf16": linear._BF16_COVARIANCE_COLUMNS, "fp32": 1 << 62}  # the width from which bf16 is used
 
 
-def covariance(rows, mean, scale, arm: str) -> tuple[np.ndarray, float]:
+@contextmanager
+def arm_of(arm: str):
+    """convae's covariance with the bf16 path on ("bf16", where native) or off ("fp32"), restored after."""
+    before = linear._BF16_COVARIANCE_COLUMNS
     linear._BF16_COVARIANCE_COLUMNS = ARMS[arm]
-    t = time.perf_counter()
-    cov = np.triu(linear._covariance(rows, mean, scale))
-    return cov, time.perf_counter() - t
+    try:
+        yield
+    finally:
+        linear._BF16_COVARIANCE_COLUMNS = before
+
+
+def covariance(rows, mean, scale, arm: str) -> tuple[np.ndarray, float]:
+    with arm_of(arm):
+        t = time.perf_counter()
+        cov = np.triu(linear._covariance(rows, mean, scale))
+        return cov, time.perf_counter() - t
 
 
 def validate(X: np.ndarray, y: np.ndarray, held_out: int) -> dict:
     fit_x, fit_y, val_x, val_y = X[:-held_out], y[:-held_out], X[-held_out:], y[-held_out:]
     out = {}
     for arm in ARMS:
-        linear._BF16_COVARIANCE_COLUMNS = ARMS[arm]
         clf = CLASSIFIERS["logreg"](0, len(fit_y), X.shape[1], 4.0, 300).set_params(whiten=0.1)
-        t = time.perf_counter()
-        clf.fit(fit_x, fit_y)
-        seconds = time.perf_counter() - t
+        with arm_of(arm):
+            t = time.perf_counter()
+            clf.fit(fit_x, fit_y)
+            seconds = time.perf_counter() - t
         out[arm] = {"accuracy": float(np.mean(clf.predict(val_x) == val_y)), "fit_seconds": seconds,
                     "iterations": int(np.max(clf.n_iter_))}  # fmt: skip
     return out

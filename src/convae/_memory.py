@@ -74,9 +74,10 @@ def _tune(all_sizes: bool) -> bool:
 def release_freed_memory() -> bool:
     """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim``); False where it can't.
 
-    For the end of a phase that kept its freed buffers for reuse (:func:`keep_freed_memory`):
-    extraction's batches leave up to the trim threshold free in the heap, which the probe's fit
-    that follows would otherwise hold on to (the mnist preset's probe: 2.53 GB peak, RESULTS.md).
+    For the end of a phase that kept its freed buffers for reuse (:func:`keep_freed_memory`), when
+    a different phase follows: the probe calls it between extraction and its fits, which would
+    otherwise hold on to up to the trim threshold of free heap (the mnist preset's probe: 2.53 GB
+    peak, RESULTS.md). Not after every extraction: the next one would fault its buffers back in.
     """
     trim = _glibc("malloc_trim", ctypes.c_size_t)
     if trim is None:

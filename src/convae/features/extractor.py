@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._memory import keep_freed_memory, release_freed_memory
+from .._memory import keep_freed_memory
 from ..errors import ConfigError
 from ..models.base import SPLIT_SUFFIX
 from ..progress import progress_bar
@@ -140,7 +140,6 @@ class FeatureExtractor:
             feats = self(to_float_nchw(batch, self.device)).cpu().numpy()
             yield row, feats
             row += len(feats)
-        release_freed_memory()  # the batches' buffers, kept for reuse until now
 
     def transform(self, images, *, dtype=np.float32, progress: bool = False) -> np.ndarray:
         """Features of all images as one (N, dim) array (the only allocation that grows with N)."""
