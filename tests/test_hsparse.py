@@ -99,6 +99,15 @@ def test_fused_stage_arithmetic_equals_the_plain_form():
         else:
             torch.testing.assert_close(first, z)
         assert grouped._folded_key is not None
+        # the bf16 path gathers the channels and sums each group's statistics from the bf16 maps
+        # the stage below hands it: the fp32 path's gather and membership products on those values
+        rounded = maps.bfloat16()
+        sub, mean, square = grouped._gathered_bf16(rounded)
+        want_sub, want_mean, want_square = grouped._gathered(rounded.float(), grouped._folded()[4])
+        assert sub.dtype == torch.bfloat16 and torch.equal(sub.float(), want_sub)
+        torch.testing.assert_close(mean, want_mean)
+        torch.testing.assert_close(square, want_square)
+        torch.testing.assert_close(grouped.responses(rounded), grouped.responses(rounded.float()))
         grouped.group_coders()[0].filters.mul_(-1)  # ... until a weight changes
         assert not torch.allclose(grouped.responses(maps)[..., :8], first[..., :8], atol=0.1)
     torch.testing.assert_close(model._pooled_split(z), model._pool(model._split(z)), rtol=1e-5, atol=1e-5)

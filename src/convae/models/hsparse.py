@@ -270,12 +270,13 @@ class HierarchicalSparseNet(AutoencoderNet):
         """Yield (stage number, z, pooled split) for stages 1..last; x (N, C, H, W) in [0, 1].
 
         Unless it holds a graph, z is yielded only for the stages in `keep` (else None): the
-        others' z is spent making the pooled split."""
+        others' z is spent making the pooled split. The pooled split is bf16 where z is (inference
+        on a device with native bf16): the next stage's bf16 convolution takes it as it is."""
         inp = x.permute(0, 2, 3, 1)  # channels-last throughout: the patches are rows of a matmul
         for s in range(last):
             z = self.stage_coders[s].responses(inp)  # (N, h, w, K); bf16 in inference where native
             consume = s + 1 not in keep and not z.requires_grad
-            pooled = self._pooled_split(z, consume).float()
+            pooled = self._pooled_split(z, consume)
             yield s + 1, None if consume else z.float(), pooled
             if s + 1 < last:
                 inp = self.stage_reducers[s](pooled)  # (N, h', w', D)
@@ -287,7 +288,7 @@ class HierarchicalSparseNet(AutoencoderNet):
         keep = frozenset(self._depth_of(name) for name in wanted if name == "bottleneck" or ".conv1" in name)
         for s, z, pooled in self._stages(x, deepest, keep):
             if f"stage{s}" in wanted:
-                out[f"stage{s}"] = nchw(pooled)
+                out[f"stage{s}"] = nchw(pooled.float())
             if s not in keep:
                 continue
             z = typing.cast(torch.Tensor, z)
