@@ -6,9 +6,9 @@ computes bf16 natively) against the same model all in fp32.
         [--dataset cifar10:test] [--data-dir ../shared/datasets] [--images 2000] [--rounds 4] [--threads 2]
 
 Both arms extract what the hierarchical presets' probes read (`stage1` and `stage2`, grid2) from
-the same test images with the same batches; the fp32 arm is the same code with bf16 turned
-off (``convae.models.patches.native_bf16`` answering False), so the difference is the
-products' precision alone. Prints the features' disagreement per layer (|bf16 - fp32| over
+the same test images, each as a user gets it (`FeatureExtractor(precision="auto")`, and
+`precision="float32"`, as `--precision float32`), in its own default batches (fp32 maps are
+wider, so its batches can be smaller). Prints the features' disagreement per layer (|bf16 - fp32| over
 each feature's standard deviation: mean, 99th percentile, max) and images/s per arm in
 interleaved rounds (the host's speed drifts: read the per-round ratios), as Markdown and one
 JSON line. On a CPU without native bf16 both arms are fp32 and the script says so.
@@ -24,25 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import convae.models.patches as patches
 from convae import load_model
 from convae.data import load_dataset
 from convae.features import FeatureExtractor
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "datasets"
-NATIVE = patches.native_bf16
 
 
-def features(extractor: FeatureExtractor, images: np.ndarray, bf16: bool) -> tuple[np.ndarray, float]:
-    """(features, seconds) of `images`, the products in bf16 or not."""
-    patches.native_bf16 = NATIVE if bf16 else (lambda device: False)
-    try:
-        t = time.perf_counter()
-        out = extractor.transform(images)
-        return out, time.perf_counter() - t
-    finally:
-        patches.native_bf16 = NATIVE
+def features(extractor: FeatureExtractor, images: np.ndarray) -> tuple[np.ndarray, float]:
+    """(features, seconds) of `images`."""
+    t = time.perf_counter()
+    out = extractor.transform(images)
+    return out, time.perf_counter() - t
 
 
 def disagreement(low: np.ndarray, full: np.ndarray, columns: slice) -> dict:
@@ -67,18 +61,21 @@ def main() -> None:
     if config.model.arch != "hsparse":
         raise SystemExit(f"{args.run}: arch {config.model.arch}, not hsparse")
     images = load_dataset(args.dataset, data_dir=args.data_dir).images[: args.images]
-    extractor = FeatureExtractor(model, "stage1,stage2", "grid2")
-    features(extractor, images[:64], True)  # warm-up: allocations and kernel choices
+    arms = {arm: FeatureExtractor(model, "stage1,stage2", "grid2", precision=precision)
+            for arm, precision in (("bf16", "auto"), ("fp32", "float32"))}  # fmt: skip
+    for extractor in arms.values():
+        features(extractor, images[:64])  # warm-up: allocations and kernel choices
     rates: dict[str, list[float]] = {"bf16": [], "fp32": []}
     outs: dict[str, np.ndarray] = {}
     for _ in range(args.rounds):
         for arm in rates:
-            outs[arm], seconds = features(extractor, images, arm == "bf16")
+            outs[arm], seconds = features(arms[arm], images)
             rates[arm].append(len(images) / seconds)
-    blocks = {b.layer: slice(b.start, b.stop) for b in extractor.blocks}
+    blocks = {b.layer: slice(b.start, b.stop) for b in arms["fp32"].blocks}
     errors = {layer: disagreement(outs["bf16"], outs["fp32"], cols) for layer, cols in blocks.items()}
-    native = NATIVE(torch.device("cpu"))
-    print(f"{args.run} ({args.images} images of {args.dataset}, batches of {extractor.batch_size}, {args.threads} threads; "
+    native = arms["bf16"].bf16
+    batches = f"batches of {arms['bf16'].batch_size} (bf16) and {arms['fp32'].batch_size} (fp32)"
+    print(f"{args.run} ({args.images} images of {args.dataset}, {batches}, {args.threads} threads; "
           f"native bf16: {native})\n")  # fmt: skip
     print("| layer | mean abs(bf16 - fp32) / std | 99th percentile | max |\n|---|---:|---:|---:|")
     for layer, e in errors.items():

@@ -91,7 +91,7 @@ def main() -> None:
         ),
     }
     del covs, diff
-    native = linear.native_bf16(torch.device("cpu"))
+    native = linear.bf16_products(torch.device("cpu"))
     print(
         f"{args.features}: {len(part):,} x {X.shape[1]:,} ({X.dtype}), {args.threads} threads; native bf16: {native}\n"
     )

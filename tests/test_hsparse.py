@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from convae import ConvAutoencoder
+from convae import ConvAutoencoder, tensors
 from convae import run as rundir
 from convae.config import TrainConfig
 from convae.data import load_dataset
 from convae.errors import ConfigError
+from convae.features import FeatureExtractor
 from convae.models import ModelConfig, build_model, code_size
 from convae.models.base import TrainStep
 from convae.probe import calibrate, run_probe
@@ -142,6 +143,27 @@ def test_inference_products_in_bf16_where_native_every_layer_float32():
     assert grouped.inference_map_bytes("stage2.conv1", cpu) == int(np.prod(grouped.layer_shape("stage2.conv1"))) * 4
 
 
+def test_precision_float32_keeps_every_product_fp32(monkeypatch):
+    """FeatureExtractor(precision="float32") (`--precision float32`): the features of a pass with no
+    bf16 product anywhere, even on a device that computes bf16 natively (here: made to say so),
+    where "auto" multiplies in bf16: close to them, not equal."""
+    torch.manual_seed(0)
+    model = build_model(_config(filters=(24, 32), groups=4, group_size=8)).eval()
+    images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8).numpy()
+    monkeypatch.setattr(tensors, "native_bf16", lambda device: False)
+    want = FeatureExtractor(model, "stage1,stage2", "grid2").transform(images)
+    monkeypatch.setattr(tensors, "native_bf16", lambda device: True)
+    exact = FeatureExtractor(model, "stage1,stage2", "grid2", precision="float32")
+    fast = FeatureExtractor(model, "stage1,stage2", "grid2")
+    assert not exact.bf16 and fast.bf16
+    torch.testing.assert_close(exact.transform(images), want)
+    low = fast.transform(images)
+    assert not np.allclose(low, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(low - want).mean() < 0.01 * want.std()
+    with pytest.raises(ConfigError, match="precision must be one of auto, float32, got 'half'"):
+        FeatureExtractor(model, "stage1", "grid2", precision="half")
+
+
 def test_receptive_box_is_exact_by_gradient():
     """The input pixels that affect a unit are exactly its receptive_box (average pooling and the
     sign split pass a gradient to every pixel of the field, given a small threshold)."""
@@ -222,3 +244,11 @@ def test_cli_fit_and_views(cifar, tmp_path):
         cmd = [CONVAE, "show", str(run), str(data), "--view", view, "--max-images", "200", "-o", str(out), "-q"]
         shown = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert shown.returncode == 0, shown.stderr
+    out = tmp_path / "features.npy"
+    cmd = [CONVAE, "extract", str(run), str(data), "-o", str(out), "--layers", "stage1,stage2", "--pool", "grid2",
+           "--precision", "float32", "-q"]  # fmt: skip
+    extracted = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert extracted.returncode == 0, extracted.stderr
+    model, _ = rundir.load_model(run)
+    want = FeatureExtractor(model, "stage1,stage2", "grid2", precision="float32").transform(cifar[0][:800])
+    np.testing.assert_allclose(np.load(out), want, rtol=1e-4, atol=1e-5)

@@ -244,7 +244,7 @@ def test_bf16_covariance_matches_float32(mnist, monkeypatch, tmp_path):
     np.testing.assert_allclose(np.diagonal(low), np.diagonal(full), rtol=3 * 2**-8, atol=1e-6)
     fp32 = StreamingLogisticRegression(whiten=0.1).fit(X16, ytr)
     monkeypatch.setattr(linear, "_BF16_COVARIANCE_COLUMNS", 0)
-    monkeypatch.setattr(linear, "native_bf16", lambda device: True)
+    monkeypatch.setattr(linear, "bf16_products", lambda device: True)
     bf16 = StreamingLogisticRegression(whiten=0.1).fit(X16, ytr)
     assert np.mean(bf16.predict(Xte) == fp32.predict(Xte)) >= 0.995
 

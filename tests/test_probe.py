@@ -446,6 +446,8 @@ def test_probe_user_errors(runs, digits):
         run_probe(conv, train, test, baselines="ica")
     with pytest.raises(ConfigError, match="labels per class '0'"):
         run_probe(conv, train, test, labels_per_class="0,all")
+    with pytest.raises(ConfigError, match="precision must be one of auto, float32, got 'bf16'"):
+        run_probe(conv, train, test, precision="bf16")
     with pytest.raises(ConfigError, match="has no labels"):
         run_probe(conv, (train.images, None), test)
     with pytest.raises(ConfigError, match="model takes 8x8x1"):

@@ -23,7 +23,7 @@ from ._memory import keep_freed_memory
 from .analysis.options import METRICS, NEIGHBOR_BASELINES, SCORES, ScoreOptions
 from .config import NAN_POLICIES, TrainConfig
 from .errors import ConvaeError
-from .features.plan import POOLS
+from .features.plan import POOLS, PRECISIONS
 from .limits import FIGURE_ITEMS_MAX, NPROC_MAX, SEED_MAX, VIEW_STEPS_MAX
 from .models.config import Activation, Bottleneck, Decoder, Downsample, Norm, Upsample
 from .models.registry import ARCHITECTURES
@@ -642,6 +642,13 @@ def layers_command(run_dir):
 )
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="auto",
+    show_default=True,
+    help="auto: the hierarchical models' products in bf16 where the CPU or GPU computes it natively (about 1.3x faster, features within 1% of a standard deviation of fp32's); float32: the same features on every machine.",
+)
+@click.option(
     "--batch-size", type=int, help="Images per forward pass (default: sized to the model's largest map, at most 256)."
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -659,6 +666,7 @@ def extract(
     layers,
     pool,
     dtype,
+    precision,
     batch_size,
     device,
     quiet,
@@ -674,7 +682,7 @@ def extract(
     dist = convae.distributed.env_info()  # under torchrun: this rank's shard of the images
     model, _ = convae.load_model(run_dir)
     device = convae.distributed.process_device(convae.tensors.resolve_device(device), dist)
-    extractor = convae.FeatureExtractor(model, layers, pool, device=device, batch_size=batch_size)
+    extractor = convae.FeatureExtractor(model, layers, pool, device=device, batch_size=batch_size, precision=precision)
     h, w, c = extractor.image_shape
     channels = channels or (c if c in (1, 3) else None)  # the run's, where the loader can convert to it
     dataset = _load(data, data_dir, split, image_size or f"{h}x{w}", channels, no_download, quiet)
@@ -809,6 +817,11 @@ def _with_format(output: Path, fmt: str | None) -> Path:
     "--dtype",
     type=click.Choice(FEATURE_DTYPES),
     help="How the probe holds the features in memory: float16 halves it (default: the --preset's, else float32).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    help="auto: the hierarchical models' products (and the whitening's covariance) in bf16 where the CPU or GPU computes it natively, about 1.3x faster; float32: fp32 throughout, the same features on every machine (default: auto).",
 )
 @click.option(
     "--pca-dim",

@@ -9,6 +9,7 @@ nothing from convae but its errors, so any layer may use it without an import cy
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import signal
 from collections.abc import Iterator, Sequence
@@ -61,6 +62,32 @@ def native_bf16(device: torch.device) -> bool:
         return False
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+# Whether inference may multiply in bf16 where the device does so natively: a context variable
+# (scoped like torch.autocast, per thread and task), set only by `allow_bf16`.
+_bf16_allowed = contextvars.ContextVar("convae_bf16_allowed", default=True)
+
+
+@contextlib.contextmanager
+def allow_bf16(allowed: bool) -> Iterator[None]:
+    """Within the block, False keeps every no-gradient product of the models in fp32, even where
+    :func:`native_bf16` holds (True, the default outside any block, lets them use bf16).
+
+    For features that must be the same on every machine, or compared with an fp32 run: bf16
+    products move the hierarchical models' features by about 0.3-0.9% of a standard deviation
+    (benchmarks/hsparse_extraction.py), and only on devices with native bf16."""
+    token = _bf16_allowed.set(allowed)
+    try:
+        yield
+    finally:
+        _bf16_allowed.reset(token)
+
+
+def bf16_products(device: torch.device) -> bool:
+    """Whether a model's no-gradient pass on `device` may multiply in bf16: the device does so
+    natively and no ``allow_bf16(False)`` block is in force."""
+    return _bf16_allowed.get() and native_bf16(device)
 
 
 def full_precision(device_type: str):

@@ -13,8 +13,15 @@ from .._memory import keep_freed_memory
 from ..errors import ConfigError
 from ..models.base import SPLIT_SUFFIX
 from ..progress import progress_bar
-from ..tensors import default_workers, iter_uint8_batches, resolve_device, to_float_nchw
-from .plan import GRIDS, block_feature_names, plan_blocks
+from ..tensors import (
+    allow_bf16,
+    bf16_products,
+    default_workers,
+    iter_uint8_batches,
+    resolve_device,
+    to_float_nchw,
+)
+from .plan import GRIDS, PRECISIONS, block_feature_names, plan_blocks
 
 # Per batch, the largest encoder map stays under glibc's 32 MiB mmap threshold on CPU, so
 # inference reuses freed heap buffers instead of page-faulting fresh ones every batch (see
@@ -76,6 +83,10 @@ class FeatureExtractor:
     keep_order : bool, default False
         Columns in the order `layers` lists them (a list or "a,b"), each pooling's together,
         instead of network order with each layer's poolings together.
+    precision : {"auto", "float32"}, default "auto"
+        "auto" lets the hierarchical models multiply in bf16 where the device does so natively
+        (about 1.3x faster extraction, features within 1% of a standard deviation of fp32's);
+        "float32" keeps every product fp32, the same features on every machine.
 
     Examples
     --------
@@ -92,15 +103,21 @@ class FeatureExtractor:
         device: str | torch.device = "cpu",
         batch_size: int | None = None,
         keep_order: bool = False,
+        precision: str = "auto",
     ):
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.blocks = plan_blocks(model, layers, pool, keep_order)
         self.layers = list(dict.fromkeys(b.layer for b in self.blocks))
         self.pools = list(dict.fromkeys(b.pool for b in self.blocks))
-        self.batch_size = int(batch_size) if batch_size else auto_batch_size(model, self.device, self.layers)
+        with allow_bf16(precision == "auto"):
+            self.bf16 = bf16_products(self.device)  # whether this extraction's products may run in bf16
+            self.batch_size = int(batch_size) if batch_size else auto_batch_size(model, self.device, self.layers)
 
     @property
     def dim(self) -> int:
@@ -118,7 +135,8 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        maps = self.model.forward_intermediates(x, self.layers)
+        with allow_bf16(self.precision == "auto"):
+            maps = self.model.forward_intermediates(x, self.layers)
         return torch.cat([pool_features(maps[b.layer], b.pool).float() for b in self.blocks], dim=1)
 
     def check_images(self, images, what: str = "images") -> None:

@@ -313,6 +313,7 @@ def _fingerprint(
         "blocks": [[b.layer, b.pool] for b in extractor.blocks],
         "shape": shape,
         "dtype": dtype,
+        "bf16_products": extractor.bf16,
         "convae": __version__,
     }
     return hashlib.sha256(json.dumps(record).encode()).hexdigest()

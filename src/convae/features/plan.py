@@ -27,6 +27,8 @@ from ..errors import ConfigError
 
 POOLS: tuple[str, ...] = ("flatten", "avg", "max", "grid2", "grid4")
 GRIDS = {"grid2": 2, "grid4": 4}
+# "auto": products in bf16 where the device computes bf16 natively; "float32": always fp32
+PRECISIONS: tuple[str, ...] = ("auto", "float32")
 
 
 def split_names(value: str | Iterable[str], what: str) -> list[str]:

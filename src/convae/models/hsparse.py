@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..tensors import evenly_spaced, iter_float_batches, native_bf16
+from ..tensors import bf16_products, evenly_spaced, iter_float_batches
 from .base import SPLIT_SUFFIX, AutoencoderNet, FeatureInfo, LayerInfo, TrainStep
 from .blocks import CONTRAST_FLOOR, k_sparse
 from .config import ModelConfig
@@ -138,7 +138,7 @@ class HierarchicalSparseNet(AutoencoderNet):
     def inference_map_bytes(self, name: str, device: torch.device) -> int:
         """A plain (ungrouped) stage's responses are bf16 in inference where native (PatchCoder.responses)."""
         size = super().inference_map_bytes(name, device)
-        if name.endswith(".conv1") and native_bf16(device):
+        if name.endswith(".conv1") and bf16_products(device):
             if isinstance(self.stage_coders[self._depth_of(name) - 1], PatchCoder):
                 return size // 2
         return size

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tensors import full_precision, native_bf16
+from ..tensors import bf16_products, full_precision
 from .blocks import k_sparse, normalized_patches
 
 
@@ -119,7 +119,7 @@ class PatchCoder(nn.Module):
             # a copy of the whole (N, h, w, K) output: 12% of a CIFAR-10 extraction, K = 800, d = 75)
             fresh = self.contrast and not torch.is_grad_enabled()  # normalized() made a new tensor
             centered = patches.sub_(self.mean) if fresh else patches - self.mean
-            if torch.is_inference_mode_enabled() and native_bf16(x.device):
+            if torch.is_inference_mode_enabled() and bf16_products(x.device):
                 centered, detectors = centered.bfloat16(), detectors.bfloat16()
             return torch.mm(centered.flatten(0, 2), detectors.T).view(*patches.shape[:3], -1)
 
@@ -212,7 +212,7 @@ class GroupedPatchCoder(nn.Module):
         with full_precision(x.device.type):
             weight, offsets, rowsums, floors, share = self._folded()
             kg = offsets.shape[1]
-            if not torch.is_grad_enabled() and native_bf16(x.device):
+            if not torch.is_grad_enabled() and bf16_products(x.device):
                 sub, mean, square = self._gathered_bf16(x)
                 weight = weight.bfloat16()
             else:

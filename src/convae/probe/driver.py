@@ -30,7 +30,7 @@ from ..features import FeatureExtractor, load_features, resolve_layers, split_na
 from ..models import build_model
 from ..progress import make_bar
 from ..run import load_config, load_model
-from ..tensors import evenly_spaced
+from ..tensors import allow_bf16, evenly_spaced
 from .evaluate import FeatureSet, evaluate_features, label_subsets
 from .options import ProbeOptions
 from .split import aggregate_folds, probe_splits
@@ -263,14 +263,14 @@ def run_probe(
     test_images, y_test = _images_labels(test, "test")
     model, _ = _model_of(run)
     groups = layer_groups(model, options.layers)
-    extractor = FeatureExtractor(
-        model, column_order(groups), options.pool, device=device, batch_size=batch_size, keep_order=True
-    )
+    extractor = FeatureExtractor(model, column_order(groups), options.pool, device=device, batch_size=batch_size,
+                                 keep_order=True, precision=options.precision)  # fmt: skip
     for name, images in (("train", train_images), ("test", test_images)):
         extractor.check_images(images, f"{name} images")
     probe = _Probe(extractor, groups, train_images, test_images, options, progress)
     sources = probe.sources(model, compare, random_seed, device, batch_size)
-    return probe.evaluate(sources, y_train, y_test)
+    with allow_bf16(options.precision == "auto"):  # the whitening's covariance, the random net's statistics
+        return probe.evaluate(sources, y_train, y_test)
 
 
 class _Probe:
@@ -300,7 +300,7 @@ class _Probe:
             valid = set(other_model.feature_layer_names())
             theirs = [g for g in self.groups if set(g) <= valid] or layer_groups(other_model, None)
             ex = FeatureExtractor(other_model, column_order(theirs), self.extractor.pools, device=device,
-                                  batch_size=batch_size, keep_order=True)  # fmt: skip
+                                  batch_size=batch_size, keep_order=True, precision=self.options.precision)  # fmt: skip
             yield self.layer_sets(ex, theirs, f"{name}/")
         yield from self._pixel_sources()
 
@@ -309,7 +309,7 @@ class _Probe:
             torch.manual_seed(random_seed)
             untrained = type(model)(model.config)  # the same architecture, default initialisation
         ex = FeatureExtractor(untrained, self.extractor.layers, self.extractor.pools, device=device,
-                              batch_size=batch_size, keep_order=True)  # fmt: skip
+                              batch_size=batch_size, keep_order=True, precision=self.options.precision)  # fmt: skip
         calibrate(untrained, self.train, self.extractor.layers, batch_size=ex.batch_size)
         return ex
 
@@ -368,7 +368,8 @@ def probe_feature_files(train_path, test_path, options: ProbeOptions | None = No
     # The files' own arrays (a memmap of a single .npy): the streaming classifiers read float16 or
     # float32 in place, so the probe makes no copy of them.
     xtr, xte = (x if x.dtype in (np.float16, np.float32) else np.asarray(x, dtype=np.float32) for x in (xtr, xte))
-    return list(_evaluate([FeatureSet(name, xtr, xte)], ytr, yte, o))
+    with allow_bf16(o.precision == "auto"):  # the whitening's covariance
+        return list(_evaluate([FeatureSet(name, xtr, xte)], ytr, yte, o))
 
 
 # Rows checked a chunk at a time, so a check of a memory-mapped file costs no copy of it.

@@ -56,7 +56,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
-from ..tensors import native_bf16
+from ..tensors import bf16_products
 
 __all__ = ["StreamingLinearSVM", "StreamingLogisticRegression"]
 
@@ -296,7 +296,7 @@ def _covariance(rows: _Rows, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
     its half of the products is about 1.6x faster than torch's full product (measured: 6,144 columns).
     Where the CPU multiplies bf16 natively and the matrix is wide, :func:`_covariance_bf16` instead.
     """
-    if rows.d >= _BF16_COVARIANCE_COLUMNS and native_bf16(torch.device("cpu")):
+    if rows.d >= _BF16_COVARIANCE_COLUMNS and bf16_products(torch.device("cpu")):
         return _covariance_bf16(rows, mean, scale)
     step = max(1, (32 << 20) // (4 * rows.d))
     mean32, inverse_scale = mean.astype(np.float32), (1.0 / scale).astype(np.float32)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
-from ..features.plan import resolve_pools
+from ..features.plan import PRECISIONS, resolve_pools
 from ..limits import PROBE_SEEDS_MAX, check_seed
 from ..presets import get_preset
 
@@ -115,6 +115,8 @@ class ProbeOptions:
     # How the probe holds the features: float16 halves the memory of wide feature sets (the
     # streaming classifiers read it without a copy).
     dtype: str = "float32"
+    # "float32": extraction multiplies in fp32 even where the device has native bf16 (tensors.allow_bf16)
+    precision: str = "auto"
     preset: str | None = None
     preset_layers: bool = False
     # one labelled dataset: a stratified hold-out of this fraction, or stratified K-fold (seeded)
@@ -138,6 +140,8 @@ class ProbeOptions:
         check_seed(self.split_seed, "split_seed")
         if self.dtype not in FEATURE_DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @classmethod
     def with_preset(cls, preset: str | None = None, **given: Any) -> ProbeOptions:
@@ -162,7 +166,9 @@ class ProbeOptions:
 
     def fit_meta(self) -> dict[str, Any]:
         """How the rows were fitted, for results.json."""
-        meta: dict[str, Any] = dict(c_scale=self.c_scale, max_iter=self.max_iter, dtype=self.dtype)
+        meta: dict[str, Any] = dict(
+            c_scale=self.c_scale, max_iter=self.max_iter, dtype=self.dtype, precision=self.precision
+        )
         if self.test_fraction is not None:
             meta["split"] = dict(test_fraction=self.test_fraction, stratified=True, seed=self.split_seed)
         if self.cv is not None:
