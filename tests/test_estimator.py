@@ -168,6 +168,10 @@ def test_bad_layers_fail_before_any_training(digits):
     with pytest.raises(ConfigError, match=r"unknown layer\(s\) stage9"):
         est.fit(images)
     assert not hasattr(est, "model_")
+    est = ConvAutoencoder(epochs=50, precision="bf16")
+    with pytest.raises(ConfigError, match="precision must be one of auto, float32, got 'bf16'"):
+        est.fit(images)
+    assert not hasattr(est, "model_")
 
 
 def test_input_errors_are_value_errors_and_one_line_convae_errors():

@@ -222,6 +222,10 @@ def test_the_second_stage_adds_to_the_first_and_training_beats_random_weights(ci
     trained net better than the same net with random filters (a tiny net, 1,500 images)."""
     est = ConvAutoencoder(arch="hsparse", channels=(48, 48), reduce_dim=24, epochs=4, batch_size=64, device="cpu")
     est.fit(cifar[0])
+    exact = FeatureExtractor(est.model_, "stage1,stage2", "grid2", precision="float32").transform(cifar[2][:32])
+    est.set_params(layers="stage1,stage2", pool="grid2", precision="float32")  # the estimator passes it on
+    np.testing.assert_array_equal(est.transform(cifar[2][:32]), exact)
+    est.set_params(layers="bottleneck", pool="flatten", precision="auto")
     rows = run_probe(est, (cifar[0], cifar[1]), (cifar[2], cifar[3]), layers="stage1,stage1+stage2",
                      pool="grid2", baselines="random", device="cpu")  # fmt: skip
     acc = {r["features"]: r["accuracy"] for r in rows}
