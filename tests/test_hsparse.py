@@ -100,12 +100,13 @@ def test_fused_stage_arithmetic_equals_the_plain_form():
         else:
             torch.testing.assert_close(first, z)
         assert grouped._folded_key is not None
-        # the bf16 path gathers the channels and sums each group's statistics from the bf16 maps
-        # the stage below hands it: the fp32 path's gather and membership products on those values
+        # bf16 maps, as the stage below hands them over in inference: the same channels gathered
+        # and the same float32 statistics as from those values in float32
         rounded = maps.bfloat16()
-        sub, mean, square = grouped._gathered_bf16(rounded)
-        want_sub, want_mean, want_square = grouped._gathered(rounded.float(), grouped._folded()[4])
-        assert sub.dtype == torch.bfloat16 and torch.equal(sub.float(), want_sub)
+        sub, mean, square = grouped._gathered(rounded)
+        want_sub, want_mean, want_square = grouped._gathered(rounded.float())
+        assert sub.dtype == torch.bfloat16 and mean.dtype == square.dtype == torch.float32
+        assert torch.equal(sub.float(), want_sub)
         torch.testing.assert_close(mean, want_mean)
         torch.testing.assert_close(square, want_square)
         torch.testing.assert_close(grouped.responses(rounded), grouped.responses(rounded.float()))

@@ -155,7 +155,7 @@ class GroupedPatchCoder(nn.Module):
 
     members: torch.Tensor
     _folded_key: tuple | None = None  # see _folded
-    _folded_value: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    _folded_value: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
     def __init__(self, channels: int, patch: int, filters_per_group: int, groups: int, group_size: int, *,
                  eps: float, k: int = 1):  # fmt: skip
@@ -201,22 +201,21 @@ class GroupedPatchCoder(nn.Module):
         matrix is never built. Building and normalizing it was three quarters of a CIFAR-10
         extraction (32 groups x 288 values a position, 5.8x the 1,600 responses).
 
-        Where no gradient is wanted and the device computes bf16 natively, the convolution runs
-        in bf16 (the patch statistics and everything after stay fp32): the cifar10 preset's
-        extraction 1.1-1.3x as fast on an AMX CPU, its probed features moved by 0.4% of their
-        standard deviation on average (benchmarks/hsparse_extraction.py; RESULTS.md has the
-        probe's accuracy with and without)."""
+        Where no gradient is wanted and the device computes bf16 natively, the channels are
+        gathered and convolved in bf16 (the statistics summed in fp32 from the same values, and
+        everything after fp32): the cifar10 preset's extraction 1.1-1.3x as fast on an AMX CPU,
+        its probed features moved by 0.4% of their standard deviation on average
+        (benchmarks/hsparse_extraction.py; RESULTS.md has the probe's accuracy with and without)."""
         n, h, w, _ = x.shape
         g, p = self.members.shape[0], self.patch
         h2, w2 = h - p + 1, w - p + 1
         with full_precision(x.device.type):
-            weight, offsets, rowsums, floors, share = self._folded()
+            weight, offsets, rowsums, floors = self._folded()
+            low = not torch.is_grad_enabled() and bf16_products(x.device)
+            if low:  # the maps as stage 1 hands them over in inference: half the bytes gathered
+                x, weight = x.bfloat16(), weight.bfloat16()
+            sub, mean, square = self._gathered(x if low else x.float())
             kg = offsets.shape[1]
-            if not torch.is_grad_enabled() and bf16_products(x.device):
-                sub, mean, square = self._gathered_bf16(x)
-                weight = weight.bfloat16()
-            else:
-                sub, mean, square = self._gathered(x.float(), share)
             # each patch's mean and mean square over p x p by a box filter of its group's channel means
             mean = F.avg_pool2d(mean.permute(0, 3, 1, 2), p, 1)  # (N, G, h', w')
             square = F.avg_pool2d(square.permute(0, 3, 1, 2), p, 1)
@@ -231,31 +230,25 @@ class GroupedPatchCoder(nn.Module):
             z.addcmul_(shift, rowsums, value=-1)
         return z.view(n, h2, w2, g * kg)
 
-    def _gathered(self, x: torch.Tensor, share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, H, W, C) float32 -> the groups' channels (N, H, W, G*Gs) and each group's channel
-        mean and mean square at every location (N, H, W, G), the latter by one product each with
-        the membership `share` (C, G)."""
-        return x[..., self.members.flatten()], x @ share, x.square() @ share
-
-    def _gathered_bf16(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_gathered` for the bf16 convolution, no gradient: the channels gathered in bf16
-        by ``torch.gather`` (half the time of indexing the last dimension), and the statistics
-        summed in float32 from those gathered values, the ones the convolution sees (the products
-        with the membership ran over all C channels in float32: on the mnist preset's model, a
-        batch of 48, the gather and statistics took 14 ms of stage 2's 25 before, RESULTS.md)."""
+    def _gathered(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, H, W, C) -> the groups' channels (N, H, W, G*Gs) in x's dtype, by ``torch.gather``
+        (half the time of indexing the last dimension), and each group's channel mean and mean
+        square at every location (N, H, W, G), summed in float32 from those gathered values,
+        the ones the convolution sees. (Products with a membership matrix over all C channels in
+        float32 did this before: on the mnist preset's model, a batch of 48, they and the gather
+        took 14 ms of stage 2's 25; benchmarks/RESULTS.md.)"""
         n, h, w, c = x.shape
         g, gs = self.members.shape
-        rows = x.bfloat16().reshape(n * h * w, c)
+        rows = x.reshape(n * h * w, c)
         sub = torch.gather(rows, 1, self.members.flatten().expand(len(rows), -1)).view(n, h, w, g, gs)
-        mean = sub.sum(-1, dtype=torch.float32).div_(gs)
-        square = sub.float().square_().sum(-1).div_(gs)
+        mean = sub.sum(-1, dtype=torch.float32) / gs
+        square = sub.float().square().sum(-1) / gs  # out of place: a float32 sub is the convolution's input
         return sub.view(n, h, w, g * gs), mean, square
 
-    def _folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The groups' whitening folded into their unit filters, as the grouped convolution's
         weight (G*Kg, Gs, p, p), with each filter's offset (its response to the mean patch, (G, Kg))
-        and row sum (G, Kg), the contrast floors (1, G, 1, 1), and the membership (C, G) that
-        averages each group's channels (1/Gs where a channel is in the group).
+        and row sum (G, Kg), and the contrast floors (1, G, 1, 1).
 
         Kept between calls while no gradient is wanted and no weight has changed (extraction
         recomputed it every batch: 32 small products, 9% of a CIFAR-10 batch's time)."""
@@ -269,9 +262,7 @@ class GroupedPatchCoder(nn.Module):
         weight = detectors.view(g, kg, p, p, gs).permute(0, 1, 4, 2, 3).reshape(g * kg, gs, p, p)
         offsets = torch.einsum("gd,gkd->gk", torch.stack([c.mean for c in coders]), detectors)
         floors = torch.stack([c.floor for c in coders]).view(1, g, 1, 1)
-        share = weight.new_zeros(self.channels, g)
-        share[self.members.flatten(), torch.arange(g, device=share.device).repeat_interleave(gs)] = 1.0 / gs
-        folded = (weight, offsets, detectors.sum(-1), floors, share)
+        folded = (weight, offsets, detectors.sum(-1), floors)
         if key is not None:  # never a tensor that holds an autograd graph
             self._folded_key, self._folded_value = key, folded
         return folded
