@@ -242,7 +242,8 @@ class GroupedPatchCoder(nn.Module):
         rows = x.reshape(n * h * w, c)
         sub = torch.gather(rows, 1, self.members.flatten().expand(len(rows), -1)).view(n, h, w, g, gs)
         mean = sub.sum(-1, dtype=torch.float32) / gs
-        square = sub.float().square().sum(-1) / gs  # out of place: a float32 sub is the convolution's input
+        wide = sub.float()
+        square = (wide.square_() if wide is not sub else wide.square()).sum(-1) / gs  # sub: the convolution's input
         return sub.view(n, h, w, g * gs), mean, square
 
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
