@@ -45,6 +45,7 @@ STATISTICS_PATCHES = 100_000
 STATISTICS_IMAGES = 10_000
 # Grouped stages measure each group's whitening on this many windows (every group sees them all).
 GROUPED_STATISTICS_PATCHES = 20_000
+_SAMPLE_CHUNK = 32  # images whose maps the statistics' sampling computes at once
 # Upper stages' contrast floor, relative to the mean variance of a patch's values (the pixel
 # floor of stage 1 has no meaning on PCA-whitened maps).
 UPPER_FLOOR = 0.1
@@ -420,12 +421,12 @@ class HierarchicalSparseNet(AutoencoderNet):
         per = math.ceil(total / len(picked))
         out: torch.Tensor | None = None
         row = 0
+        p = 1 if pooled else self.stage_coders[stage].patch
         for x in iter_float_batches(images, picked, 256, device):
-            if pooled:
-                *_, maps = list(self._stages(x, stage))[-1]
-                p = 1
-            else:
-                maps, p = self._stage_input(x, stage), self.stage_coders[stage].patch
+            # the maps a few images at a time: the full-size responses of 256 images were 1.9 GB
+            # more at the peak (CIFAR-10's stage 1); the random windows are drawn per 256 as before
+            maps = torch.cat([self._sample_maps(x[i : i + _SAMPLE_CHUNK], stage, pooled)
+                              for i in range(0, len(x), _SAMPLE_CHUNK)])  # fmt: skip
             n, h, w, _ = maps.shape
             ys = torch.randint(0, h - p + 1, (n, per), generator=g).to(maps.device)
             xs = torch.randint(0, w - p + 1, (n, per), generator=g).to(maps.device)
@@ -436,6 +437,13 @@ class HierarchicalSparseNet(AutoencoderNet):
             out[row : row + len(windows)].copy_(windows)
             row += len(windows)
         return typing.cast(torch.Tensor, out)
+
+    def _sample_maps(self, x: torch.Tensor, stage: int, pooled: bool) -> torch.Tensor:
+        """The stage below's pooled split maps (`pooled`), or stage `stage`'s input maps, of images x."""
+        if pooled:
+            *_, maps = list(self._stages(x, stage))[-1]
+            return maps
+        return self._stage_input(x, stage)
 
     def calibrate(self, images, indices: np.ndarray, layers, batch_size: int = 256) -> None:
         """An untrained net: every stage's PCA and whitening measured, its filters left random."""
