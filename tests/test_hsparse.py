@@ -13,7 +13,7 @@ from convae.config import TrainConfig
 from convae.data import load_dataset
 from convae.errors import ConfigError
 from convae.features import FeatureExtractor
-from convae.models import ModelConfig, build_model, code_size
+from convae.models import ModelConfig, build_model, code_size, hsparse
 from convae.models.base import TrainStep
 from convae.probe import calibrate, run_probe
 from convae.tensors import native_bf16
@@ -163,6 +163,23 @@ def test_precision_float32_keeps_every_product_fp32(monkeypatch):
     assert np.abs(low - want).mean() < 0.01 * want.std()
     with pytest.raises(ConfigError, match="precision must be one of auto, float32, got 'half'"):
         FeatureExtractor(model, "stage1", "grid2", precision="half")
+
+
+def test_statistics_do_not_depend_on_how_many_maps_are_computed_at_once(cifar, monkeypatch):
+    """begin_stage computes the sampled maps a few images at a time (memory); the statistics it
+    measures (the groups, each group's whitening, the starting filters) are those of one pass."""
+
+    def stage2_statistics(chunk):
+        monkeypatch.setattr(hsparse, "_SAMPLE_CHUNK", chunk)
+        torch.manual_seed(0)
+        model = build_model(_config(filters=(24, 32), groups=4, group_size=8))
+        indices = np.arange(300)
+        model.begin_stage(0, cifar[0], indices, torch.device("cpu"))
+        model.begin_stage(1, cifar[0], indices, torch.device("cpu"))
+        return model.coders[1].state_dict()
+
+    whole, chunked = stage2_statistics(256), stage2_statistics(7)
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
 
 
 def test_receptive_box_is_exact_by_gradient():

@@ -436,7 +436,7 @@ class HierarchicalSparseNet(AutoencoderNet):
                 out = torch.empty((len(picked) * per, *windows.shape[1:]), dtype=torch.float32)
             out[row : row + len(windows)].copy_(windows)
             row += len(windows)
-        return typing.cast(torch.Tensor, out)
+        return typing.cast(torch.Tensor, out)[:row]
 
     def _sample_maps(self, x: torch.Tensor, stage: int, pooled: bool) -> torch.Tensor:
         """The stage below's pooled split maps (`pooled`), or stage `stage`'s input maps, of images x."""
