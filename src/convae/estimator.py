@@ -16,9 +16,9 @@ from sklearn.utils.validation import _check_feature_names_in, check_array, check
 from . import run as rundir
 from .config import DataConfig, TrainConfig
 from .data import LazyImages, as_uint8_images
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .features import FeatureExtractor, auto_batch_size, plan_blocks
-from .features.plan import PRECISIONS
+from .features.plan import check_precision
 from .models import ModelConfig, build_model, default_model_config
 from .tensors import allow_bf16, iter_uint8_batches, resolve_device, to_float_nchw
 from .train import fit as train_fit
@@ -343,8 +343,7 @@ class ConvAutoencoder(TransformerMixin, BaseEstimator):
         model_config = self._model_config((h, w, c))
         with torch.device("meta"):  # shapes only: a model too large for memory is refused by fit, not built here
             plan_blocks(build_model(model_config), self.layers, self.pool)  # bad layers fail before training
-        if self.precision not in PRECISIONS:  # nor a bad precision
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)  # nor a bad precision
         result = train_fit(
             images,
             model_config,

@@ -21,7 +21,7 @@ from ..tensors import (
     resolve_device,
     to_float_nchw,
 )
-from .plan import GRIDS, PRECISIONS, block_feature_names, plan_blocks
+from .plan import GRIDS, block_feature_names, check_precision, plan_blocks
 
 # Per batch, the largest encoder map stays under glibc's 32 MiB mmap threshold on CPU, so
 # inference reuses freed heap buffers instead of page-faulting fresh ones every batch (see
@@ -107,9 +107,7 @@ class FeatureExtractor:
     ):
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.precision = precision
+        self.precision = check_precision(precision)
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.blocks = plan_blocks(model, layers, pool, keep_order)

@@ -31,6 +31,13 @@ GRIDS = {"grid2": 2, "grid4": 4}
 PRECISIONS: tuple[str, ...] = ("auto", "float32")
 
 
+def check_precision(precision: str) -> str:
+    """`precision` when it is one of PRECISIONS, else a ConfigError naming them."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 def split_names(value: str | Iterable[str], what: str) -> list[str]:
     """Names from "a,b" or a list, stripped; none at all is an error naming option `what`."""
     items = value.split(",") if isinstance(value, str) else list(value)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
-from ..features.plan import PRECISIONS, resolve_pools
+from ..features.plan import check_precision, resolve_pools
 from ..limits import PROBE_SEEDS_MAX, check_seed
 from ..presets import get_preset
 
@@ -140,8 +140,7 @@ class ProbeOptions:
         check_seed(self.split_seed, "split_seed")
         if self.dtype not in FEATURE_DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
 
     @classmethod
     def with_preset(cls, preset: str | None = None, **given: Any) -> ProbeOptions:
