@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/validate.py cifar10 benchmarks/candidates/cifar10.json \
         [--data-dir ../shared/datasets] [--val 10000] [--split tail] [--threads 2] [--only NAME,...] [--random]
+        [--save-runs DIR]
 
 For each candidate (a JSON list of {"name", "fit": ConvAutoencoder parameters, "probe": run_probe
 options}, or "probes": a list of named run_probe options, each probing the one trained model), the autoencoder trains on the train split less its last `--val` images (no labels),
@@ -38,8 +39,9 @@ def _peak_gb() -> float:
 
 
 def run_candidate(dataset: str, cand: dict, train, val, random_baseline: bool, threads: int,
-                  skip: frozenset[str] = frozenset()) -> list[dict]:  # fmt: skip
-    """Train the candidate once and run each of its probes not named in `skip`."""
+                  skip: frozenset[str] = frozenset(), save_to: Path | None = None) -> list[dict]:  # fmt: skip
+    """Train the candidate once (saved as a run directory in `save_to`, if given) and run each of
+    its probes not named in `skip`."""
     import torch
 
     import convae
@@ -49,6 +51,8 @@ def run_candidate(dataset: str, cand: dict, train, val, random_baseline: bool, t
     t0 = time.perf_counter()
     est = convae.ConvAutoencoder(**{"device": "cpu", **cand["fit"]}).fit(train.images)
     train_seconds = time.perf_counter() - t0
+    if save_to is not None:
+        est.save(save_to / f"{dataset}-{cand['name']}")
     out = []
     for name, options in _probes(cand):
         probe = {"classifiers": "logreg", **options, "baselines": "random" if random_baseline else "none"}
@@ -158,6 +162,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="candidate names, comma-separated")
     ap.add_argument("--random", action="store_true", help="also probe the same architecture with random weights")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--save-runs",
+        type=Path,
+        help="save each trained model as a run directory DIR/DATASET-CANDIDATE (for benchmarks that read its features)",
+    )
     args = ap.parse_args(argv)
     candidates = json.loads(args.candidates.read_text())
     if args.only:
@@ -175,7 +184,7 @@ def main(argv=None) -> int:
         skip = frozenset(name for name in names if (args.dataset, name) in done)
         if len(skip) == len(names):
             continue
-        rows = run_candidate(args.dataset, cand, train, val, args.random, args.threads, skip)
+        rows = run_candidate(args.dataset, cand, train, val, args.random, args.threads, skip, args.save_runs)
         with open(args.results, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
