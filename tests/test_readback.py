@@ -24,6 +24,8 @@ from PIL import Image
 from cli_helpers import CONVAE, assert_user_error, convae
 from convae import ConvAutoencoder
 from convae.data import load_dataset
+from convae.models import ModelConfig
+from convae.models.memory import _meta_net, training_memory
 
 TINY = dict(channels=(4, 8), epochs=1, batch_size=64, device="cpu", threads=1)
 FAST = 60  # seconds: a command that waits on a FIFO would hang far longer
@@ -208,6 +210,28 @@ def test_the_memory_budget_can_be_set_and_is_checked(tmp_path):
     assert_user_error(proc, "more than the 10 KiB of $CONVAE_MEMORY_LIMIT", "lower")
     assert not (tmp_path / "run").exists()
     assert_user_error(_limited(base, env={"CONVAE_MEMORY_LIMIT": "lots"}), "CONVAE_MEMORY_LIMIT")
+
+
+def test_a_hierarchical_net_is_sized_by_its_statistics_phase(tmp_path):
+    """Sampling a stage's data statistics, the hierarchical nets' real training peak, counts in the
+    estimate: a budget above a training step but below that phase is refused before the run
+    directory exists, naming the phase and --widths; one above it trains. The step's own part is
+    the same on every call (it once varied with which freed tensors' ids Python reused)."""
+    config = ModelConfig(arch="hsparse", in_channels=1, image_size=(8, 8), channels=(32, 64), kernel_size=3,
+                         groups=4, group_size=16)  # fmt: skip
+    estimate = training_memory(config, 64)
+    assert estimate == training_memory(config, 64)
+    upper_step = _meta_net(config).step_activation_bytes(64, 1)  # 16 of the 64 images (the upper fraction)
+    assert estimate.activation_bytes >= upper_step > 4 * _meta_net(config).step_activation_bytes(2, 1)
+    assert estimate.parameter_bytes + estimate.activation_bytes < 60 << 20 < estimate.total < 200 << 20
+    base = ["fit", "digits", "-o", tmp_path / "run", "--epochs", "2", "-q", "--arch", "hsparse", "--widths", "32,64",
+            "--groups", "4", "--group-size", "16", "--kernel-size", "3"]  # fmt: skip
+    proc = _limited(base, env={"CONVAE_MEMORY_LIMIT": "60M"})
+    assert_user_error(proc, "data statistics sampled as a stage begins", "lower --widths")
+    assert not (tmp_path / "run").exists()
+    proc = _limited(base, env={"CONVAE_MEMORY_LIMIT": "200M"})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
 def test_an_allocator_failure_anywhere_is_one_line(tmp_path):

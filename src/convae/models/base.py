@@ -295,6 +295,11 @@ class AutoencoderNet(nn.Module):
         """Called once as stage `stage` begins training (after the stages before it), with the
         training images: measure what the stage needs from the data (nothing here)."""
 
+    def statistics_bytes(self, stage: int) -> int:
+        """Bytes :meth:`begin_stage` holds at its peak beside the weights, from shapes alone (the
+        training memory estimate takes the larger of this and a step's): none here."""
+        return 0
+
     @torch.no_grad()
     def calibrate(self, images, indices: np.ndarray, layers: Sequence[str], batch_size: int = 256) -> None:
         """Give an untrained net the data statistics a trained one has, without a gradient step.
@@ -326,11 +331,13 @@ class AutoencoderNet(nn.Module):
         x = torch.empty(batch, self.config.in_channels, h, w, device="meta")
         saved = [0]
         seen = {id(t) for t in (*self.parameters(), *self.buffers())}  # saved weights are no new memory
+        held = []  # every counted tensor kept alive: a freed one's id, reused, would hide a new tensor
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             base = t if t._base is None else t._base  # a view shares its base's memory: counted once
             if id(base) not in seen:
                 seen.add(id(base))
+                held.append(base)  # meta tensors: no memory
                 saved[0] += base.numel() * base.element_size()
             return t
 

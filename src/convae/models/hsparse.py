@@ -70,7 +70,8 @@ class LocalPCA(nn.Module):
     def fit(self, vectors: torch.Tensor) -> None:
         v = vectors.double()
         mean = v.mean(0)
-        cov = (v - mean).T @ (v - mean) / len(v)
+        v.sub_(mean)  # in place: (v - mean) twice was two more float64 copies of the sample
+        cov = v.T @ v / len(v)
         eigvals, eigvecs = torch.linalg.eigh(cov)
         eigvals, eigvecs = eigvals.flip(0)[: self.dim].clamp_min(0), eigvecs.flip(1)[:, : self.dim]
         scale = torch.sqrt(eigvals + self.eps * eigvals.mean().clamp_min(1e-12))
@@ -411,6 +412,33 @@ class HierarchicalSparseNet(AutoencoderNet):
             if not init_filters:
                 part_coder.filters.copy_(random_filters)
 
+    def statistics_bytes(self, stage: int) -> int:
+        """What :meth:`begin_stage` holds at its peak, from the shapes (STATISTICS_IMAGES images):
+        the sampled locations with their float64 copy for the groups (or the PCA), or the sampled
+        windows with one coder's patches (gathered, normalized, float64, centred twice), each
+        beside what sampling them took (a batch of images, one chunk's maps and the responses
+        below them), which the allocator may keep. The presets' stage 2: 1.08, 2.19 and 2.27 GB
+        (mnist, fashion-mnist, cifar10), measured 1.14, 2.13 and 1.99 (RESULTS.md)."""
+        c = self.config
+        sizes = self._map_sizes(c)
+        h, w = self._input_size(stage, sizes)
+        width = c.in_channels if stage == 0 else 2 * c.channels[stage - 1]  # the pooled split maps
+        coder = self.stage_coders[stage]
+        group = coder.group_size if isinstance(coder, GroupedPatchCoder) else 0
+        reduced = c.in_channels if stage == 0 else width if group else (c.reduce_dim or width)
+        below = 0 if stage == 0 else math.prod(sizes[stage - 1]) * c.channels[stage - 1] * 3
+        sampling = (256 * c.in_channels * math.prod(c.image_size) + _SAMPLE_CHUNK * (h * w * width + below)) * 4
+        per = STATISTICS_IMAGES  # rows: whole windows per image, STATISTICS_IMAGES images
+        locations = 0
+        if stage > 0:
+            rows = -(-STATISTICS_PATCHES // per) * per * width * 4
+            locations = 3 * rows + 3 * width * width * 8
+        sampled = -(-(GROUPED_STATISTICS_PATCHES if group else STATISTICS_PATCHES) // per) * per
+        patch = coder.patch * coder.patch
+        dim = patch * (group or reduced)
+        windows = sampled * patch * reduced * 4 + sampled * dim * 32 + 4 * dim * dim * 8
+        return sampling + max(locations, windows)
+
     def _sample(self, images, picked: np.ndarray, device, stage: int, g: torch.Generator, pooled: bool,
                 grouped: bool = False) -> torch.Tensor:  # fmt: skip
         """Random p x p windows (M, p, p, C) of stage `stage`'s input (or, with `pooled`, single
@@ -423,19 +451,22 @@ class HierarchicalSparseNet(AutoencoderNet):
         row = 0
         p = 1 if pooled else self.stage_coders[stage].patch
         for x in iter_float_batches(images, picked, 256, device):
-            # the maps a few images at a time: the full-size responses of 256 images were 1.9 GB
-            # more at the peak (CIFAR-10's stage 1); the random windows are drawn per 256 as before
-            maps = torch.cat([self._sample_maps(x[i : i + _SAMPLE_CHUNK], stage, pooled)
-                              for i in range(0, len(x), _SAMPLE_CHUNK)])  # fmt: skip
-            n, h, w, _ = maps.shape
-            ys = torch.randint(0, h - p + 1, (n, per), generator=g).to(maps.device)
-            xs = torch.randint(0, w - p + 1, (n, per), generator=g).to(maps.device)
-            windows = _windows(maps, p, ys, xs)
-            windows = windows.flatten(1) if pooled else windows
-            if out is None:
-                out = torch.empty((len(picked) * per, *windows.shape[1:]), dtype=torch.float32)
-            out[row : row + len(windows)].copy_(windows)
-            row += len(windows)
+            # the maps a few images at a time, their windows cut from them at once: 256 images'
+            # responses were 1.9 GB at CIFAR-10's stage 1, their pooled maps 0.6 GB at stage 2
+            # (14 GB at 96 px); the random windows are still drawn per 256 images, as before
+            ys = xs = torch.empty(0)
+            for i in range(0, len(x), _SAMPLE_CHUNK):
+                maps = self._sample_maps(x[i : i + _SAMPLE_CHUNK], stage, pooled)
+                if i == 0:
+                    _, h, w, _ = maps.shape
+                    ys = torch.randint(0, h - p + 1, (len(x), per), generator=g).to(maps.device)
+                    xs = torch.randint(0, w - p + 1, (len(x), per), generator=g).to(maps.device)
+                windows = _windows(maps, p, ys[i : i + len(maps)], xs[i : i + len(maps)])
+                windows = windows.flatten(1) if pooled else windows
+                if out is None:
+                    out = torch.empty((len(picked) * per, *windows.shape[1:]), dtype=torch.float32)
+                out[row : row + len(windows)].copy_(windows)
+                row += len(windows)
         return typing.cast(torch.Tensor, out)[:row]
 
     def _sample_maps(self, x: torch.Tensor, stage: int, pooled: bool) -> torch.Tensor:
