@@ -9,6 +9,7 @@ import torch
 
 from convae import ConvAutoencoder, tensors
 from convae import run as rundir
+from convae.analysis import ScoreOptions, find_neighbors, score_images
 from convae.config import TrainConfig
 from convae.data import load_dataset
 from convae.errors import ConfigError
@@ -163,6 +164,35 @@ def test_precision_float32_keeps_every_product_fp32(monkeypatch):
     assert np.abs(low - want).mean() < 0.01 * want.std()
     with pytest.raises(ConfigError, match="precision must be one of auto, float32, got 'half'"):
         FeatureExtractor(model, "stage1", "grid2", precision="half")
+
+
+def test_score_and_neighbors_take_a_precision(monkeypatch):
+    """`convae score` and `convae neighbors` with precision "float32": the scores and neighbours of
+    a pass with no bf16 product, on a device made to report native bf16, where "auto" differs."""
+    torch.manual_seed(0)
+    model = build_model(_config(filters=(24, 32), groups=4, group_size=8)).eval()
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8).numpy()
+    reference, queries = images[:30], images[30:]
+
+    def scored_and_found(precision):
+        scores = score_images(model, queries, reference, layers="stage1,stage2", pool="grid2", k=3, precision=precision)
+        found = find_neighbors(model, reference, queries, layers="stage2", pool="grid2", k=3, precision=precision)
+        return scores.scores, found.neighbours
+
+    monkeypatch.setattr(tensors, "native_bf16", lambda device: False)
+    want, want_found = scored_and_found("auto")
+    monkeypatch.setattr(tensors, "native_bf16", lambda device: True)
+    exact, exact_found = scored_and_found("float32")
+    low, _ = scored_and_found("auto")
+    for name in want:
+        np.testing.assert_array_equal(exact[name], want[name])
+    np.testing.assert_array_equal(exact_found.indices, want_found.indices)
+    np.testing.assert_array_equal(exact_found.similarity, want_found.similarity)
+    assert not np.array_equal(low["knn"], want["knn"])
+    with pytest.raises(ConfigError, match="precision must be one of auto, float32"):
+        ScoreOptions(precision="half")
+    with pytest.raises(ConfigError, match="precision must be one of auto, float32"):
+        find_neighbors(model, reference, queries, precision="half")
 
 
 def test_statistics_do_not_depend_on_how_many_maps_are_computed_at_once(cifar, monkeypatch):

@@ -928,6 +928,8 @@ def _probe_data(run_dir, train_data, test_data, options, data_dir, image_size, c
 compute_options = [
     click.option("--batch-size", type=int, help="Images per forward pass (default: sized to the model's largest map, at most 256)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                 help="auto: the hierarchical models' products in bf16 where the CPU or GPU computes it natively; float32: the same results on every machine."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
 ]  # fmt: skip
 
@@ -1062,7 +1064,7 @@ def score(run_dir, data, output, data_dir, split, image_size, channels, no_downl
 @click.option("--channels", type=int, help="Image channels: 1 or 3 (default: the run's).")
 @click.option("--no-download", is_flag=True, help="Never download a missing built-in dataset.")
 @with_compute_options
-def neighbors(run_dir, index_data, query_data, output, k, layers, pool, show, baselines, data_dir, image_size, channels, no_download, batch_size, device, quiet):  # fmt: skip
+def neighbors(run_dir, index_data, query_data, output, k, layers, pool, show, baselines, data_dir, image_size, channels, no_download, batch_size, device, precision, quiet):  # fmt: skip
     """The k most similar --index images for each --query image, by cosine similarity of features.
 
     Exact search in chunks (the index features wait on disk beside --output), so memory stays
@@ -1080,7 +1082,7 @@ def neighbors(run_dir, index_data, query_data, output, k, layers, pool, show, ba
     with tempfile.TemporaryDirectory(prefix=f".{png.name}.", dir=png.parent if png.parent.is_dir() else None) as work:
         result = convae.analysis.find_neighbors(
             model, index, query, layers=layers, pool=pool, k=k, baselines=chosen, work_dir=work,
-            batch_size=batch_size, progress=not quiet,
+            batch_size=batch_size, progress=not quiet, precision=precision,
         )  # fmt: skip
     convae.analysis.write_neighbors(csv_path, result)
     convae.views.save_figure(convae.analysis.neighbors_grid(result, index, query, show), png)

@@ -18,7 +18,8 @@ from .._io import atomic_open
 from ..data.index import SourceIndex
 from ..errors import ConfigError
 from ..features import FeatureExtractor
-from ..tensors import device_of, evenly_spaced
+from ..features.plan import check_precision
+from ..tensors import allow_bf16, device_of, evenly_spaced
 from .knn import Neighbours, nearest
 from .options import NEIGHBOR_BASELINES, check_k, middle_layer
 from .score import feature_matrix
@@ -76,12 +77,14 @@ def precision_at_k(neighbours: Neighbours, query_labels: np.ndarray, index_label
     return float(hits.mean())
 
 
-def untrained_extractor(model, layers, pool, index_images, batch_size, seed: int = 0) -> FeatureExtractor:
+def untrained_extractor(
+    model, layers, pool, index_images, batch_size, seed: int = 0, precision: str = "auto"
+) -> FeatureExtractor:
     """The same architecture untrained, its data statistics measured on the index images (no gradient step)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         untrained = type(model)(model.config).to(device_of(model))
-    ex = FeatureExtractor(untrained, layers, pool, device=device_of(model), batch_size=batch_size)
+    ex = FeatureExtractor(untrained, layers, pool, device=device_of(model), batch_size=batch_size, precision=precision)
     rows = evenly_spaced(np.arange(len(index_images)), CALIBRATION_IMAGES)
     untrained.calibrate(index_images, rows, ex.layers, ex.batch_size)
     untrained.eval()
@@ -100,6 +103,7 @@ def find_neighbors(
     work_dir: str | os.PathLike | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    precision: str = "auto",
 ) -> NeighborResult:
     """The `k` index images most similar to each query image (cosine similarity of the features of
     `layers` under `pool`), exactly.
@@ -108,15 +112,18 @@ def find_neighbors(
     `index_data` and `query_data` are ImageData (or image arrays) of the model's shape. With
     labels on both, precision@k is measured for the model's features and each of `baselines`
     (``pixels``, ``random``: the same architecture untrained). `work_dir` keeps the index
-    features on disk while searching (default: in memory).
+    features on disk while searching (default: in memory). `precision` "float32" keeps every
+    product fp32 (the same neighbours on every machine); "auto" lets the hierarchical models use
+    bf16 where native.
     """
     check_k(k)
+    check_precision(precision)
     unknown = [b for b in baselines if b not in NEIGHBOR_BASELINES]
     if unknown:
         raise ConfigError(f"--baselines {unknown[0]}: choose from {', '.join(NEIGHBOR_BASELINES)} (or none)")
     index_images, query_images = getattr(index_data, "images", index_data), getattr(query_data, "images", query_data)
     layers = layers or middle_layer(model)
-    ex = FeatureExtractor(model, layers, pool, device=device_of(model), batch_size=batch_size)
+    ex = FeatureExtractor(model, layers, pool, device=device_of(model), batch_size=batch_size, precision=precision)
     found = _search(ex, index_images, query_images, k, work_dir, "index", progress)
     result = NeighborResult(found, _index_of(query_data), _index_of(index_data), f"{layers}/{pool}")
     labels = same_labels(result.query_index, result.index_index)
@@ -127,7 +134,8 @@ def find_neighbors(
         if name == "pixels":
             other = PixelFeatures(index_images.shape[1:])
         else:
-            other = untrained_extractor(model, layers, pool, index_images, batch_size)
+            with allow_bf16(precision == "auto"):  # its calibration's products too
+                other = untrained_extractor(model, layers, pool, index_images, batch_size, precision=precision)
         key = "pixels" if name == "pixels" else f"random/{layers}/{pool}"
         result.precision[key] = precision_at_k(
             _search(other, index_images, query_images, k, work_dir, name, progress), *labels

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..features.plan import resolve_pools
+from ..features.plan import check_precision, resolve_pools
 
 #: Per-image scores `convae score` writes: reconstruction MSE, 1 - SSIM, mean distance to the
 #: k nearest training images in feature space.
@@ -39,7 +39,8 @@ class ScoreOptions:
     first) and flagged on; `threshold_quantile`: flag images whose `by` score is above this
     quantile of the training images' own scores (None: no flags); `calibration_images`: how
     many training images (evenly spaced) give those own scores (their k-NN distances leave
-    each image itself out).
+    each image itself out); `precision` "float32" keeps every product of the model fp32 (the
+    same scores on every machine), "auto" lets the hierarchical models use bf16 where native.
     """
 
     layers: str | None = None
@@ -49,9 +50,11 @@ class ScoreOptions:
     by: str = "knn"
     threshold_quantile: float | None = None
     calibration_images: int = 10_000
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_k(self.k)
+        check_precision(self.precision)
         if self.metric not in METRICS:
             raise ConfigError(f"--metric {self.metric}: choose from {', '.join(METRICS)}")
         if self.by not in SCORES:

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..features import FeatureExtractor, auto_batch_size
 from ..metrics import mse_per_image, ssim_per_image
 from ..progress import progress_bar
-from ..tensors import device_of, evenly_spaced, iter_uint8_batches, to_float_nchw
+from ..tensors import allow_bf16, device_of, evenly_spaced, iter_uint8_batches, to_float_nchw
 from .knn import knn_distance, nearest
 from .options import SCORES, ScoreOptions, middle_layer
 
@@ -102,7 +102,7 @@ def score_images(model, data, reference=None, options: ScoreOptions | None = Non
         of their own scores. Without it only the reconstruction scores are computed.
     options : ScoreOptions, optional
         Or its fields as keywords: layers, pool, k, metric, by, threshold_quantile,
-        calibration_images.
+        calibration_images, precision.
     work_dir : path, optional
         Where the reference features are kept on disk while searching (default: in memory).
 
@@ -114,6 +114,11 @@ def score_images(model, data, reference=None, options: ScoreOptions | None = Non
     options = ScoreOptions(**settings) if options is None else options
     if reference is None and options.by == "knn":
         raise ConfigError("the knn score needs the training images (--train); or sort --by mse or ssim_error")
+    with allow_bf16(options.precision == "auto"):  # the reconstructions' products too
+        return _scored(model, data, reference, options, work_dir, batch_size, progress)
+
+
+def _scored(model, data, reference, options: ScoreOptions, work_dir, batch_size, progress) -> ScoreResult:
     images = getattr(data, "images", data)
     mse, ssim = reconstruction_errors(model, images, batch_size=batch_size, progress=progress)
     scores = {"mse": mse, "ssim_error": ssim}
@@ -125,7 +130,9 @@ def score_images(model, data, reference=None, options: ScoreOptions | None = Non
         return result
     ref_images = getattr(reference, "images", reference)
     layers = options.layers or middle_layer(model)
-    extractor = FeatureExtractor(model, layers, options.pool, device=device_of(model), batch_size=batch_size)
+    extractor = FeatureExtractor(
+        model, layers, options.pool, device=device_of(model), batch_size=batch_size, precision=options.precision
+    )
     ref = feature_matrix(extractor, ref_images, work_dir, name="reference", progress=progress)
     query = extractor.transform(images, progress=progress)
     scores["knn"] = knn_distance(
