@@ -428,12 +428,12 @@ class HierarchicalSparseNet(AutoencoderNet):
         reduced = c.in_channels if stage == 0 else width if group else (c.reduce_dim or width)
         below = 0 if stage == 0 else math.prod(sizes[stage - 1]) * c.channels[stage - 1] * 3
         sampling = (256 * c.in_channels * math.prod(c.image_size) + _SAMPLE_CHUNK * (h * w * width + below)) * 4
-        per = STATISTICS_IMAGES  # rows: whole windows per image, STATISTICS_IMAGES images
+        images = STATISTICS_IMAGES  # each gives the same whole number of windows
         locations = 0
-        if stage > 0:
-            rows = -(-STATISTICS_PATCHES // per) * per * width * 4
-            locations = 3 * rows + 3 * width * width * 8
-        sampled = -(-(GROUPED_STATISTICS_PATCHES if group else STATISTICS_PATCHES) // per) * per
+        if stage > 0:  # float32 rows, their float64 copy, the correlations (or covariance) and eigh's
+            sample = -(-STATISTICS_PATCHES // images) * images * width * 4
+            locations = 3 * sample + 3 * width * width * 8
+        sampled = -(-(GROUPED_STATISTICS_PATCHES if group else STATISTICS_PATCHES) // images) * images
         patch = coder.patch * coder.patch
         dim = patch * (group or reduced)
         windows = sampled * patch * reduced * 4 + sampled * dim * 32 + 4 * dim * dim * 8
@@ -453,7 +453,8 @@ class HierarchicalSparseNet(AutoencoderNet):
         for x in iter_float_batches(images, picked, 256, device):
             # the maps a few images at a time, their windows cut from them at once: 256 images'
             # responses were 1.9 GB at CIFAR-10's stage 1, their pooled maps 0.6 GB at stage 2
-            # (14 GB at 96 px); the random windows are still drawn per 256 images, as before
+            # (14 GB with the default widths at 96 px); the random windows are still drawn per 256
+            # images, as before
             ys = xs = torch.empty(0)
             for i in range(0, len(x), _SAMPLE_CHUNK):
                 maps = self._sample_maps(x[i : i + _SAMPLE_CHUNK], stage, pooled)
