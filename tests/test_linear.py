@@ -220,16 +220,21 @@ def test_folded_whitening_fits_what_a_whitened_copy_fits(mnist, one_thread, esti
         estimator(whiten=0.0).fit(Xtr[:100], ytr[:100])
 
 
+def _standardized_rows(X: np.ndarray, tmp_path):
+    """X as a float16 memmap (as the probe reads its features), its rows, column means and scales."""
+    np.save(tmp_path / "x.npy", X.astype(np.float16))
+    X16 = np.load(tmp_path / "x.npy", mmap_mode="r")
+    rows = linear._Rows(X16, torch.device("cpu"), None, 1, 1)
+    mean, var = linear._column_stats(rows)
+    return X16, rows, mean, linear._scale(mean, var, rows.n)
+
+
 def test_bf16_covariance_matches_float32(mnist, monkeypatch, tmp_path):
     """The whitening's covariance from bf16 tile products (used where the CPU has native bf16 and
     the features are wide) is the float32 syrk's to bf16 rounding, tiles of uneven widths
     included, and the whitened fit predicts the same (forced here at 784 columns, tiles of 300)."""
     Xtr, ytr, Xte, _ = mnist
-    np.save(tmp_path / "x.npy", Xtr.astype(np.float16))
-    X16 = np.load(tmp_path / "x.npy", mmap_mode="r")
-    rows = linear._Rows(X16, torch.device("cpu"), None, 1, 1)
-    mean, var = linear._column_stats(rows)
-    scale = linear._scale(mean, var, rows.n)
+    X16, rows, mean, scale = _standardized_rows(Xtr, tmp_path)
     monkeypatch.setattr(linear, "_BF16_TILE_COLUMNS", 300)
     low = np.triu(linear._covariance_bf16(rows, mean, scale))
     X32 = np.asarray(X16, dtype=np.float32)  # read in place: centring must not write into it
@@ -255,11 +260,7 @@ def test_whitening_from_sampled_rows(mnist, monkeypatch, tmp_path):
     paths; "auto" takes 20,000 rows (2 per column if more), every row of smaller matrices.
     Not the default: on the mnist preset it cost 0.09 points of validation accuracy."""
     Xtr, ytr, Xte, yte = mnist
-    np.save(tmp_path / "x.npy", Xtr.astype(np.float16))
-    X16 = np.load(tmp_path / "x.npy", mmap_mode="r")
-    rows = linear._Rows(X16, torch.device("cpu"), None, 1, 1)
-    mean, var = linear._column_stats(rows)
-    scale = linear._scale(mean, var, rows.n)
+    X16, rows, mean, scale = _standardized_rows(Xtr, tmp_path)
     picks = linear._covariance_rows(rows.n, rows.d, 1000)
     assert len(picks) == 1000 and picks[0] == 0 and picks[-1] == rows.n - 1 and (np.diff(picks) > 0).all()
     for every in ("auto", None, rows.n, 10**6):
