@@ -14,7 +14,7 @@ from convae.config import TrainConfig
 from convae.data import load_dataset
 from convae.errors import ConfigError
 from convae.features import FeatureExtractor
-from convae.models import ModelConfig, build_model, code_size, hsparse
+from convae.models import ModelConfig, build_model, code_size, hsparse, patches
 from convae.models.base import TrainStep
 from convae.probe import calibrate, run_probe
 from convae.tensors import native_bf16
@@ -193,6 +193,20 @@ def test_score_and_neighbors_take_a_precision(monkeypatch):
         ScoreOptions(precision="half")
     with pytest.raises(ConfigError, match="precision must be one of auto, float32"):
         find_neighbors(model, reference, queries, precision="half")
+
+
+def test_the_groups_seed_correlations_are_the_full_matrixs_rows(monkeypatch):
+    """choose_groups reads the seeds' rows of the channels' correlation matrix, computed a few
+    rows of the sample at a time: those of the whole sample's matrix, constant channels included."""
+    torch.manual_seed(0)
+    locations = torch.randn(1000, 40) @ torch.randn(40, 40)
+    locations[:, 7] = 3.0  # constant: correlation 0 with every channel, as the clamped deviation gives
+    seeds = torch.tensor([7, 0, 39, 12])
+    monkeypatch.setattr(patches, "CORRELATION_ROWS", 300)  # chunks of uneven length
+    z = locations.double()
+    z = (z - z.mean(0)) / z.std(0).clamp_min(1e-6)
+    want = (z.T @ z / len(z))[seeds]
+    torch.testing.assert_close(patches._seed_correlations(locations, seeds), want, rtol=1e-12, atol=1e-12)
 
 
 def test_statistics_do_not_depend_on_how_many_maps_are_computed_at_once(cifar, monkeypatch):

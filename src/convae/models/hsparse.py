@@ -35,7 +35,7 @@ from ..tensors import bf16_products, evenly_spaced, iter_float_batches
 from .base import SPLIT_SUFFIX, AutoencoderNet, FeatureInfo, LayerInfo, TrainStep
 from .blocks import CONTRAST_FLOOR, k_sparse
 from .config import ModelConfig
-from .patches import GroupedPatchCoder, PatchCoder, fold_nhwc, unfold_nhwc
+from .patches import CORRELATION_ROWS, GroupedPatchCoder, PatchCoder, fold_nhwc, unfold_nhwc
 
 Coder = PatchCoder | GroupedPatchCoder
 
@@ -414,11 +414,11 @@ class HierarchicalSparseNet(AutoencoderNet):
 
     def statistics_bytes(self, stage: int) -> int:
         """What :meth:`begin_stage` holds at its peak, from the shapes (STATISTICS_IMAGES images):
-        the sampled locations with their float64 copy for the groups (or the PCA), or the sampled
+        the sampled locations with what choosing the groups (or the PCA) adds, or the sampled
         windows with one coder's patches (gathered, normalized, float64, centred twice), each
         beside what sampling them took (a batch of images, one chunk's maps and the responses
-        below them), which the allocator may keep. The presets' stage 2: 1.08, 2.19 and 2.27 GB
-        (mnist, fashion-mnist, cifar10), measured 1.14, 2.13 and 1.99 (RESULTS.md)."""
+        below them), which the allocator may keep. The presets' stage 2: 0.87, 1.55 and 1.62 GB
+        (mnist, fashion-mnist, cifar10), measured 0.82, 1.36 and 1.37 (RESULTS.md)."""
         c = self.config
         sizes = self._map_sizes(c)
         h, w = self._input_size(stage, sizes)
@@ -430,9 +430,12 @@ class HierarchicalSparseNet(AutoencoderNet):
         sampling = (256 * c.in_channels * math.prod(c.image_size) + _SAMPLE_CHUNK * (h * w * width + below)) * 4
         images = STATISTICS_IMAGES  # each gives the same whole number of windows
         locations = 0
-        if stage > 0:  # float32 rows, their float64 copy, the correlations (or covariance) and eigh's
+        if stage > 0:
             sample = -(-STATISTICS_PATCHES // images) * images * width * 4
-            locations = 3 * sample + 3 * width * width * 8
+            if group:  # the seeds' correlations, from a few thousand rows in float64 at a time
+                locations = sample + 2 * CORRELATION_ROWS * width * 8 + c.groups * width * 8
+            else:  # the PCA: a float64 copy of the sample, the covariance and eigh's
+                locations = 3 * sample + 3 * width * width * 8
         sampled = -(-(GROUPED_STATISTICS_PATCHES if group else STATISTICS_PATCHES) // images) * images
         patch = coder.patch * coder.patch
         dim = patch * (group or reduced)
