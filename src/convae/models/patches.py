@@ -155,7 +155,7 @@ def _seed_correlations(locations: torch.Tensor, seeds: torch.Tensor) -> torch.Te
     correlations were 5.1 GB and 8 TFLOP for a third stage over 6,400 channels; only the seeds'
     rows are ever read (the groups chosen are the same on the presets: RESULTS.md)."""
     n = len(locations)
-    total = torch.zeros(locations.shape[1], dtype=torch.float64)
+    total = torch.zeros(locations.shape[1], dtype=torch.float64, device=locations.device)
     for part in locations.split(CORRELATION_ROWS):
         total += part.double().sum(0)
     mean = total / n
@@ -163,7 +163,7 @@ def _seed_correlations(locations: torch.Tensor, seeds: torch.Tensor) -> torch.Te
     for part in locations.split(CORRELATION_ROWS):
         squares += (part.double() - mean).square_().sum(0)
     std = (squares / max(n - 1, 1)).sqrt_().clamp_min(1e-6)
-    products = torch.zeros((len(seeds), len(mean)), dtype=torch.float64)
+    products = mean.new_zeros((len(seeds), len(mean)))
     for part in locations.split(CORRELATION_ROWS):
         z = (part.double() - mean).div_(std)
         products.addmm_(z[:, seeds].T, z)
