@@ -453,18 +453,16 @@ class HierarchicalSparseNet(AutoencoderNet):
         out: torch.Tensor | None = None
         row = 0
         p = 1 if pooled else self.stage_coders[stage].patch
+        h, w = self._input_size(stage, self._map_sizes(self.config))  # both maps sampled are this size
         for x in iter_float_batches(images, picked, 256, device):
             # the maps a few images at a time, their windows cut from them at once: 256 images'
             # responses were 1.9 GB at CIFAR-10's stage 1, their pooled maps 0.6 GB at stage 2
             # (14 GB with the default widths at 96 px); the random windows are still drawn per 256
             # images, as before
-            ys = xs = torch.empty(0)
+            ys = torch.randint(0, h - p + 1, (len(x), per), generator=g).to(x.device)
+            xs = torch.randint(0, w - p + 1, (len(x), per), generator=g).to(x.device)
             for i in range(0, len(x), _SAMPLE_CHUNK):
                 maps = self._sample_maps(x[i : i + _SAMPLE_CHUNK], stage, pooled)
-                if i == 0:
-                    _, h, w, _ = maps.shape
-                    ys = torch.randint(0, h - p + 1, (len(x), per), generator=g).to(maps.device)
-                    xs = torch.randint(0, w - p + 1, (len(x), per), generator=g).to(maps.device)
                 windows = _windows(maps, p, ys[i : i + len(maps)], xs[i : i + len(maps)])
                 windows = windows.flatten(1) if pooled else windows
                 if out is None:
