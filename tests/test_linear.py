@@ -282,6 +282,29 @@ def test_whitening_from_sampled_rows(mnist, monkeypatch, tmp_path):
             StreamingLogisticRegression(whiten=0.1, whiten_rows=bad).fit(Xtr[:100], ytr[:100])
 
 
+def test_wide_whitening_factors_with_mkl(mnist, monkeypatch, tmp_path):
+    """Covariances of _OPENBLAS_CHOLESKY_COLUMNS columns and more (where the bundled OpenBLAS's
+    threaded spotrf segfaults) are factored by torch's in place: the same factor as scipy's to
+    float32 rounding, the whitened fit's the same predictions (forced here at 784 columns); a
+    matrix that is not positive definite raises as scipy's does."""
+    Xtr, ytr, Xte, _ = mnist
+    _, rows, mean, scale = _standardized_rows(Xtr[:5000], tmp_path)
+    monkeypatch.setattr(linear, "_BF16_COVARIANCE_COLUMNS", 10**9)
+    cov = linear._covariance(rows, mean, scale)
+    cov[np.diag_indices_from(cov)] += 0.1
+    expected = linear.cholesky(cov, lower=False, check_finite=False)
+    monkeypatch.setattr(linear, "_OPENBLAS_CHOLESKY_COLUMNS", 0)
+    factor = linear._upper_cholesky(cov, n_threads=2)
+    assert factor is cov  # in place: one d x d matrix, as scipy's overwrite_a
+    np.testing.assert_allclose(factor, expected, rtol=1e-3, atol=1e-4)
+    with pytest.raises(np.linalg.LinAlgError, match="positive definite"):
+        linear._upper_cholesky(np.asfortranarray(-np.eye(4, dtype=np.float32)), n_threads=1)
+    mkl = StreamingLogisticRegression(whiten=0.1).fit(Xtr[:5000], ytr[:5000])
+    monkeypatch.setattr(linear, "_OPENBLAS_CHOLESKY_COLUMNS", 10**9)
+    openblas = StreamingLogisticRegression(whiten=0.1).fit(Xtr[:5000], ytr[:5000])
+    assert np.mean(mkl.predict(Xte) == openblas.predict(Xte)) >= 0.995
+
+
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_constant_columns_and_non_finite_values(digits, tmp_path):
     Xtr, ytr, _, _ = digits

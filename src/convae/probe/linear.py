@@ -76,6 +76,11 @@ _PREDICT_BYTES = 16 << 20  # rows scored at a time by decision_function, in floa
 # one tile is the whole product, twice syrk's work, and bf16 gains nothing over float32's syrk
 _BF16_COVARIANCE_COLUMNS = 4096
 _BF16_TILE_COLUMNS = 1600  # 1,600-2,400 within 10% of each other (9,600 columns, 1,748-3,496-row blocks)
+# OpenBLAS's threaded spotrf, as scipy 1.17 bundles it, segfaults on matrices of about 26,700
+# columns and more (26,000 passed at 2, 4, 8 and 16 threads; 26,700 and 28,800 crashed at 2:
+# a whitened probe of 28,800 features took its process down). MKL's, through torch, factors in
+# place too, 1.3x (9,600 columns) to 1.7x (26,700) slower: only wider matrices take it.
+_OPENBLAS_CHOLESKY_COLUMNS = 24_576
 _WHITEN_AUTO_ROWS = 20_000  # whiten_rows="auto": the covariance from this many rows (2 a column if more)
 
 
@@ -300,7 +305,7 @@ def _whitened_basis(rows: _Rows, mean: np.ndarray, scale: np.ndarray, eps: float
     floor = eps * max(float(diagonal.mean()), np.finfo(np.float64).tiny)
     cov[np.diag_indices_from(cov)] += np.float32(floor)
     # in place, one d x d float32 matrix throughout (the lower triangle zeroed by cholesky, left by strtri)
-    factor = cholesky(cov, lower=False, overwrite_a=True, check_finite=False)  # factor.T @ factor = cov
+    factor = _upper_cholesky(cov, rows.n_threads)  # factor.T @ factor = cov
     inverse, info = strtri(factor, lower=0, overwrite_c=1)
     if info != 0:
         raise ValueError(f"whitening failed: the covariance's Cholesky factor is singular (LAPACK info {info})")
@@ -308,6 +313,20 @@ def _whitened_basis(rows: _Rows, mean: np.ndarray, scale: np.ndarray, eps: float
     squares = sum(float(np.square(inverse[:, j : j + 256], dtype=np.float64).sum()) for j in range(0, rows.d, 256))
     variance = 1.0 - floor * squares / rows.d
     return _Basis(mean, scale, inverse, 1.0 / np.sqrt(max(variance, np.finfo(np.float64).tiny)))
+
+
+def _upper_cholesky(cov: np.ndarray, n_threads: int) -> np.ndarray:
+    """The upper Cholesky factor of `cov` (float32, Fortran order, its upper triangle read), in
+    cov's own memory, by OpenBLAS below _OPENBLAS_CHOLESKY_COLUMNS and by MKL (torch) from there."""
+    if cov.shape[0] < _OPENBLAS_CHOLESKY_COLUMNS:
+        return cholesky(cov, lower=False, overwrite_a=True, check_finite=False)
+    factor = torch.from_numpy(cov)  # column-major, as LAPACK takes it: no copy
+    info = torch.empty((), dtype=torch.int32)
+    with _torch_threads(max(1, n_threads)):
+        torch.linalg.cholesky_ex(factor, upper=True, out=(factor, info))
+    if int(info) > 0:
+        raise np.linalg.LinAlgError(f"{int(info)}-th leading minor not positive definite")
+    return cov
 
 
 def _covariance(rows: _Rows, mean: np.ndarray, scale: np.ndarray, picks: np.ndarray | None = None) -> np.ndarray:
