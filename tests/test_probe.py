@@ -612,7 +612,7 @@ def test_cli_probe_preset_whose_layers_the_run_lacks_is_one_line_before_loading_
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(
-        f"convae: error: --preset mnist does not fit {dense}: layers: unknown layer(s) stage1, stage2"
+        f"convae: error: --preset mnist does not fit {dense}: layers: unknown layer(s) stage1, stage2, stage3"
     )
     assert "give --layers instead" in line
 
