@@ -79,7 +79,7 @@ _BF16_TILE_COLUMNS = 1600  # 1,600-2,400 within 10% of each other (9,600 columns
 # OpenBLAS's threaded spotrf, as scipy 1.17 bundles it, segfaults on matrices of about 26,700
 # columns and more (26,000 passed at 2, 4, 8 and 16 threads; 26,700 and 28,800 crashed at 2:
 # a whitened probe of 28,800 features took its process down). MKL's, through torch, factors in
-# place too, 1.3x (9,600 columns) to 1.7x (26,700) slower: only wider matrices take it.
+# place too, 1.15x slower (9,600 and 26,000 columns: benchmarks/cholesky.py): only wider matrices take it.
 _OPENBLAS_CHOLESKY_COLUMNS = 24_576
 _WHITEN_AUTO_ROWS = 20_000  # whiten_rows="auto": the covariance from this many rows (2 a column if more)
 
