@@ -14,6 +14,10 @@ For each dataset (its preset; cifar10-patch is the single-layer reference row):
    the test images alone from the same fit: the trained, random-weight, pixel and PCA columns,
    few labels, the trained-minus-random margin per depth, and what test-time flips would add.
 
+`--seeds 1,2` trains and probes the preset again with each training seed (steps 1 and 2, in
+runs/PRESET-seedN): the table's run-to-run spread of the headline, mean ± std over seed 0 (the
+preset's run) and these. With --reuse-runs, seeds already measured are kept.
+
 `--headline-only` (with --reuse-runs) re-times step 2 alone, the probe a user runs, after a
 change that should move its speed and not its accuracy; the comparison rows of the entry
 before are kept (its "headline_meta" says when the headline was measured, "meta" when the rest).
@@ -70,13 +74,16 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return time.perf_counter() - t0, usage.ru_maxrss / 1e6  # kB on Linux
 
 
-def fit(preset: str, data_dir: Path, runs: Path, threads: int) -> tuple[Path, dict]:
+def fit(preset: str, data_dir: Path, runs: Path, threads: int, seed: int | None = None) -> tuple[Path, dict]:
+    """`convae fit` with the preset; `seed` None: the preset's (the CLI's default, 0), in runs/PRESET;
+    else that training seed, in runs/PRESET-seedN."""
     dataset = TARGETS[preset][0]
-    run = runs / preset
+    run = runs / (preset if seed is None else f"{preset}-seed{seed}")
     if run.exists():
         shutil.rmtree(run)
     cmd = [CONVAE, "fit", dataset, "--preset", preset, "--out", str(run), "--data-dir", str(data_dir), "--quiet"]
     cmd += ["--threads", str(threads)] if threads else []
+    cmd += ["--seed", str(seed)] if seed is not None else []
     seconds, peak = timed(cmd)
     return run, dict(command=cmd, fit_seconds=round(seconds, 1), fit_peak_gb=round(peak, 2))
 
@@ -89,7 +96,7 @@ def probe_command(preset: str, run: Path, data_dir: Path, out: Path, *extra: str
 
 def headline(preset: str, run: Path, data_dir: Path) -> dict:
     """The probe a user runs: the preset's, no baselines."""
-    out = run.parent / f"{preset}-headline.json"
+    out = run.parent / f"{run.name}-headline.json"
     seconds, peak = timed(probe_command(preset, run, data_dir, out, "--baselines", "none"))
     rows = json.loads(out.read_text())["rows"]
     best = max(rows, key=lambda r: r["accuracy"])
@@ -109,6 +116,34 @@ def comparison(preset: str, run: Path, data_dir: Path, baselines: str, labels: s
              "--augment", augment]  # fmt: skip
     timed(probe_command(preset, run, data_dir, out, *extra))
     return json.loads(out.read_text())["rows"]
+
+
+def other_seeds(preset: str, args, earlier: list[dict]) -> list[dict]:
+    """The run-to-run spread: each seed of --seeds trained and probed as the headline is (fit, then
+    the preset's probe, each timed), one row a seed; with --reuse-runs a seed already measured
+    (its run kept, its row in `earlier`) is kept as it was."""
+    done = {row["seed"]: row for row in earlier}
+    rows = []
+    for seed in args.seeds:
+        run = args.runs / f"{preset}-seed{seed}"
+        if args.reuse_runs and seed in done and (run / "model.safetensors").exists():
+            rows.append(done[seed])
+            continue
+        run, info = fit(preset, args.data_dir, args.runs, args.threads, seed)
+        info.update(headline(preset, run, args.data_dir))
+        best = info.pop("headline")
+        rows.append(dict(seed=seed, **info, features=best["features"], accuracy=best["accuracy"]))
+    return rows
+
+
+def spread(res: dict) -> str:
+    """The headline's mean ± std (ddof 1) over the preset's seed and --seeds, or "–" with one seed."""
+    accuracies = [res["headline"]["accuracy"], *(row["accuracy"] for row in res.get("seeds", []))]
+    if len(accuracies) < 2:
+        return "–"
+    mean = sum(accuracies) / len(accuracies)
+    std = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5
+    return f"{mean:.4f} ± {std:.4f} ({len(accuracies)})"
 
 
 def depth_sets(model) -> list[str]:
@@ -158,8 +193,8 @@ def fmt(r) -> str:
 
 def table(results: dict) -> list[str]:
     lines = [
-        "| preset | train s (GB) | probe s (GB) | best trained set (dim) | accuracy | with test-time flips | random weights | pixels | PCA | trained - random by depth | 100/class: trained / random / PCA | 10/class: trained / random / PCA | target | met |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---:|---|",
+        "| preset | train s (GB) | probe s (GB) | best trained set (dim) | accuracy | training seeds: mean ± std (n) | with test-time flips | random weights | pixels | PCA | trained - random by depth | 100/class: trained / random / PCA | 10/class: trained / random / PCA | target | met |",
+        "|---|---:|---:|---|---:|---|---:|---:|---:|---:|---|---|---|---:|---|",
     ]  # fmt: skip
     for preset, res in results.items():
         s, target = res["summary"], TARGETS[preset][1]
@@ -172,7 +207,8 @@ def table(results: dict) -> list[str]:
         best = a["best"]
         lines.append(
             f"| `{preset}` | {res['fit_seconds']:.0f} ({res['fit_peak_gb']:.1f}) | {res['probe_seconds']:.0f} "
-            f"({res['probe_peak_gb']:.1f}) | {best['features']} ({best['dim']}) | {fmt(best)} | {fmt(a.get('best_tta'))} | "
+            f"({res['probe_peak_gb']:.1f}) | {best['features']} ({best['dim']}) | {fmt(best)} | {spread(res)} | "
+            f"{fmt(a.get('best_tta'))} | "
             f"{fmt(a['random'])} | {fmt(a['pixels'])} | {fmt(a['pca'])} | {depth or '–'} | {low[0]} | {low[1]} | "
             f"{target} | {'yes' if best['accuracy'] >= target else 'no'} |"
         )
@@ -193,7 +229,8 @@ def section(results: dict, meta: dict, notes: str) -> str:
         "images alone (train-time flips where the preset has them); `with test-time flips` is the same "
         "classifier scoring each test image with its mirror image, never the headline. Random weights: the same "
         "architecture untrained, its data statistics measured (batch norm, whitening, PCA), best set; PCA of "
-        "the pixels with the best set's dimension (capped below the pixel count); by depth: the best set "
+        "the pixels with the best set's dimension (capped below the pixel count); training seeds: the "
+        "headline's mean ± sample std over training seeds (`--seeds`), each trained and probed as above; by depth: the best set "
         "reaching each depth, trained minus random, in points; 10 and 100 labels per class: mean of 3 label "
         "subsets.",
         "",
@@ -264,12 +301,22 @@ def measure(preset: str, args, raw: dict) -> dict:
     if args.headline_only and not (reuse and "rows" in raw.get(preset, {})):
         raise SystemExit(f"--headline-only: {preset} needs a run in {args.runs} and its entry in quality.json")
     info.update(headline(preset, run, args.data_dir))
+    earlier_seeds = raw[preset].get("seeds", []) if reuse else []
+    if args.seeds or earlier_seeds:
+        info["seeds"] = other_seeds(preset, args, earlier_seeds) if args.seeds else earlier_seeds
     if args.headline_only:
         return dict(raw[preset], **info, headline_meta=meta_info(args.threads))
     rows = comparison(preset, run, args.data_dir, args.baselines, args.labels)
     model, _ = convae.load_model(run)
     augment = convae.presets.get_preset(preset).probe.get("augment", "none")
     return dict(info, rows=rows, summary=summarize(rows, model, augment), meta=meta_info(args.threads))
+
+
+def _seeds(text: str) -> list[int]:
+    seeds = [int(part) for part in text.split(",") if part.strip()]
+    if any(seed <= 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError("distinct seeds above 0 (the preset's own run is seed 0)")
+    return seeds
 
 
 def main() -> None:
@@ -283,6 +330,13 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     p.add_argument("--baselines", default="random,pixels,pca", help="the comparison's baselines (fewer: faster)")
     p.add_argument("--labels", default="10,100,all", help="the comparison's labels per class")
+    p.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=[],
+        help="more training seeds, e.g. 1,2: each fitted and "
+        "probed like the headline, for the run-to-run spread (the preset's own run is seed 0)",
+    )
     p.add_argument("--json-only", action="store_true", help="write quality.json, print the section (a partial run)")
     p.add_argument("--from-json", action="store_true", help="rewrite the section from quality.json; run nothing")
     args = p.parse_args()

@@ -1,5 +1,6 @@
 """The benchmark scripts' own promises: the photo folders they write, the results section they replace."""
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -80,6 +81,19 @@ def test_quality_never_rewrites_a_section_with_blocks_written_by_hand():
     assert quality.hand_written_blocks(by_hand, "Quality")
     body = quality.section({}, quality.meta_info(2), quality.current_notes(generated, "Quality"))
     assert not quality.hand_written_blocks(quality.replace_section(generated, "Quality", body), "Quality")
+
+
+def test_quality_reports_the_spread_over_training_seeds():
+    result = {
+        "headline": {"accuracy": 0.9937},
+        "seeds": [{"seed": 1, "accuracy": 0.9947}, {"seed": 2, "accuracy": 0.9943}],
+    }
+    assert quality.spread(result) == "0.9942 ± 0.0005 (3)"  # sample std (ddof 1), the preset's run counted
+    assert quality.spread({"headline": {"accuracy": 0.99}}) == "–"  # one seed: no spread claimed
+    assert quality._seeds("1,2") == [1, 2]
+    for wrong in ("0,1", "2,2"):  # seed 0 is the preset's own run; a seed counted twice is not spread
+        with pytest.raises(argparse.ArgumentTypeError):
+            quality._seeds(wrong)
 
 
 def test_a_stage_is_held_to_the_larger_of_its_compute_and_memory_bounds():
