@@ -12,6 +12,7 @@ from convae import run as rundir
 from convae.analysis import ScoreOptions, find_neighbors, score_images
 from convae.config import TrainConfig
 from convae.data import load_dataset
+from convae.data.containers import ImageData
 from convae.errors import ConfigError
 from convae.features import FeatureExtractor
 from convae.models import ModelConfig, build_model, code_size, hsparse, patches
@@ -19,6 +20,7 @@ from convae.models.base import TrainStep
 from convae.probe import calibrate, run_probe
 from convae.tensors import native_bf16
 from convae.train import fit
+from convae.views import render_view
 from test_presets import CONVAE
 from test_train import fit_killed_after_epoch
 
@@ -195,6 +197,28 @@ def test_score_and_neighbors_take_a_precision(monkeypatch):
         find_neighbors(model, reference, queries, precision="half")
 
 
+def test_views_take_a_precision(monkeypatch):
+    """`convae show` / `report` --precision: a view's passes multiply in bf16 only under "auto" (on a
+    device made to report native bf16), every product fp32 under "float32"."""
+    torch.manual_seed(0)
+    model = build_model(_config(filters=(24, 32), groups=4, group_size=8)).eval()
+    data = ImageData(torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8).numpy(), None, None, "noise")
+    seen, real = [], model.forward_intermediates
+
+    def recorded(*args, **kwargs):
+        seen.append(tensors.bf16_products(torch.device("cpu")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward_intermediates", recorded)
+    monkeypatch.setattr(tensors, "native_bf16", lambda device: True)
+    for precision in ("auto", "float32"):
+        seen.clear()
+        render_view("maps", model, data=data, layers="stage1,stage2", precision=precision)
+        assert seen and set(seen) == {precision == "auto"}, precision
+    with pytest.raises(ConfigError, match="precision must be one of auto, float32, got 'half'"):
+        render_view("maps", model, data=data, precision="half")
+
+
 def test_the_groups_seed_correlations_are_the_full_matrixs_rows(monkeypatch):
     """choose_groups reads the seeds' rows of the channels' correlation matrix, computed a few
     rows of the sample at a time: those of the whole sample's matrix, constant channels included."""
@@ -307,7 +331,8 @@ def test_cli_fit_and_views(cifar, tmp_path):
     assert config["arch"] == "hsparse" and config["channels"] == [16, 12] and config["reduce_dim"] == 8
     for view in ("filters", "patches", "recon"):
         out = tmp_path / f"{view}.png"
-        cmd = [CONVAE, "show", str(run), str(data), "--view", view, "--max-images", "200", "-o", str(out), "-q"]
+        cmd = [CONVAE, "show", str(run), str(data), "--view", view, "--max-images", "200", "-o", str(out), "-q",
+               "--precision", "float32" if view == "patches" else "auto"]  # fmt: skip
         shown = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert shown.returncode == 0, shown.stderr
     out = tmp_path / "features.npy"

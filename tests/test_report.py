@@ -76,8 +76,9 @@ def report(digits_run):
     probe.write_text(json.dumps(PROBE))
     out = digits_run.parent / "report.html"
     proc = convae(
-        "report", digits_run, "digits:test", "-o", out, "--probe", probe, "--max-images", 300, "--steps", 40, "--quiet"
-    )
+        "report", digits_run, "digits:test", "-o", out, "--probe", probe, "--max-images", 300, "--steps", 40,
+        "--precision", "float32", "--quiet",
+    )  # fmt: skip
     return out, proc
 
 
@@ -103,7 +104,7 @@ def test_report_is_one_self_contained_file(report):
     assert "Not shown" not in page  # digits with labels and a probe: every section
     for fragment in ("stage1.conv1", "bottleneck", "PSNR (dB)", "training time", "digits:test", "logreg"):
         assert fragment in page
-    assert re.search(r"Made .* by convae \S+ on cpu in \d+\.\d s", page)
+    assert re.search(r"Made .* by convae \S+ on cpu \(precision float32\) in \d+\.\d s", page)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it: apt-get install chromium)")

@@ -451,6 +451,7 @@ view_options = [
     click.option("--steps", type=click.IntRange(1, VIEW_STEPS_MAX), default=128, show_default=True, help="Gradient steps of activation maximization."),
     click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Seed of the image sample, t-SNE and activation maximization (0 to 2**32-1: numpy's range)."),
     click.option("--device", default="cpu", show_default=True, help="cpu, auto, cuda or cuda:N."),
+    click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: the hierarchical models' products in bf16 where the device computes it natively, as `extract` does; float32: every product fp32."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
 ]  # fmt: skip
 
@@ -504,6 +505,7 @@ def show(
     steps,
     seed,
     device,
+    precision,
     quiet,
 ):
     """Render one view of a trained model as a PNG.
@@ -536,6 +538,7 @@ def show(
         max_images=max_images,
         steps=steps,
         seed=seed,
+        precision=precision,
         progress=not quiet,
     )
     convae.views.save_figure(fig, output)
@@ -572,6 +575,7 @@ def report(
     steps,
     seed,
     device,
+    precision,
     quiet,
 ):
     """A self-contained HTML report: model card and every view, images inline, nothing fetched.
@@ -593,6 +597,7 @@ def report(
         maximize_steps=steps,
         seed=seed,
         device=device,
+        precision=precision,
         progress=not quiet,
     )
     missing = f", {len(result.skipped)} not shown: {', '.join(result.skipped)}" if result.skipped else ""

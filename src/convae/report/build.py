@@ -25,6 +25,7 @@ import markupsafe
 from .._io import atomic_write_text
 from .._version import __version__
 from ..errors import ConfigError
+from ..features.plan import check_precision
 from ..progress import progress_bar
 from ..run import load_model, read_history
 from ..tensors import resolve_device
@@ -105,12 +106,14 @@ def build_report(
     maximize_steps: int = 128,
     seed: int = 0,
     device: str = "cpu",
+    precision: str = "auto",
     progress: bool = False,
 ) -> tuple[str, list[Section], float]:
     """The report's HTML for the run in `run_dir` on `data` (an ImageData of the run's image shape).
 
     `probe`: a `convae probe` results.json (or its rows). Patches, maximize channels and the
     embedding use at most `max_images` images, drawn with `seed`; t-SNE at most `tsne_points`.
+    `precision`: "auto" or "float32", as for :func:`convae.views.render_view`.
     Returns (html, sections, seconds it took).
     """
     t_start = time.perf_counter()
@@ -138,6 +141,7 @@ def build_report(
         seed=seed,
         tsne_points=tsne_points,
         progress=progress,
+        precision=check_precision(precision),
     )
     sections = _sections(ctx, config, progress)
     seconds = time.perf_counter() - t_start
@@ -152,6 +156,7 @@ def build_report(
         made=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         version=__version__,
         device=str(next(model.parameters()).device),
+        precision=ctx.precision,
         seconds=seconds,
         notices=_notices(ctx, name),
         sections=sections,

@@ -17,7 +17,8 @@ import torch
 from matplotlib.figure import Figure
 
 from ..errors import ConfigError
-from ..tensors import device_of, to_float_nchw
+from ..features.plan import check_precision
+from ..tensors import allow_bf16, device_of, to_float_nchw
 from . import VIEWS
 from .common import ViewNotApplicable, check_images, hierarchy_layers, sample_indices, view_layers
 from .depth import depth_figure, depth_rows
@@ -63,6 +64,9 @@ class ViewContext:
     tsne_points: int = 2000
     progress: bool = False
     title: str = ""
+    # "auto": the hierarchical models' products in bf16 where the device computes it natively, as
+    # extraction does; "float32": every product fp32 (a figure to compare with an fp32 run's)
+    precision: str = "auto"
     picks: dict[str, list[int]] = field(default_factory=dict)  # layer -> channels shown (patches, maximize)
     _sample: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -317,7 +321,8 @@ def draw(name: str, ctx: ViewContext) -> Shown:
         )
     if ctx.data is not None:
         check_images(ctx.model, ctx.data.images, getattr(ctx.data, "name", "data"))
-    return view.draw(ctx)
+    with allow_bf16(check_precision(ctx.precision) == "auto"):
+        return view.draw(ctx)
 
 
 def render_view(view: str, model, **options) -> Figure:
@@ -332,7 +337,7 @@ def render_view(view: str, model, **options) -> Figure:
     **options
         :class:`ViewContext`'s fields: data (an ImageData of the model's image shape), history,
         probe_rows, layers, channels, top_k, count, indices, max_images, steps, seed, progress,
-        title.
+        title, precision ("auto" or "float32", as for :class:`convae.FeatureExtractor`).
 
     Returns
     -------
