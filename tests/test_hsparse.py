@@ -18,6 +18,8 @@ from convae.features import FeatureExtractor
 from convae.models import ModelConfig, build_model, code_size, hsparse, patches
 from convae.models.base import TrainStep
 from convae.probe import calibrate, run_probe
+from convae.report import card as report_card
+from convae.report.build import build_report
 from convae.tensors import native_bf16
 from convae.train import fit
 from convae.views import render_view
@@ -319,7 +321,7 @@ def test_the_second_stage_adds_to_the_first_and_training_beats_random_weights(ci
     assert acc["stage1+stage2/grid2"] > acc["random/stage1+stage2/grid2"]
 
 
-def test_cli_fit_and_views(cifar, tmp_path):
+def test_cli_fit_and_views(cifar, tmp_path, monkeypatch):
     data = tmp_path / "images.npy"
     np.save(data, cifar[0][:800])
     run = tmp_path / "run"
@@ -343,3 +345,12 @@ def test_cli_fit_and_views(cifar, tmp_path):
     model, _ = rundir.load_model(run)
     want = FeatureExtractor(model, "stage1,stage2", "grid2", precision="float32").transform(cifar[0][:800])
     np.testing.assert_allclose(np.load(out), want, rtol=1e-4, atol=1e-5)
+    # the report's precision reaches its model card's reconstruction metrics, computed outside any view
+    seen, evaluate = [], report_card.evaluate
+    monkeypatch.setattr(tensors, "native_bf16", lambda device: True)
+    monkeypatch.setattr(
+        report_card, "evaluate", lambda *a, **k: seen.append(tensors.bf16_products(a[3])) or evaluate(*a, **k)
+    )
+    sample = ImageData(cifar[0][:48], cifar[1][:48], None, "cifar")
+    page, _, _ = build_report(run, sample, max_images=48, tsne_points=24, maximize_steps=1, precision="float32")
+    assert seen == [False] and "(precision float32)" in page

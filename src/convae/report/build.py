@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..features.plan import check_precision
 from ..progress import progress_bar
 from ..run import load_model, read_history
-from ..tensors import resolve_device
+from ..tensors import allow_bf16, resolve_device
 from ..views import REGISTRY, ViewContext, ViewNotApplicable, check_images, draw, figure_png, load_probe_results
 from .card import model_card
 
@@ -143,7 +143,8 @@ def build_report(
         progress=progress,
         precision=check_precision(precision),
     )
-    sections = _sections(ctx, config, progress)
+    with allow_bf16(ctx.precision == "auto"):  # the card's reconstruction metrics too, not only the views
+        sections = _sections(ctx, config, progress)
     seconds = time.perf_counter() - t_start
     page = _ENV.get_template("report.html").render(
         # Our own constants, not user text: escaping would break the policy and the CSS.
