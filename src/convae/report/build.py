@@ -121,9 +121,7 @@ def build_report(
         ("--max-images", max_images), ("--top-channels", channels), ("--top-k", top_k), ("--steps", maximize_steps),
         ("--tsne-points", tsne_points),
     )  # fmt: skip
-    for option, value in limits:
-        if value < 1:
-            raise ConfigError(f"{option} must be at least 1, got {value}")
+    _check_limits(limits)
     probe_rows = load_probe_results(probe) if isinstance(probe, (str, Path)) else (list(probe) if probe else None)
     model, config = load_model(run_dir)
     model = model.to(resolve_device(device))
@@ -146,24 +144,36 @@ def build_report(
     with allow_bf16(ctx.precision == "auto"):  # the card's reconstruction metrics too, not only the views
         sections = _sections(ctx, config, progress)
     seconds = time.perf_counter() - t_start
-    page = _ENV.get_template("report.html").render(
+    return _page(run_dir, ctx, sections, seconds), sections, seconds
+
+
+def _check_limits(limits) -> None:
+    """Each (option, value) at least 1, else a ConfigError naming the option."""
+    for option, value in limits:
+        if value < 1:
+            raise ConfigError(f"{option} must be at least 1, got {value}")
+
+
+def _page(run_dir: str | Path, ctx: ViewContext, sections: list[Section], seconds: float) -> str:
+    """The report's HTML: its header (run, data, when, where, precision), notices and sections."""
+    name = getattr(ctx.data, "name", "data")
+    return _ENV.get_template("report.html").render(
         # Our own constants, not user text: escaping would break the policy and the CSS.
         csp=markupsafe.Markup(CSP),
         style=markupsafe.Markup(STYLE),
         title=f"convae report: {Path(run_dir).name}",
         run_dir=str(run_dir),
         data_name=name,
-        n_images=len(data.images),
+        n_images=len(ctx.data.images),
         made=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         version=__version__,
-        device=str(next(model.parameters()).device),
+        device=str(next(ctx.model.parameters()).device),
         precision=ctx.precision,
         seconds=seconds,
         notices=_notices(ctx, name),
         sections=sections,
         fmt=fmt,
     )
-    return page, sections, seconds
 
 
 def _sections(ctx: ViewContext, config, progress: bool) -> list[Section]:
