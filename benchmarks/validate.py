@@ -69,7 +69,7 @@ def _measured(est, train, val, name: str, options: dict, probe: dict, skip: froz
     """(row name, its options as the candidate gives them, seconds, rows) of one probe (`probe`:
     the run_probe options), or of each of its max_iter values."""
     import convae
-    from convae.probe.driver import _evaluate  # no public call fits feature sets already extracted
+    from convae.probe import evaluate_feature_sets
 
     iters = probe.get("max_iter")
     if not isinstance(iters, list):
@@ -86,23 +86,17 @@ def _measured(est, train, val, name: str, options: dict, probe: dict, skip: froz
     extraction = time.perf_counter() - t0
     for m in todo:
         t0 = time.perf_counter()
-        rows = list(_evaluate(sets, train.labels, val.labels, parsed.replace(max_iter=m)))
+        rows = evaluate_feature_sets(sets, train.labels, val.labels, parsed.replace(max_iter=m))
         yield f"{name}@{m}", {**options, "max_iter": m}, extraction + time.perf_counter() - t0, rows
 
 
 def _feature_sets(est, train, val, probe: dict):
     """The probe's feature sets of the train and validation images, extracted once, as
-    ``convae.run_probe`` builds them (its internals: no public call stops before the fits)."""
-    from convae.features import FeatureExtractor
-    from convae.probe.driver import _Probe, column_order, layer_groups
-    from convae.probe.options import ProbeOptions
+    ``convae.run_probe`` builds them, with the options they were extracted under."""
+    from convae.probe import ProbeOptions, probe_feature_sets
 
     options = ProbeOptions(**{**probe, "max_iter": None})
-    groups = layer_groups(est.model_, options.layers)
-    extractor = FeatureExtractor(est.model_, column_order(groups), options.pool, keep_order=True)
-    return _Probe(extractor, groups, train.images, val.images, options, False).layer_sets(
-        extractor, groups, ""
-    ), options
+    return probe_feature_sets(est, train, val, options, device="cpu"), options
 
 
 def _probes(cand: dict) -> list[tuple[str, dict]]:

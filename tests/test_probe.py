@@ -20,13 +20,16 @@ from convae.probe import (
     COLUMNS,
     FeatureSet,
     LinearSVM,
+    ProbeOptions,
     Whitener,
     calibrate,
+    evaluate_feature_sets,
     evaluate_features,
     label_subsets,
     mirrored,
     predict_with_mirrors,
     probe_feature_files,
+    probe_feature_sets,
     run_probe,
     write_results,
 )
@@ -301,6 +304,24 @@ def test_flip_tta_scores_each_test_image_with_its_mirror_image(runs, digits):
     assert [(r["features"], r["augment"]) for r in rows] == [
         ("stage1/grid2", "flip"), ("stage1/grid2", "flip-tta"), ("pixels", "flip"), ("pixels", "flip-tta"),
     ]  # fmt: skip
+
+
+def test_feature_sets_extracted_once_fit_to_run_probes_rows(runs, digits):
+    """probe_feature_sets + evaluate_feature_sets: run_probe in two steps, so one extraction can
+    be fitted several ways (benchmarks/validate.py chooses the iteration cap so)."""
+    conv, _ = runs
+    options = ProbeOptions(layers="stage1,stage1+stage2", pool="grid2", baselines="none", augment="flip")
+    sets = probe_feature_sets(conv, *digits, options)
+    assert [s.name for s in sets] == ["stage1/grid2", "stage1+stage2/grid2"]
+    assert all(s.mirrored and len(s.train) == 2 * len(digits[0]) for s in sets)
+    rows = evaluate_feature_sets(sets, digits[0].labels, digits[1].labels, options)
+    same = ("features", "dim", "augment", "accuracy", "macro_f1")  # all but the seconds
+    assert [{k: r[k] for k in same} for r in rows] == [
+        {k: r[k] for k in same} for r in run_probe(conv, *digits, options)
+    ]
+    fewer = evaluate_feature_sets(sets, digits[0].labels, digits[1].labels, options.replace(max_iter=1))
+    assert [r["features"] for r in fewer] == [r["features"] for r in rows]
+    assert any(f["accuracy"] != r["accuracy"] for f, r in zip(fewer, rows))
 
 
 def test_pca_with_the_dimension_of_the_bottleneck_is_expressible(runs, digits):

@@ -4,6 +4,7 @@
     classifiers.py   the classifiers by name; LinearSVM and Whitener for wide features
     evaluate.py      fit and score one feature set: rows averaged over label subsets
     driver.py        run_probe: the run's features and its baselines, one source at a time;
+                     probe_feature_sets / evaluate_feature_sets: the same in two steps;
                      run_probe_on: one labelled dataset, held out or in K folds (split.py)
     split.py         stratified hold-out and K-fold splits; fold rows averaged
     output.py        results.json and its Markdown copy
@@ -30,9 +31,11 @@ if TYPE_CHECKING:
         MirroredImages,
         calibrate,
         check_layers,
+        evaluate_feature_sets,
         layer_groups,
         mirrored,
         probe_feature_files,
+        probe_feature_sets,
         run_probe,
         run_probe_on,
     )
@@ -65,6 +68,7 @@ __all__ = [
     "aggregate_folds",
     "calibrate",
     "check_layers",
+    "evaluate_feature_sets",
     "evaluate_features",
     "label_subsets",
     "layer_groups",
@@ -76,6 +80,7 @@ __all__ = [
     "parse_list",
     "predict_with_mirrors",
     "probe_feature_files",
+    "probe_feature_sets",
     "probe_splits",
     "run_probe",
     "run_probe_on",
@@ -92,9 +97,11 @@ _EXPORTS = {
     "MirroredImages": ".driver",
     "calibrate": ".driver",
     "check_layers": ".driver",
+    "evaluate_feature_sets": ".driver",
     "layer_groups": ".driver",
     "mirrored": ".driver",
     "probe_feature_files": ".driver",
+    "probe_feature_sets": ".driver",
     "run_probe": ".driver",
     "run_probe_on": ".driver",
     "aggregate_folds": ".split",

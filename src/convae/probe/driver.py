@@ -259,6 +259,26 @@ def run_probe(
     ...                  labels_per_class=[10, "all"], normalize="whiten")
     """
     options = ProbeOptions(**settings) if options is None else options.replace(**settings)
+    probe, model, y_train, y_test = _prepared(run, train, test, options, device, batch_size, progress)
+    sources = probe.sources(model, compare, random_seed, device, batch_size)
+    with allow_bf16(options.precision == "auto"):  # the whitening's covariance, the random net's statistics
+        return probe.evaluate(sources, y_train, y_test)
+
+
+def probe_feature_sets(
+    run, train, test, options: ProbeOptions | None = None, *, device: str = "auto", batch_size: int | None = None,
+    progress: bool = False, **settings,
+) -> list[FeatureSet]:  # fmt: skip
+    """The feature sets of `run` that :func:`run_probe` fits (its own layers, no baselines),
+    extracted once, to be fitted with :func:`evaluate_feature_sets` as often as wanted (e.g. once
+    per iteration cap, as ``benchmarks/validate.py`` chooses it). Arguments as :func:`run_probe`'s."""
+    options = ProbeOptions(**settings) if options is None else options.replace(**settings)
+    probe, *_ = _prepared(run, train, test, options, device, batch_size, progress)
+    return probe.layer_sets(probe.extractor, probe.groups, "")
+
+
+def _prepared(run, train, test, options: ProbeOptions, device, batch_size, progress: bool):
+    """(the probe of `run`'s layers, its model, the train labels, the test labels), the images checked."""
     train_images, y_train = _images_labels(train, "train")
     test_images, y_test = _images_labels(test, "test")
     model, _ = _model_of(run)
@@ -267,10 +287,7 @@ def run_probe(
                                  keep_order=True, precision=options.precision)  # fmt: skip
     for name, images in (("train", train_images), ("test", test_images)):
         extractor.check_images(images, f"{name} images")
-    probe = _Probe(extractor, groups, train_images, test_images, options, progress)
-    sources = probe.sources(model, compare, random_seed, device, batch_size)
-    with allow_bf16(options.precision == "auto"):  # the whitening's covariance, the random net's statistics
-        return probe.evaluate(sources, y_train, y_test)
+    return _Probe(extractor, groups, train_images, test_images, options, progress), model, y_train, y_test
 
 
 class _Probe:
@@ -342,7 +359,7 @@ class _Probe:
             for sets in sources:
                 bar.total += fits_per_set * len(sets)
                 bar.refresh()
-                rows += _evaluate(sets, y_train, y_test, o, on_fit=lambda: bar.update(1),
+                rows += evaluate_feature_sets(sets, y_train, y_test, o, on_fit=lambda: bar.update(1),
                                   device=self.extractor.device.type)  # fmt: skip
         finally:
             bar.close()
@@ -368,8 +385,7 @@ def probe_feature_files(train_path, test_path, options: ProbeOptions | None = No
     # The files' own arrays (a memmap of a single .npy): the streaming classifiers read float16 or
     # float32 in place, so the probe makes no copy of them.
     xtr, xte = (x if x.dtype in (np.float16, np.float32) else np.asarray(x, dtype=np.float32) for x in (xtr, xte))
-    with allow_bf16(o.precision == "auto"):  # the whitening's covariance
-        return list(_evaluate([FeatureSet(name, xtr, xte)], ytr, yte, o))
+    return evaluate_feature_sets([FeatureSet(name, xtr, xte)], ytr, yte, o)
 
 
 # Rows checked a chunk at a time, so a check of a memory-mapped file costs no copy of it.
@@ -394,12 +410,15 @@ def check_probe_features(path, x: np.ndarray, y: np.ndarray | None) -> None:
             raise ConfigError(f"{path}: row {row} holds NaN or infinite values; extract it again or drop it")
 
 
-def _evaluate(sets: list[FeatureSet], y_train, y_test, o: ProbeOptions, **extra) -> Iterator[dict]:
-    """evaluate_features with the options' classifiers, label subsets and fit settings."""
-    return evaluate_features(
-        sets, y_train, y_test, classifiers=o.classifiers, labels_per_class=o.labels_per_class, seeds=o.seeds,
-        normalize=o.normalize, c_scale=o.c_scale, max_iter=o.max_iter, **extra,
-    )  # fmt: skip
+def evaluate_feature_sets(sets: list[FeatureSet], y_train, y_test, o: ProbeOptions, **extra) -> list[dict]:
+    """:func:`evaluate_features` with the options' classifiers, label subsets, fit settings and
+    precision (the whitening's covariance in bf16 only under "auto"): the rows :func:`run_probe`
+    gives for these sets. `extra`: ``on_fit``, ``device``."""
+    with allow_bf16(o.precision == "auto"):
+        return list(evaluate_features(
+            sets, y_train, y_test, classifiers=o.classifiers, labels_per_class=o.labels_per_class, seeds=o.seeds,
+            normalize=o.normalize, c_scale=o.c_scale, max_iter=o.max_iter, **extra,
+        ))  # fmt: skip
 
 
 def run_probe_on(run, data, options: ProbeOptions, **kwargs) -> list[dict]:
