@@ -206,10 +206,11 @@ def test_cli_fit_and_probe_with_the_cifar10_patch_preset(tmp_path, shared_datase
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         document = json.loads(out.read_text())
-        return [dict(r, c_scale=document["c_scale"], max_iter=document["max_iter"]) for r in document["rows"]]
+        settings = {k: document[k] for k in ("c_scale", "max_iter", "dtype")}
+        return [dict(r, **settings) for r in document["rows"]]
 
     rows = probe()
-    assert (rows[0]["c_scale"], rows[0]["max_iter"]) == (4.0, 1000)  # the preset's
+    assert (rows[0]["c_scale"], rows[0]["max_iter"], rows[0]["dtype"]) == (4.0, 1000, "float16")  # the preset's
     assert [(r["features"], r["augment"], r["dim"]) for r in rows] == [
         ("conv1.split/grid2", "flip", 2 * 16 * 4),  # the same classifier on the test images alone
         ("conv1.split/grid2", "flip-tta", 2 * 16 * 4),
