@@ -79,70 +79,77 @@ def top_patches(
     device = device_of(model)
     n = len(images)
     k = max(1, min(k, n))
-    state = {}
+    tops: dict[str, _TopUnits] = {}
     masks = {layer: _interior_mask(model, layer) if interior else None for layer in layers}
     bar = make_bar(progress, n, desc="patches", leave=False)
     try:
         for start, batch in image_batches(images, np.arange(n), batch_size):
             outs = model.forward_intermediates(to_float_nchw(batch, device), layers)
             for layer in layers:
-                a = outs[layer].float()
-                if a.ndim == 2:
-                    a = a[:, :, None, None]  # vector units: one "position"
-                b, c, h, w = a.shape
-                flat = a.flatten(2)  # (B, C, h*w)
-                if masks[layer] is not None:
-                    flat = flat.masked_fill(~masks[layer].to(flat.device), -math.inf)
-                best, pos = flat.max(2)  # each image's strongest unit per channel
-                s = state.get(layer)
-                if s is None:
-                    s = state[layer] = dict(
-                        sum=torch.zeros(c, dtype=torch.float64),
-                        sq=torch.zeros(c, dtype=torch.float64),
-                        count=0,
-                        val=torch.full((c, 0), -math.inf),
-                        idx=torch.zeros((c, 0), dtype=torch.long),
-                        pos=torch.zeros((c, 0), dtype=torch.long),
-                        w=w,
-                        spatial=outs[layer].ndim == 4,
-                    )
-                s["sum"] += a.double().sum((0, 2, 3)).cpu()
-                s["sq"] += a.double().pow(2).sum((0, 2, 3)).cpu()
-                s["count"] += b * h * w
-                ids = torch.arange(start, start + b).expand(c, b)
-                val = torch.cat([s["val"], best.T.cpu()], 1)
-                idx = torch.cat([s["idx"], ids], 1)
-                ps = torch.cat([s["pos"], pos.T.cpu()], 1)
-                keep = val.topk(min(k, val.shape[1]), dim=1).indices
-                s["val"], s["idx"], s["pos"] = val.gather(1, keep), idx.gather(1, keep), ps.gather(1, keep)
+                maps, best, pos = _strongest_units(outs[layer], masks[layer])
+                if layer not in tops:
+                    tops[layer] = _TopUnits(maps.shape[1], k, maps.shape[3], spatial=outs[layer].ndim == 4)
+                tops[layer].update(maps, best, pos, start)
             bar.update(len(batch))
     finally:
         bar.close()
+    return [tops[layer].patches(model, layer, channels) for layer in layers]
 
-    result = []
-    for layer in layers:
-        s, info = state[layer], model.layer_info(layer)
-        mean = (s["sum"] / s["count"]).numpy()
-        var = np.maximum((s["sq"] / s["count"]).numpy() - mean**2, 0)
+
+def _strongest_units(out: torch.Tensor, mask: torch.Tensor | None):
+    """(the maps as (B, C, h, w) float, each image's strongest unit per channel: its value and
+    flat position), units outside `mask` left out."""
+    maps = out.float()
+    if maps.ndim == 2:
+        maps = maps[:, :, None, None]  # vector units: one "position"
+    flat = maps.flatten(2)  # (B, C, h*w)
+    if mask is not None:
+        flat = flat.masked_fill(~mask.to(flat.device), -math.inf)
+    best, pos = flat.max(2)
+    return maps, best, pos
+
+
+class _TopUnits:
+    """One layer over the images seen so far: each channel's mean and variance over all its units,
+    and the `k` images whose strongest unit fires most (value, image index, flat position)."""
+
+    def __init__(self, channels: int, k: int, width: int, spatial: bool):
+        self.k, self.width, self.spatial = k, width, spatial
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.sq = torch.zeros(channels, dtype=torch.float64)
+        self.count = 0
+        self.val = torch.full((channels, 0), -math.inf)
+        self.idx = torch.zeros((channels, 0), dtype=torch.long)
+        self.pos = torch.zeros((channels, 0), dtype=torch.long)
+
+    def update(self, maps: torch.Tensor, best: torch.Tensor, pos: torch.Tensor, start: int) -> None:
+        """Add a batch (images `start`, `start` + 1, ...): its maps, and :func:`_strongest_units`."""
+        b, c, h, w = maps.shape
+        self.sum += maps.double().sum((0, 2, 3)).cpu()
+        self.sq += maps.double().pow(2).sum((0, 2, 3)).cpu()
+        self.count += b * h * w
+        val = torch.cat([self.val, best.T.cpu()], 1)
+        idx = torch.cat([self.idx, torch.arange(start, start + b).expand(c, b)], 1)
+        ps = torch.cat([self.pos, pos.T.cpu()], 1)
+        keep = val.topk(min(self.k, val.shape[1]), dim=1).indices
+        self.val, self.idx, self.pos = val.gather(1, keep), idx.gather(1, keep), ps.gather(1, keep)
+
+    def patches(self, model: nn.Module, layer: str, channels: int) -> LayerPatches:
+        """The layer's `channels` most variable channels, each with its top images' patches."""
+        mean = (self.sum / self.count).numpy()
+        var = np.maximum((self.sq / self.count).numpy() - mean**2, 0)
+        info = model.layer_info(layer)
         chosen = [int(c) for c in np.argsort(-var, kind="stable")[:channels]]
-        lp = LayerPatches(
-            layer=layer,
-            receptive_field=int(info["receptive_field"]),
-            stride=info["reduction"],
-            spatial=s["spatial"],
-            variance=var,
-            mean=mean,
-            channels=chosen,
-        )
+        out = LayerPatches(layer=layer, receptive_field=int(info["receptive_field"]), stride=info["reduction"],
+                           spatial=self.spatial, variance=var, mean=mean, channels=chosen)  # fmt: skip
         for c in chosen:
             row = []
-            for v, i, p in zip(s["val"][c].tolist(), s["idx"][c].tolist(), s["pos"][c].tolist()):
-                y, x = divmod(int(p), s["w"])
-                box = model.receptive_box(layer, y, x) if s["spatial"] else model.receptive_box(layer)
+            for v, i, p in zip(self.val[c].tolist(), self.idx[c].tolist(), self.pos[c].tolist()):
+                y, x = divmod(int(p), self.width)
+                box = model.receptive_box(layer, y, x) if self.spatial else model.receptive_box(layer)
                 row.append(Patch(index=int(i), y=y, x=x, activation=float(v), box=tuple(int(b) for b in box)))
-            lp.patches.append(row)
-        result.append(lp)
-    return result
+            out.patches.append(row)
+        return out
 
 
 def _interior_mask(model: nn.Module, layer: str) -> torch.Tensor | None:
