@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/linear_probe.py [--rows 100000 --dims 12800 --dtype float16]
         [--passes 5] [--fit-max-iter 20] [--compare-rows 10000 --compare-dims 2048] [--quick]
+    .venv/bin/python benchmarks/linear_probe.py --basis 22400 [--classes 10]
 
 Measures on this machine, in one run, and prints Markdown tables:
 - the memory bandwidth: a numpy copy of a 1 GiB array (best of 3), reported as bytes copied per
@@ -25,6 +26,11 @@ Measures on this machine, in one run, and prints Markdown tables:
   classifier on the same array in memory and on a float16 memmap of it, each in a fresh
   process: fit time, iterations, time per iteration, peak RSS, held-out accuracy, and the
   objective ``C * sum(cross-entropy) + ||W||^2 / 2`` reached (W on standardized features).
+
+`--basis DIMS` times, instead, what a whitened fit adds to each pass: the weights and the
+gradient multiplied by the inverse Cholesky factor R (DIMS x DIMS, upper triangular), as the
+module's full numpy product and as BLAS trmm (which reads R's triangle alone), side by side,
+best of 5 each.
 """
 
 from __future__ import annotations
@@ -227,6 +233,40 @@ def gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:.2f}"
 
 
+def basis_products(dims: int, classes: int, repeat: int = 5) -> str:
+    """A Markdown table: the whitened basis' two products a pass (W @ R.T, G @ R), numpy's full
+    product (convae.probe.linear's) against trmm, timed in turn (best of `repeat`), with the
+    largest difference."""
+    from scipy.linalg.blas import strmm
+
+    rng = np.random.default_rng(0)
+    R = np.zeros((dims, dims), dtype=np.float32, order="F")
+    for j in range(0, dims, 2048):  # filled a block of columns at a time: bounded temporaries
+        R[:, j : j + 2048] = np.triu(rng.standard_normal((dims, min(2048, dims - j)), dtype=np.float32), k=-j)
+    W = rng.standard_normal((classes, dims))
+    ways = {
+        "full product (numpy)": lambda: (W.astype(np.float32) @ R.T, W.astype(np.float32) @ R),
+        "trmm (scipy, R's triangle alone)": lambda: (
+            strmm(1.0, R, W.astype(np.float32).T, side=0, trans_a=0, lower=0).T,  # (R @ W.T).T
+            strmm(1.0, R, W.astype(np.float32).T, side=0, trans_a=1, lower=0).T,
+        ),
+    }
+    best = dict.fromkeys(ways, float("inf"))
+    outs = {name: f() for name, f in ways.items()}  # warm-up, and the results compared
+    for _ in range(repeat):
+        for name, f in ways.items():
+            t = time.perf_counter()
+            f()
+            best[name] = min(best[name], time.perf_counter() - t)
+    (full, *_), (tri, *_) = outs.values()
+    diff = float(np.abs(full - tri).max() / np.abs(full).max())
+    first = next(iter(best.values()))
+    lines = [f"Whitened basis, {dims:,} columns, {classes} classes (max relative difference {diff:.1e}):\n",
+             "| products a pass | ms | vs the full product |", "|---|---:|---:|"]  # fmt: skip
+    lines += [f"| {name} | {s * 1e3:.0f} | {s / first:.2f}x |" for name, s in best.items()]
+    return "\n".join(lines)
+
+
 def pass_table(bw: float, results: list[dict]) -> str:
     lines = [
         "| rows read from | threads | chunk rows | GB read / pass | copy of those bytes beside it (s) "
@@ -316,10 +356,14 @@ def main(argv=None) -> None:
     p.add_argument("--skip-sklearn", action="store_true")
     p.add_argument("--quick", action="store_true", help="a small run: 20,000 x 2,048, 3 passes, 10 iterations")
     p.add_argument("--tmp", default=None, help="folder for the temporary .npy files (default: the system's)")
+    p.add_argument("--basis", type=int, default=0, help="DIMS: time the whitened basis' products alone")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.basis:
+        print(basis_products(args.basis, args.classes))
         return
     if args.quick:
         args.rows, args.dims, args.passes, args.fit_max_iter = 20_000, 2048, 3, 10
