@@ -28,9 +28,9 @@ Measures on this machine, in one run, and prints Markdown tables:
   objective ``C * sum(cross-entropy) + ||W||^2 / 2`` reached (W on standardized features).
 
 `--basis DIMS` times, instead, what a whitened fit adds to each pass: the weights and the
-gradient multiplied by the inverse Cholesky factor R (DIMS x DIMS, upper triangular), as the
-module's full numpy product and as BLAS trmm (which reads R's triangle alone), side by side,
-best of 5 each.
+gradient multiplied by the inverse Cholesky factor R (DIMS x DIMS, upper triangular), as numpy's
+full product (on one BLAS thread and on all), as BLAS trmm (which reads R's triangle alone) and
+as the module's blocks of R's triangle shared out to threads, side by side, best of 5 each.
 """
 
 from __future__ import annotations
@@ -235,21 +235,35 @@ def gb(nbytes: float) -> str:
 
 def basis_products(dims: int, classes: int, repeat: int = 5) -> str:
     """A Markdown table: the whitened basis' two products a pass (W @ R.T, G @ R), numpy's full
-    product (convae.probe.linear's) against trmm, timed in turn (best of `repeat`), with the
-    largest difference."""
+    product on one BLAS thread (what L-BFGS's loop allows, the probe before 2026-12-07) and on all,
+    trmm, and convae's blocks over R's triangle on torch's threads, timed in turn (best of
+    `repeat`), with the largest difference from the full product."""
+    import torch
     from scipy.linalg.blas import strmm
+    from threadpoolctl import threadpool_limits
+
+    from convae.probe import linear as _linear
 
     rng = np.random.default_rng(0)
     R = np.zeros((dims, dims), dtype=np.float32, order="F")
     for j in range(0, dims, 2048):  # filled a block of columns at a time: bounded temporaries
         R[:, j : j + 2048] = np.triu(rng.standard_normal((dims, min(2048, dims - j)), dtype=np.float32), k=-j)
     W = rng.standard_normal((classes, dims))
+    threads = torch.get_num_threads()
+    basis = _linear._Basis(np.zeros(dims), np.ones(dims), R, 1.0, n_threads=threads)
+
+    def full(blas_threads):
+        with threadpool_limits(limits=blas_threads, user_api="blas"):
+            return W.astype(np.float32) @ R.T, W.astype(np.float32) @ R
+
     ways = {
-        "full product (numpy)": lambda: (W.astype(np.float32) @ R.T, W.astype(np.float32) @ R),
+        "full product (numpy), 1 BLAS thread": lambda: full(1),
+        f"full product (numpy), {threads} BLAS threads": lambda: full(threads),
         "trmm (scipy, R's triangle alone)": lambda: (
             strmm(1.0, R, W.astype(np.float32).T, side=0, trans_a=0, lower=0).T,  # (R @ W.T).T
             strmm(1.0, R, W.astype(np.float32).T, side=0, trans_a=1, lower=0).T,
         ),
+        f"blocks of R's triangle on {threads} threads (convae's)": lambda: (basis.weights(W), basis.gradient(W)),
     }
     best = dict.fromkeys(ways, float("inf"))
     outs = {name: f() for name, f in ways.items()}  # warm-up, and the results compared
@@ -258,11 +272,13 @@ def basis_products(dims: int, classes: int, repeat: int = 5) -> str:
             t = time.perf_counter()
             f()
             best[name] = min(best[name], time.perf_counter() - t)
-    full, tri = outs.values()
-    diff = max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(full, tri))  # both products
+    reference = next(iter(outs.values()))
+    diff = max(  # both products of every way
+        float(np.abs(a - b).max() / np.abs(a).max()) for out in outs.values() for a, b in zip(reference, out)
+    )
     first = next(iter(best.values()))
     lines = [f"Whitened basis, {dims:,} columns, {classes} classes (max relative difference {diff:.1e}):\n",
-             "| products a pass | ms | vs the full product |", "|---|---:|---:|"]  # fmt: skip
+             "| products a pass | ms | vs the first |", "|---|---:|---:|"]  # fmt: skip
     lines += [f"| {name} | {s * 1e3:.0f} | {s / first:.2f}x |" for name, s in best.items()]
     return "\n".join(lines)
 

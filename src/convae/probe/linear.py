@@ -81,6 +81,11 @@ _BF16_TILE_COLUMNS = 1600  # 1,600-2,400 within 10% of each other (9,600 columns
 # a whitened probe of 28,800 features took its process down). MKL's, through torch, factors in
 # place too, 1.15x slower (9,600 and 26,000 columns: benchmarks/cholesky.py): only wider matrices take it.
 _OPENBLAS_CHOLESKY_COLUMNS = 24_576
+# columns of R a block of the whitened fit's products reads. Both products of a pass at 22,400
+# columns: 829 ms as numpy's full products on one BLAS thread (L-BFGS's loop runs with one), 436
+# ms on two; over the triangle in blocks on 2 threads, 176 ms at 256 columns, 199 at 512, 211 at
+# 1,024 (scratch benchmark, the AMD host, 2026-12-07)
+_BASIS_BLOCK_COLUMNS = 256
 _WHITEN_AUTO_ROWS = 20_000  # whiten_rows="auto": the covariance from this many rows (2 a column if more)
 
 
@@ -115,6 +120,17 @@ def _torch_threads(n: int):
             torch.set_num_threads(before)
 
 
+def _one_threaded_pool(n_workers: int) -> ThreadPoolExecutor:
+    """Worker threads whose torch ops (MKL's products included) run on one thread each.
+
+    A new thread starts with OpenMP's default of one thread per core, whatever torch's setting:
+    MKL then splits a wide product of each worker over all cores (2 workers x 2 threads on 2
+    cores), and its sums, so its bits, depend on which thread called it. Call only where torch's
+    threads are set to 1 already (the initializer sets torch's global count too).
+    """
+    return ThreadPoolExecutor(n_workers, initializer=torch.set_num_threads, initargs=(1,))
+
+
 def _groups(n_rows: int, chunk_rows: int, n_groups: int) -> list[tuple[int, int]]:
     """`n_rows` cut into at most `n_groups` contiguous row ranges, each a whole number of chunks."""
     n_chunks = -(-n_rows // chunk_rows)
@@ -142,7 +158,7 @@ class _Rows:
         self.groups = _groups(self.n, self.chunk_rows, 1 if self.on_gpu else n_groups)
         self._local = threading.local()
         self._device_copy = self._upload() if self.on_gpu else None
-        self._pool = ThreadPoolExecutor(self.n_threads) if self.n_threads > 1 and len(self.groups) > 1 else None
+        self._pool = _one_threaded_pool(self.n_threads) if self.n_threads > 1 and len(self.groups) > 1 else None
 
     def close(self) -> None:
         if self._pool is not None:
@@ -262,20 +278,68 @@ class _Basis:
     linear model's solution, of :class:`convae.probe.Whitener`'s PCA whitening (its rows are
     these rotated), at a Cholesky's cost instead of an eigendecomposition's.
     ``weights(W)`` gives the weights on X; ``gradient(G)`` maps a gradient on X's weights back to W.
+
+    The products with R (upper triangular, its lower triangle zero, Fortran order) run as blocks of
+    columns over its triangle alone, shared out to `n_threads` threads: no BLAS call does that for a
+    k x d by d x d product (trmm reads the triangle but ran it on one core, 432 of 510 ms on 2 threads).
     """
 
-    def __init__(self, mean: np.ndarray, scale: np.ndarray, inverse_factor: np.ndarray | None = None, gain=1.0):
-        self.mean, self.scale, self.R, self.gain = mean, scale, inverse_factor, gain
+    def __init__(
+        self,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        inverse_factor: np.ndarray | None = None,
+        gain=1.0,
+        n_threads: int = 1,
+    ):
+        self.mean, self.scale, self.gain, self.n_threads = mean, scale, gain, max(1, n_threads)
+        # R.T: lower triangular and row-major, R's own memory; a block of its rows is contiguous
+        self.lower = None if inverse_factor is None else torch.from_numpy(np.ascontiguousarray(inverse_factor.T))
+        d, step = len(mean), _BASIS_BLOCK_COLUMNS
+        self.blocks = [(a, min(a + step, d)) for a in range(0, d, step)]
 
     def weights(self, W: np.ndarray) -> np.ndarray:
-        if self.R is None:
+        if self.lower is None:
             return W / self.scale
-        return (W.astype(np.float32) @ self.R.T).astype(np.float64) * (self.gain / self.scale)
+        W32 = torch.tensor(W, dtype=torch.float32)  # torch's aligned memory: MKL's bits depend on alignment
+        out = torch.empty_like(W32)
+
+        def block(a: int, b: int) -> None:  # out[:, a:b] = W @ R.T[:, a:b], R.T zero above its diagonal
+            torch.mm(W32[:, a:], self.lower[a:, a:b], out=out[:, a:b])
+
+        self._run(block, [len(self.mean) - a for a, _ in self.blocks])
+        return out.numpy().astype(np.float64) * (self.gain / self.scale)
 
     def gradient(self, G: np.ndarray) -> np.ndarray:
-        if self.R is None:
+        if self.lower is None:
             return G / self.scale
-        return ((G / self.scale).astype(np.float32) @ self.R).astype(np.float64) * self.gain
+        G32 = torch.tensor(G / self.scale, dtype=torch.float32)
+        out = torch.empty_like(G32)
+
+        def block(a: int, b: int) -> None:  # out[:, a:b] = G @ R[:, a:b], R zero below its diagonal
+            torch.mm(G32[:, :b], self.lower[a:b, :b].T, out=out[:, a:b])
+
+        self._run(block, [b for _, b in self.blocks])
+        return out.numpy().astype(np.float64) * self.gain
+
+    def _run(self, block, costs: list[int]) -> None:
+        """`block(a, b)` for every block, dealt to the threads by cost (largest first, to the least loaded)."""
+        shares: list[list[tuple[int, int]]] = [[] for _ in range(self.n_threads)]
+        loads = [0] * self.n_threads
+        for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+            t = loads.index(min(loads))
+            shares[t].append(self.blocks[i])
+            loads[t] += costs[i]
+
+        def work(share: list[tuple[int, int]]) -> None:
+            for a, b in share:
+                block(a, b)
+
+        if self.n_threads == 1:
+            work(shares[0])
+            return
+        with _torch_threads(1), _one_threaded_pool(self.n_threads) as pool:
+            list(pool.map(work, shares))
 
 
 def _covariance_rows(n: int, d: int, whiten_rows) -> np.ndarray | None:
@@ -312,7 +376,8 @@ def _whitened_basis(rows: _Rows, mean: np.ndarray, scale: np.ndarray, eps: float
     # mean variance of the whitened axes: mean of eigenvalue / (eigenvalue + floor) = 1 - floor tr((cov + floor)^-1) / d
     squares = sum(float(np.square(inverse[:, j : j + 256], dtype=np.float64).sum()) for j in range(0, rows.d, 256))
     variance = 1.0 - floor * squares / rows.d
-    return _Basis(mean, scale, inverse, 1.0 / np.sqrt(max(variance, np.finfo(np.float64).tiny)))
+    gain = 1.0 / np.sqrt(max(variance, np.finfo(np.float64).tiny))
+    return _Basis(mean, scale, inverse, gain, n_threads=rows.n_threads)
 
 
 def _upper_cholesky(cov: np.ndarray, n_threads: int) -> np.ndarray:
