@@ -233,6 +233,19 @@ def _standardized_rows(X: np.ndarray, tmp_path):
     return X16, rows, mean, linear._scale(mean, var, rows.n)
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_either_order_of_the_score_product_fits_the_same(mnist, one_thread, monkeypatch):
+    """The passes compute a chunk's scores k rows first or rows first, whichever this CPU runs
+    faster (timed once): both orders, forced, reach the same fit but for float32 rounding."""
+    Xtr, ytr, Xte, _ = mnist
+    assert isinstance(linear._k_rows_first(100, Xtr.shape[1], 10), bool)
+    fits = []
+    for order in (True, False):
+        monkeypatch.setattr(linear, "_k_rows_first", lambda *shape, order=order: order)
+        fits.append(StreamingLogisticRegression(C=0.1, max_iter=30, chunk_rows=100).fit(Xtr, ytr))
+    np.testing.assert_allclose(fits[0].decision_function(Xte), fits[1].decision_function(Xte), atol=3e-3)
+
+
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 def test_whitened_products_by_blocks_match_the_dense_products(mnist, one_thread, n_threads, tmp_path):
     """The whitening's products with its inverse factor R, by blocks of R's triangle shared out

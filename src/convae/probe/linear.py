@@ -36,7 +36,9 @@ fits in half the free GPU memory, else streamed through pinned buffers on every 
 
 from __future__ import annotations
 
+import functools
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -109,7 +111,7 @@ def _torch_view(X: np.ndarray) -> torch.Tensor | None:
 
 @contextmanager
 def _torch_threads(n: int):
-    """torch's intra-op threads set to `n` for the block (worker threads read it on first use)."""
+    """torch's intra-op threads set to `n` for the block (new worker threads: see _one_threaded_pool)."""
     before = torch.get_num_threads()
     if n != before:
         torch.set_num_threads(n)
@@ -479,6 +481,29 @@ def _chunk_loss(kind: str, scores: torch.Tensor, target: torch.Tensor, minus_one
     return loss, margin.mul_(signs).mul_(-2.0)
 
 
+@functools.cache
+def _k_rows_first(chunk_rows: int, d: int, k: int) -> bool:
+    """Whether this CPU computes a chunk's scores faster as ``(A @ x.T).T`` (the k-row side first)
+    than as ``x @ A.T``, timed once per shape and process on one thread (a few milliseconds).
+
+    Which is faster depends on the machine's BLAS kernels, by 2x either way (one thread, k = 10,
+    4 MiB chunks of 9,600-32,000 columns): k rows first 1.6-2x as fast on the AMD host without
+    AMX, x first 1.9-2.2x as fast on an Intel host with AMX (benchmarks/RESULTS.md). Both give the
+    same scores but for float32 rounding; one process always uses the same.
+    """
+    x, A = torch.randn(chunk_rows, d), torch.randn(k, d)
+    c = torch.zeros(k, 1)
+    ways = (lambda: torch.addmm(c, A, x.T), lambda: torch.addmm(c.T, x, A.T))
+    best = [float("inf")] * 2
+    with _torch_threads(1):
+        for _ in range(3):  # interleaved: a busy moment slows both alike
+            for i, way in enumerate(ways):
+                start = time.perf_counter()
+                way()
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best[0] <= best[1]
+
+
 class _Objective:
     """``mean loss + ||W||^2 / (2 C n)`` of a linear model on standardized (whitened) X, and its gradient.
 
@@ -495,6 +520,7 @@ class _Objective:
         # one gradient accumulator per row group, reused by every pass
         self.sums = [torch.empty((k, rows.d), dtype=torch.float32, device=rows.device) for _ in rows.groups]
         self.minus_ones = torch.full((rows.chunk_rows, 1), -1.0, device=rows.device)
+        self.k_rows_first = rows.on_gpu or _k_rows_first(rows.chunk_rows, rows.d, k)
         self.passes = 0
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -521,9 +547,7 @@ class _Objective:
         grad_c = torch.zeros(self.k, dtype=torch.float64, device=acc.device)
         loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         for a, b, x in chunks:
-            # scores.T = A @ x.T + c, not x @ A.T + c: MKL's product with the k-row side first runs
-            # 1.6-2x as fast at k = 10 (one thread, 128 rows of 9,600-32,000 columns, measured)
-            scores = torch.addmm(c, A, x.T).T
+            scores = torch.addmm(c, A, x.T).T if self.k_rows_first else torch.addmm(c.T, x, A.T)
             chunk_loss, grad = _chunk_loss(self.kind, scores, self.target[a:b], self.minus_ones)
             loss += chunk_loss
             grad_c += grad.sum(0)
