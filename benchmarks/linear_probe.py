@@ -138,7 +138,7 @@ def time_passes(
     dst = np.zeros_like(src)
     pairs = []
     with _linear._torch_threads(torch_threads):
-        rows = _linear._Rows(X, torch.device("cpu"), chunk_rows, workers, max(workers, _linear._MAX_GROUPS))
+        rows = _linear._Rows(X, torch.device("cpu"), chunk_rows, workers, max(workers, _linear._MAX_GROUPS), k)
         basis = _linear._Basis(np.zeros(d), np.ones(d))
         objective = _linear._Objective(rows, "multinomial", labels, k, basis, 1.0)
         objective(theta)  # warm-up: the file into the page cache, buffers allocated

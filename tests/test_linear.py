@@ -246,6 +246,17 @@ def test_either_order_of_the_score_product_fits_the_same(mnist, one_thread, monk
     np.testing.assert_allclose(fits[0].decision_function(Xte), fits[1].decision_function(Xte), atol=3e-3)
 
 
+@pytest.mark.parametrize("k_rows_first", [True, False])
+def test_passes_read_larger_chunks_where_scores_are_computed_rows_first(monkeypatch, k_rows_first):
+    monkeypatch.setattr(linear, "_k_rows_first", lambda *shape: k_rows_first)
+    X = np.zeros((10_000, 1000), dtype=np.float16)
+    rows = linear._Rows(X, torch.device("cpu"), None, 1, 1, 10)
+    base = linear._CHUNK_BYTES // (4 * 1000)
+    assert rows.k_rows_first is k_rows_first
+    assert rows.chunk_rows == (base if k_rows_first else linear._ROWS_FIRST_CHUNKS * base)
+    assert linear._Rows(X, torch.device("cpu"), 100, 1, 1, 10).chunk_rows == 100  # the caller's, either way
+
+
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 def test_whitened_products_by_blocks_match_the_dense_products(mnist, one_thread, n_threads, tmp_path):
     """The whitening's products with its inverse factor R, by blocks of R's triangle shared out

@@ -69,6 +69,7 @@ _DTYPES = (np.float32, np.float16, np.float64)  # accepted as they are; anything
 # (the best before that change), and 96-128 rows at 9,600 and 256-512 at 2,048 columns were within
 # the host's noise of each other (benchmarks/linear_probe.py --chunk-rows, 2 workers, 2026-12-06)
 _CHUNK_BYTES = 4 << 20
+_ROWS_FIRST_CHUNKS = 4  # chunks of 4 x _CHUNK_BYTES where the scores are computed rows first (_pass_layout)
 _MIN_CHUNK_ROWS = 16  # skinnier products cost more than the cache misses they save (16 rows: 1.15x slower than 32)
 _MAX_GROUPS = 16  # gradient partial sums per pass (a k x d float32 matrix each)
 _GROUP_BYTES = 256 << 20  # ... but no more memory than this for all of them together
@@ -122,6 +123,24 @@ def _torch_threads(n: int):
             torch.set_num_threads(before)
 
 
+def _pass_layout(n: int, d: int, k: int, chunk_rows: int | None, on_gpu: bool) -> tuple[int, bool]:
+    """Rows a chunk of a pass (`chunk_rows` unless None), and whether its scores are computed k
+    rows first (:func:`_k_rows_first`; always on a GPU), for n x d rows and k classes.
+
+    k rows first, chunks of _CHUNK_BYTES stay in the cache between the two products; rows first
+    (MKL's faster order on an Intel host with AMX), chunks 4x as large ran 11-20% faster
+    (2 workers, 9,600-32,000 columns; 8x: slower again; benchmarks/RESULTS.md).
+    """
+    base = max(_MIN_CHUNK_ROWS, (32 if on_gpu else 1) * _CHUNK_BYTES // (4 * max(d, 1)))
+    rows = max(1, min(int(chunk_rows or base), n))
+    if on_gpu:
+        return rows, True
+    k_rows_first = _k_rows_first(rows, d, k)
+    if k_rows_first or chunk_rows is not None:
+        return rows, k_rows_first
+    return max(1, min(_ROWS_FIRST_CHUNKS * base, n)), False
+
+
 def _one_threaded_pool(n_workers: int) -> ThreadPoolExecutor:
     """Worker threads whose torch ops (MKL's products included) run on one thread each.
 
@@ -148,14 +167,14 @@ class _Rows:
     ``(start, stop, float32 tensor)`` for the group's chunks; results come back in group order.
     """
 
-    def __init__(self, X: np.ndarray, device: torch.device, chunk_rows: int | None, n_threads: int, n_groups: int):
+    def __init__(
+        self, X: np.ndarray, device: torch.device, chunk_rows: int | None, n_threads: int, n_groups: int, k: int = 1
+    ):
         self.X, self.device = X, device
         self.n, self.d = X.shape
         self.view = _torch_view(X)
         self.on_gpu = device.type != "cpu"
-        if chunk_rows is None:
-            chunk_rows = max(_MIN_CHUNK_ROWS, (32 if self.on_gpu else 1) * _CHUNK_BYTES // (4 * max(self.d, 1)))
-        self.chunk_rows = max(1, min(int(chunk_rows), self.n))
+        self.chunk_rows, self.k_rows_first = _pass_layout(self.n, self.d, k, chunk_rows, self.on_gpu)
         self.n_threads = 1 if self.on_gpu else max(1, int(n_threads))
         self.groups = _groups(self.n, self.chunk_rows, 1 if self.on_gpu else n_groups)
         self._local = threading.local()
@@ -520,7 +539,7 @@ class _Objective:
         # one gradient accumulator per row group, reused by every pass
         self.sums = [torch.empty((k, rows.d), dtype=torch.float32, device=rows.device) for _ in rows.groups]
         self.minus_ones = torch.full((rows.chunk_rows, 1), -1.0, device=rows.device)
-        self.k_rows_first = rows.on_gpu or _k_rows_first(rows.chunk_rows, rows.d, k)
+        self.k_rows_first = rows.k_rows_first
         self.passes = 0
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -610,7 +629,7 @@ class _StreamingLinearClassifier(ClassifierMixin, BaseEstimator):
         n_groups = max(n_threads, min(_MAX_GROUPS, _GROUP_BYTES // (4 * k * X.shape[1] + 1)))
         # workers run one-threaded torch ops (see the module's docstring)
         with _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
-            rows = _Rows(X, device, self.chunk_rows, n_threads, n_groups)
+            rows = _Rows(X, device, self.chunk_rows, n_threads, n_groups, k)
             try:
                 basis, result, passes = self._solve(rows, kind, k, codes)
             finally:
