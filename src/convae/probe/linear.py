@@ -78,6 +78,11 @@ _PREDICT_BYTES = 16 << 20  # rows scored at a time by decision_function, in floa
 # the whitening's covariance from bf16 products (where native) from this many columns: below it
 # one tile is the whole product, twice syrk's work, and bf16 gains nothing over float32's syrk
 _BF16_COVARIANCE_COLUMNS = 4096
+# bf16 rows a block of the covariance (transposed: d x rows): the tile products' inner dimension.
+# 128 MiB (2,995 rows at 22,400 columns): the mnist preset's covariance of 60,000 rows 19.7-21.8 s
+# against 25.6-27.3 s with 32 MiB (749 rows), in turn twice on an Intel host with AMX; 256-512 MiB
+# no faster (15,000 rows, scratch benchmark, 2026-12-07)
+_BF16_BLOCK_BYTES = 128 << 20
 _BF16_TILE_COLUMNS = 1600  # 1,600-2,400 within 10% of each other (9,600 columns, 1,748-3,496-row blocks)
 # OpenBLAS's threaded spotrf, as scipy 1.17 bundles it, segfaults on matrices of about 26,700
 # columns and more (26,000 passed at 2, 4, 8 and 16 threads; 26,700 and 28,800 crashed at 2:
@@ -453,7 +458,7 @@ def _covariance_bf16(rows: _Rows, mean: np.ndarray, scale: np.ndarray, picks: np
     tiles = -(-d // _BF16_TILE_COLUMNS)
     t = -(-d // tiles)
     edges = [(i, min(i + t, d)) for i in range(0, d, t)]
-    step = max(1, (32 << 20) // (2 * d))  # bf16 rows a block: as much memory as the float32 path's
+    step = max(1, _BF16_BLOCK_BYTES // (2 * d))  # bf16 rows a block
     mean32 = torch.from_numpy(mean.astype(np.float32))
     inverse_scale = torch.from_numpy((1.0 / scale).astype(np.float32))
     # the lower triangle of a C-ordered matrix: its transpose is the upper one in Fortran order, as
