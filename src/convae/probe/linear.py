@@ -92,7 +92,7 @@ _OPENBLAS_CHOLESKY_COLUMNS = 24_576
 # columns of R a block of the whitened fit's products reads. Both products of a pass at 22,400
 # columns: 829 ms as numpy's full products on one BLAS thread (L-BFGS's loop runs with one), 436
 # ms on two; over the triangle in blocks on 2 threads, 176 ms at 256 columns, 199 at 512, 211 at
-# 1,024 (scratch benchmark, the AMD host, 2026-12-07)
+# 1,024 (scratch benchmark, an Intel host with AMX, 2026-12-07; benchmarks/linear_probe.py --basis)
 _BASIS_BLOCK_COLUMNS = 256
 _WHITEN_AUTO_ROWS = 20_000  # whiten_rows="auto": the covariance from this many rows (2 a column if more)
 
@@ -307,7 +307,8 @@ class _Basis:
 
     The products with R (upper triangular, its lower triangle zero, Fortran order) run as blocks of
     columns over its triangle alone, shared out to `n_threads` threads: no BLAS call does that for a
-    k x d by d x d product (trmm reads the triangle but ran it on one core, 432 of 510 ms on 2 threads).
+    k x d by d x d product (trmm reads the triangle alone, but ran 0.84-0.85x the full product's time
+    on 2 threads: benchmarks/RESULTS.md).
     """
 
     def __init__(
