@@ -324,17 +324,21 @@ class _Basis:
         self.lower = None if inverse_factor is None else torch.from_numpy(np.ascontiguousarray(inverse_factor.T))
         d, step = len(mean), _BASIS_BLOCK_COLUMNS
         self.blocks = [(a, min(a + step, d)) for a in range(0, d, step)]
+        # each product's blocks dealt to the threads once: a block of `weights` reads R.T's rows a..d,
+        # one of `gradient` R's columns 0..b
+        self._weight_shares = self._shares([d - a for a, _ in self.blocks])
+        self._gradient_shares = self._shares([b for _, b in self.blocks])
 
     def weights(self, W: np.ndarray) -> np.ndarray:
         if self.lower is None:
             return W / self.scale
-        W32 = torch.tensor(W, dtype=torch.float32)  # torch's aligned memory: MKL's bits depend on alignment
+        W32 = torch.tensor(W, dtype=torch.float32)
         out = torch.empty_like(W32)
 
         def block(a: int, b: int) -> None:  # out[:, a:b] = W @ R.T[:, a:b], R.T zero above its diagonal
             torch.mm(W32[:, a:], self.lower[a:, a:b], out=out[:, a:b])
 
-        self._run(block, [len(self.mean) - a for a, _ in self.blocks])
+        self._run(block, self._weight_shares)
         return out.numpy().astype(np.float64) * (self.gain / self.scale)
 
     def gradient(self, G: np.ndarray) -> np.ndarray:
@@ -346,17 +350,21 @@ class _Basis:
         def block(a: int, b: int) -> None:  # out[:, a:b] = G @ R[:, a:b], R zero below its diagonal
             torch.mm(G32[:, :b], self.lower[a:b, :b].T, out=out[:, a:b])
 
-        self._run(block, [b for _, b in self.blocks])
+        self._run(block, self._gradient_shares)
         return out.numpy().astype(np.float64) * self.gain
 
-    def _run(self, block, costs: list[int]) -> None:
-        """`block(a, b)` for every block, dealt to the threads by cost (largest first, to the least loaded)."""
+    def _shares(self, costs: list[int]) -> list[list[tuple[int, int]]]:
+        """The blocks dealt to the threads by cost: largest first, each to the least loaded thread."""
         shares: list[list[tuple[int, int]]] = [[] for _ in range(self.n_threads)]
         loads = [0] * self.n_threads
         for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
             t = loads.index(min(loads))
             shares[t].append(self.blocks[i])
             loads[t] += costs[i]
+        return shares
+
+    def _run(self, block, shares: list[list[tuple[int, int]]]) -> None:
+        """`block(a, b)` for every block, each thread its share."""
 
         def work(share: list[tuple[int, int]]) -> None:
             for a, b in share:
@@ -545,7 +553,6 @@ class _Objective:
         # one gradient accumulator per row group, reused by every pass
         self.sums = [torch.empty((k, rows.d), dtype=torch.float32, device=rows.device) for _ in rows.groups]
         self.minus_ones = torch.full((rows.chunk_rows, 1), -1.0, device=rows.device)
-        self.k_rows_first = rows.k_rows_first
         self.passes = 0
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -572,7 +579,7 @@ class _Objective:
         grad_c = torch.zeros(self.k, dtype=torch.float64, device=acc.device)
         loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         for a, b, x in chunks:
-            scores = torch.addmm(c, A, x.T).T if self.k_rows_first else torch.addmm(c.T, x, A.T)
+            scores = torch.addmm(c, A, x.T).T if self.rows.k_rows_first else torch.addmm(c.T, x, A.T)
             chunk_loss, grad = _chunk_loss(self.kind, scores, self.target[a:b], self.minus_ones)
             loss += chunk_loss
             grad_c += grad.sum(0)
