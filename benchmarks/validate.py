@@ -17,7 +17,9 @@ as Markdown.
 A probe whose "max_iter" is a list (e.g. [150, 200, 300]) extracts its features once and fits
 the classifiers once per value: rows "candidate:probe@150" ..., each with the extraction's
 seconds plus its own fit's as its probe seconds (so L-BFGS's iteration cap is chosen here too);
-such a probe fits the trained model's features only (--random does not apply to it).
+"precondition": [false, true] and "c_scale": [2, 4] likewise (rows "...@300",
+"...@300+precondition", "...@300+c2"), several lists giving every combination. Such a probe fits the trained model's features only (--random
+does not apply to it).
 """
 
 from __future__ import annotations
@@ -39,20 +41,28 @@ def _peak_gb() -> float:
 
 
 def run_candidate(dataset: str, cand: dict, train, val, random_baseline: bool, threads: int,
-                  skip: frozenset[str] = frozenset(), save_to: Path | None = None) -> list[dict]:  # fmt: skip
-    """Train the candidate once (saved as a run directory in `save_to`, if given) and run each of
-    its probes not named in `skip`."""
+                  skip: frozenset[str] = frozenset(), save_to: Path | None = None,
+                  reuse: bool = False) -> list[dict]:  # fmt: skip
+    """Train the candidate once (saved as a run directory in `save_to`, if given; with `reuse`,
+    loaded from there if an earlier run saved it) and run each of its probes not named in `skip`."""
     import torch
 
     import convae
 
     if threads:
         torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    est = convae.ConvAutoencoder(**{"device": "cpu", **cand["fit"]}).fit(train.images)
-    train_seconds = time.perf_counter() - t0
-    if save_to is not None:
-        est.save(save_to / f"{dataset}-{cand['name']}")
+    saved = None if save_to is None else save_to / f"{dataset}-{cand['name']}"
+    if reuse and saved is not None and (saved / "model.safetensors").is_file():
+        est = convae.ConvAutoencoder.load(saved)  # trained by an earlier run of this script
+        seconds = saved / "train_seconds.json"
+        train_seconds = json.loads(seconds.read_text())["train_seconds"] if seconds.is_file() else float("nan")
+    else:
+        t0 = time.perf_counter()
+        est = convae.ConvAutoencoder(**{"device": "cpu", **cand["fit"]}).fit(train.images)
+        train_seconds = time.perf_counter() - t0
+        if saved is not None:
+            est.save(saved)
+            (saved / "train_seconds.json").write_text(json.dumps({"train_seconds": train_seconds}))
     out = []
     for name, options in _probes(cand):
         probe = {"classifiers": "logreg", **options, "baselines": "random" if random_baseline else "none"}
@@ -67,27 +77,45 @@ def run_candidate(dataset: str, cand: dict, train, val, random_baseline: bool, t
 
 def _measured(est, train, val, name: str, options: dict, probe: dict, skip: frozenset[str]):
     """(row name, its options as the candidate gives them, seconds, rows) of one probe (`probe`:
-    the run_probe options), or of each of its max_iter values."""
+    the run_probe options), or of each of its swept values (max_iter and precondition lists)."""
     import convae
     from convae.probe import evaluate_feature_sets
 
-    iters = probe.get("max_iter")
-    if not isinstance(iters, list):
+    sweep = _sweep(name, probe)
+    if sweep is None:
         if name not in skip:
             t0 = time.perf_counter()
             rows = convae.run_probe(est, train, val, device="cpu", **probe)
             yield name, options, time.perf_counter() - t0, rows
         return
-    todo = [m for m in iters if f"{name}@{m}" not in skip]
+    todo = [(row, values) for row, values in sweep if row not in skip]
     if not todo:
         return
     t0 = time.perf_counter()
     sets, parsed = _feature_sets(est, train, val, probe)
     extraction = time.perf_counter() - t0
-    for m in todo:
+    for row, values in todo:
         t0 = time.perf_counter()
-        rows = evaluate_feature_sets(sets, train.labels, val.labels, parsed.replace(max_iter=m))
-        yield f"{name}@{m}", {**options, "max_iter": m}, extraction + time.perf_counter() - t0, rows
+        rows = evaluate_feature_sets(sets, train.labels, val.labels, parsed.replace(**values))
+        yield row, {**options, **values}, extraction + time.perf_counter() - t0, rows
+
+
+def _sweep(name: str, probe: dict) -> list[tuple[str, dict]] | None:
+    """(row name, values) for each combination of a probe's listed max_iter and precondition values
+    ("name@300", "name@300+precondition"), or None if it lists neither."""
+    iters, pre, scales = probe.get("max_iter"), probe.get("precondition"), probe.get("c_scale")
+    if not any(isinstance(v, list) for v in (iters, pre, scales)):
+        return None
+    iters = iters if isinstance(iters, list) else [iters]
+    pre = pre if isinstance(pre, list) else [bool(pre)]
+    c_list = scales if isinstance(scales, list) else [scales]
+    rows = []
+    for c in c_list:
+        for m in iters:
+            for p in pre:
+                row = f"{name}@{m}" + ("+precondition" if p else "") + (f"+c{c:g}" if isinstance(scales, list) else "")
+                rows.append((row, {"max_iter": m, "precondition": p, **({"c_scale": c} if c is not None else {})}))
+    return rows
 
 
 def _feature_sets(est, train, val, probe: dict):
@@ -95,7 +123,7 @@ def _feature_sets(est, train, val, probe: dict):
     ``convae.run_probe`` builds them, with the options they were extracted under."""
     from convae.probe import ProbeOptions, probe_feature_sets
 
-    options = ProbeOptions(**{**probe, "max_iter": None})
+    options = ProbeOptions(**{**probe, "max_iter": None, "precondition": False, "c_scale": 1.0})
     return probe_feature_sets(est, train, val, options, device="cpu"), options
 
 
@@ -108,8 +136,8 @@ def _probes(cand: dict) -> list[tuple[str, dict]]:
 
 
 def _row_names(name: str, options: dict) -> list[str]:
-    iters = options.get("max_iter")
-    return [f"{name}@{m}" for m in iters] if isinstance(iters, list) else [name]
+    sweep = _sweep(name, options)
+    return [name] if sweep is None else [row for row, _ in sweep]
 
 
 def split(dataset: str, data_dir: Path, n_val: int, how: str = "tail"):
@@ -161,6 +189,12 @@ def main(argv=None) -> int:
         type=Path,
         help="save each trained model as a run directory DIR/DATASET-CANDIDATE (for benchmarks that read its features)",
     )
+    ap.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="with --save-runs: a candidate saved there by an earlier run is loaded, not trained again "
+        "(its rows keep that run's training seconds)",
+    )
     args = ap.parse_args(argv)
     candidates = json.loads(args.candidates.read_text())
     if args.only:
@@ -178,7 +212,9 @@ def main(argv=None) -> int:
         skip = frozenset(name for name in names if (args.dataset, name) in done)
         if len(skip) == len(names):
             continue
-        rows = run_candidate(args.dataset, cand, train, val, args.random, args.threads, skip, args.save_runs)
+        rows = run_candidate(
+            args.dataset, cand, train, val, args.random, args.threads, skip, args.save_runs, args.reuse_runs
+        )
         with open(args.results, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

@@ -324,6 +324,35 @@ def test_feature_sets_extracted_once_fit_to_run_probes_rows(runs, digits):
     assert any(f["accuracy"] != r["accuracy"] for f, r in zip(fewer, rows))
 
 
+def test_precondition_reaches_the_streaming_classifiers_and_the_results(runs, digits, monkeypatch, tmp_path):
+    """--precondition (a preset's too) has logreg and linsvm take their steps in a block
+    whitening's coordinates (blocks of 16 columns here, so digits' 1,437 rows are enough): the
+    same minimum, so the same accuracy but for a few images; results.json records it; a value
+    that is not a boolean is refused."""
+    from convae.probe import linear
+
+    conv, _ = runs
+    built = []
+    monkeypatch.setattr(linear, "_PRECONDITION_BLOCK_COLUMNS", 16)
+    real = linear._block_preconditioner
+    monkeypatch.setattr(linear, "_block_preconditioner", lambda *a: built.append(1) or real(*a))
+    options = ProbeOptions(layers="stage1", pool="grid2", baselines="none", classifiers="logreg,linsvm", max_iter=5000)
+    sets = probe_feature_sets(conv, *digits, options)
+    plain = evaluate_feature_sets(sets, digits[0].labels, digits[1].labels, options)
+    assert not built
+    pre = evaluate_feature_sets(sets, digits[0].labels, digits[1].labels, options.replace(precondition=True))
+    assert len(built) == 2  # one fit per classifier
+    for a, b in zip(plain, pre):
+        assert a["classifier"] == b["classifier"] and abs(a["accuracy"] - b["accuracy"]) <= 0.006
+    assert ProbeOptions.with_preset(None, precondition=True).precondition is True
+    with pytest.raises(ConfigError, match="precondition must be true or false"):
+        ProbeOptions(precondition="yes")
+    args = ("probe", conv, "--train", "digits", "--test", "digits:test", "--layers", "stage1", "--baselines", "none")
+    proc = convae(*args, "--precondition", "-q", "-o", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["precondition"] is True
+
+
 def test_pca_with_the_dimension_of_the_bottleneck_is_expressible(runs, digits):
     conv, _ = runs
     est = ConvAutoencoder.load(conv)

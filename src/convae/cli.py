@@ -819,6 +819,11 @@ def _with_format(output: Path, fmt: str | None) -> Path:
     help="Iteration cap of logreg, linsvm and mlp (default: the --preset's, else 300, 1000 and 300).",
 )
 @click.option(
+    "--precondition/--no-precondition",
+    default=None,
+    help="logreg and linsvm take their L-BFGS steps in the coordinates of a whitening of blocks of columns: the same solution in fewer passes where the features are wide and correlated (default: the --preset's, else off).",
+)
+@click.option(
     "--dtype",
     type=click.Choice(FEATURE_DTYPES),
     help="How the probe holds the features in memory: float16 halves it (default: the --preset's, else float32).",

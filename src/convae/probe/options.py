@@ -28,7 +28,9 @@ NORMALIZATIONS: tuple[str, ...] = ("standard", "whiten")
 AUGMENTATIONS: tuple[str, ...] = ("none", "flip", "flip-tta")
 FEATURE_DTYPES: tuple[str, ...] = ("float32", "float16")
 #: Options a preset's probe may set.
-PRESET_FIELDS: tuple[str, ...] = ("layers", "pool", "normalize", "augment", "c_scale", "max_iter", "dtype")
+PRESET_FIELDS: tuple[str, ...] = (
+    "layers", "pool", "normalize", "augment", "c_scale", "max_iter", "precondition", "dtype",
+)  # fmt: skip
 
 
 def parse_list(
@@ -111,6 +113,8 @@ class ProbeOptions:
     augment: str = "none"
     c_scale: float = 1.0
     max_iter: int | None = None
+    # logreg and linsvm step in a block whitening's coordinates: the same minimum in fewer passes
+    precondition: bool = False
     pca_dims: tuple[int, ...] | None = None
     # How the probe holds the features: float16 halves the memory of wide feature sets (the
     # streaming classifiers read it without a copy).
@@ -133,6 +137,8 @@ class ProbeOptions:
             raise ConfigError(f"seeds must be from 1 to {PROBE_SEEDS_MAX}, got {self.seeds}")
         check_normalize(self.normalize)
         check_fit_options(self.c_scale, self.max_iter)
+        if not isinstance(self.precondition, bool):
+            raise ConfigError(f"precondition must be true or false, got {self.precondition!r}")
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         resolve_pools(self.pool)
@@ -166,7 +172,11 @@ class ProbeOptions:
     def fit_meta(self) -> dict[str, Any]:
         """How the rows were fitted, for results.json."""
         meta: dict[str, Any] = dict(
-            c_scale=self.c_scale, max_iter=self.max_iter, dtype=self.dtype, precision=self.precision
+            c_scale=self.c_scale,
+            max_iter=self.max_iter,
+            precondition=self.precondition,
+            dtype=self.dtype,
+            precision=self.precision,
         )
         if self.test_fraction is not None:
             meta["split"] = dict(test_fraction=self.test_fraction, stratified=True, seed=self.split_seed)
