@@ -98,13 +98,18 @@ _OPENBLAS_CHOLESKY_COLUMNS = 24_576
 # 1,024 (scratch benchmark, an Intel host with AMX, 2026-12-07; benchmarks/linear_probe.py --basis)
 _BASIS_BLOCK_COLUMNS = 256
 _WHITEN_AUTO_ROWS = 20_000  # whiten_rows="auto": the covariance from this many rows (2 a column if more)
-# precondition=True: L-BFGS steps in the coordinates of a whitening of blocks of this many
-# consecutive columns, each block's covariance from 2 rows a column, evenly spaced, floored at
-# _PRECONDITION_FLOOR x its mean variance. On 40,000 rows of the cifar10 preset's 32,000
-# standardized features (scratch, an Intel host with AMX, 2026-12-07): the objective plain
-# L-BFGS reaches in 300 passes, in about 85 with blocks of 4,000 columns, 70 with 8,000, 38 with
-# the whole covariance whitened (4 GB more memory and 2 minutes to factor it)
-_PRECONDITION_BLOCK_COLUMNS = 4096
+# precondition=True: L-BFGS steps in the coordinates of a whitening of blocks of consecutive
+# columns, each block's covariance from 2 rows a column, evenly spaced, floored at
+# _PRECONDITION_FLOOR x its mean variance; the blocks' factors take at most
+# _PRECONDITION_BYTES (float32), so the widest feature sets get the narrowest blocks. On 40,000
+# rows of the cifar10 preset's 32,000 standardized features (an Intel host with AMX, 2026-12-07):
+# plain L-BFGS stopped at 300 steps (223 s); stopped by tol 1e-4, blocks of 1,024 columns 102
+# steps (92 s), 2,048 72 (69 s), 4,096 59-66 (58-65 s); the whole covariance whitened reached
+# plain's 300-step objective in 38 (4 GB more memory, 2 minutes to factor it). 128 MB: the
+# cifar10 preset's probe peaked at 8.4 GB with 4,096-column blocks (512 MB), 7.85 GB without
+_PRECONDITION_BLOCK_COLUMNS = 4096  # at most
+_PRECONDITION_MIN_COLUMNS = 256
+_PRECONDITION_BYTES = 128 << 20
 _PRECONDITION_FLOOR = 0.1
 
 
@@ -438,7 +443,8 @@ def _block_preconditioner(rows: _Rows, mean: np.ndarray, scale: np.ndarray) -> _
     rows (2 a column of the widest block, evenly spaced), floored, factored and inverted in place,
     one block at a time (the sample is read once a block: it is small, the blocks' covariances
     together are not)."""
-    d, size = rows.d, _PRECONDITION_BLOCK_COLUMNS
+    d = rows.d
+    size = min(_PRECONDITION_BLOCK_COLUMNS, max(_PRECONDITION_MIN_COLUMNS, _PRECONDITION_BYTES // (4 * d)))
     n_blocks = -(-d // size)
     edges = [(round(i * d / n_blocks), round((i + 1) * d / n_blocks)) for i in range(n_blocks)]  # even widths
     picks = _covariance_rows(rows.n, d, 2 * max(b - a for a, b in edges))
@@ -815,7 +821,7 @@ class _StreamingLinearClassifier(ClassifierMixin, BaseEstimator):
         if self.whiten is not None:
             picks = _covariance_rows(rows.n, rows.d, self.whiten_rows)
             basis = _whitened_basis(rows, self.mean_, self.scale_, float(self.whiten), picks)
-        elif self.precondition and rows.d > 1 and rows.n >= 2 * _PRECONDITION_BLOCK_COLUMNS:
+        elif self.precondition and rows.d > 1 and rows.n >= 2 * _PRECONDITION_MIN_COLUMNS:
             basis = _block_preconditioner(rows, self.mean_, self.scale_)
         else:
             basis = _Basis(self.mean_, self.scale_)
@@ -939,12 +945,13 @@ class StreamingLogisticRegression(_StreamingLinearClassifier):
         columns (50,000 rows) "auto" fitted in 15-17 s instead of 24-27 s, and scored 0.9932
         on validation against 0.9941 with every row (benchmarks/RESULTS.md).
     precondition : bool, default=False
-        L-BFGS steps in the coordinates of a whitening of blocks of 4,096 consecutive columns
-        (each block's covariance from a sample of rows; about 64 MB a block): the same objective
-        and minimum, reached in several times fewer passes where correlated columns make plain
-        L-BFGS slow (wide features stopped at `max_iter` short of the minimum); `tol` still judges
-        the gradient on the standardized weights. Ignored with `whiten`, and below 8,192 rows
-        (too few to measure a block's covariance; such fits are quick anyway).
+        L-BFGS steps in the coordinates of a whitening of blocks of consecutive columns (each
+        block's covariance from a sample of rows; 256 to 4,096 columns a block, 128 MB for them
+        all): the same objective and minimum, reached in several times fewer passes where
+        correlated columns make plain L-BFGS slow (wide features stopped at `max_iter` short of
+        the minimum); `tol` still judges the gradient on the standardized weights. Ignored with
+        `whiten`, and below 512 rows. Not always faster: on small, nearly separable problems
+        (MNIST's pixels, 3,000 rows) it took more passes than plain L-BFGS.
     chunk_rows : int or None, default=None
         Rows per chunk; None sizes a float32 chunk to 4 MiB (128 MiB on a GPU), at least 16 rows.
     n_threads : int or None, default=None
