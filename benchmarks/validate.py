@@ -18,8 +18,8 @@ A probe whose "max_iter" is a list (e.g. [150, 200, 300]) extracts its features 
 the classifiers once per value: rows "candidate:probe@150" ..., each with the extraction's
 seconds plus its own fit's as its probe seconds (so L-BFGS's iteration cap is chosen here too);
 "precondition": [false, true] and "c_scale": [2, 4] likewise (rows "...@300",
-"...@300+precondition", "...@300+c2"), several lists giving every combination. Such a probe fits the trained model's features only (--random
-does not apply to it).
+"...@300+precondition", "...@300+c2"), several lists giving every combination. Such a probe
+fits the trained model's features only (--random does not apply to it).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def run_candidate(dataset: str, cand: dict, train, val, random_baseline: bool, t
 
 def _measured(est, train, val, name: str, options: dict, probe: dict, skip: frozenset[str]):
     """(row name, its options as the candidate gives them, seconds, rows) of one probe (`probe`:
-    the run_probe options), or of each of its swept values (max_iter and precondition lists)."""
+    the run_probe options), or of each combination of its swept values (:func:`_sweep`)."""
     import convae
     from convae.probe import evaluate_feature_sets
 
@@ -101,8 +101,8 @@ def _measured(est, train, val, name: str, options: dict, probe: dict, skip: froz
 
 
 def _sweep(name: str, probe: dict) -> list[tuple[str, dict]] | None:
-    """(row name, values) for each combination of a probe's listed max_iter and precondition values
-    ("name@300", "name@300+precondition"), or None if it lists neither."""
+    """(row name, values) for each combination of a probe's listed max_iter, precondition and
+    c_scale values ("name@300", "name@300+precondition+c2"), or None if it lists none of them."""
     iters, pre, scales = probe.get("max_iter"), probe.get("precondition"), probe.get("c_scale")
     if not any(isinstance(v, list) for v in (iters, pre, scales)):
         return None
@@ -113,7 +113,8 @@ def _sweep(name: str, probe: dict) -> list[tuple[str, dict]] | None:
     for c in c_list:
         for m in iters:
             for p in pre:
-                row = f"{name}@{m}" + ("+precondition" if p else "") + (f"+c{c:g}" if isinstance(scales, list) else "")
+                row = name + (f"@{m}" if m is not None else "") + ("+precondition" if p else "")
+                row += f"+c{c:g}" if isinstance(scales, list) else ""
                 rows.append((row, {"max_iter": m, "precondition": p, **({"c_scale": c} if c is not None else {})}))
     return rows
 

@@ -17,6 +17,7 @@ import photo_folders  # noqa: E402
 import precondition  # noqa: E402
 import quality  # noqa: E402
 import roofline  # noqa: E402
+import validate  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird"]
 
@@ -136,3 +137,14 @@ def test_precondition_compares_both_arms_on_a_feature_file(shared_datasets, tmp_
     plain, pre = arms["plain"], arms["precondition"]
     assert pre["passes"] * 5 < plain["passes"] and pre["objective"] <= plain["objective"] * 1.0001
     assert abs(pre["holdout_accuracy"] - plain["holdout_accuracy"]) <= 0.01
+
+
+def test_validate_names_each_swept_combination_as_earlier_runs_did():
+    """validate.py's rows are skipped by name on a rerun: a max_iter list keeps its earlier names
+    ("probe@300"), precondition and c_scale lists add theirs, every combination once."""
+    assert validate._sweep("p", {"max_iter": 300}) is None
+    assert [r for r, _ in validate._sweep("p", {"max_iter": [150, 300], "c_scale": 4.0})] == ["p@150", "p@300"]
+    rows = validate._sweep("p", {"max_iter": [300], "precondition": [False, True], "c_scale": [2.0, 4.0]})
+    assert [r for r, _ in rows] == ["p@300+c2", "p@300+precondition+c2", "p@300+c4", "p@300+precondition+c4"]
+    assert rows[1][1] == {"max_iter": 300, "precondition": True, "c_scale": 2.0}
+    assert validate._row_names("p", {"c_scale": [2.0], "precondition": True}) == ["p+precondition+c2"]
