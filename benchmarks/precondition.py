@@ -4,7 +4,7 @@
         --dtype float16 --data-dir ../shared/datasets -o /tmp/cifar10-train.npy
     .venv/bin/python benchmarks/precondition.py /tmp/cifar10-train.npy [--holdout 10000]
         [--classifier logreg] [--c-scale 4] [--max-iter 300] [--tol 1e-4] [--arms plain,precondition]
-        [--threads 2]
+        [--block-columns N] [--threads 2]
 
 Fits the classifier the probe builds (`convae.probe.classifiers.CLASSIFIERS`: C x `--c-scale`,
 standardized) on all rows of a 16-bit feature file but the last `--holdout` (memory-mapped, as
@@ -15,7 +15,8 @@ held-out rows (labels from the file's `.labels.npy`). Both arms minimize one obj
 is how many passes they take to get near its minimum. The held-out rows are a validation split
 only when the model behind the file never saw those images (`benchmarks/validate.py
 --save-runs`); otherwise read their accuracy as a check that the arms agree, not as a score.
-Prints Markdown and one JSON line.
+`--block-columns N` gives the preconditioner blocks of N columns whatever memory they take (by
+default they narrow so that their factors fit in 128 MB). Prints Markdown and one JSON line.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import convae.probe.linear as linear
 from convae.probe.classifiers import CLASSIFIERS
 
 ARMS = {"plain": False, "precondition": True}
@@ -64,10 +66,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-iter", type=int, default=300)
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--arms", default="plain,precondition")
+    ap.add_argument("--block-columns", type=int, help="preconditioner blocks of this many columns")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     X = np.load(args.features, mmap_mode="r")
+    if args.block_columns:  # the widths the module would choose are bounded by their memory: lift the bound
+        linear._PRECONDITION_BLOCK_COLUMNS = args.block_columns
+        linear._PRECONDITION_BYTES = 4 * args.block_columns * X.shape[1]
     y = np.load(args.features.with_name(args.features.stem + ".labels.npy"))
     n_fit = len(X) - args.holdout
     rows = {arm: fit_arm(X, y, n_fit, args, ARMS[arm]) for arm in args.arms.split(",")}

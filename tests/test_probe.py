@@ -326,7 +326,7 @@ def test_feature_sets_extracted_once_fit_to_run_probes_rows(runs, digits):
 
 def test_precondition_reaches_the_streaming_classifiers_and_the_results(runs, digits, monkeypatch, tmp_path):
     """--precondition (a preset's too) has logreg and linsvm take their steps in a block
-    whitening's coordinates (blocks of 16 columns here, so digits' 1,437 rows are enough): the
+    whitening's coordinates (blocks of 16 columns here; digits' 1,437 rows pass its 512): the
     same minimum, so the same accuracy but for a few images; results.json records it; a value
     that is not a boolean is refused."""
     from convae.probe import linear

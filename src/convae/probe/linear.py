@@ -102,9 +102,10 @@ _WHITEN_AUTO_ROWS = 20_000  # whiten_rows="auto": the covariance from this many 
 # columns, each block's covariance from 2 rows a column, evenly spaced, floored at
 # _PRECONDITION_FLOOR x its mean variance; the blocks' factors take at most
 # _PRECONDITION_BYTES (float32), so the widest feature sets get the narrowest blocks. On 40,000
-# rows of the cifar10 preset's 32,000 standardized features (an Intel host with AMX, 2026-12-07):
-# plain L-BFGS stopped at 300 steps (223 s); stopped by tol 1e-4, blocks of 1,024 columns 102
-# steps (92 s), 2,048 72 (69 s), 4,096 59-66 (58-65 s); the whole covariance whitened reached
+# rows of the cifar10 preset's 32,000 standardized features (an Intel host with AMX, 2026-12-07,
+# benchmarks/precondition.py [--block-columns N]): plain L-BFGS stopped at 300 steps (229 s);
+# stopped by tol 1e-4, blocks of 1,032 columns (the default here) 91 steps (78 s), 2,048 73
+# (65 s), 4,096 59 (62 s); in a scratch run the whole covariance whitened reached
 # plain's 300-step objective in 38 (4 GB more memory, 2 minutes to factor it). 128 MB: the
 # cifar10 preset's probe peaked at 8.4 GB with 4,096-column blocks (512 MB), 7.85 GB without
 _PRECONDITION_BLOCK_COLUMNS = 4096  # at most
@@ -342,12 +343,13 @@ class _Basis:
         self.mean, self.scale, self.gain, self.n_threads = mean, scale, gain, max(1, n_threads)
         # R.T: lower triangular and row-major, R's own memory; a block of its rows is contiguous
         self.lower = None if inverse_factor is None else torch.from_numpy(np.ascontiguousarray(inverse_factor.T))
-        d, step = len(mean), _BASIS_BLOCK_COLUMNS
-        self.blocks = [(a, min(a + step, d)) for a in range(0, d, step)]
-        # each product's blocks dealt to the threads once: a block of `weights` reads R.T's rows a..d,
-        # one of `gradient` R's columns 0..b
-        self._weight_shares = self._shares([d - a for a, _ in self.blocks])
-        self._gradient_shares = self._shares([b for _, b in self.blocks])
+        if self.lower is not None:  # standardized alone, the products are divisions: no blocks
+            d, step = len(mean), _BASIS_BLOCK_COLUMNS
+            self.blocks = [(a, min(a + step, d)) for a in range(0, d, step)]
+            # each product's blocks dealt to the threads once: a block of `weights` reads R.T's rows
+            # a..d, one of `gradient` R's columns 0..b
+            self._weight_shares = self._shares([d - a for a, _ in self.blocks])
+            self._gradient_shares = self._shares([b for _, b in self.blocks])
 
     def weights(self, W: np.ndarray) -> np.ndarray:
         if self.lower is None:
@@ -441,8 +443,8 @@ class _BlockBasis(_Basis):
 def _block_preconditioner(rows: _Rows, mean: np.ndarray, scale: np.ndarray) -> _BlockBasis:
     """:class:`_BlockBasis` for the standardized rows: each block's covariance from a sample of
     rows (2 a column of the widest block, evenly spaced), floored, factored and inverted in place,
-    one block at a time (the sample is read once a block: it is small, the blocks' covariances
-    together are not)."""
+    one block at a time (each block reads its columns of the sample: the blocks' covariances
+    together would not be small)."""
     d = rows.d
     size = min(_PRECONDITION_BLOCK_COLUMNS, max(_PRECONDITION_MIN_COLUMNS, _PRECONDITION_BYTES // (4 * d)))
     n_blocks = -(-d // size)
@@ -459,12 +461,9 @@ def _block_preconditioner(rows: _Rows, mean: np.ndarray, scale: np.ndarray) -> _
             for zt in _standardized_blocks(rows, mean[a:b], scale[a:b], picks, dtype, columns=(a, b)):
                 cov += zt @ zt.T
             c = cov.div_(max(n - 1, 1)).numpy().T  # Fortran order (symmetric): LAPACK works in place
-            c[np.diag_indices_from(c)] += _PRECONDITION_FLOOR * max(float(np.diagonal(c).mean()), 1e-12)
+            _add_floor(c, _PRECONDITION_FLOOR, least=1e-12)  # a block of constant columns factors too
             upper = cholesky(c, lower=False, overwrite_a=True, check_finite=False)
-            inverse, info = strtri(upper, lower=0, overwrite_c=1)
-            if info != 0:
-                raise ValueError(f"preconditioning failed: a block's Cholesky factor is singular (LAPACK info {info})")
-            factors.append((a, b, inverse))
+            factors.append((a, b, _inverse_in_place(upper, "preconditioning")))
     return _BlockBasis(mean, scale, factors, rows.n_threads)
 
 
@@ -480,20 +479,22 @@ def _covariance_rows(n: int, d: int, whiten_rows) -> np.ndarray | None:
     return np.linspace(0, n - 1, m).round().astype(np.int64)  # distinct: the spacing is at least 1
 
 
-def _sampled_rows(rows: _Rows, picks: np.ndarray | None, start: int, stop: int) -> torch.Tensor:
-    """Rows `start` to `stop` of the covariance's sample, in X's dtype: X's own rows, or those picked."""
+def _sampled_rows(
+    rows: _Rows, picks: np.ndarray | None, start: int, stop: int, columns: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Rows `start` to `stop` of the covariance's sample, in X's dtype: X's own rows, or those
+    picked (a copy of their `columns` alone, (a, b); None: all)."""
+    a, b = columns or (0, rows.d)
     if picks is None:
-        return rows.host_rows(start, stop)
-    return torch.from_numpy(np.ascontiguousarray(rows.X[picks[start:stop]]))
+        return rows.host_rows(start, stop)[:, a:b]
+    return torch.from_numpy(np.ascontiguousarray(rows.X[picks[start:stop], a:b]))
 
 
 def _whitened_basis(rows: _Rows, mean: np.ndarray, scale: np.ndarray, eps: float, picks: np.ndarray | None) -> _Basis:
     """The whitening of :class:`_Basis` for the standardized rows, floor `eps` x their mean variance,
     from the covariance of the rows `picks` (None: all)."""
     factor, floor = _regularized_factor(rows, mean, scale, eps, picks)
-    inverse, info = strtri(factor, lower=0, overwrite_c=1)  # in place: one d x d float32 matrix throughout
-    if info != 0:
-        raise ValueError(f"whitening failed: the covariance's Cholesky factor is singular (LAPACK info {info})")
+    inverse = _inverse_in_place(factor, "whitening")  # one d x d float32 matrix throughout
     # mean variance of the whitened axes: mean of eigenvalue / (eigenvalue + floor) = 1 - floor tr((cov + floor)^-1) / d
     squares = sum(float(np.square(inverse[:, j : j + 256], dtype=np.float64).sum()) for j in range(0, rows.d, 256))
     variance = 1.0 - floor * squares / rows.d
@@ -516,9 +517,7 @@ def _regularized_factor(
     tries = (True, False) if _bf16_covariance(rows.d) else (False,)
     for bf16 in tries:
         cov = _covariance(rows, mean, scale, picks, bf16=bf16)  # upper triangle, float32, Fortran order
-        diagonal = np.diagonal(cov).astype(np.float64)
-        floor = eps * max(float(diagonal.mean()), np.finfo(np.float64).tiny)
-        cov[np.diag_indices_from(cov)] += np.float32(floor)
+        floor = _add_floor(cov, eps)
         try:  # in place (the lower triangle zeroed by cholesky)
             return _upper_cholesky(cov, rows.n_threads), floor  # factor.T @ factor = cov
         except np.linalg.LinAlgError:
@@ -529,6 +528,22 @@ def _regularized_factor(
                     "positive definite in float32; raise whiten"
                 ) from None
     raise AssertionError("unreachable")
+
+
+def _add_floor(cov: np.ndarray, eps: float, least: float = np.finfo(np.float64).tiny) -> float:
+    """Adds `eps` x the mean of `cov`'s diagonal (at least `least`) to its diagonal, in place;
+    returns that floor."""
+    floor = eps * max(float(np.diagonal(cov).astype(np.float64).mean()), least)
+    cov[np.diag_indices_from(cov)] += np.float32(floor)
+    return floor
+
+
+def _inverse_in_place(upper: np.ndarray, what: str) -> np.ndarray:
+    """The inverse of an upper Cholesky factor (float32, Fortran order), in its own memory."""
+    inverse, info = strtri(upper, lower=0, overwrite_c=1)
+    if info != 0:
+        raise ValueError(f"{what} failed: the covariance's Cholesky factor is singular (LAPACK info {info})")
+    return inverse
 
 
 def _bf16_covariance(d: int) -> bool:
@@ -622,12 +637,11 @@ def _standardized_blocks(
     mean32 = torch.from_numpy(mean.astype(np.float32))
     inverse_scale = torch.from_numpy((1.0 / scale).astype(np.float32))
     block = torch.empty((d, min(step, n)), dtype=dtype)
-    piece = max(1, _CHUNK_BYTES // (4 * rows.d))  # float32 rows converted at a time, in cache
+    piece = max(1, _CHUNK_BYTES // (4 * d))  # float32 rows converted at a time, in cache
     for a in range(0, n, step):
         b = min(a + step, n)
         for c in range(a, b, piece):
-            part = _sampled_rows(rows, picks, c, min(c + piece, b))[:, a0:b0]
-            part = torch.sub(part.float(), mean32)  # never X itself
+            part = torch.sub(_sampled_rows(rows, picks, c, min(c + piece, b), (a0, b0)).float(), mean32)  # never X
             block[:, c - a : c - a + len(part)] = part.mul_(inverse_scale).T
         yield block[:, : b - a]
 
