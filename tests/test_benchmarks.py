@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from convae.data import load_dataset
 from convae.data.containers import ImageData
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import compiled_extraction  # noqa: E402
 import photo_folders  # noqa: E402
 import precondition  # noqa: E402
 import quality  # noqa: E402
@@ -148,3 +150,14 @@ def test_validate_names_each_swept_combination_as_earlier_runs_did():
     assert [r for r, _ in rows] == ["p@300+c2", "p@300+precondition+c2", "p@300+c4", "p@300+precondition+c4"]
     assert rows[1][1] == {"max_iter": 300, "precondition": True, "c_scale": 2.0}
     assert validate._row_names("p", {"c_scale": [2.0], "precondition": True}) == ["p+precondition+c2"]
+
+
+def test_compiled_extraction_times_both_arms_on_the_same_images(shared_datasets):
+    """benchmarks/compiled_extraction.py: a preset's model extracts the same images uncompiled and
+    compiled (a real torch.compile), a rate for each arm and round, features that agree."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the extractor's warning that compiling failed
+        r = compiled_extraction.measure("mnist-convae", str(shared_datasets), 40, rounds=1)
+    assert r["images"] == 40 and r["compile_seconds"] > 0
+    assert len(r["images_per_s"]["never"]) == len(r["images_per_s"]["always"]) == 1
+    assert r["difference"]["mean"] < 1e-4

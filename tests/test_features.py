@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from convae.data import load_dataset
 from convae.errors import ConfigError
 from convae.features import (
     POOLS,
@@ -27,6 +29,7 @@ from convae.features import (
     plan_blocks,
     pooled_shape,
 )
+from convae.features import extractor as extractor_module
 from convae.models import ModelConfig, build_model
 
 CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
@@ -186,6 +189,117 @@ def test_the_default_batch_keeps_the_largest_map_under_the_allocators_reuse_limi
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def _grouped_hsparse():
+    torch.manual_seed(0)
+    config = ModelConfig(arch="hsparse", in_channels=3, image_size=(32, 32), channels=(24, 32), kernel_size=5,
+                         groups=4, group_size=8)  # fmt: skip
+    return build_model(config).eval()
+
+
+def test_a_compiled_extraction_gives_the_uncompiled_features(shared_datasets):
+    """compile="always": the forward pass through torch.compile (inductor, a real compile) gives
+    the uncompiled pass's features up to float rounding, with fp32 products and with bf16 ones
+    where native; 50 images in batches of 8 end with a short batch (padded to the compiled shape)."""
+    images = load_dataset("cifar10:test", data_dir=shared_datasets).images[:50]
+    model = _grouped_hsparse()
+    for precision in ("float32", "auto"):
+        plain = FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8, precision=precision, compile="never")
+        fast = FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8, precision=precision, compile="always")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # the extractor's warning that compiling failed
+            want, got = plain.transform(images), fast.transform(images)
+        assert got.shape == want.shape == (50, plain.dim)
+        if precision == "float32" or not plain.bf16:
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        else:  # fused bf16 arithmetic rounds at other places than op by op
+            assert np.abs(got - want).mean() < 0.002 * want.std()
+
+
+def _recording_compile(shapes: list, compiles: list | None = None):
+    """A stand-in for torch.compile that records the shapes its function is called with (and each compile)."""
+
+    def compile(fn, **settings):
+        assert settings == {"dynamic": False, "options": {"freezing": True}}
+        if compiles is not None:
+            compiles.append(fn)
+
+        def compiled(x):
+            shapes.append(tuple(x.shape))
+            return fn(x)
+
+        return compiled
+
+    return compile
+
+
+def test_compile_auto_compiles_large_extractions_once_and_pads_the_short_last_batch(monkeypatch):
+    """ "auto" compiles for an extraction of AUTO_COMPILE_IMAGES images or more, once for every later
+    call; the compiled function only ever sees full batches; "never" never compiles."""
+    shapes: list = []
+    monkeypatch.setattr(torch, "compile", _recording_compile(shapes))
+    monkeypatch.setattr(extractor_module, "AUTO_COMPILE_IMAGES", 20)
+    model = _grouped_hsparse()
+    images = np.random.default_rng(0).integers(0, 256, (21, 32, 32, 3), dtype=np.uint8)
+    want = FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8, compile="never").transform(images)
+    auto = FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8)
+    np.testing.assert_array_equal(auto.transform(images[:19]), want[:19])
+    assert shapes == []  # 19 images: below the threshold
+    np.testing.assert_array_equal(auto.transform(images), want)
+    assert shapes == [(8, 3, 32, 32)] * 3  # 8 + 8 + 5 padded to 8
+    np.testing.assert_array_equal(auto.transform(images[:3]), want[:3])  # compiled already: used
+    assert len(shapes) == 4
+    FeatureExtractor(model, "stage1", "grid2", batch_size=8, compile="never").transform(images)
+    assert len(shapes) == 4
+    with pytest.raises(ConfigError, match="compile must be one of auto, always, never, got 'yes'"):
+        FeatureExtractor(model, "stage1", "grid2", compile="yes")
+
+
+def test_a_compiled_extraction_is_compiled_again_when_the_weights_change(monkeypatch):
+    """Freezing makes the weights constants of the compiled code: after an in-place change to them
+    (an optimizer step, load_state_dict) the next batch compiles again, so the features are the
+    new weights'."""
+    shapes: list = []
+    compiles: list = []
+    monkeypatch.setattr(torch, "compile", _recording_compile(shapes, compiles))
+    model = _grouped_hsparse()
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    ex = FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8, compile="always")
+    ex.transform(images)
+    ex.transform(images)
+    assert len(compiles) == 1
+    with torch.no_grad():
+        model.coders[0].filters.mul_(-1.0)
+    changed = ex.transform(images)
+    assert len(compiles) == 2
+    want = FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8, compile="never").transform(images)
+    np.testing.assert_array_equal(changed, want)
+
+
+def test_a_failed_compile_warns_once_and_extracts_uncompiled(monkeypatch):
+    """Where torch.compile fails (no C++ compiler, an unsupported op), the features come from the
+    uncompiled pass, with one RuntimeWarning that says so, and no compile is tried again."""
+    calls = []
+
+    def failing(fn, **settings):
+        def compiled(x):
+            calls.append(len(x))
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing)
+    model = _grouped_hsparse()
+    images = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    want = FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8, compile="never").transform(images)
+    ex = FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8, compile="always")
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no working C\\+\\+ compiler.*without it"):
+        got = ex.transform(images)
+    np.testing.assert_array_equal(got, want)
+    assert calls == [8]
+    np.testing.assert_array_equal(ex.transform(images), want)
+    assert calls == [8]
 
 
 def test_unknown_layers_and_poolings_list_the_valid_names():
@@ -379,7 +493,8 @@ def test_memory_stays_flat_on_a_large_memmapped_dataset(tmp_path):
     images = np.load(tmp_path / "big.npy", mmap_mode="r")
     torch.manual_seed(0)
     model = build_model(ModelConfig(image_size=(16, 16), channels=(4,), convs_per_stage=1)).eval()
-    ex = FeatureExtractor(model, "stage1.conv1", "flatten", batch_size=256)  # 1024 floats per image
+    # compiled, as an extraction this size runs by default; the warm-up compiles
+    ex = FeatureExtractor(model, "stage1.conv1", "flatten", batch_size=256, compile="always")  # 1024 floats an image
     out_bytes = n * ex.dim * 4  # 49 MB of features
     ex.transform(images[:512])  # warm up torch's allocator
 
@@ -396,7 +511,8 @@ def test_memory_stays_flat_on_a_large_memmapped_dataset(tmp_path):
 
     feats = np.load(tmp_path / "f.npy", mmap_mode="r")
     assert feats.shape == (n, ex.dim)
-    np.testing.assert_array_equal(feats[-300:], ex.transform(images[-300:]))
+    # batched otherwise: the compiled kernels' rounding depends on an image's place in its batch
+    np.testing.assert_allclose(feats[-300:], ex.transform(images[-300:]), rtol=1e-5, atol=1e-6)
     with np.load(tmp_path / "h.npz") as z:
         np.testing.assert_array_equal(z["features"][:300], feats[:300])
 
@@ -409,7 +525,6 @@ def convae(*args, cwd=None):
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    from convae.data import load_dataset
     from convae.estimator import ConvAutoencoder
 
     run = tmp_path_factory.mktemp("features") / "run"
@@ -454,6 +569,11 @@ def test_cli_extract_writes_npy_with_labels_or_npz(digits_run, tmp_path):
     assert "360 x 12 float32 (stage1/avg, bottleneck/avg)" in proc.stdout
     assert np.load(tmp_path / "f.npy").shape == (360, 12)
     assert np.load(tmp_path / "f.labels.npy").shape == (360,)
+    # --compile always: the same features through torch.compile (360 images: "auto" would not)
+    args = ("--layers", "stage1,bottleneck", "--pool", "avg", "-q", "--compile", "always")
+    proc = convae("extract", digits_run, "digits:test", "-o", tmp_path / "c.npy", *args)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "c.npy"), np.load(tmp_path / "f.npy"), rtol=1e-4, atol=1e-5)
 
     partial, progress = partial_paths(tmp_path / "g.npz")
     proc = convae(

@@ -353,6 +353,35 @@ def test_precondition_reaches_the_streaming_classifiers_and_the_results(runs, di
     assert json.loads((tmp_path / "r.json").read_text())["precondition"] is True
 
 
+def test_the_compile_option_reaches_the_extractor_and_results_json(runs, digits, tmp_path, monkeypatch):
+    """ProbeOptions.compile (`convae probe --compile`) is the extractor's: "always" runs the probe's
+    extraction compiled (here through a stand-in for torch.compile that records its calls), "auto"
+    does not for the digits' 1,437 + 360 images; results.json records it; an unknown mode is refused."""
+    conv, _ = runs
+    calls = []
+
+    def recording(fn, **settings):
+        def compiled(x):
+            calls.append(len(x))
+            return fn(x)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recording)
+    options = ProbeOptions(layers="stage1", pool="grid2", baselines="none")
+    want = probe_feature_sets(conv, *digits, options)
+    assert calls == []
+    got = probe_feature_sets(conv, *digits, options.replace(compile="always"))
+    assert calls and set(calls) == {calls[0]}  # every batch the same, padded, shape
+    np.testing.assert_allclose(got[0].train, want[0].train, rtol=1e-5, atol=1e-6)  # the stand-in: the same pass
+    with pytest.raises(ConfigError, match="compile must be one of auto, always, never, got 'yes'"):
+        ProbeOptions(compile="yes")
+    args = ("probe", conv, "--train", "digits", "--test", "digits:test", "--layers", "stage1", "--baselines", "none")
+    proc = convae(*args, "--compile", "never", "-q", "-o", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["compile"] == "never"
+
+
 def test_pca_with_the_dimension_of_the_bottleneck_is_expressible(runs, digits):
     conv, _ = runs
     est = ConvAutoencoder.load(conv)

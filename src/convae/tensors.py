@@ -98,6 +98,16 @@ def full_precision(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
+def weights_key(module: torch.nn.Module) -> tuple | None:
+    """What identifies a module's current weights: each tensor, its storage and its version counter,
+    which every in-place change bumps (optimizer steps, load_state_dict, copy_); None for inference-mode
+    tensors, which keep no version."""
+    try:
+        return tuple((id(t), t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+    except RuntimeError:
+        return None
+
+
 def device_of(module: torch.nn.Module) -> torch.device:
     """The device of a module's first parameter (or buffer); the CPU for a module with neither."""
     for tensor in (*module.parameters(), *module.buffers()):

@@ -29,6 +29,8 @@ POOLS: tuple[str, ...] = ("flatten", "avg", "max", "grid2", "grid4")
 GRIDS = {"grid2": 2, "grid4": 4}
 # "auto": products in bf16 where the device computes bf16 natively; "float32": always fp32
 PRECISIONS: tuple[str, ...] = ("auto", "float32")
+# whether extraction runs the forward pass through torch.compile: "auto" for large extractions
+COMPILE_MODES: tuple[str, ...] = ("auto", "always", "never")
 
 
 def check_precision(precision: str) -> str:
@@ -36,6 +38,13 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision
+
+
+def check_compile(mode: str) -> str:
+    """`mode` when it is one of COMPILE_MODES, else a ConfigError naming them."""
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    return mode
 
 
 def split_names(value: str | Iterable[str], what: str) -> list[str]:

@@ -82,8 +82,9 @@ def sign_split(z: torch.Tensor, threshold: float = SPLIT_THRESHOLD) -> torch.Ten
 
     Without autograd both halves are written in place into one buffer: split maps are an
     extraction's largest tensors (1,600 channels for the cifar10 preset), and temporaries
-    and a concatenation cost it most of its time."""
-    if z.requires_grad:  # out= buffers have no backward
+    and a concatenation cost it most of its time. Compiled (torch.compile), the plain form:
+    inductor fuses it into one loop, and replaying the out= views failed (torch 2.13, IndexError)."""
+    if z.requires_grad or torch.compiler.is_compiling():  # out= buffers have no backward
         return torch.cat([F.relu(z - threshold), F.relu(-z - threshold)], dim=1)
     c = z.shape[1]
     channels_last = z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last)

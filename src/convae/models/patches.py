@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tensors import bf16_products, full_precision
+from ..tensors import bf16_products, full_precision, weights_key
 from .blocks import k_sparse, normalized_patches
 
 
@@ -38,16 +38,6 @@ def unfold_nhwc(x: torch.Tensor, p: int) -> torch.Tensor:
     n, h, w, c = x.shape
     u = x.unfold(1, p, 1).unfold(2, p, 1)  # (N, h', w', C, p, p)
     return u.permute(0, 1, 2, 4, 5, 3).reshape(n, h - p + 1, w - p + 1, p * p * c)
-
-
-def _state_key(module: nn.Module) -> tuple | None:
-    """What identifies a module's current weights: each tensor, its storage and its version counter,
-    which every in-place change bumps (optimizer steps, load_state_dict, copy_); None for inference-mode
-    tensors, which keep no version."""
-    try:
-        return tuple((id(t), t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
-    except RuntimeError:
-        return None
 
 
 class PatchCoder(nn.Module):
@@ -278,7 +268,7 @@ class GroupedPatchCoder(nn.Module):
 
         Kept between calls while no gradient is wanted and no weight has changed (extraction
         recomputed it every batch: 32 small products, 9% of a CIFAR-10 batch's time)."""
-        key = None if torch.is_grad_enabled() else _state_key(self)
+        key = None if torch.is_grad_enabled() else weights_key(self)
         if key is not None and key == self._folded_key:
             return self._folded_value
         coders = self.group_coders()

@@ -284,7 +284,8 @@ def _prepared(run, train, test, options: ProbeOptions, device, batch_size, progr
     model, _ = _model_of(run)
     groups = layer_groups(model, options.layers)
     extractor = FeatureExtractor(model, column_order(groups), options.pool, device=device, batch_size=batch_size,
-                                 keep_order=True, precision=options.precision)  # fmt: skip
+                                 keep_order=True, precision=options.precision,
+                                 compile=options.compile)  # fmt: skip
     for name, images in (("train", train_images), ("test", test_images)):
         extractor.check_images(images, f"{name} images")
     return _Probe(extractor, groups, train_images, test_images, options, progress), model, y_train, y_test
@@ -317,7 +318,8 @@ class _Probe:
             valid = set(other_model.feature_layer_names())
             theirs = [g for g in self.groups if set(g) <= valid] or layer_groups(other_model, None)
             ex = FeatureExtractor(other_model, column_order(theirs), self.extractor.pools, device=device,
-                                  batch_size=batch_size, keep_order=True, precision=self.options.precision)  # fmt: skip
+                                  batch_size=batch_size, keep_order=True, precision=self.options.precision,
+                                  compile=self.options.compile)  # fmt: skip
             yield self.layer_sets(ex, theirs, f"{name}/")
         yield from self._pixel_sources()
 
@@ -326,7 +328,8 @@ class _Probe:
             torch.manual_seed(random_seed)
             untrained = type(model)(model.config)  # the same architecture, default initialisation
         ex = FeatureExtractor(untrained, self.extractor.layers, self.extractor.pools, device=device,
-                              batch_size=batch_size, keep_order=True, precision=self.options.precision)  # fmt: skip
+                              batch_size=batch_size, keep_order=True, precision=self.options.precision,
+                              compile=self.options.compile)  # fmt: skip
         calibrate(untrained, self.train, self.extractor.layers, batch_size=ex.batch_size)
         return ex
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
-from ..features.plan import check_precision, resolve_pools
+from ..features.plan import check_compile, check_precision, resolve_pools
 from ..limits import PROBE_SEEDS_MAX, check_seed
 from ..presets import get_preset
 
@@ -121,6 +121,8 @@ class ProbeOptions:
     dtype: str = "float32"
     # "float32": extraction multiplies in fp32 even where the device has native bf16 (tensors.allow_bf16)
     precision: str = "auto"
+    # extraction's forward pass through torch.compile: "auto" for 10,000 images or more (FeatureExtractor)
+    compile: str = "auto"
     preset: str | None = None
     preset_layers: bool = False
     # one labelled dataset: a stratified hold-out of this fraction, or stratified K-fold (seeded)
@@ -147,6 +149,7 @@ class ProbeOptions:
         if self.dtype not in FEATURE_DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")
         check_precision(self.precision)
+        check_compile(self.compile)
 
     @classmethod
     def with_preset(cls, preset: str | None = None, **given: Any) -> ProbeOptions:
@@ -177,6 +180,7 @@ class ProbeOptions:
             precondition=self.precondition,
             dtype=self.dtype,
             precision=self.precision,
+            compile=self.compile,
         )
         if self.test_fraction is not None:
             meta["split"] = dict(test_fraction=self.test_fraction, stratified=True, seed=self.split_seed)
