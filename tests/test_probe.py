@@ -382,6 +382,33 @@ def test_the_compile_option_reaches_the_extractor_and_results_json(runs, digits,
     assert json.loads((tmp_path / "r.json").read_text())["compile"] == "never"
 
 
+def test_the_probe_extracts_its_test_features_after_the_first_fit(runs, digits, monkeypatch):
+    """run_probe holds the train features alone while its first classifier fits (the fit's working
+    memory and the test features are never held at once): the test features are extracted when
+    that fit scores them, once for every set and classifier after it, the random baseline alike;
+    the rows are those of features extracted up front (probe_feature_sets)."""
+    from convae.probe import driver
+    from convae.probe.linear import StreamingLinearSVM, StreamingLogisticRegression
+
+    conv, _ = runs
+    train, test = digits
+    events = []
+    extract = driver._features
+    monkeypatch.setattr(
+        driver, "_features", lambda ex, images, *a: events.append(len(images)) or extract(ex, images, *a)
+    )
+    for cls in (StreamingLogisticRegression, StreamingLinearSVM):
+        monkeypatch.setattr(cls, "fit", lambda self, X, y, fit=cls.fit: events.append("fit") or fit(self, X, y))
+    options = dict(layers="stage1,bottleneck", pool="grid2", classifiers="logreg,linsvm")
+    rows = run_probe(conv, train, test, baselines="random", **options)
+    n, m = len(train.images), len(test.images)
+    assert events == [n, "fit", m, *["fit"] * 3] * 2  # trained, then random weights: 2 sets x 2 classifiers
+    opts = ProbeOptions(baselines="random", **options)
+    sets = probe_feature_sets(conv, train, test, opts)
+    want = evaluate_feature_sets(sets, train.labels, test.labels, opts)
+    assert [(r["features"], r["accuracy"]) for r in rows[: len(want)]] == [(r["features"], r["accuracy"]) for r in want]
+
+
 def test_pca_with_the_dimension_of_the_bottleneck_is_expressible(runs, digits):
     conv, _ = runs
     est = ConvAutoencoder.load(conv)

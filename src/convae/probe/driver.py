@@ -31,7 +31,7 @@ from ..models import build_model
 from ..progress import make_bar
 from ..run import load_config, load_model
 from ..tensors import allow_bf16, evenly_spaced
-from .evaluate import FeatureSet, evaluate_features, label_subsets
+from .evaluate import DeferredRows, FeatureSet, evaluate_features, label_subsets
 from .options import ProbeOptions
 from .split import aggregate_folds, probe_splits
 
@@ -173,9 +173,21 @@ def _layer_sets(
     mirror: bool = False,
     test_mirror: bool = False,
     dtype=np.float32,
+    defer_test: bool = False,
 ) -> list[FeatureSet]:
+    """The feature sets of `groups`: views of one extracted matrix a split. `defer_test`: the test
+    features are extracted when a fit first scores them (:class:`DeferredRows`)."""
     xtr = _features(extractor, train, mirror, progress, dtype)
-    xte = _features(extractor, test, test_mirror, progress, dtype)
+    xte: np.ndarray | DeferredRows
+    if defer_test:
+
+        def extract_test() -> np.ndarray:
+            release_freed_memory()  # what the fit freed (keep_freed_memory kept it) goes back first
+            return _features(extractor, test, test_mirror, progress, dtype)
+
+        xte = DeferredRows(extract_test, len(test) * (1 + test_mirror))
+    else:
+        xte = _features(extractor, test, test_mirror, progress, dtype)
     # the fits come next: hand back the batch buffers extraction kept for reuse (here, not after
     # every extraction: a trim costs the next call its buffers, 25-40 ms a small transform)
     release_freed_memory()
@@ -185,9 +197,8 @@ def _layer_sets(
             columns = slice(blocks[0].start, blocks[-1].stop)  # a view: wide sets take GBs to copy
         else:
             columns = np.concatenate([np.arange(b.start, b.stop) for b in blocks])
-        sets.append(
-            FeatureSet(prefix + name, xtr[:, columns], xte[:, columns], mirrored=mirror, test_mirrored=test_mirror)
-        )
+        test_part = xte.columns(columns) if isinstance(xte, DeferredRows) else xte[:, columns]
+        sets.append(FeatureSet(prefix + name, xtr[:, columns], test_part, mirrored=mirror, test_mirrored=test_mirror))
     return sets
 
 
@@ -298,17 +309,19 @@ class _Probe:
         self.extractor, self.groups, self.options, self.progress = extractor, groups, options, progress
         self.train, self.test = train_images, test_images
 
-    def layer_sets(self, extractor: FeatureExtractor, groups, prefix: str) -> list[FeatureSet]:
+    def layer_sets(
+        self, extractor: FeatureExtractor, groups, prefix: str, defer_test: bool = False
+    ) -> list[FeatureSet]:
         o = self.options
         return _layer_sets(extractor, groups, self.train, self.test, prefix, self.progress, o.mirror, o.test_mirror,
-                           np.dtype(o.dtype))  # fmt: skip
+                           np.dtype(o.dtype), defer_test)  # fmt: skip
 
     def sources(self, model, compare, random_seed: int, device, batch_size) -> Iterator[list[FeatureSet]]:
         """Feature sets, one source at a time, so only one source's features are held in memory."""
-        yield self.layer_sets(self.extractor, self.groups, "")
+        yield self.layer_sets(self.extractor, self.groups, "", defer_test=True)
         if "random" in self.options.baselines:
             yield self.layer_sets(
-                self._random_extractor(model, random_seed, device, batch_size), self.groups, "random/"
+                self._random_extractor(model, random_seed, device, batch_size), self.groups, "random/", defer_test=True
             )
         used = {"random", "pixels", "pca"}
         for i, other in enumerate(compare, start=1):
@@ -320,7 +333,7 @@ class _Probe:
             ex = FeatureExtractor(other_model, column_order(theirs), self.extractor.pools, device=device,
                                   batch_size=batch_size, keep_order=True, precision=self.options.precision,
                                   compile=self.options.compile)  # fmt: skip
-            yield self.layer_sets(ex, theirs, f"{name}/")
+            yield self.layer_sets(ex, theirs, f"{name}/", defer_test=True)
         yield from self._pixel_sources()
 
     def _random_extractor(self, model, random_seed: int, device, batch_size) -> FeatureExtractor:

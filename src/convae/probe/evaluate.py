@@ -4,6 +4,7 @@ and classifier, averaged over label subsets."""
 from __future__ import annotations
 
 import time
+import typing
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,46 @@ COLUMNS = (
 )
 
 
+class DeferredRows:
+    """Columns of an array made on first use, once for every view of it: a probe's test features,
+    extracted after its first fit, so that they and the fit's working memory (the preconditioner's
+    factors, L-BFGS's history, the workers' buffers) are never held at once. The cifar10 preset's
+    probe peaked in its fit, at 8.10 GB with the extraction compiled; benchmarks/RESULTS.md."""
+
+    def __init__(self, make: Callable[[], np.ndarray], n_rows: int):
+        self._make: Callable[[], np.ndarray] | None = make
+        self._value: np.ndarray | None = None
+        self.n_rows = n_rows
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def array(self) -> np.ndarray:
+        if self._value is None:
+            make, self._make = self._make, None  # the images and the extractor it holds go with it
+            self._value = typing.cast(Callable[[], np.ndarray], make)()
+        return self._value
+
+    def columns(self, columns: slice | np.ndarray) -> _DeferredColumns:
+        return _DeferredColumns(self, columns)
+
+
+class _DeferredColumns:
+    def __init__(self, rows: DeferredRows, columns: slice | np.ndarray):
+        self.rows, self.columns = rows, columns
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def array(self) -> np.ndarray:
+        return self.rows.array()[:, self.columns]
+
+
+def rows_of(x) -> np.ndarray:
+    """`x` itself, or the array deferred rows stand for (made now if not yet)."""
+    return x.array() if isinstance(x, DeferredRows | _DeferredColumns) else x
+
+
 @dataclass
 class FeatureSet:
     """Train and test features of one row group, e.g. ``stage2/grid4`` or ``pixels``.
@@ -43,7 +84,7 @@ class FeatureSet:
 
     name: str
     train: np.ndarray
-    test: np.ndarray
+    test: np.ndarray | DeferredRows | _DeferredColumns  # see rows_of
     standardize: bool = True
     # the train rows are the images' features, then their mirror images' (same labels, in order)
     mirrored: bool = False
@@ -142,7 +183,7 @@ class _Whitened:
             t0 = time.perf_counter()
             scaler = [StandardScaler()] if self.fs.standardize else []
             whitener = make_pipeline(*scaler, Whitener()).fit(self.fs.train)
-            train, test = whitener.transform(self.fs.train), whitener.transform(self.fs.test)
+            train, test = whitener.transform(self.fs.train), whitener.transform(rows_of(self.fs.test))
             self._cached = (train, test, time.perf_counter() - t0)
         return self._cached
 
@@ -177,6 +218,7 @@ def _fit_and_score(
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(train_x[rows], y_fit[rows])
     seconds = time.perf_counter() - t0
+    test_x = rows_of(test_x)  # made only now, if deferred: after the fit's working memory is freed
     augment = "flip" if fs.mirrored else "none"
     if not fs.test_mirrored:
         pred = clf.predict(test_x)
