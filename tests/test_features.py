@@ -1,6 +1,7 @@
 """Feature extraction: every layer and pooling, the file writer, its resume after a real kill, flat memory."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -215,6 +216,27 @@ def test_a_compiled_extraction_gives_the_uncompiled_features(shared_datasets):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
         else:  # fused bf16 arithmetic rounds at other places than op by op
             assert np.abs(got - want).mean() < 0.002 * want.std()
+
+
+def test_many_models_compiled_in_one_process_all_run_compiled():
+    """dynamo compiles a function again for each model it meets, and past its recompile limit (8)
+    runs it uncompiled, saying so only in a log record: a process that extracts with more models
+    than that (a probe with baselines and compared runs, the roofline) stays under the extractor's
+    limit."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    dynamo_log = logging.getLogger("torch._dynamo")
+    dynamo_log.addHandler(handler)
+    try:
+        images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+        for seed in range(12):
+            torch.manual_seed(seed)
+            model = _grouped_hsparse()
+            FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8, compile="always").transform(images)
+    finally:
+        dynamo_log.removeHandler(handler)
+    assert not [r for r in records if "recompile_limit" in r.getMessage()]
 
 
 def _recording_compile(shapes: list, compiles: list | None = None):
