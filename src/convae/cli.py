@@ -35,7 +35,7 @@ _PRESET_NAMES = ", ".join(PRESETS)
 
 _COMPILE_HELP = (
     "The forward pass through torch.compile, which fuses the work between the products "
-    "(the hierarchical presets' models 1.7-2.2x as fast on a CPU, after 5-20 s of compiling): "
+    "(the presets' models 1.0-2.0x as fast on a 2-core CPU, after 1-20 s of compiling): "
     "auto: for 10,000 images or more; always; never."
 )
 

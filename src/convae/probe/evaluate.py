@@ -35,10 +35,11 @@ COLUMNS = (
 
 
 class DeferredRows:
-    """Columns of an array made on first use, once for every view of it: a probe's test features,
+    """An array made on first use, once for all its views (:meth:`columns`): a probe's test features,
     extracted after its first fit, so that they and the fit's working memory (the preconditioner's
-    factors, L-BFGS's history, the workers' buffers) are never held at once. The cifar10 preset's
-    probe peaked in its fit, at 8.10 GB with the extraction compiled; benchmarks/RESULTS.md."""
+    factors, L-BFGS's history, the workers' buffers) are never held at once. With both held, the
+    cifar10 preset's probe peaked at 8.11 GB with its extraction compiled, 7.86 without
+    (benchmarks/RESULTS.md)."""
 
     def __init__(self, make: Callable[[], np.ndarray], n_rows: int):
         self._make: Callable[[], np.ndarray] | None = make
@@ -50,8 +51,8 @@ class DeferredRows:
 
     def array(self) -> np.ndarray:
         if self._value is None:
-            make, self._make = self._make, None  # the images and the extractor it holds go with it
-            self._value = typing.cast(Callable[[], np.ndarray], make)()
+            self._value = typing.cast(Callable[[], np.ndarray], self._make)()
+            self._make = None  # the images and the extractor it holds go with it
         return self._value
 
     def columns(self, columns: slice | np.ndarray) -> _DeferredColumns:
