@@ -32,6 +32,7 @@ from convae.features import (
 )
 from convae.features import extractor as extractor_module
 from convae.models import ModelConfig, build_model
+from convae.tensors import weights_key
 
 CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
 
@@ -288,9 +289,12 @@ def test_a_compiled_extraction_is_compiled_again_when_the_weights_change(monkeyp
     model = _grouped_hsparse()
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     ex = FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8, compile="always")
+    keys = []
+    monkeypatch.setattr(extractor_module, "weights_key", lambda m: keys.append(1) or weights_key(m))
     ex.transform(images)
     ex.transform(images)
     assert len(compiles) == 1
+    assert len(keys) == 2  # once an extraction, not once a batch
     with torch.no_grad():
         model.coders[0].filters.mul_(-1.0)
     changed = ex.transform(images)
@@ -322,6 +326,23 @@ def test_a_failed_compile_warns_once_and_extracts_uncompiled(monkeypatch):
     assert calls == [8]
     np.testing.assert_array_equal(ex.transform(images), want)
     assert calls == [8]
+
+
+def test_running_out_of_memory_in_a_compiled_batch_is_raised_not_taken_for_a_failed_compile(monkeypatch):
+    def out_of_memory(fn, **settings):
+        def compiled(x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", out_of_memory)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    ex = FeatureExtractor(_grouped_hsparse(), "stage1", "grid2", batch_size=4, compile="always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "torch.compile failed" warning
+        with pytest.raises(torch.OutOfMemoryError):
+            ex.transform(images)
+    assert not ex._compile_failed
 
 
 def test_unknown_layers_and_poolings_list_the_valid_names():

@@ -153,11 +153,16 @@ class FeatureExtractor:
         cfg = self.model.config
         return (*cfg.image_size, cfg.in_channels)
 
-    @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, dim) features of a float (B, C, H, W) batch."""
+        if self.compile == "always" or self._compiled is not None:
+            self._start_compiling()  # (again, if the weights changed)
+        return self._features(x)
+
+    @torch.inference_mode()
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        # the weights checked by the caller: once a call, or once an extraction (batches)
         with allow_bf16(self.precision == "auto"):
-            if self.compile == "always" or self._compiled is not None:
-                self._start_compiling()  # (again, if the weights changed)
             compiled = self._compiled
             return self._forward(x) if compiled is None else self._compiled_forward(compiled, x)
 
@@ -166,7 +171,8 @@ class FeatureExtractor:
         return torch.cat([pool_features(maps[b.layer], b.pool).float() for b in self.blocks], dim=1)
 
     def _plan_compile(self, n_images: int) -> None:
-        if self.compile == "always" or (self.compile == "auto" and n_images >= AUTO_COMPILE_IMAGES):
+        auto = self.compile == "auto" and n_images >= AUTO_COMPILE_IMAGES
+        if self.compile == "always" or self._compiled is not None or auto:
             self._start_compiling()
 
     def _start_compiling(self) -> None:
@@ -191,6 +197,8 @@ class FeatureExtractor:
             # its random baseline, or the roofline's ten models, passed it
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
                 return compiled(full)[:n]
+        except (MemoryError, torch.OutOfMemoryError):
+            raise  # the batch's, not the compiler's: uncompiled it would need as much
         except Exception as error:  # inductor needs a C++ compiler on a CPU, triton on a GPU
             self._compiled, self._compile_failed = None, True
             warnings.warn(
@@ -217,7 +225,7 @@ class FeatureExtractor:
         keep_freed_memory()
         row = start
         for batch in iter_uint8_batches(images, np.arange(start, len(images)), self.batch_size, workers):
-            feats = self(to_float_nchw(batch, self.device)).cpu().numpy()
+            feats = self._features(to_float_nchw(batch, self.device)).cpu().numpy()
             yield row, feats
             row += len(feats)
 
