@@ -409,6 +409,30 @@ def test_the_probe_extracts_its_test_features_after_the_first_fit(runs, digits, 
     assert [(r["features"], r["accuracy"]) for r in rows[: len(want)]] == [(r["features"], r["accuracy"]) for r in want]
 
 
+def test_deferred_rows_are_made_once_for_all_views_and_a_failed_make_can_be_retried():
+    from convae.probe.evaluate import DeferredRows, rows_of
+
+    calls = []
+    whole = np.arange(12.0).reshape(3, 4)
+
+    def make():
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("the first try fails")
+        return whole
+
+    rows = DeferredRows(make, 3)
+    left, picked = rows.columns(slice(0, 2)), rows.columns(np.array([3, 1]))
+    nested = picked.columns(slice(1, 2))
+    assert len(left) == len(nested) == 3 and calls == []  # nothing made yet
+    with pytest.raises(MemoryError):
+        left.array()
+    np.testing.assert_array_equal(left.array(), whole[:, :2])
+    np.testing.assert_array_equal(rows_of(nested), whole[:, [1]])
+    np.testing.assert_array_equal(rows_of(rows), whole)
+    assert len(calls) == 2  # the failed try and one more, for every view
+
+
 def test_pca_with_the_dimension_of_the_bottleneck_is_expressible(runs, digits):
     conv, _ = runs
     est = ConvAutoencoder.load(conv)

@@ -35,44 +35,42 @@ COLUMNS = (
 
 
 class DeferredRows:
-    """An array made on first use, once for all its views (:meth:`columns`): a probe's test features,
-    extracted after its first fit, so that they and the fit's working memory (the preconditioner's
-    factors, L-BFGS's history, the workers' buffers) are never held at once. With both held, the
-    cifar10 preset's probe peaked at 8.11 GB with its extraction compiled, 7.86 without
-    (benchmarks/RESULTS.md)."""
+    """An array made on first use, once for all its column views (:meth:`columns`): a probe's test
+    features, extracted after its first fit, so that they and the fit's working memory (the
+    preconditioner's factors, L-BFGS's history, the workers' buffers) are never held at once. With
+    both held, the cifar10 preset's probe peaked at 8.11 GB with its extraction compiled, 7.86
+    without (benchmarks/RESULTS.md)."""
 
     def __init__(self, make: Callable[[], np.ndarray], n_rows: int):
         self._make: Callable[[], np.ndarray] | None = make
         self._value: np.ndarray | None = None
         self.n_rows = n_rows
+        self._whole = self  # a view's: the rows it selects columns of
+        self._selections: tuple[slice | np.ndarray, ...] = ()  # a view's column selections, in order
 
     def __len__(self) -> int:
         return self.n_rows
 
     def array(self) -> np.ndarray:
-        if self._value is None:
-            self._value = typing.cast(Callable[[], np.ndarray], self._make)()
-            self._make = None  # the images and the extractor it holds go with it
-        return self._value
+        whole = self._whole
+        if whole._value is None:
+            whole._value = typing.cast(Callable[[], np.ndarray], whole._make)()
+            whole._make = None  # the images and the extractor it holds go with it (not before: a retry)
+        out = whole._value
+        for columns in self._selections:
+            out = out[:, columns]
+        return out
 
-    def columns(self, columns: slice | np.ndarray) -> _DeferredColumns:
-        return _DeferredColumns(self, columns)
-
-
-class _DeferredColumns:
-    def __init__(self, rows: DeferredRows, columns: slice | np.ndarray):
-        self.rows, self.columns = rows, columns
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def array(self) -> np.ndarray:
-        return self.rows.array()[:, self.columns]
+    def columns(self, columns: slice | np.ndarray) -> DeferredRows:
+        view = DeferredRows(self._make, self.n_rows)
+        view._make = None  # only the whole holds the maker (and what it holds)
+        view._whole, view._selections = self._whole, (*self._selections, columns)
+        return view
 
 
 def rows_of(x) -> np.ndarray:
     """`x` itself, or the array deferred rows stand for (made now if not yet)."""
-    return x.array() if isinstance(x, DeferredRows | _DeferredColumns) else x
+    return x.array() if isinstance(x, DeferredRows) else x
 
 
 @dataclass
@@ -85,7 +83,7 @@ class FeatureSet:
 
     name: str
     train: np.ndarray
-    test: np.ndarray | DeferredRows | _DeferredColumns  # see rows_of
+    test: np.ndarray | DeferredRows  # see rows_of
     standardize: bool = True
     # the train rows are the images' features, then their mirror images' (same labels, in order)
     mirrored: bool = False
