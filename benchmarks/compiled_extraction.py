@@ -31,9 +31,7 @@ from convae import load_model
 from convae.data import load_dataset
 from convae.features import FeatureExtractor
 from convae.models import build_model, default_model_config
-from convae.presets import PRESETS
-from convae.probe.driver import column_order, layer_groups
-from roofline import preset_model  # benchmarks/ is the script's folder: on sys.path
+from roofline import preset_extractor, preset_model  # benchmarks/ is the script's folder: on sys.path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "datasets"
@@ -57,13 +55,8 @@ def extractors(name: str, data_dir: str, n: int, run: str | None) -> tuple[dict[
         arms = {mode: FeatureExtractor(model, layers, "grid4", compile=mode) for mode in ("never", "always")}
         return arms, np.random.default_rng(0).integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
     images = load_dataset(PRESET_DATA[name], data_dir=data_dir).images[:n]
-    if run is None:
-        return {mode: preset_model(name, images.shape[1:], compile=mode)[1] for mode in ("never", "always")}, images
-    model, _ = load_model(run)
-    probe = PRESETS[name].probe
-    layers = column_order(layer_groups(model, probe["layers"]))
-    return {mode: FeatureExtractor(model, layers, probe["pool"], keep_order=True, compile=mode)
-            for mode in ("never", "always")}, images  # fmt: skip
+    model = preset_model(name, images.shape[1:])[0] if run is None else load_model(run)[0]
+    return {mode: preset_extractor(name, model, mode) for mode in ("never", "always")}, images
 
 
 def timed(extractor: FeatureExtractor, images: np.ndarray) -> tuple[np.ndarray, float]:

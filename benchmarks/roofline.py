@@ -247,12 +247,14 @@ def preset_model(preset: str, image_shape: tuple[int, ...], compile: str = "auto
     overrides["channels"] = tuple(int(c) for c in str(fit["widths"]).split(","))
     torch.manual_seed(0)
     model = build_model(default_model_config(image_shape, **overrides))
+    return model, preset_extractor(preset, model, compile)
+
+
+def preset_extractor(preset: str, model, compile: str = "auto") -> FeatureExtractor:
+    """The extractor of what `preset`'s probe reads from `model`, in the probe's column order."""
     probe = ProbeOptions(layers=PRESETS[preset].probe["layers"], pool=PRESETS[preset].probe.get("pool", "grid4"))
-    groups = layer_groups(model, probe.layers)
-    extractor = FeatureExtractor(
-        model, column_order(groups), probe.pool, device="cpu", keep_order=True, compile=compile
-    )
-    return model, extractor
+    layers = column_order(layer_groups(model, probe.layers))
+    return FeatureExtractor(model, layers, probe.pool, device="cpu", keep_order=True, compile=compile)
 
 
 def preset_extract_stage(preset: str, images: np.ndarray) -> dict:
@@ -262,7 +264,7 @@ def preset_extract_stage(preset: str, images: np.ndarray) -> dict:
     with FlopsByDtype() as counted:
         extractor(x)
     flops = {k: v / len(x) for k, v in counted.flops.items()}
-    _, extractor = preset_model(preset, images.shape[1:], compile="always")  # timed as a probe runs it
+    extractor = preset_extractor(preset, model, compile="always")  # timed as a probe runs it
     extractor.transform(images[: min(len(images), 64)])  # warm-up: compiling
     t = time.perf_counter()
     extractor.transform(images)
