@@ -206,18 +206,19 @@ def test_cli_fit_and_probe_with_the_cifar10_patch_preset(tmp_path, shared_datase
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         document = json.loads(out.read_text())
-        settings = {k: document[k] for k in ("c_scale", "max_iter", "dtype")}
+        settings = {k: document[k] for k in ("c_scale", "max_iter", "precondition", "dtype")}
         return [dict(r, **settings) for r in document["rows"]]
 
     rows = probe()
-    assert (rows[0]["c_scale"], rows[0]["max_iter"], rows[0]["dtype"]) == (4.0, 1000, "float16")  # the preset's
+    preset = (rows[0]["c_scale"], rows[0]["max_iter"], rows[0]["precondition"], rows[0]["dtype"])
+    assert preset == (4.0, 1000, True, "float16")  # the preset's
     assert [(r["features"], r["augment"], r["dim"]) for r in rows] == [
         ("conv1.split/grid2", "flip", 2 * 16 * 4),  # the same classifier on the test images alone
         ("conv1.split/grid2", "flip-tta", 2 * 16 * 4),
     ]
     assert rows[0]["accuracy"] > 0.3
-    own = probe("--augment", "none", "--c-scale", "0.5", "--max-iter", "50")[0]  # the options win
-    assert (own["augment"], own["c_scale"], own["max_iter"]) == ("none", 0.5, 50)
+    own = probe("--augment", "none", "--c-scale", "0.5", "--max-iter", "50", "--no-precondition")[0]  # the options win
+    assert (own["augment"], own["c_scale"], own["max_iter"], own["precondition"]) == ("none", 0.5, 50, False)
     bad = subprocess.run(
         [
             CONVAE,

@@ -132,12 +132,19 @@ PRESETS: dict[str, Preset] = {
             "CIFAR-10 32x32x3, the single-layer reference (the cifar10 preset before hsparse): the sparse "
             "autoencoder of whitened 5x5 patches (1,600 filters, each patch rebuilt from its strongest filter: gradient-descent k-means), 5 epochs; probed with its sign-split responses "
             "averaged over the four quadrants (12,800 values), the classifiers also fitting every train image "
-            "mirrored and scoring each test image with its mirror image, logistic regression's C x4 and 1,000 "
-            "iterations, in 16-bit (each lever picked on the last 10,000 train images; 16-bit: 0.8009 against "
-            "32-bit's 0.8011)",
+            "mirrored and scoring each test image with its mirror image, logistic regression's C x4 fitted by "
+            "preconditioned L-BFGS (at most 1,000 steps), in 16-bit (each lever picked on the last 10,000 train "
+            "images; 16-bit: 0.8009 against 32-bit's 0.8011; preconditioned 0.7959 in 220 s against 1,000 plain "
+            "steps' 0.7965 in 624 s; test split, one model: 0.7981 both ways, the probe 5 minutes against 25)",
             fit=dict(arch="sparse", widths="1600", kernel_size=5, sparse_k=1, batch_size=64, epochs=5),
             probe=dict(
-                layers="conv1.split", pool="grid2", augment="flip-tta", c_scale=4.0, max_iter=1000, dtype="float16"
+                layers="conv1.split",
+                pool="grid2",
+                augment="flip-tta",
+                c_scale=4.0,
+                max_iter=1000,
+                precondition=True,
+                dtype="float16",
             ),
         ),
         Preset(
