@@ -249,6 +249,8 @@ def main(argv=None) -> int:
         ap.error("--split test needs --select VALIDATION.json: settings are chosen on validation only")
     import torch
 
+    from convae._io import atomic_write_text
+
     torch.set_num_threads(args.threads)
     doc = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
     doc["machine"] = dict(
@@ -276,7 +278,9 @@ def main(argv=None) -> int:
                 f"{name} class {c} seed {seed}: fit {r['fit_seconds']:.0f} s, best convae {best[1]} {best[0]:.4f}",
                 flush=True,
             )
-            args.out.write_text(json.dumps(doc, indent=1) + "\n")  # after every class: a killed run keeps its classes
+            atomic_write_text(
+                args.out, json.dumps(doc, indent=1) + "\n"
+            )  # after every class: a killed run keeps its classes
     return 0
 
 

@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     import torch
 
     import convae
+    from convae._io import atomic_write_text
 
     given = dict(r.split("=", 1) for r in args.run)
     doc = json.loads(args.out.read_text()) if args.out.exists() else {"datasets": {}}
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
         doc["datasets"][name] = dict(
             split=args.split, run=str(run), train_seconds=seconds, train_command=cmd, rows=rows
         )
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
     return 0
 
 

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from convae._io import atomic_write_text
 from convae.config import TrainConfig
 from convae.data import load_dataset
 from convae.features import FeatureExtractor
@@ -436,9 +437,7 @@ def write_section(path: Path, lines: list[str]) -> None:
         text = text[: found.start()] + block + ("\n" if text[found.end() :] else "") + text[found.end() :]
     else:
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -489,7 +488,7 @@ def main(argv: list[str] | None = None, prog: str = "benchmarks/roofline.py") ->
         "sizes": sizes,
         "seconds": time.time() - started,
     }
-    args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
     lines = section(results, " ".join([".venv/bin/python", prog, *(sys.argv[1:] if argv is None else argv)]))
     print("\n".join(lines))
     if args.write:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from convae._io import atomic_write_text  # noqa: E402
 from quality import CONVAE, DEFAULT_DATA, replace_section  # noqa: E402
 
 # The last conv block's sign-split maps: as accurate in a minute's training as the mnist preset's
@@ -146,7 +147,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeat):
             runs.append(one_run(Path(tmp), args))
-            (HERE / "time_to_quality.json").write_text(json.dumps(dict(layers=args.layers, runs=runs), indent=1) + "\n")
+            atomic_write_text(
+                HERE / "time_to_quality.json", json.dumps(dict(layers=args.layers, runs=runs), indent=1) + "\n"
+            )
     lines = [
         "## Time to quality",
         "",
@@ -179,7 +182,7 @@ def main() -> None:
     print(body)
     if not args.no_write:
         path = HERE / "RESULTS.md"
-        path.write_text(replace_section(path.read_text() if path.exists() else "", "Time to quality", body))
+        atomic_write_text(path, replace_section(path.read_text() if path.exists() else "", "Time to quality", body))
 
 
 if __name__ == "__main__":
