@@ -12,7 +12,8 @@ model's identity whitening and default groups made its maps cheaper to finish); 
 default 96 px model reads every stage on a 4x4 grid (random images). Both arms run in their
 default batches, the arms interleaved over `--rounds` rounds of the same images (the host's
 speed drifts: read each round's ratio). Prints, per model, the seconds of the first compiled
-call (compiling; a second run of the script finds inductor's on-disk cache warm), images/s per
+call (compiling; a second run of the script finds inductor's on-disk cache warm) and the resident
+memory it added (after an uncompiled batch: what compiling holds, not the batch's), images/s per
 arm and round, and how far the compiled features are from the uncompiled ones (|difference|
 over each feature's standard deviation: mean and max), as Markdown and one JSON line each.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -65,10 +67,22 @@ def timed(extractor: FeatureExtractor, images: np.ndarray) -> tuple[np.ndarray, 
     return out, time.perf_counter() - start
 
 
+def rss_mb() -> float | None:
+    """This process's resident memory now, in MB (Linux's /proc; None elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
 def measure(name: str, data_dir: str, n: int, rounds: int, run: str | None = None) -> dict:
     arms, images = extractors(name, data_dir, n, run)
-    _, compile_seconds = timed(arms["always"], images[: arms["always"].batch_size])
     timed(arms["never"], images[: arms["never"].batch_size])  # warm-up: allocations, kernel choices
+    before = rss_mb()  # what compiling adds: the first compiled batch after an uncompiled one
+    _, compile_seconds = timed(arms["always"], images[: arms["always"].batch_size])
+    after = rss_mb()
+    compile_mb = None if before is None or after is None else after - before
     rates: dict[str, list[float]] = {"never": [], "always": []}
     outs: dict[str, np.ndarray] = {}
     for _ in range(rounds):
@@ -77,7 +91,7 @@ def measure(name: str, data_dir: str, n: int, rounds: int, run: str | None = Non
             rates[mode].append(len(images) / seconds)
     err = np.abs(outs["always"] - outs["never"]) / (outs["never"].std(0) + 1e-6)
     return dict(model=name, run=run, images=len(images), batch=arms["never"].batch_size, dim=arms["never"].dim,
-                compile_seconds=compile_seconds, images_per_s=rates,
+                compile_seconds=compile_seconds, compile_mb=compile_mb, images_per_s=rates,
                 difference=dict(mean=float(err.mean()), max=float(err.max())))  # fmt: skip
 
 
@@ -105,15 +119,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"{args.images} images a round, {args.rounds} rounds, {args.threads} threads\n")
     print(
-        "| model | batch | compiling s | images/s uncompiled | compiled | ratio per round | mean / max difference (std) |"
+        "| model | batch | compiling s (MB) | images/s uncompiled | compiled | ratio per round "
+        "| mean / max difference (std) |"
     )
-    print("|---|---:|---:|---|---|---|---|")
+    print("|---|---:|---|---|---|---|---|")
     results = []
     for name in names:
         r = measure(name, args.data_dir, args.images, args.rounds, runs.get(name))
         plain, fast = r["images_per_s"]["never"], r["images_per_s"]["always"]
         label = f"{name} (trained)" if r["run"] else name
-        print(f"| {label} | {r['batch']} | {r['compile_seconds']:.1f} | {' / '.join(f'{v:.0f}' for v in plain)} | "
+        memory = "-" if r["compile_mb"] is None else f"{r['compile_mb']:.0f}"
+        print(f"| {label} | {r['batch']} | {r['compile_seconds']:.1f} ({memory}) | {' / '.join(f'{v:.0f}' for v in plain)} | "
               f"{' / '.join(f'{v:.0f}' for v in fast)} | {' / '.join(f'{b / a:.2f}' for a, b in zip(plain, fast))} | "
               f"{r['difference']['mean']:.2e} / {r['difference']['max']:.3f} |", flush=True)  # fmt: skip
         results.append(r)
