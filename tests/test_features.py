@@ -204,13 +204,10 @@ def test_a_compiled_extraction_gives_the_uncompiled_features(shared_datasets):
     """compile="always": the forward pass through torch.compile (inductor, a real compile) gives
     the uncompiled pass's features up to float rounding, with fp32 products and with bf16 ones
     where native; 50 images in batches of 8 end with a short batch (padded to the compiled shape).
-    The fp32 extractor comes second on the same model: the bf16 decision compiled into the first
-    extractor's trace must not be reused by it (its features are the uncompiled fp32 ones)."""
-    from torch._dynamo.utils import counters
-
+    The fp32 extractor comes second on the same model: nothing compiled for the first (bf16
+    where native) may be reused by it (its features are the uncompiled fp32 ones)."""
     images = load_dataset("cifar10:test", data_dir=shared_datasets).images[:50]
     model = _grouped_hsparse()
-    counters.clear()
     for precision in ("auto", "float32"):
         plain = FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8, precision=precision, compile="never")
         fast = FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8, precision=precision, compile="always")
@@ -222,10 +219,6 @@ def test_a_compiled_extraction_gives_the_uncompiled_features(shared_datasets):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
         else:  # fused bf16 arithmetic rounds at other places than op by op
             assert np.abs(got - want).mean() < 0.002 * want.std()
-    # each extractor's pass compiled whole: no graph breaks (each split the pass, and a context
-    # variable, the CPU's capabilities and the folded-weights cache did), one graph apiece
-    assert dict(counters["graph_break"]) == {}
-    assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_many_models_compiled_in_one_process_all_run_compiled():

@@ -84,21 +84,10 @@ def allow_bf16(allowed: bool) -> Iterator[None]:
         _bf16_allowed.reset(token)
 
 
-@torch.compiler.assume_constant_result
 def bf16_products(device: torch.device) -> bool:
     """Whether a model's no-gradient pass on `device` may multiply in bf16: the device does so
-    natively and no ``allow_bf16(False)`` block is in force.
-
-    Under torch.compile its answer at trace time is compiled in (dynamo cannot read a context
-    variable or the CPU's capabilities: each call split the compiled pass in two), with no guard:
-    a compiled caller keys its trace on the answer itself (FeatureExtractor does)."""
+    natively and no ``allow_bf16(False)`` block is in force."""
     return _bf16_allowed.get() and native_bf16(device)
-
-
-def extracting() -> bool:
-    """Whether this is an inference-mode pass (extraction). Compiled passes are extraction's only
-    (dynamo cannot trace ``torch.is_inference_mode_enabled``)."""
-    return torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
 
 
 def full_precision(device_type: str):

@@ -167,10 +167,6 @@ class FeatureExtractor:
             return self._forward(x) if compiled is None else self._compiled_forward(compiled, x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        # compiled, the models' bf16_products is a constant of the trace; branching on self.bf16 makes
-        # dynamo guard on it, so an extractor of the other precision never runs this trace
-        if self.bf16 != bf16_products(self.device):
-            raise RuntimeError("the bf16 setting changed within an extraction")
         maps = self.model.forward_intermediates(x, self.layers)
         return torch.cat([pool_features(maps[b.layer], b.pool).float() for b in self.blocks], dim=1)
 

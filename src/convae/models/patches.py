@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tensors import bf16_products, extracting, full_precision, weights_key
+from ..tensors import bf16_products, full_precision, weights_key
 from .blocks import k_sparse, normalized_patches
 
 
@@ -110,7 +110,7 @@ class PatchCoder(nn.Module):
             # a copy of the whole (N, h, w, K) output: 12% of a CIFAR-10 extraction, K = 800, d = 75)
             fresh = self.contrast and not torch.is_grad_enabled()  # normalized() made a new tensor
             centered = patches.sub_(self.mean) if fresh else patches - self.mean
-            if extracting() and bf16_products(x.device):
+            if torch.is_inference_mode_enabled() and bf16_products(x.device):
                 centered, detectors = centered.bfloat16(), detectors.bfloat16()
             return torch.mm(centered.flatten(0, 2), detectors.T).view(*patches.shape[:3], -1)
 
@@ -268,8 +268,7 @@ class GroupedPatchCoder(nn.Module):
 
         Kept between calls while no gradient is wanted and no weight has changed (extraction
         recomputed it every batch: 32 small products, 9% of a CIFAR-10 batch's time)."""
-        # compiled: no cache (dynamo cannot compare data pointers; the weights are constants there)
-        key = None if torch.is_grad_enabled() or torch.compiler.is_compiling() else weights_key(self)
+        key = None if torch.is_grad_enabled() else weights_key(self)
         if key is not None and key == self._folded_key:
             return self._folded_value
         coders = self.group_coders()
