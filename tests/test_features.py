@@ -221,6 +221,22 @@ def test_a_compiled_extraction_gives_the_uncompiled_features(shared_datasets):
             assert np.abs(got - want).mean() < 0.002 * want.std()
 
 
+def test_a_compiled_hierarchical_model_compiles_once_not_again_on_its_second_batch():
+    """The grouped stage's folded-weights cache fills on the first batch; dynamo guarded on that
+    attribute, so the second batch compiled the stage again (5-10 s for a preset's model). The
+    lookup runs uncompiled: the graphs made by the first batch serve every later one."""
+    from torch._dynamo.utils import counters
+
+    model = _grouped_hsparse()
+    images = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    ex = FeatureExtractor(model, "stage1,stage2", "grid2", batch_size=8, compile="always")
+    counters.clear()
+    ex.transform(images[:8])
+    first = counters["stats"]["unique_graphs"]
+    ex.transform(images)
+    assert first > 0 and counters["stats"]["unique_graphs"] == first
+
+
 def test_many_models_compiled_in_one_process_all_run_compiled():
     """dynamo compiles a function again for each model it meets, and past its recompile limit (8)
     runs it uncompiled, saying so only in a log record: a process that extracts with more models

@@ -261,6 +261,9 @@ class GroupedPatchCoder(nn.Module):
         square = (wide.square_() if wide is not sub else wide.square()).sum(-1) / gs  # sub: the convolution's input
         return sub.view(n, h, w, g * gs), mean, square
 
+    # run uncompiled under torch.compile: a cache lookup (dynamo guarded on the cache attribute,
+    # so the compiled extraction compiled again when the first batch filled it: 5-10 s)
+    @torch.compiler.disable
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The groups' whitening folded into their unit filters, as the grouped convolution's
         weight (G*Kg, Gs, p, p), with each filter's offset (its response to the mean patch, (G, Kg))
