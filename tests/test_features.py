@@ -223,7 +223,7 @@ def test_a_compiled_extraction_gives_the_uncompiled_features(shared_datasets):
 
 def test_a_compiled_hierarchical_model_compiles_once_not_again_on_its_second_batch():
     """The grouped stage's folded-weights cache fills on the first batch; dynamo guarded on that
-    attribute, so the second batch compiled the stage again (5-10 s for a preset's model). The
+    attribute, so the second batch compiled the stage again (4-9 s for a preset's model). The
     lookup runs uncompiled: the graphs made by the first batch serve every later one."""
     from torch._dynamo.utils import counters
 

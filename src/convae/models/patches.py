@@ -262,7 +262,7 @@ class GroupedPatchCoder(nn.Module):
         return sub.view(n, h, w, g * gs), mean, square
 
     # run uncompiled under torch.compile: a cache lookup (dynamo guarded on the cache attribute,
-    # so the compiled extraction compiled again when the first batch filled it: 5-10 s)
+    # so the compiled extraction compiled again when the first batch filled it: 4-9 s, RESULTS.md)
     @torch.compiler.disable
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The groups' whitening folded into their unit filters, as the grouped convolution's
