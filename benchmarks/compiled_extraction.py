@@ -5,7 +5,7 @@ at 96 px.
     .venv/bin/python benchmarks/compiled_extraction.py [--only cifar10,mnist] [--images 2000]
         [--rounds 3] [--threads 2] [--data-dir ../shared/datasets] [--run cifar10=RUN_DIR ...]
 
-Each preset's model is built for its dataset's images (`roofline.preset_model`: untrained, since
+Each preset's model is built for its dataset's images (`roofline.preset_net`: untrained, since
 training changes the weights, not the work) with the extractor of what its probe reads, or
 loaded from a trained run of that preset (`--run PRESET=RUN_DIR`: an untrained hierarchical
 model's identity whitening and default groups made its maps cheaper to finish); the
@@ -33,7 +33,7 @@ from convae import load_model
 from convae.data import load_dataset
 from convae.features import FeatureExtractor
 from convae.models import build_model, default_model_config
-from roofline import preset_extractor, preset_model  # benchmarks/ is the script's folder: on sys.path
+from roofline import preset_extractor, preset_net  # benchmarks/ is the script's folder: on sys.path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "datasets"
@@ -57,7 +57,7 @@ def extractors(name: str, data_dir: str, n: int, run: str | None) -> tuple[dict[
         arms = {mode: FeatureExtractor(model, layers, "grid4", compile=mode) for mode in ("never", "always")}
         return arms, np.random.default_rng(0).integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
     images = load_dataset(PRESET_DATA[name], data_dir=data_dir).images[:n]
-    model = preset_model(name, images.shape[1:])[0] if run is None else load_model(run)[0]
+    model = preset_net(name, images.shape[1:]) if run is None else load_model(run)[0]
     return {mode: preset_extractor(name, model, mode) for mode in ("never", "always")}, images
 
 

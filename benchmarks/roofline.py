@@ -239,15 +239,20 @@ class FlopsByDtype(TorchDispatchMode):
         return out
 
 
-def preset_model(preset: str, image_shape: tuple[int, ...], compile: str = "auto"):
-    """The model `convae fit --preset` builds for images of `image_shape` (untrained: a forward pass
-    costs the same whatever the weights), and the extractor of what the preset's probe reads."""
+def preset_net(preset: str, image_shape: tuple[int, ...]):
+    """The model `convae fit --preset` builds for images of `image_shape`, seeded, untrained: a
+    forward pass costs the same whatever the weights."""
     fit = PRESETS[preset].fit
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     overrides = {k: v for k, v in fit.items() if k in fields}
     overrides["channels"] = tuple(int(c) for c in str(fit["widths"]).split(","))
     torch.manual_seed(0)
-    model = build_model(default_model_config(image_shape, **overrides))
+    return build_model(default_model_config(image_shape, **overrides))
+
+
+def preset_model(preset: str, image_shape: tuple[int, ...], compile: str = "auto"):
+    """:func:`preset_net`, and the extractor of what the preset's probe reads from it."""
+    model = preset_net(preset, image_shape)
     return model, preset_extractor(preset, model, compile)
 
 
