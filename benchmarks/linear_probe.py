@@ -28,9 +28,10 @@ Measures on this machine, in one run, and prints Markdown tables:
   objective ``C * sum(cross-entropy) + ||W||^2 / 2`` reached (W on standardized features).
 
 `--basis DIMS` times, instead, what a whitened fit adds to each pass: the weights and the
-gradient multiplied by the inverse Cholesky factor R (DIMS x DIMS, upper triangular), as numpy's
-full product (on one BLAS thread and on all), as BLAS trmm (which reads R's triangle alone) and
-as the module's blocks of R's triangle shared out to threads, side by side, best of 5 each.
+gradient multiplied by the inverse of the Cholesky factor U (DIMS x DIMS, upper triangular), as
+products with the inverse (numpy's full product on one BLAS thread and on all; blocks of its
+triangle shared out to threads, the probe's way until 2026-12-07) and as the module's triangular
+solves with U (no inverse), side by side, best of 5 each, and the inverse's own time.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -234,36 +236,43 @@ def gb(nbytes: float) -> str:
 
 
 def basis_products(dims: int, classes: int, repeat: int = 5) -> str:
-    """A Markdown table: the whitened basis' two products a pass (W @ R.T, G @ R), numpy's full
-    product on one BLAS thread (what L-BFGS's loop allows, the probe before 2026-12-07) and on all,
-    trmm, and convae's blocks over R's triangle on torch's threads, timed in turn (best of
-    `repeat`), with the largest difference from the full product."""
+    """A Markdown table: the whitened basis' two products a pass (W @ U^-T, G @ U^-1) for an upper
+    triangular U, timed in turn (best of `repeat`) with the largest difference from the first way:
+    numpy's full products with the inverse on one BLAS thread (what L-BFGS's loop allows, the probe
+    before 2026-12-07) and on all; the inverse's triangle in blocks of 256 columns shared out to
+    torch's threads (the probe until 2026-12-07, evening); convae's triangular solves with U (no
+    inverse). And the inverse itself (strtri, once), which the solves make unnecessary."""
     import torch
-    from scipy.linalg.blas import strmm
+    from scipy.linalg.lapack import strtri
     from threadpoolctl import threadpool_limits
 
     from convae.probe import linear as _linear
 
     rng = np.random.default_rng(0)
-    R = np.zeros((dims, dims), dtype=np.float32, order="F")
-    for j in range(0, dims, 2048):  # filled a block of columns at a time: bounded temporaries
-        R[:, j : j + 2048] = np.triu(rng.standard_normal((dims, min(2048, dims - j)), dtype=np.float32), k=-j)
+    U = np.zeros((dims, dims), dtype=np.float32, order="F")
+    # diagonally dominant (a random triangular matrix's inverse grows exponentially with its size),
+    # filled a block of columns at a time: bounded temporaries
+    for j in range(0, dims, 2048):
+        block = np.triu(rng.standard_normal((dims, min(2048, dims - j)), dtype=np.float32), k=-j) * (0.5 / dims)
+        block[np.arange(j, min(j + 2048, dims)), np.arange(block.shape[1])] = 1.0
+        U[:, j : j + 2048] = block
     W = rng.standard_normal((classes, dims))
     threads = torch.get_num_threads()
-    basis = _linear._Basis(np.zeros(dims), np.ones(dims), R, 1.0, n_threads=threads)
+    basis = _linear._Basis(np.zeros(dims), np.ones(dims), U, 1.0, n_threads=threads)
+    start = time.perf_counter()
+    R, info = strtri(U.copy(order="F"), lower=0, overwrite_c=1)  # U^-1
+    inverse_s = time.perf_counter() - start
+    lower_R = torch.from_numpy(np.ascontiguousarray(R.T))  # R.T, row-major: as the blocks read it
 
     def full(blas_threads):
         with threadpool_limits(limits=blas_threads, user_api="blas"):
             return W.astype(np.float32) @ R.T, W.astype(np.float32) @ R
 
     ways = {
-        "full product (numpy), 1 BLAS thread": lambda: full(1),
-        f"full product (numpy), {threads} BLAS threads": lambda: full(threads),
-        "trmm (scipy, R's triangle alone)": lambda: (
-            strmm(1.0, R, W.astype(np.float32).T, side=0, trans_a=0, lower=0).T,  # (R @ W.T).T
-            strmm(1.0, R, W.astype(np.float32).T, side=0, trans_a=1, lower=0).T,
-        ),
-        f"blocks of R's triangle on {threads} threads (convae's)": lambda: (basis.weights(W), basis.gradient(W)),
+        "inverse: full product (numpy), 1 BLAS thread": lambda: full(1),
+        f"inverse: full product (numpy), {threads} BLAS threads": lambda: full(threads),
+        f"inverse: blocks of its triangle on {threads} threads": lambda: _inverse_blocks(lower_R, W, threads),
+        "triangular solves with U, 1 thread (convae's)": lambda: (basis.weights(W), basis.gradient(W)),
     }
     best = dict.fromkeys(ways, float("inf"))
     outs = {name: f() for name, f in ways.items()}  # warm-up, and the results compared
@@ -277,10 +286,35 @@ def basis_products(dims: int, classes: int, repeat: int = 5) -> str:
         float(np.abs(a - b).max() / np.abs(a).max()) for out in outs.values() for a, b in zip(reference, out)
     )
     first = next(iter(best.values()))
-    lines = [f"Whitened basis, {dims:,} columns, {classes} classes (max relative difference {diff:.1e}):\n",
+    lines = [f"Whitened basis, {dims:,} columns, {classes} classes (max relative difference {diff:.1e}); "
+             f"the inverse (strtri, once): {inverse_s:.1f} s\n",
              "| products a pass | ms | vs the first |", "|---|---:|---:|"]  # fmt: skip
     lines += [f"| {name} | {s * 1e3:.0f} | {s / first:.2f}x |" for name, s in best.items()]
     return "\n".join(lines)
+
+
+def _inverse_blocks(lower_R, W: np.ndarray, threads: int, step: int = 256):
+    """W @ R.T and W @ R by blocks of 256 columns over R's triangle (R.T given row-major), the
+    blocks shared out to `threads` one-threaded workers: how the probe multiplied by the inverse."""
+    import torch
+
+    d = lower_R.shape[0]
+    W32 = torch.tensor(W, dtype=torch.float32)
+    weights, gradient = torch.empty_like(W32), torch.empty_like(W32)
+
+    def block(a: int) -> None:
+        b = min(a + step, d)
+        torch.mm(W32[:, a:], lower_R[a:, a:b], out=weights[:, a:b])  # R.T zero above its diagonal
+        torch.mm(W32[:, :b], lower_R[a:b, :b].T, out=gradient[:, a:b])  # R zero below its diagonal
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            list(pool.map(block, range(0, d, step)))
+    finally:
+        torch.set_num_threads(before)
+    return weights.numpy(), gradient.numpy()
 
 
 def pass_table(bw: float, results: list[dict]) -> str:

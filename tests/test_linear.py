@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
@@ -312,22 +313,29 @@ def test_passes_read_larger_chunks_where_scores_are_computed_rows_first(monkeypa
     assert linear._Rows(X, torch.device("cpu"), 100, 1, 1, 10).chunk_rows == 100  # the caller's, either way
 
 
-@pytest.mark.parametrize("n_threads", [1, 2, 3])
-def test_whitened_products_by_blocks_match_the_dense_products(mnist, one_thread, n_threads, tmp_path):
-    """The whitening's products with its inverse factor R, by blocks of R's triangle shared out
-    to threads, are numpy's dense products (MNIST's 784 columns: three whole blocks and a part)."""
+@pytest.mark.parametrize("estimated", [False, True])
+def test_whitened_products_are_the_inverse_factors(mnist, one_thread, monkeypatch, estimated, tmp_path):
+    """The whitening's products by triangular solves with its Cholesky factor U are the products
+    with U's inverse (scipy's), and its gain is the exact one computed from that inverse, or
+    (wide features, forced here for MNIST's 784 columns) Hutchinson's estimate of it to 0.5%."""
+    if estimated:
+        monkeypatch.setattr(linear, "_EXACT_TRACE_COLUMNS", 0)
     Xtr, _, _, _ = mnist
     _, rows, mean, scale = _standardized_rows(Xtr, tmp_path)
-    rows.n_threads = n_threads
     basis = linear._whitened_basis(rows, mean, scale, 0.1, None)
-    assert basis.n_threads == n_threads and len(basis.blocks) == 4
-    R = basis.lower.numpy().T.astype(np.float64)
-    np.testing.assert_array_equal(np.tril(R, -1), 0.0)
+    U = basis.lower.numpy().T.astype(np.float64)
+    np.testing.assert_array_equal(np.tril(U, -1), 0.0)
+    R = scipy.linalg.solve_triangular(U, np.eye(rows.d), lower=False)  # U^-1
     W = np.random.default_rng(0).standard_normal((10, rows.d))
     dense_weights = W @ R.T * (basis.gain / scale)
     dense_gradient = (W / scale) @ R * basis.gain
     np.testing.assert_allclose(basis.weights(W), dense_weights, rtol=1e-4, atol=1e-4 * np.abs(dense_weights).max())
     np.testing.assert_allclose(basis.gradient(W), dense_gradient, rtol=1e-4, atol=1e-4 * np.abs(dense_gradient).max())
+    # the gain: 1 / sqrt(1 - floor ||U^-1||^2 / d), the floor 0.1 x the mean variance; U.T @ U =
+    # cov + floor, whose mean diagonal is 1.1 x the mean variance
+    floor = 0.1 * float(np.mean(np.diagonal(U.T @ U))) / 1.1
+    exact = 1.0 / np.sqrt(1.0 - floor * float(np.square(R).sum()) / rows.d)
+    assert basis.gain == pytest.approx(exact, rel=5e-3 if estimated else 1e-5)
 
 
 def test_bf16_covariance_matches_float32(mnist, monkeypatch, tmp_path):

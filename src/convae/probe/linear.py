@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+import typing
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -92,11 +93,10 @@ _BF16_TILE_COLUMNS = 1600  # 1,600-2,400 within 10% of each other (9,600 columns
 # a whitened probe of 28,800 features took its process down). MKL's, through torch, factors in
 # place too, 1.15x slower (9,600 and 26,000 columns: benchmarks/cholesky.py): only wider matrices take it.
 _OPENBLAS_CHOLESKY_COLUMNS = 24_576
-# columns of R a block of the whitened fit's products reads. Both products of a pass at 22,400
-# columns: 829 ms as numpy's full products on one BLAS thread (L-BFGS's loop runs with one), 436
-# ms on two; over the triangle in blocks on 2 threads, 176 ms at 256 columns, 199 at 512, 211 at
-# 1,024 (scratch benchmark, an Intel host with AMX, 2026-12-07; benchmarks/linear_probe.py --basis)
-_BASIS_BLOCK_COLUMNS = 256
+# the whitening's gain (_inverse_trace): exact up to this many columns (an inverse of 64 MB),
+# estimated above it from this many probes
+_EXACT_TRACE_COLUMNS = 4096
+_TRACE_PROBES = 256  # a multiple of 64
 _WHITEN_AUTO_ROWS = 20_000  # whiten_rows="auto": the covariance from this many rows (2 a column if more)
 # precondition=True: L-BFGS steps in the coordinates of a whitening of blocks of consecutive
 # columns, each block's covariance from 2 rows a column, evenly spaced, floored at
@@ -315,17 +315,18 @@ def _scale(mean: np.ndarray, var: np.ndarray, n: int) -> np.ndarray:
 class _Basis:
     """The features the weights W are fitted on, as a linear map of X: standardized or whitened rows.
 
-    Standardized: ``z = (x - mean) / scale``. Whitened (`inverse_factor` given): ``z = (x - mean) / scale @ R * gain``
-    with ``R = U^-1`` for the Cholesky factor ``U.T @ U = cov(standardized X) + floor * I``, and
-    `gain` making the whitened features' variance average 1: the Gram matrix, so an L2-penalized
-    linear model's solution, of :class:`convae.probe.Whitener`'s PCA whitening (its rows are
-    these rotated), at a Cholesky's cost instead of an eigendecomposition's.
+    Standardized: ``z = (x - mean) / scale``. Whitened (`factor` given): ``z = (x - mean) / scale @ U^-1 * gain``
+    for the Cholesky factor ``U.T @ U = cov(standardized X) + floor * I``, and `gain` making the
+    whitened features' variance average 1: the Gram matrix, so an L2-penalized linear model's
+    solution, of :class:`convae.probe.Whitener`'s PCA whitening (its rows are these rotated), at a
+    Cholesky's cost instead of an eigendecomposition's.
     ``weights(W)`` gives the weights on X; ``gradient(G)`` maps a gradient on X's weights back to W.
 
-    The products with R (upper triangular, its lower triangle zero, Fortran order) run as blocks of
-    columns over its triangle alone, shared out to `n_threads` threads: no BLAS call does that for a
-    k x d by d x d product (trmm reads the triangle alone, but ran 0.84-0.85x the full product's time
-    on 2 threads: benchmarks/RESULTS.md).
+    The products with U^-1 are triangular solves with U (trsm, k right-hand sides), no inverse
+    formed: inverting the factor (strtri) took 9.7 s of the mnist preset's 63 s whitened fit
+    (22,400 columns), and the solves cost about 0.4 s a pass where the inverse's products took
+    0.26 (benchmarks/RESULTS.md). On one thread: MKL's two-thread solves were 1.7-2.7x as fast
+    but their bits differ from one thread's, and a fit's result must not depend on its threads.
     """
 
     # the L2 penalty is on W (the whitened model's weights); a preconditioner's basis puts it on
@@ -333,70 +334,30 @@ class _Basis:
     penalizes_standardized = False
 
     def __init__(
-        self,
-        mean: np.ndarray,
-        scale: np.ndarray,
-        inverse_factor: np.ndarray | None = None,
-        gain=1.0,
-        n_threads: int = 1,
+        self, mean: np.ndarray, scale: np.ndarray, factor: np.ndarray | None = None, gain=1.0, n_threads: int = 1
     ):
         self.mean, self.scale, self.gain, self.n_threads = mean, scale, gain, max(1, n_threads)
-        # R.T: lower triangular and row-major, R's own memory; a block of its rows is contiguous
-        self.lower = None if inverse_factor is None else torch.from_numpy(np.ascontiguousarray(inverse_factor.T))
-        if self.lower is not None:  # standardized alone, the products are divisions: no blocks
-            d, step = len(mean), _BASIS_BLOCK_COLUMNS
-            self.blocks = [(a, min(a + step, d)) for a in range(0, d, step)]
-            # each product's blocks dealt to the threads once: a block of `weights` reads R.T's rows
-            # a..d, one of `gradient` R's columns 0..b
-            self._weight_shares = self._shares([d - a for a, _ in self.blocks])
-            self._gradient_shares = self._shares([b for _, b in self.blocks])
+        # U.T: lower triangular and row-major, in the Fortran-ordered U's own memory
+        self.lower = None if factor is None else torch.from_numpy(np.ascontiguousarray(factor.T))
 
     def weights(self, W: np.ndarray) -> np.ndarray:
         if self.lower is None:
             return W / self.scale
-        W32 = torch.tensor(W, dtype=torch.float32)
-        out = torch.empty_like(W32)
-
-        def block(a: int, b: int) -> None:  # out[:, a:b] = W @ R.T[:, a:b], R.T zero above its diagonal
-            torch.mm(W32[:, a:], self.lower[a:, a:b], out=out[:, a:b])
-
-        self._run(block, self._weight_shares)
-        return out.numpy().astype(np.float64) * (self.gain / self.scale)
+        lower = typing.cast(torch.Tensor, self.lower)
+        At = self._solve(lower.T, torch.tensor(W.T, dtype=torch.float32), upper=True)  # U @ A.T = W.T
+        return At.numpy().T.astype(np.float64) * (self.gain / self.scale)  # A = W @ U^-T
 
     def gradient(self, G: np.ndarray) -> np.ndarray:
         if self.lower is None:
             return G / self.scale
-        G32 = torch.tensor(G / self.scale, dtype=torch.float32)
-        out = torch.empty_like(G32)
+        lower = typing.cast(torch.Tensor, self.lower)
+        Y = self._solve(lower, torch.tensor((G / self.scale).T, dtype=torch.float32), upper=False)  # U.T @ Y = G.T
+        return Y.numpy().T.astype(np.float64) * self.gain  # Y.T = G @ U^-1
 
-        def block(a: int, b: int) -> None:  # out[:, a:b] = G @ R[:, a:b], R zero below its diagonal
-            torch.mm(G32[:, :b], self.lower[a:b, :b].T, out=out[:, a:b])
-
-        self._run(block, self._gradient_shares)
-        return out.numpy().astype(np.float64) * self.gain
-
-    def _shares(self, costs: list[int]) -> list[list[tuple[int, int]]]:
-        """The blocks dealt to the threads by cost: largest first, each to the least loaded thread."""
-        shares: list[list[tuple[int, int]]] = [[] for _ in range(self.n_threads)]
-        loads = [0] * self.n_threads
-        for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
-            t = loads.index(min(loads))
-            shares[t].append(self.blocks[i])
-            loads[t] += costs[i]
-        return shares
-
-    def _run(self, block, shares: list[list[tuple[int, int]]]) -> None:
-        """`block(a, b)` for every block, each thread its share."""
-
-        def work(share: list[tuple[int, int]]) -> None:
-            for a, b in share:
-                block(a, b)
-
-        if self.n_threads == 1:
-            work(shares[0])
-            return
-        with _torch_threads(1), _one_threaded_pool(self.n_threads) as pool:
-            list(pool.map(work, shares))
+    @staticmethod
+    def _solve(triangle: torch.Tensor, B: torch.Tensor, *, upper: bool) -> torch.Tensor:
+        with _torch_threads(1):  # a transposed view is read as such (trsm's flag): no copy
+            return torch.linalg.solve_triangular(triangle, B, upper=upper)
 
 
 class _BlockBasis(_Basis):
@@ -438,6 +399,29 @@ class _BlockBasis(_Basis):
 
         self._run(block, self._gradient_shares)
         return out.numpy().astype(np.float64)
+
+    def _shares(self, costs: list[int]) -> list[list[tuple[int, int]]]:
+        """The blocks dealt to the threads by cost: largest first, each to the least loaded thread."""
+        shares: list[list[tuple[int, int]]] = [[] for _ in range(self.n_threads)]
+        loads = [0] * self.n_threads
+        for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+            t = loads.index(min(loads))
+            shares[t].append(self.blocks[i])
+            loads[t] += costs[i]
+        return shares
+
+    def _run(self, block, shares: list[list[tuple[int, int]]]) -> None:
+        """`block(a, b)` for every block, each thread its share."""
+
+        def work(share: list[tuple[int, int]]) -> None:
+            for a, b in share:
+                block(a, b)
+
+        if self.n_threads == 1:
+            work(shares[0])
+            return
+        with _torch_threads(1), _one_threaded_pool(self.n_threads) as pool:
+            list(pool.map(work, shares))
 
 
 def _block_preconditioner(rows: _Rows, mean: np.ndarray, scale: np.ndarray) -> _BlockBasis:
@@ -493,13 +477,33 @@ def _sampled_rows(
 def _whitened_basis(rows: _Rows, mean: np.ndarray, scale: np.ndarray, eps: float, picks: np.ndarray | None) -> _Basis:
     """The whitening of :class:`_Basis` for the standardized rows, floor `eps` x their mean variance,
     from the covariance of the rows `picks` (None: all)."""
-    factor, floor = _regularized_factor(rows, mean, scale, eps, picks)
-    inverse = _inverse_in_place(factor, "whitening")  # one d x d float32 matrix throughout
+    factor, floor = _regularized_factor(rows, mean, scale, eps, picks)  # one d x d float32 matrix throughout
+    basis = _Basis(mean, scale, factor, n_threads=rows.n_threads)
     # mean variance of the whitened axes: mean of eigenvalue / (eigenvalue + floor) = 1 - floor tr((cov + floor)^-1) / d
-    squares = sum(float(np.square(inverse[:, j : j + 256], dtype=np.float64).sum()) for j in range(0, rows.d, 256))
-    variance = 1.0 - floor * squares / rows.d
-    gain = 1.0 / np.sqrt(max(variance, np.finfo(np.float64).tiny))
-    return _Basis(mean, scale, inverse, gain, n_threads=rows.n_threads)
+    variance = 1.0 - floor * _inverse_trace(typing.cast(torch.Tensor, basis.lower)) / rows.d
+    basis.gain = 1.0 / np.sqrt(max(variance, np.finfo(np.float64).tiny))
+    return basis
+
+
+def _inverse_trace(lower: torch.Tensor) -> float:
+    """tr((L @ L.T)^-1) = ||L^-1||^2 (Frobenius) for the lower triangular L: exactly up to
+    _EXACT_TRACE_COLUMNS (from a copy's inverse), else by Hutchinson's estimator, the mean of
+    ||L^-1 z||^2 over _TRACE_PROBES random +-1 vectors z (seeded), which needs no inverse.
+
+    The estimate's relative standard deviation is at most sqrt(2 / (probes floor tr)) for a
+    covariance floored at `floor` (the inverse's eigenvalues are at most 1 / floor), and the
+    whitened variance it gives, 1 - floor tr / d, moves by floor tr / d times that.
+    """
+    if lower.shape[0] <= _EXACT_TRACE_COLUMNS:
+        inverse = _inverse_in_place(np.array(lower.numpy().T, order="F"), "whitening")  # of U = L.T
+        return float(np.square(inverse, dtype=np.float64).sum())
+    generator, total = torch.Generator().manual_seed(0), 0.0
+    for _ in range(0, _TRACE_PROBES, 64):  # 64 probes a solve: 5.7 MB at 22,400 columns
+        z = torch.randint(0, 2, (lower.shape[0], 64), generator=generator).to(torch.float32).mul_(2).sub_(1)
+        with _torch_threads(1):
+            y = torch.linalg.solve_triangular(lower, z, upper=False)
+        total += float(y.square_().sum(dtype=torch.float64))
+    return total / _TRACE_PROBES
 
 
 def _regularized_factor(
