@@ -280,6 +280,32 @@ def test_folded_whitening_fits_what_a_whitened_copy_fits(mnist, one_thread, esti
         estimator(whiten=0.0).fit(Xtr[:100], ytr[:100])
 
 
+@pytest.mark.parametrize("estimator", [StreamingLogisticRegression, StreamingLinearSVM])
+def test_whitened_blocks_fit_what_a_whitener_per_block_fits(mnist, one_thread, estimator):
+    """``whiten_blocks`` whitens each block of columns on its own: the solution of the same
+    classifier on a copy with a Whitener per block (MNIST's pixels as blocks of rows of the image,
+    uneven widths)."""
+    Xtr, ytr, Xte, _ = mnist
+    widths = [196, 392, 196]
+    edges = np.cumsum([0, *widths])
+    whiteners = [
+        make_pipeline(StandardScaler(), Whitener(eps=0.1)).fit(Xtr[:, a:b]) for a, b in zip(edges[:-1], edges[1:])
+    ]
+
+    def copy(X):
+        return np.hstack([w.transform(X[:, a:b]) for w, a, b in zip(whiteners, edges[:-1], edges[1:])])
+
+    C = 4 * logreg_c(Xtr.shape[1])
+    reference = estimator(C=C, tol=1e-7, max_iter=3000, standardize=False).fit(copy(Xtr), ytr)
+    ours = estimator(C=C, tol=1e-7, max_iter=3000, whiten=0.1, whiten_blocks=widths).fit(Xtr, ytr)
+    assert ours.objective_ == pytest.approx(reference.objective_, rel=OBJECTIVE_RTOL)
+    assert np.mean(ours.predict(Xte) == reference.predict(copy(Xte))) >= 1 - ACCURACY_TOLERANCE
+    whole = estimator(C=C, tol=1e-7, max_iter=3000, whiten=0.1).fit(Xtr, ytr)
+    assert whole.objective_ != pytest.approx(ours.objective_, rel=OBJECTIVE_RTOL)  # another whitening
+    with pytest.raises(ValueError, match="whiten_blocks must be positive widths adding up to the 784 columns"):
+        estimator(whiten=0.1, whiten_blocks=[196, 392]).fit(Xtr[:100], ytr[:100])
+
+
 def _standardized_rows(X: np.ndarray, tmp_path):
     """X as a float16 memmap (as the probe reads its features), its rows, column means and scales."""
     np.save(tmp_path / "x.npy", X.astype(np.float16))
@@ -323,19 +349,20 @@ def test_whitened_products_are_the_inverse_factors(mnist, one_thread, monkeypatc
     Xtr, _, _, _ = mnist
     _, rows, mean, scale = _standardized_rows(Xtr, tmp_path)
     basis = linear._whitened_basis(rows, mean, scale, 0.1, None)
-    U = basis.lower.numpy().T.astype(np.float64)
+    ((_, _, lower, gain),) = basis.whitened
+    U = lower.numpy().T.astype(np.float64)
     np.testing.assert_array_equal(np.tril(U, -1), 0.0)
     R = scipy.linalg.solve_triangular(U, np.eye(rows.d), lower=False)  # U^-1
     W = np.random.default_rng(0).standard_normal((10, rows.d))
-    dense_weights = W @ R.T * (basis.gain / scale)
-    dense_gradient = (W / scale) @ R * basis.gain
+    dense_weights = W @ R.T * (gain / scale)
+    dense_gradient = (W / scale) @ R * gain
     np.testing.assert_allclose(basis.weights(W), dense_weights, rtol=1e-4, atol=1e-4 * np.abs(dense_weights).max())
     np.testing.assert_allclose(basis.gradient(W), dense_gradient, rtol=1e-4, atol=1e-4 * np.abs(dense_gradient).max())
     # the gain: 1 / sqrt(1 - floor ||U^-1||^2 / d), the floor 0.1 x the mean variance; U.T @ U =
     # cov + floor, whose mean diagonal is 1.1 x the mean variance
     floor = 0.1 * float(np.mean(np.diagonal(U.T @ U))) / 1.1
     exact = 1.0 / np.sqrt(1.0 - floor * float(np.square(R).sum()) / rows.d)
-    assert basis.gain == pytest.approx(exact, rel=5e-3 if estimated else 1e-5)
+    assert gain == pytest.approx(exact, rel=5e-3 if estimated else 1e-5)
 
 
 def test_bf16_covariance_matches_float32(mnist, monkeypatch, tmp_path):
@@ -375,7 +402,7 @@ def test_an_indefinite_bf16_covariance_is_computed_again_in_float32(mnist, monke
     fp32 = StreamingLogisticRegression(whiten=0.1, max_iter=50).fit(X16, y)
     tries = []
 
-    def indefinite(rows, mean, scale, picks=None):
+    def indefinite(rows, mean, scale, picks=None, columns=None):
         tries.append("bf16")
         cov = np.zeros((rows.d, rows.d), dtype=np.float32, order="F")
         cov[0, 0] = -1e3  # no floor makes this positive definite

@@ -42,7 +42,6 @@ from __future__ import annotations
 import functools
 import threading
 import time
-import typing
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -315,11 +314,14 @@ def _scale(mean: np.ndarray, var: np.ndarray, n: int) -> np.ndarray:
 class _Basis:
     """The features the weights W are fitted on, as a linear map of X: standardized or whitened rows.
 
-    Standardized: ``z = (x - mean) / scale``. Whitened (`factor` given): ``z = (x - mean) / scale @ U^-1 * gain``
-    for the Cholesky factor ``U.T @ U = cov(standardized X) + floor * I``, and `gain` making the
-    whitened features' variance average 1: the Gram matrix, so an L2-penalized linear model's
-    solution, of :class:`convae.probe.Whitener`'s PCA whitening (its rows are these rotated), at a
-    Cholesky's cost instead of an eigendecomposition's.
+    Standardized: ``z = (x - mean) / scale``. Whitened (`factors` given), block by block of
+    columns a:b: ``z[a:b] = (x[a:b] - mean[a:b]) / scale[a:b] @ U^-1 * gain`` for the block's
+    Cholesky factor ``U.T @ U = cov(standardized X[:, a:b]) + floor * I``, `gain` making the
+    block's whitened features' variance average 1. One block of every column: the Gram matrix,
+    so an L2-penalized linear model's solution, of :class:`convae.probe.Whitener`'s PCA whitening
+    (its rows are these rotated), at a Cholesky's cost instead of an eigendecomposition's; several:
+    each block its own Whitener (a block-diagonal whitening), whose covariances and factors cost
+    the squares and cubes of the blocks' widths instead of the whole's.
     ``weights(W)`` gives the weights on X; ``gradient(G)`` maps a gradient on X's weights back to W.
 
     The products with U^-1 are triangular solves with U (trsm, k right-hand sides), no inverse
@@ -333,26 +335,24 @@ class _Basis:
     # the standardized weights instead (:class:`_BlockBasis`)
     penalizes_standardized = False
 
-    def __init__(
-        self, mean: np.ndarray, scale: np.ndarray, factor: np.ndarray | None = None, gain=1.0, n_threads: int = 1
-    ):
-        self.mean, self.scale, self.gain, self.n_threads = mean, scale, gain, max(1, n_threads)
-        # U.T: lower triangular and row-major, in the Fortran-ordered U's own memory
-        self.lower = None if factor is None else torch.from_numpy(np.ascontiguousarray(factor.T))
+    def __init__(self, mean: np.ndarray, scale: np.ndarray, factors=(), n_threads: int = 1):
+        self.mean, self.scale, self.n_threads = mean, scale, max(1, n_threads)
+        # (a, b, U.T, gain) a block: U.T lower triangular and row-major, in the Fortran-ordered U's memory
+        self.whitened = [(a, b, torch.from_numpy(np.ascontiguousarray(U.T)), gain) for a, b, U, gain in factors]
 
     def weights(self, W: np.ndarray) -> np.ndarray:
-        if self.lower is None:
-            return W / self.scale
-        lower = typing.cast(torch.Tensor, self.lower)
-        At = self._solve(lower.T, torch.tensor(W.T, dtype=torch.float32), upper=True)  # U @ A.T = W.T
-        return At.numpy().T.astype(np.float64) * (self.gain / self.scale)  # A = W @ U^-T
+        out = W.copy()
+        for a, b, lower, gain in self.whitened:  # U @ A.T = W.T: A = W @ U^-T
+            out[:, a:b] = self._solve(lower.T, torch.tensor(W[:, a:b].T, dtype=torch.float32), upper=True).numpy().T
+            out[:, a:b] *= gain
+        return out / self.scale
 
     def gradient(self, G: np.ndarray) -> np.ndarray:
-        if self.lower is None:
-            return G / self.scale
-        lower = typing.cast(torch.Tensor, self.lower)
-        Y = self._solve(lower, torch.tensor((G / self.scale).T, dtype=torch.float32), upper=False)  # U.T @ Y = G.T
-        return Y.numpy().T.astype(np.float64) * self.gain  # Y.T = G @ U^-1
+        out = G / self.scale
+        for a, b, lower, gain in self.whitened:  # U.T @ Y = G.T: Y.T = G @ U^-1
+            out[:, a:b] = self._solve(lower, torch.tensor(out[:, a:b].T, dtype=torch.float32), upper=False).numpy().T
+            out[:, a:b] *= gain
+        return out
 
     @staticmethod
     def _solve(triangle: torch.Tensor, B: torch.Tensor, *, upper: bool) -> torch.Tensor:
@@ -463,6 +463,16 @@ def _covariance_rows(n: int, d: int, whiten_rows) -> np.ndarray | None:
     return np.linspace(0, n - 1, m).round().astype(np.int64)  # distinct: the spacing is at least 1
 
 
+def _block_widths(whiten_blocks, d: int) -> list[int] | None:
+    """`whiten_blocks` checked: positive widths adding up to the `d` columns (None stays None)."""
+    if whiten_blocks is None:
+        return None
+    widths = [int(w) for w in np.asarray(whiten_blocks).ravel()]
+    if any(w < 1 for w in widths) or sum(widths) != d:
+        raise ValueError(f"whiten_blocks must be positive widths adding up to the {d} columns of X, got {widths}")
+    return widths
+
+
 def _sampled_rows(
     rows: _Rows, picks: np.ndarray | None, start: int, stop: int, columns: tuple[int, int] | None = None
 ) -> torch.Tensor:
@@ -474,15 +484,22 @@ def _sampled_rows(
     return torch.from_numpy(np.ascontiguousarray(rows.X[picks[start:stop], a:b]))
 
 
-def _whitened_basis(rows: _Rows, mean: np.ndarray, scale: np.ndarray, eps: float, picks: np.ndarray | None) -> _Basis:
-    """The whitening of :class:`_Basis` for the standardized rows, floor `eps` x their mean variance,
-    from the covariance of the rows `picks` (None: all)."""
-    factor, floor = _regularized_factor(rows, mean, scale, eps, picks)  # one d x d float32 matrix throughout
-    basis = _Basis(mean, scale, factor, n_threads=rows.n_threads)
-    # mean variance of the whitened axes: mean of eigenvalue / (eigenvalue + floor) = 1 - floor tr((cov + floor)^-1) / d
-    variance = 1.0 - floor * _inverse_trace(typing.cast(torch.Tensor, basis.lower)) / rows.d
-    basis.gain = 1.0 / np.sqrt(max(variance, np.finfo(np.float64).tiny))
-    return basis
+def _whitened_basis(
+    rows: _Rows, mean: np.ndarray, scale: np.ndarray, eps: float, picks: np.ndarray | None, widths=None
+) -> _Basis:
+    """The whitening of :class:`_Basis` for the standardized rows, each block of consecutive
+    columns `widths` wide (None: one block of all) on its own, floor `eps` x the block's mean
+    variance, from the covariance of the rows `picks` (None: all)."""
+    edges = np.cumsum([0, *(widths if widths is not None else [rows.d])])
+    factors = []
+    for a, b in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        # one d x d float32 matrix a block, kept: the solves read it
+        factor, floor = _regularized_factor(rows, mean[a:b], scale[a:b], eps, picks, (a, b))
+        lower = torch.from_numpy(np.ascontiguousarray(factor.T))
+        # mean variance of the whitened axes: mean of eigenvalue / (eigenvalue + floor) = 1 - floor tr((cov + floor)^-1) / d
+        variance = 1.0 - floor * _inverse_trace(lower) / (b - a)
+        factors.append((a, b, factor, 1.0 / np.sqrt(max(variance, np.finfo(np.float64).tiny))))
+    return _Basis(mean, scale, factors, n_threads=rows.n_threads)
 
 
 def _inverse_trace(lower: torch.Tensor) -> float:
@@ -507,10 +524,10 @@ def _inverse_trace(lower: torch.Tensor) -> float:
 
 
 def _regularized_factor(
-    rows: _Rows, mean: np.ndarray, scale: np.ndarray, eps: float, picks: np.ndarray | None
+    rows: _Rows, mean: np.ndarray, scale: np.ndarray, eps: float, picks: np.ndarray | None, columns: tuple[int, int]
 ) -> tuple[np.ndarray, float]:
     """The upper Cholesky factor of ``cov + floor * I`` (in cov's memory) and the floor, `eps` x the
-    standardized rows' mean variance.
+    standardized rows' mean variance, for X's `columns` (a, b; `mean` and `scale` are theirs).
 
     A bf16 covariance's entries are off by about 1e-4 (rms, the mnist preset's 22,400 columns);
     added up over many columns, errors like these can outweigh a small floor and leave the matrix
@@ -518,9 +535,10 @@ def _regularized_factor(
     where whiten=0.1 factors). The covariance is then computed again in float32, where only a
     floor lost in float32's rounding still fails.
     """
-    tries = (True, False) if _bf16_covariance(rows.d) else (False,)
+    tries = (True, False) if _bf16_covariance(columns[1] - columns[0]) else (False,)
     for bf16 in tries:
-        cov = _covariance(rows, mean, scale, picks, bf16=bf16)  # upper triangle, float32, Fortran order
+        # upper triangle, float32, Fortran order
+        cov = _covariance(rows, mean, scale, picks, bf16=bf16, columns=columns)
         floor = _add_floor(cov, eps)
         try:  # in place (the lower triangle zeroed by cholesky)
             return _upper_cholesky(cov, rows.n_threads), floor  # factor.T @ factor = cov
@@ -570,24 +588,33 @@ def _upper_cholesky(cov: np.ndarray, n_threads: int) -> np.ndarray:
 
 
 def _covariance(
-    rows: _Rows, mean: np.ndarray, scale: np.ndarray, picks: np.ndarray | None = None, *, bf16: bool | None = None
+    rows: _Rows,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    picks: np.ndarray | None = None,
+    *,
+    bf16: bool | None = None,
+    columns: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """``Z.T @ Z / (n - 1)`` of the standardized rows Z (those `picks` names; None: all), upper
-    triangle, by syrk over blocks of rows.
+    """``Z.T @ Z / (n - 1)`` of the standardized rows Z (those `picks` names; None: all) of X's
+    `columns` (a, b; None: all; `mean` and `scale` are theirs), upper triangle, by syrk over
+    blocks of rows.
 
     A block is large (32 MiB in float32) because syrk runs at the matmul peak only on tall blocks;
     its half of the products is about 1.6x faster than torch's full product (measured: 6,144 columns).
     With `bf16` (None: where the CPU multiplies bf16 natively and the matrix is wide),
     :func:`_covariance_bf16` instead.
     """
-    if _bf16_covariance(rows.d) if bf16 is None else bf16:
-        return _covariance_bf16(rows, mean, scale, picks)
+    a0, b0 = columns or (0, rows.d)
+    d = b0 - a0
+    if _bf16_covariance(d) if bf16 is None else bf16:
+        return _covariance_bf16(rows, mean, scale, picks, (a0, b0))
     n = rows.n if picks is None else len(picks)
-    step = max(1, (32 << 20) // (4 * rows.d))
+    step = max(1, (32 << 20) // (4 * d))
     mean32, inverse_scale = mean.astype(np.float32), (1.0 / scale).astype(np.float32)
-    cov = np.zeros((rows.d, rows.d), dtype=np.float32, order="F")
+    cov = np.zeros((d, d), dtype=np.float32, order="F")
     for a in range(0, n, step):
-        block = _sampled_rows(rows, picks, a, min(a + step, n)).numpy().astype(np.float32)  # a copy: centred in place
+        block = _sampled_rows(rows, picks, a, min(a + step, n), (a0, b0)).numpy().astype(np.float32)  # a copy
         block -= mean32
         block *= inverse_scale
         cov = ssyrk(1.0, block.T, beta=1.0, c=cov, overwrite_c=1)  # block.T is Fortran-ordered: no copy
@@ -595,7 +622,13 @@ def _covariance(
     return cov
 
 
-def _covariance_bf16(rows: _Rows, mean: np.ndarray, scale: np.ndarray, picks: np.ndarray | None = None) -> np.ndarray:
+def _covariance_bf16(
+    rows: _Rows,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    picks: np.ndarray | None = None,
+    columns: tuple[int, int] | None = None,
+) -> np.ndarray:
     """:func:`_covariance` from bf16 products: the standardized rows rounded to bf16, blocks of
     them multiplied tile by tile over one triangle (about 1,600 columns a tile), each tile's
     product summed in float32.
@@ -606,7 +639,8 @@ def _covariance_bf16(rows: _Rows, mean: np.ndarray, scale: np.ndarray, picks: np
     preset's whitened fit 36.5 s -> 25-26 s, its validation accuracy 0.9936 against 0.9937
     (benchmarks/RESULTS.md).
     """
-    d, n = rows.d, rows.n if picks is None else len(picks)
+    a0, b0 = columns or (0, rows.d)
+    d, n = b0 - a0, rows.n if picks is None else len(picks)
     tiles = -(-d // _BF16_TILE_COLUMNS)
     t = -(-d // tiles)
     edges = [(i, min(i + t, d)) for i in range(0, d, t)]
@@ -614,7 +648,7 @@ def _covariance_bf16(rows: _Rows, mean: np.ndarray, scale: np.ndarray, picks: np
     # the Cholesky factorization takes it in place (no second d x d matrix)
     cov = torch.zeros((d, d), dtype=torch.float32)
     with _torch_threads(max(1, rows.n_threads)):
-        for zt in _standardized_blocks(rows, mean, scale, picks, torch.bfloat16):
+        for zt in _standardized_blocks(rows, mean, scale, picks, torch.bfloat16, (a0, b0)):
             for i, (i0, i1) in enumerate(edges):
                 for j0, j1 in edges[: i + 1]:
                     cov[i0:i1, j0:j1] += zt[i0:i1] @ zt[j0:j1].T
@@ -775,6 +809,7 @@ class _StreamingLinearClassifier(ClassifierMixin, BaseEstimator):
         "standardize": ["boolean"],
         "whiten": [Interval(Real, 0, None, closed="neither"), None],
         "whiten_rows": [StrOptions({"auto"}), Interval(Integral, 2, None, closed="left"), None],
+        "whiten_blocks": ["array-like", None],
         "precondition": ["boolean"],
         "chunk_rows": [Interval(Integral, 1, None, closed="left"), None],
         "n_threads": [Interval(Integral, 1, None, closed="left"), None],
@@ -838,7 +873,8 @@ class _StreamingLinearClassifier(ClassifierMixin, BaseEstimator):
         self.mean_ = mean if (self.standardize or self.whiten is not None) else np.zeros(rows.d)
         if self.whiten is not None:
             picks = _covariance_rows(rows.n, rows.d, self.whiten_rows)
-            basis = _whitened_basis(rows, self.mean_, self.scale_, float(self.whiten), picks)
+            widths = _block_widths(self.whiten_blocks, rows.d)
+            basis = _whitened_basis(rows, self.mean_, self.scale_, float(self.whiten), picks, widths)
         elif self.precondition and rows.d > 1 and rows.n >= 2 * _PRECONDITION_MIN_COLUMNS:
             basis = _block_preconditioner(rows, self.mean_, self.scale_)
         else:
@@ -962,6 +998,12 @@ class StreamingLogisticRegression(_StreamingLinearClassifier):
         if that is more; None, every row. Faster, and not free: on the mnist preset's 9,600
         columns (50,000 rows) "auto" fitted in 15-17 s instead of 24-27 s, and scored 0.9932
         on validation against 0.9941 with every row (benchmarks/RESULTS.md).
+    whiten_blocks : array-like of int or None, default=None
+        With `whiten`, the widths of consecutive blocks of columns, each whitened on its own (as
+        by its own Whitener: a block-diagonal whitening; e.g. the widths of the layers a feature
+        set joins); None, all columns together. Cheaper by the squares (covariance, memory) and
+        cubes (factorization) of the widths: the mnist preset's 22,400 columns as three layers'
+        blocks of 3,200, 6,400 and 12,800 (benchmarks/RESULTS.md).
     precondition : bool, default=False
         L-BFGS steps in the coordinates of a whitening of blocks of consecutive columns (each
         block's covariance from a sample of rows; 256 to 4,096 columns a block, 128 MB for them
@@ -1020,6 +1062,7 @@ class StreamingLogisticRegression(_StreamingLinearClassifier):
         standardize: bool = True,
         whiten: float | None = None,
         whiten_rows: int | str | None = None,
+        whiten_blocks=None,
         precondition: bool = False,
         chunk_rows: int | None = None,
         n_threads: int | None = None,
@@ -1031,6 +1074,7 @@ class StreamingLogisticRegression(_StreamingLinearClassifier):
         self.standardize = standardize
         self.whiten = whiten
         self.whiten_rows = whiten_rows
+        self.whiten_blocks = whiten_blocks
         self.precondition = precondition
         self.chunk_rows = chunk_rows
         self.n_threads = n_threads
@@ -1101,6 +1145,8 @@ class StreamingLinearSVM(_StreamingLinearClassifier):
         Fit on the features whitened, as :class:`StreamingLogisticRegression`'s `whiten`.
     whiten_rows : "auto", int or None, default=None
         The rows the whitening's covariance is computed from, as :class:`StreamingLogisticRegression`'s.
+    whiten_blocks : array-like of int or None, default=None
+        Blocks of columns whitened each on its own, as :class:`StreamingLogisticRegression`'s.
     precondition : bool, default=False
         L-BFGS in a block whitening's coordinates, as :class:`StreamingLogisticRegression`'s.
     chunk_rows : int or None, default=None
@@ -1138,6 +1184,7 @@ class StreamingLinearSVM(_StreamingLinearClassifier):
         standardize: bool = True,
         whiten: float | None = None,
         whiten_rows: int | str | None = None,
+        whiten_blocks=None,
         precondition: bool = False,
         chunk_rows: int | None = None,
         n_threads: int | None = None,
@@ -1149,6 +1196,7 @@ class StreamingLinearSVM(_StreamingLinearClassifier):
         self.standardize = standardize
         self.whiten = whiten
         self.whiten_rows = whiten_rows
+        self.whiten_blocks = whiten_blocks
         self.precondition = precondition
         self.chunk_rows = chunk_rows
         self.n_threads = n_threads
