@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from convae import ConvAutoencoder
 from convae.data import load_dataset
@@ -33,6 +35,7 @@ from convae.probe import (
     run_probe,
     write_results,
 )
+from convae.probe.classifiers import CLASSIFIERS
 from convae.probe.driver import _layer_sets, _pca_dims, column_order
 
 CONVAE = shutil.which("convae", path=str(Path(sys.executable).parent)) or "convae"
@@ -203,6 +206,10 @@ def test_a_concatenated_set_of_adjacent_blocks_is_a_view_with_the_same_values(ru
     # adjacent blocks: a view of the extracted features, as one layer's set is; apart: a copy
     assert np.shares_memory(joined.train, single.train) and not np.shares_memory(apart.train, single.train)
     assert joined.test.shape == (40, joined.dim)
+    # each layer's columns, what normalize="whiten-layers" whitens on their own
+    assert joined.layer_widths == (singles["stage1.conv1.split"].shape[1], singles["stage1"].shape[1])
+    assert apart.layer_widths == (singles["stage1.conv1.split"].shape[1], singles["stage2.conv1.split"].shape[1])
+    assert single.layer_widths == (single.dim,)
 
 
 def test_the_probe_lays_out_columns_so_every_set_of_the_preset_shape_is_a_view(runs, digits):
@@ -557,7 +564,7 @@ def test_whitening_is_for_all_labels_when_there_are_at_least_as_many_as_features
     wide = [FeatureSet("wide", np.tile(sets[0].train, 30)[:1000], np.tile(sets[0].test, 30))]  # 1,920 > 1,000 labels
     (row,) = evaluate_features(wide, train.labels[:1000], test.labels, normalize="whiten")
     assert row["normalize"] == "standard"
-    with pytest.raises(ConfigError, match="normalize must be one of standard, whiten, got 'zca'"):
+    with pytest.raises(ConfigError, match="normalize must be one of standard, whiten, whiten-layers, got 'zca'"):
         run_probe(None, train, test, normalize="zca")
 
 
@@ -697,7 +704,7 @@ def test_cli_probe_normalize_whiten_applies_to_every_row(runs, tmp_path):
         "-q",
     ]
     rows = {}
-    for normalize in ("standard", "whiten"):
+    for normalize in ("standard", "whiten", "whiten-layers"):
         proc = convae(*common, "--normalize", normalize, "-o", tmp_path / f"{normalize}.json")
         assert proc.returncode == 0, proc.stderr
         rows[normalize] = {
@@ -706,6 +713,32 @@ def test_cli_probe_normalize_whiten_applies_to_every_row(runs, tmp_path):
     assert list(rows["whiten"]) == ["stage1/grid4", "pixels"]
     assert all(rows["whiten"][f] != rows["standard"][f] for f in rows["whiten"])  # both rows whitened
     assert rows["whiten"]["stage1/grid4"] > 0.9
+    assert rows["whiten-layers"] == rows["whiten"]  # one layer, and the pixels: one block, the same whitening
+
+
+def test_whiten_layers_whitens_each_layer_on_its_own(digits):
+    """normalize="whiten-layers" whitens each of a set's layers on its own: a streaming classifier
+    folds it in (its `whiten_blocks`), any other gets a copy with a Whitener per layer."""
+    train, test = digits
+    x, xt = _pixels_of(train), _pixels_of(test)
+    widths = (24, 40)
+    sets = [FeatureSet("two layers", x, xt, layer_widths=widths)]
+    rows = {
+        r["classifier"]: r
+        for r in evaluate_features(
+            sets, train.labels, test.labels, classifiers=["logreg", "knn"], normalize="whiten-layers"
+        )
+    }
+    assert {r["normalize"] for r in rows.values()} == {"whiten-layers"}
+    logreg = CLASSIFIERS["logreg"](0, len(x), x.shape[1], 1.0, None).set_params(whiten=0.1, whiten_blocks=widths)
+    assert rows["logreg"]["accuracy"] == logreg.fit(x, train.labels).score(xt, test.labels)
+    per_layer = [make_pipeline(StandardScaler(), Whitener()).fit(x[:, a:b]) for a, b in ((0, 24), (24, 64))]
+
+    def copy(v):
+        return np.hstack([w.transform(v[:, a:b]) for w, (a, b) in zip(per_layer, ((0, 24), (24, 64)))])
+
+    knn = CLASSIFIERS["knn"](0, len(x), x.shape[1], 1.0, None).fit(copy(x), train.labels)
+    assert rows["knn"]["accuracy"] == knn.score(copy(xt), test.labels)
 
 
 def test_cli_probe_preset_gives_the_recommended_layers_and_pooling_unless_overridden(runs, tmp_path):
@@ -755,7 +788,7 @@ def test_cli_probe_preset_whose_layers_the_run_lacks_is_one_line_before_loading_
         (["--labels-per-class", "ten"], "labels per class 'ten'"),
         (["--baselines", "pixel"], "baselines: unknown pixel"),
         (["--pool", "grid3"], "unknown pooling grid3"),
-        (["--normalize", "zca"], "normalize must be one of standard, whiten, got 'zca'"),
+        (["--normalize", "zca"], "normalize must be one of standard, whiten, whiten-layers, got 'zca'"),
         (["-o", "results.txt"], "name it .json"),
     ],
 )

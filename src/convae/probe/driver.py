@@ -198,8 +198,22 @@ def _layer_sets(
         else:
             columns = np.concatenate([np.arange(b.start, b.stop) for b in blocks])
         test_part = xte.columns(columns) if isinstance(xte, DeferredRows) else xte[:, columns]
-        sets.append(FeatureSet(prefix + name, xtr[:, columns], test_part, mirrored=mirror, test_mirrored=test_mirror))
+        flips = dict(mirrored=mirror, test_mirrored=test_mirror)
+        sets.append(FeatureSet(prefix + name, xtr[:, columns], test_part, **flips, layer_widths=_layer_widths(blocks)))
     return sets
+
+
+def _layer_widths(blocks) -> tuple[int, ...]:
+    """The widths of the columns of each layer among `blocks` (an extractor's, in column order)."""
+    layers: list[str] = []
+    widths: list[int] = []
+    for block in blocks:
+        if layers and layers[-1] == block.layer:  # the same layer's next pooling
+            widths[-1] += block.stop - block.start
+        else:
+            layers.append(block.layer)
+            widths.append(block.stop - block.start)
+    return tuple(widths)
 
 
 def _pixels(images, mirror: bool = False, batch: int = 4096) -> np.ndarray:
@@ -248,7 +262,7 @@ def run_probe(
         What to probe; or give its fields as keywords (`settings`): ``layers`` (default every
         stage and the bottleneck; "stage2+bottleneck" probes those layers' features
         concatenated), ``pool`` ("grid4"), ``classifiers``, ``baselines``, ``labels_per_class``,
-        ``seeds``, ``normalize`` ("standard" or "whiten", see :func:`evaluate_features`),
+        ``seeds``, ``normalize`` ("standard", "whiten" or "whiten-layers", see :func:`evaluate_features`),
         ``augment`` ("flip" fits every classifier on the train images and their mirror images
         too, baselines alike; "flip-tta" also scores each test image by the mean of the
         classifier's scores for it and its mirror image), ``c_scale``, ``max_iter`` and

@@ -8,8 +8,10 @@ import typing
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
+from sklearn.compose import ColumnTransformer
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.pipeline import make_pipeline
@@ -89,6 +91,9 @@ class FeatureSet:
     mirrored: bool = False
     # the same for the test rows: each test image is scored as the mean of both rows' scores
     test_mirrored: bool = False
+    # the widths of its layers' columns, in order (None: one block): what normalize="whiten-layers"
+    # whitens each on its own
+    layer_widths: tuple[int, ...] | None = None
 
     @property
     def dim(self) -> int:
@@ -125,7 +130,8 @@ def evaluate_features(
     """One row per (feature set, labels per class, classifier), averaged over the label subsets.
 
     `normalize`: "standard" puts a StandardScaler before each classifier. "whiten" standardizes
-    and whitens (:class:`Whitener`) a feature set, fitted on all its train features
+    and whitens (:class:`Whitener`) a feature set ("whiten-layers": each of its layers' columns,
+    :attr:`FeatureSet.layer_widths`, on their own), fitted on all its train features
     (unsupervised, as the autoencoder; its seconds count in each whitened row's fit_seconds),
     for the rows fitted on all labels, when there are at least as many as the set has features:
     logreg and linsvm fold the whitening into their weights (the same solution, no whitened
@@ -146,12 +152,12 @@ def evaluate_features(
     subsets = {k: label_subsets(y_train, k, seeds) for k in labels_per_class}
     for fs in feature_sets:
         _check_rows(fs, len(y_train), len(y_test))
-        white = _Whitened(fs, normalize == "whiten")
+        white = _Whitened(fs, normalize if normalize != "standard" else None)
         for k in labels_per_class:
-            whiten = white.enabled and k == "all" and len(y_train) >= fs.dim
+            whiten = white.mode if k == "all" and len(y_train) >= fs.dim else None
             for name in classifiers:
                 # a streaming classifier whitens by itself (folded into its weights: no whitened copy)
-                copied = whiten and not _folds(name)
+                copied = whiten is not None and not _folds(name)
                 train_x, test_x, prep_seconds = white.get() if copied else (fs.train, fs.test, 0.0)
                 scores = []
                 for seed, idx in enumerate(subsets[k]):
@@ -172,16 +178,23 @@ def _check_rows(fs: FeatureSet, n_train: int, n_test: int) -> None:
 
 
 class _Whitened:
-    """A feature set standardized and whitened, computed on first use (once per set)."""
+    """A feature set standardized and whitened (`mode` "whiten"; "whiten-layers": each layer's
+    columns on their own), computed on first use (once per set); `mode` None: not whitened."""
 
-    def __init__(self, fs: FeatureSet, enabled: bool):
-        self.fs, self.enabled, self._cached = fs, enabled, None
+    def __init__(self, fs: FeatureSet, mode: str | None):
+        self.fs, self.mode, self._cached = fs, mode, None
 
     def get(self) -> tuple[np.ndarray, np.ndarray, float]:
         if self._cached is None:
             t0 = time.perf_counter()
             scaler = [StandardScaler()] if self.fs.standardize else []
-            whitener = make_pipeline(*scaler, Whitener()).fit(self.fs.train)
+            edges = np.cumsum([0, *(_whitened_widths(self.fs, self.mode) or [self.fs.dim])]).tolist()
+            whitener = ColumnTransformer(
+                [
+                    (f"block{i}", make_pipeline(*scaler, Whitener()), slice(a, b))
+                    for i, (a, b) in enumerate(pairwise(edges))
+                ]
+            ).fit(self.fs.train)
             train, test = whitener.transform(self.fs.train), whitener.transform(rows_of(self.fs.test))
             self._cached = (train, test, time.perf_counter() - t0)
         return self._cached
@@ -197,7 +210,7 @@ def _fit_and_score(
     seed: int,
     idx: np.ndarray,
     per_class,
-    whiten: bool,
+    whiten: str | None,
     c_scale: float,
     max_iter: int | None,
     device: str = "cpu",
@@ -210,7 +223,8 @@ def _fit_and_score(
         rows = slice(None)  # a view, not a copy
     else:
         rows = np.concatenate([idx, idx + n_images]) if fs.mirrored else idx
-    clf = _classifier(name, seed, len(idx), fs.dim, c_scale, max_iter, fs.standardize, whiten, device, precondition)
+    clf = _classifier(name, seed, len(idx), fs.dim, c_scale, max_iter, fs.standardize, whiten is not None, device,
+                      precondition, _whitened_widths(fs, whiten))  # fmt: skip
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         # an unconverged probe is still a fair, if slightly low, measurement
@@ -234,24 +248,34 @@ def _folds(name: str) -> bool:
 
 
 def _classifier(name: str, seed: int, n: int, dim: int, c_scale: float, max_iter: int | None, standardize: bool,
-                whiten: bool = False, device: str = "cpu", precondition: bool = False):  # fmt: skip
+                whiten: bool = False, device: str = "cpu", precondition: bool = False,
+                whiten_blocks: Sequence[int] | None = None):  # fmt: skip
     """The classifier `name` for a feature set that is standardized when `standardize` and then
-    whitened when `whiten`. A streaming classifier does both by itself, folded into its weights (no
-    copy of the features; it fits on `device`); any other gets a StandardScaler, and its features
-    come whitened already (:class:`_Whitened`)."""
+    whitened when `whiten` (each block of columns `whiten_blocks` wide on its own; None: all
+    together). A streaming classifier does both by itself, folded into its weights (no copy of
+    the features; it fits on `device`); any other gets a StandardScaler, and its features come
+    whitened already (:class:`_Whitened`)."""
     clf = CLASSIFIERS[name](seed, n, dim, c_scale, max_iter)
     if _folds(name):
         whitening = Whitener().eps if whiten else None
-        return clf.set_params(standardize=standardize, whiten=whitening, precondition=precondition, device=device)
+        return clf.set_params(
+            standardize=standardize, whiten=whitening, whiten_blocks=whiten_blocks if whiten else None,
+            precondition=precondition, device=device,
+        )  # fmt: skip
     return make_pipeline(StandardScaler(), clf) if standardize and not whiten else clf
 
 
-def _row(fs: FeatureSet, name: str, per_class, whiten: bool, scores, prep_seconds: float, augment: str) -> dict:
+def _whitened_widths(fs: FeatureSet, whiten: str | None) -> tuple[int, ...] | None:
+    """The widths of the blocks of `fs`'s columns whitened each on its own (None: all together)."""
+    return fs.layer_widths if whiten == "whiten-layers" else None
+
+
+def _row(fs: FeatureSet, name: str, per_class, whiten: str | None, scores, prep_seconds: float, augment: str) -> dict:
     accs, f1s, secs = (np.array(v) for v in zip(*scores))
     return dict(
         features=fs.name,
         classifier=name,
-        normalize="whiten" if whiten else "standard",
+        normalize=whiten or "standard",
         augment=augment,
         dim=fs.dim,
         labels_per_class=per_class,
