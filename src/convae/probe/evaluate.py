@@ -187,17 +187,24 @@ class _Whitened:
     def get(self) -> tuple[np.ndarray, np.ndarray, float]:
         if self._cached is None:
             t0 = time.perf_counter()
-            scaler = [StandardScaler()] if self.fs.standardize else []
-            edges = np.cumsum([0, *(_whitened_widths(self.fs, self.mode) or [self.fs.dim])]).tolist()
-            whitener = ColumnTransformer(
-                [
-                    (f"block{i}", make_pipeline(*scaler, Whitener()), slice(a, b))
-                    for i, (a, b) in enumerate(pairwise(edges))
-                ]
-            ).fit(self.fs.train)
+            widths = _whitened_widths(self.fs, self.mode)
+            whitener = _whitener(self.fs.standardize, widths).fit(self.fs.train)
             train, test = whitener.transform(self.fs.train), whitener.transform(rows_of(self.fs.test))
             self._cached = (train, test, time.perf_counter() - t0)
         return self._cached
+
+
+def _whitener(standardize: bool, widths: Sequence[int] | None):
+    """(StandardScaler +) Whitener, or one for each block of columns `widths` wide: a
+    ColumnTransformer only then, since it stacks its parts into a copy."""
+    scaler = [StandardScaler()] if standardize else []
+    if widths is None:
+        return make_pipeline(*scaler, Whitener())
+    edges = np.cumsum([0, *widths]).tolist()
+    blocks = [
+        (f"block{i}", make_pipeline(*scaler, Whitener()), slice(a, b)) for i, (a, b) in enumerate(pairwise(edges))
+    ]
+    return ColumnTransformer(blocks)
 
 
 def _fit_and_score(
@@ -266,8 +273,10 @@ def _classifier(name: str, seed: int, n: int, dim: int, c_scale: float, max_iter
 
 
 def _whitened_widths(fs: FeatureSet, whiten: str | None) -> tuple[int, ...] | None:
-    """The widths of the blocks of `fs`'s columns whitened each on its own (None: all together)."""
-    return fs.layer_widths if whiten == "whiten-layers" else None
+    """The widths of the blocks of `fs`'s columns whitened each on its own (None: all together,
+    as for a set of one layer)."""
+    widths = fs.layer_widths if whiten == "whiten-layers" else None
+    return widths if widths is not None and len(widths) > 1 else None
 
 
 def _row(fs: FeatureSet, name: str, per_class, whiten: str | None, scores, prep_seconds: float, augment: str) -> dict:
