@@ -12,6 +12,7 @@ scores, raising noise axes to the scale of the signal, and make PCA a straw man.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -204,16 +205,9 @@ def _layer_sets(
 
 
 def _layer_widths(blocks) -> tuple[int, ...]:
-    """The widths of the columns of each layer among `blocks` (an extractor's, in column order)."""
-    layers: list[str] = []
-    widths: list[int] = []
-    for block in blocks:
-        if layers and layers[-1] == block.layer:  # the same layer's next pooling
-            widths[-1] += block.stop - block.start
-        else:
-            layers.append(block.layer)
-            widths.append(block.stop - block.start)
-    return tuple(widths)
+    """The widths of the columns of each layer among `blocks` (an extractor's, in column order:
+    a layer's poolings side by side)."""
+    return tuple(sum(b.stop - b.start for b in same) for _, same in groupby(blocks, key=lambda b: b.layer))
 
 
 def _pixels(images, mirror: bool = False, batch: int = 4096) -> np.ndarray:

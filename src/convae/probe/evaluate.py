@@ -266,7 +266,7 @@ def _classifier(name: str, seed: int, n: int, dim: int, c_scale: float, max_iter
     if _folds(name):
         whitening = Whitener().eps if whiten else None
         return clf.set_params(
-            standardize=standardize, whiten=whitening, whiten_blocks=whiten_blocks if whiten else None,
+            standardize=standardize, whiten=whitening, whiten_blocks=whiten_blocks,
             precondition=precondition, device=device,
         )  # fmt: skip
     return make_pipeline(StandardScaler(), clf) if standardize and not whiten else clf
