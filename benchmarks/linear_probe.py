@@ -258,7 +258,7 @@ def basis_products(dims: int, classes: int, repeat: int = 5) -> str:
         U[:, j : j + 2048] = block
     W = rng.standard_normal((classes, dims))
     threads = torch.get_num_threads()
-    basis = _linear._Basis(np.zeros(dims), np.ones(dims), [(0, dims, U, 1.0)], n_threads=threads)
+    basis = _linear._Basis(np.zeros(dims), np.ones(dims), [(0, dims, U, 1.0)])
     start = time.perf_counter()
     R, info = strtri(U.copy(order="F"), lower=0, overwrite_c=1)  # U^-1
     inverse_s = time.perf_counter() - start

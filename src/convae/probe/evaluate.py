@@ -50,6 +50,15 @@ class DeferredRows:
         self._whole = self  # a view's: the rows it selects columns of
         self._selections: tuple[slice | np.ndarray, ...] = ()  # a view's column selections, in order
 
+    @classmethod
+    def _view(cls, whole: DeferredRows, selections: tuple[slice | np.ndarray, ...]) -> DeferredRows:
+        """Columns of `whole`, made from it when first used; only the whole holds the maker (and
+        what the maker holds)."""
+        view = cls.__new__(cls)
+        view._make, view._value, view.n_rows = None, None, whole.n_rows
+        view._whole, view._selections = whole, selections
+        return view
+
     def __len__(self) -> int:
         return self.n_rows
 
@@ -64,10 +73,7 @@ class DeferredRows:
         return out
 
     def columns(self, columns: slice | np.ndarray) -> DeferredRows:
-        view = DeferredRows(self._make, self.n_rows)
-        view._make = None  # only the whole holds the maker (and what it holds)
-        view._whole, view._selections = self._whole, (*self._selections, columns)
-        return view
+        return DeferredRows._view(self._whole, (*self._selections, columns))
 
 
 def rows_of(x) -> np.ndarray:

@@ -335,8 +335,8 @@ class _Basis:
     # the standardized weights instead (:class:`_BlockBasis`)
     penalizes_standardized = False
 
-    def __init__(self, mean: np.ndarray, scale: np.ndarray, factors=(), n_threads: int = 1):
-        self.mean, self.scale, self.n_threads = mean, scale, max(1, n_threads)
+    def __init__(self, mean: np.ndarray, scale: np.ndarray, factors=()):
+        self.mean, self.scale = mean, scale
         # (a, b, U.T, gain) a block: U.T lower triangular and row-major, in the Fortran-ordered U's memory
         self.whitened = [(a, b, torch.from_numpy(np.ascontiguousarray(U.T)), gain) for a, b, U, gain in factors]
 
@@ -374,7 +374,8 @@ class _BlockBasis(_Basis):
     penalizes_standardized = True
 
     def __init__(self, mean: np.ndarray, scale: np.ndarray, factors: list[tuple[int, int, np.ndarray]], n_threads: int):
-        super().__init__(mean, scale, n_threads=n_threads)
+        super().__init__(mean, scale)
+        self.n_threads = max(1, n_threads)  # the blocks' products, shared out over one-threaded workers
         self.blocks = [(a, b) for a, b, _ in factors]
         self.factors = {(a, b): torch.from_numpy(f) for a, b, f in factors}
         costs = [(b - a) ** 2 for a, b in self.blocks]
@@ -499,7 +500,7 @@ def _whitened_basis(
         # mean variance of the whitened axes: mean of eigenvalue / (eigenvalue + floor) = 1 - floor tr((cov + floor)^-1) / d
         variance = 1.0 - floor * _inverse_trace(lower) / (b - a)
         factors.append((a, b, factor, 1.0 / np.sqrt(max(variance, np.finfo(np.float64).tiny))))
-    return _Basis(mean, scale, factors, n_threads=rows.n_threads)
+    return _Basis(mean, scale, factors)
 
 
 def _inverse_trace(lower: torch.Tensor) -> float:
