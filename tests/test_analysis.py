@@ -245,6 +245,35 @@ def test_neighbours_of_an_image_include_itself_first(run, small, tmp_path):
         assert img.format == "PNG" and min(img.size) > 100
 
 
+def test_neighbours_and_scores_take_the_compile_mode_of_extraction(run, small, tmp_path):
+    """`--compile always` (a real torch.compile of the extraction) finds the uncompiled pass's
+    neighbours; a mode that is not one of auto/always/never is a one-line error naming --compile."""
+    root, _, _ = small
+    common = ("--k", 3, "--layers", "stage2", "--pool", "grid2", "--baselines", "none", "-q")
+    for mode in ("never", "always"):
+        run_convae(
+            "neighbors",
+            run,
+            "--index",
+            root,
+            "--query",
+            root,
+            "-o",
+            tmp_path / f"{mode}.png",
+            "--compile",
+            mode,
+            *common,
+        )
+    plain, fast = read_csv(tmp_path / "never.csv"), read_csv(tmp_path / "always.csv")
+    assert len(plain) == len(fast) > 0
+    assert sum(a["index"] != b["index"] for a, b in zip(plain, fast)) <= 3  # ties broken otherwise at rounding
+    np.testing.assert_allclose(
+        [float(r["similarity"]) for r in fast], [float(r["similarity"]) for r in plain], atol=1e-4
+    )
+    proc = run_convae("score", run, root, "-o", tmp_path / "s.csv", "--compile", "sometimes", check=False)
+    assert_user_error(proc, "--compile")
+
+
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_chunked_search_is_exact(metric):
     rng = np.random.default_rng(0)

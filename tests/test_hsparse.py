@@ -197,6 +197,10 @@ def test_score_and_neighbors_take_a_precision(monkeypatch):
         ScoreOptions(precision="half")
     with pytest.raises(ConfigError, match="precision must be one of auto, float32"):
         find_neighbors(model, reference, queries, precision="half")
+    with pytest.raises(ConfigError, match="compile must be one of auto, always, never"):
+        ScoreOptions(compile="sometimes")
+    with pytest.raises(ConfigError, match="compile must be one of auto, always, never"):
+        find_neighbors(model, reference, queries, compile="sometimes")
 
 
 def test_views_take_a_precision(monkeypatch):

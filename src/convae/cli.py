@@ -955,6 +955,7 @@ compute_options = [
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
                  help="auto: the hierarchical models' products in bf16 where the CPU or GPU computes it natively; float32: the same results on every machine."),
+    click.option("--compile", type=click.Choice(COMPILE_MODES), default="auto", show_default=True, help=_COMPILE_HELP),
     click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
 ]  # fmt: skip
 
@@ -1089,7 +1090,7 @@ def score(run_dir, data, output, data_dir, split, image_size, channels, no_downl
 @click.option("--channels", type=int, help="Image channels: 1 or 3 (default: the run's).")
 @click.option("--no-download", is_flag=True, help="Never download a missing built-in dataset.")
 @with_compute_options
-def neighbors(run_dir, index_data, query_data, output, k, layers, pool, show, baselines, data_dir, image_size, channels, no_download, batch_size, device, precision, quiet):  # fmt: skip
+def neighbors(run_dir, index_data, query_data, output, k, layers, pool, show, baselines, data_dir, image_size, channels, no_download, batch_size, device, precision, compile, quiet):  # fmt: skip
     """The k most similar --index images for each --query image, by cosine similarity of features.
 
     Exact search in chunks (the index features wait on disk beside --output), so memory stays
@@ -1107,7 +1108,7 @@ def neighbors(run_dir, index_data, query_data, output, k, layers, pool, show, ba
     with tempfile.TemporaryDirectory(prefix=f".{png.name}.", dir=png.parent if png.parent.is_dir() else None) as work:
         result = convae.analysis.find_neighbors(
             model, index, query, layers=layers, pool=pool, k=k, baselines=chosen, work_dir=work,
-            batch_size=batch_size, progress=not quiet, precision=precision,
+            batch_size=batch_size, progress=not quiet, precision=precision, compile=compile,
         )  # fmt: skip
     convae.analysis.write_neighbors(csv_path, result)
     convae.views.save_figure(convae.analysis.neighbors_grid(result, index, query, show), png)

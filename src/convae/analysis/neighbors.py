@@ -18,7 +18,7 @@ from .._io import atomic_open
 from ..data.index import SourceIndex
 from ..errors import ConfigError
 from ..features import FeatureExtractor
-from ..features.plan import check_precision
+from ..features.plan import check_compile, check_precision
 from ..tensors import allow_bf16, device_of, evenly_spaced
 from .knn import Neighbours, nearest
 from .options import NEIGHBOR_BASELINES, check_k, middle_layer
@@ -78,13 +78,15 @@ def precision_at_k(neighbours: Neighbours, query_labels: np.ndarray, index_label
 
 
 def untrained_extractor(
-    model, layers, pool, index_images, batch_size, seed: int = 0, precision: str = "auto"
+    model, layers, pool, index_images, batch_size, seed: int = 0, precision: str = "auto", compile: str = "auto"
 ) -> FeatureExtractor:
     """The same architecture untrained, its data statistics measured on the index images (no gradient step)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         untrained = type(model)(model.config).to(device_of(model))
-    ex = FeatureExtractor(untrained, layers, pool, device=device_of(model), batch_size=batch_size, precision=precision)
+    ex = FeatureExtractor(
+        untrained, layers, pool, device=device_of(model), batch_size=batch_size, precision=precision, compile=compile
+    )
     rows = evenly_spaced(np.arange(len(index_images)), CALIBRATION_IMAGES)
     untrained.calibrate(index_images, rows, ex.layers, ex.batch_size)
     untrained.eval()
@@ -104,6 +106,7 @@ def find_neighbors(
     batch_size: int | None = None,
     progress: bool = False,
     precision: str = "auto",
+    compile: str = "auto",
 ) -> NeighborResult:
     """The `k` index images most similar to each query image (cosine similarity of the features of
     `layers` under `pool`), exactly.
@@ -114,16 +117,20 @@ def find_neighbors(
     (``pixels``, ``random``: the same architecture untrained). `work_dir` keeps the index
     features on disk while searching (default: in memory). `precision` "float32" keeps every
     product fp32 (the same neighbours on every machine); "auto" lets the hierarchical models use
-    bf16 where native.
+    bf16 where native. `compile`: the extractions through ``torch.compile`` ("auto": for 10,000
+    images or more; "always"; "never").
     """
     check_k(k)
     check_precision(precision)
+    check_compile(compile)
     unknown = [b for b in baselines if b not in NEIGHBOR_BASELINES]
     if unknown:
         raise ConfigError(f"--baselines {unknown[0]}: choose from {', '.join(NEIGHBOR_BASELINES)} (or none)")
     index_images, query_images = getattr(index_data, "images", index_data), getattr(query_data, "images", query_data)
     layers = layers or middle_layer(model)
-    ex = FeatureExtractor(model, layers, pool, device=device_of(model), batch_size=batch_size, precision=precision)
+    ex = FeatureExtractor(
+        model, layers, pool, device=device_of(model), batch_size=batch_size, precision=precision, compile=compile
+    )
     found = _search(ex, index_images, query_images, k, work_dir, "index", progress)
     result = NeighborResult(found, _index_of(query_data), _index_of(index_data), f"{layers}/{pool}")
     labels = same_labels(result.query_index, result.index_index)
@@ -135,7 +142,9 @@ def find_neighbors(
             other = PixelFeatures(index_images.shape[1:])
         else:
             with allow_bf16(precision == "auto"):  # its calibration's products too
-                other = untrained_extractor(model, layers, pool, index_images, batch_size, precision=precision)
+                other = untrained_extractor(
+                    model, layers, pool, index_images, batch_size, precision=precision, compile=compile
+                )
         key = "pixels" if name == "pixels" else f"random/{layers}/{pool}"
         result.precision[key] = precision_at_k(
             _search(other, index_images, query_images, k, work_dir, name, progress), *labels

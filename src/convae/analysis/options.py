@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..features.plan import check_precision, resolve_pools
+from ..features.plan import check_compile, check_precision, resolve_pools
 
 #: Per-image scores `convae score` writes: reconstruction MSE, 1 - SSIM, mean distance to the
 #: k nearest training images in feature space.
@@ -40,7 +40,9 @@ class ScoreOptions:
     quantile of the training images' own scores (None: no flags); `calibration_images`: how
     many training images (evenly spaced) give those own scores (their k-NN distances leave
     each image itself out); `precision` "float32" keeps every product of the model fp32 (the
-    same scores on every machine), "auto" lets the hierarchical models use bf16 where native.
+    same scores on every machine), "auto" lets the hierarchical models use bf16 where native;
+    `compile`: whether the feature extraction runs through ``torch.compile`` ("auto": for 10,000
+    images or more, as :class:`convae.features.FeatureExtractor` decides; "always"; "never").
     """
 
     layers: str | None = None
@@ -51,10 +53,12 @@ class ScoreOptions:
     threshold_quantile: float | None = None
     calibration_images: int = 10_000
     precision: str = "auto"
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         check_k(self.k)
         check_precision(self.precision)
+        check_compile(self.compile)
         if self.metric not in METRICS:
             raise ConfigError(f"--metric {self.metric}: choose from {', '.join(METRICS)}")
         if self.by not in SCORES:

@@ -131,7 +131,13 @@ def _scored(model, data, reference, options: ScoreOptions, work_dir, batch_size,
     ref_images = getattr(reference, "images", reference)
     layers = options.layers or middle_layer(model)
     extractor = FeatureExtractor(
-        model, layers, options.pool, device=device_of(model), batch_size=batch_size, precision=options.precision
+        model,
+        layers,
+        options.pool,
+        device=device_of(model),
+        batch_size=batch_size,
+        precision=options.precision,
+        compile=options.compile,
     )
     ref = feature_matrix(extractor, ref_images, work_dir, name="reference", progress=progress)
     query = extractor.transform(images, progress=progress)
