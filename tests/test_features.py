@@ -668,3 +668,29 @@ def test_cli_extract_user_errors_are_one_line_with_exit_code_2(digits_run, tmp_p
 def test_cli_extract_of_a_missing_run_is_a_user_error(tmp_path):
     proc = convae("extract", tmp_path / "nope", "digits", "-o", tmp_path / "f.npy")
     assert proc.returncode == 2 and "no such run directory" in proc.stderr
+
+
+def test_feature_codes_hold_each_column_in_8_bits_of_its_range():
+    """FeatureCodes: a column's range on the sample widened by half of it each way (never below
+    zero for a column never negative there), 255 steps; values within a half step once decoded,
+    values past the range clipped to it; a column constant there: its value code 0, steps of 1."""
+    from convae.features import FeatureCodes
+
+    rng = np.random.default_rng(0)
+    sample = np.stack([rng.exponential(2.0, 500), rng.normal(-3.0, 1.0, 500), np.full(500, 7.0)], axis=1)
+    codes = FeatureCodes.fitted(sample)
+    lo, hi = sample.min(0), sample.max(0)
+    assert codes.low[0] == 0.0 and codes.low[1] == pytest.approx(lo[1] - (hi[1] - lo[1]) / 2, rel=1e-6)
+    np.testing.assert_allclose(codes.low[:2] + 255 * codes.step[:2], hi[:2] + (hi[:2] - lo[:2]) / 2, rtol=1e-5)
+    rows = np.concatenate([sample[:50], [[-1.0, 100.0, 7.0], [1e6, -1e6, 8.0]]]).astype(np.float32)
+    out = np.empty(rows.shape, np.uint8)
+    codes.encode(rows, out)
+    back = codes.decode(out)
+    assert np.all(np.abs(back[:50, :2] - rows[:50, :2]) <= codes.step[:2] * 0.5 + 1e-5)
+    assert out[50, 0] == 0 and out[50, 1] == 255 and out[51, 0] == 255 and out[51, 1] == 0  # clipped
+    assert np.all(out[:51, 2] == 0) and np.all(back[:51, 2] == 7.0) and back[51, 2] == 8.0  # a step of 1
+    strided = np.zeros((52, 6), np.uint8)[:, ::2]  # not contiguous: written through numpy
+    codes.encode(rows, strided)
+    np.testing.assert_array_equal(strided, out)
+    with pytest.raises(ConfigError, match="at least one row"):
+        FeatureCodes.fitted(np.zeros((0, 3)))

@@ -813,14 +813,19 @@ def test_cli_probe_on_unlabelled_data_is_a_user_error(runs, tmp_path):
     assert proc.returncode == 2 and "has no labels" in proc.stderr.strip().splitlines()[-1], proc.stderr
 
 
-def test_features_held_in_float16_probe_as_float32_do(runs, digits):
-    """--dtype float16 halves the probe's memory; the streaming classifiers read it as it is."""
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_features_held_in_16_or_8_bits_probe_as_float32_do(runs, digits, dtype):
+    """--dtype float16 halves the probe's memory, uint8 (8-bit codes of each column's range)
+    halves it again; the streaming classifiers read either as it is, the others standardize the
+    codes (the ConvAE's stage-1 maps and code take negative values: codes below zero too)."""
     conv, _ = runs
-    common = dict(layers="stage1,bottleneck", pool="grid2", baselines="none")
+    common = dict(layers="stage1,bottleneck", pool="grid2", baselines="none", classifiers="logreg,knn")
     full = run_probe(conv, *digits, **common)
-    half = run_probe(conv, *digits, dtype="float16", **common)
-    for a, b in zip(full, half):
-        assert a["features"] == b["features"] and abs(a["accuracy"] - b["accuracy"]) <= 0.006  # 2 of 360 images
+    low = run_probe(conv, *digits, dtype=dtype, **common)
+    assert len(full) == len(low) == 4
+    for a, b in zip(full, low):
+        assert (a["features"], a["classifier"]) == (b["features"], b["classifier"])
+        assert abs(a["accuracy"] - b["accuracy"]) <= 0.006  # 2 of 360 images
 
 
 def _bad_features(kind):

@@ -5,6 +5,7 @@
     files.py       extract_to_file (resumable, sharded under torchrun, each row's source in
                    OUT.index.csv) and load_features
     parquet.py     the same as one Parquet file (--format parquet)
+    codes.py       FeatureCodes: 8-bit codes of each column (the probe's --dtype uint8)
 
 ``stage1.conv1.split`` (any conv block's name plus ``.split``) is that block's sign-split maps:
 its normalized pre-activation z as [relu(z - t), relu(-z - t)], 2C channels, pooled like any
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 from .._lazy import exports
 
 if TYPE_CHECKING:
+    from .codes import FeatureCodes
     from .extractor import MAX_BATCH, FeatureExtractor, auto_batch_size, pool_features
     from .files import (
         DTYPES,
@@ -55,6 +57,7 @@ __all__ = [
     "POOLS",
     "Block",
     "ExtractResult",
+    "FeatureCodes",
     "FeatureExtractor",
     "LoadedFeatures",
     "RowRange",
@@ -87,6 +90,7 @@ _EXPORTS = {
     "index_path_of": ".files",
     "output_format": ".files",
     "ExtractResult": ".files",
+    "FeatureCodes": ".codes",
     "FeatureExtractor": ".extractor",
     "MAX_BATCH": ".extractor",
     "POOLS": ".plan",

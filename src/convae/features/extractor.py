@@ -23,6 +23,7 @@ from ..tensors import (
     to_float_nchw,
     weights_key,
 )
+from .codes import FeatureCodes
 from .plan import GRIDS, block_feature_names, check_compile, check_precision, plan_blocks
 
 # Per batch, the largest encoder map stays under glibc's 32 MiB mmap threshold on CPU, so
@@ -235,11 +236,18 @@ class FeatureExtractor:
         self.fill(out, images, progress=progress)
         return out
 
-    def fill(self, out: np.ndarray, images, *, offset: int = 0, progress: bool = False) -> None:
-        """Write the features of `images` into rows offset.. of `out`, batch by batch."""
+    def fill(
+        self, out: np.ndarray, images, *, offset: int = 0, progress: bool = False, codes: FeatureCodes | None = None
+    ) -> None:
+        """Write the features of `images` into rows offset.. of `out`, batch by batch (with
+        `codes`, their 8-bit codes: `out` uint8)."""
         with progress_bar(progress, len(images)) as bar:
             for row, feats in self.batches(images):
-                _write_rows(out[offset + row : offset + row + len(feats)], feats)
+                target = out[offset + row : offset + row + len(feats)]
+                if codes is None:
+                    _write_rows(target, feats)
+                else:
+                    codes.encode(feats, target)
                 bar.update(len(feats))
 
 

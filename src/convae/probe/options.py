@@ -26,7 +26,7 @@ NORMALIZATIONS: tuple[str, ...] = ("standard", "whiten", "whiten-layers")
 # image as the average of the classifier's scores for it and its mirror image (test-time
 # augmentation); the test images themselves are never altered.
 AUGMENTATIONS: tuple[str, ...] = ("none", "flip", "flip-tta")
-FEATURE_DTYPES: tuple[str, ...] = ("float32", "float16")
+FEATURE_DTYPES: tuple[str, ...] = ("float32", "float16", "uint8")
 #: Options a preset's probe may set.
 PRESET_FIELDS: tuple[str, ...] = (
     "layers", "pool", "normalize", "augment", "c_scale", "max_iter", "precondition", "dtype",
@@ -117,7 +117,8 @@ class ProbeOptions:
     precondition: bool = False
     pca_dims: tuple[int, ...] | None = None
     # How the probe holds the features: float16 halves the memory of wide feature sets (the
-    # streaming classifiers read it without a copy).
+    # streaming classifiers read it without a copy); uint8 halves it again, each column in 8-bit
+    # codes of its range (convae.features.FeatureCodes: standardizing undoes them)
     dtype: str = "float32"
     # "float32": extraction multiplies in fp32 even where the device has native bf16 (tensors.allow_bf16)
     precision: str = "auto"
