@@ -356,11 +356,12 @@ _COMMANDS = {
         "--classifiers": st.sampled_from(["logreg", "knn", "x", ""]), "--c-scale": _FLOATS, "--max-iter": _SMALL,
         "--seeds": _INTS, "--labels-per-class": st.sampled_from(["1", "0", "-1", "all", "x", "1,all"]),
         "--split-seed": _INTS, "--normalize": st.sampled_from(["standard", "whiten", "x"]), "--pca-dim": _TEXT,
-        "--dtype": st.sampled_from(["float16", "float64"]), "--cv": _SMALL, "--test-fraction": _FLOATS,
+        "--dtype": st.sampled_from(["float16", "uint8", "float64"]), "--cv": _SMALL, "--test-fraction": _FLOATS,
     }),
     "score": (["{run}", "{imgs}", "-q", "-o", "{out}/s.csv", "--device", "cpu", "--train", "{imgs}"], {
         "--k": _INTS, "--threshold-quantile": _FLOATS, "--calibration-images": _INTS, "--layers": _TEXT,
         "--pool": st.sampled_from(["avg", "grid4", "x"]), "--batch-size": _INTS, "--by": st.sampled_from(["mse", "knn", "x"]),
+        "--compile": st.sampled_from(["never", "x"]),
     }),
     "neighbors": (["{run}", "--index", "{imgs}", "--query", "{imgs}", "-q", "--device", "cpu"], {
         "-o": st.sampled_from(["{out}/n.png", "{out}/n.csv", "{out}/n.txt", "{imgs}"]), "--k": _INTS,
