@@ -694,3 +694,8 @@ def test_feature_codes_hold_each_column_in_8_bits_of_its_range():
     np.testing.assert_array_equal(strided, out)
     with pytest.raises(ConfigError, match="at least one row"):
         FeatureCodes.fitted(np.zeros((0, 3)))
+    rows[7, 1] = np.nan
+    with pytest.raises(ConfigError, match="NaN or infinite"):
+        codes.encode(rows, out)
+    with pytest.raises(ConfigError, match="NaN or infinite"):
+        FeatureCodes.fitted(rows)

@@ -24,6 +24,7 @@ LEVELS = 255  # the largest code
 # are clipped there, not lost (the mnist preset's validation features, coded from 1,024 rows:
 # 2.5e-6 of the values of other rows clipped at twice the sample's largest value)
 HEADROOM = 0.5
+NOT_FINITE = "the features hold NaN or infinite values (a diverged model?): they have no 8-bit codes"
 
 
 class FeatureCodes:
@@ -43,6 +44,8 @@ class FeatureCodes:
         sample = np.asarray(sample, dtype=np.float64)
         if sample.ndim != 2 or len(sample) == 0:
             raise ConfigError("feature codes need a sample of at least one row")
+        if not np.isfinite(sample).all():
+            raise ConfigError(NOT_FINITE)
         lo, hi = sample.min(0), sample.max(0)
         margin = HEADROOM * (hi - lo)
         low = np.where(lo >= 0, np.maximum(lo - margin, 0.0), lo - margin)
@@ -57,6 +60,8 @@ class FeatureCodes:
     def encode(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Write the codes of `rows` (n x dim values) into `out` (n x dim, uint8)."""
         x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        if not torch.isfinite(x).all():  # NaN would cast to some code: silently wrong, not refused
+            raise ConfigError(NOT_FINITE)
         codes = x.sub(self._low).mul_(self._inverse_step).round_().clamp_(0, LEVELS)
         if out.flags.writeable and out.flags.c_contiguous:
             torch.from_numpy(out).copy_(codes)  # the float -> uint8 cast in torch's vectorized copy
