@@ -156,7 +156,12 @@ def mirrored(images):
 
 
 def _features(
-    extractor: FeatureExtractor, images, mirror: bool, progress: bool, dtype=np.float32, codes=None
+    extractor: FeatureExtractor,
+    images,
+    mirror: bool,
+    progress: bool,
+    dtype=np.float32,
+    codes: FeatureCodes | None = None,
 ) -> np.ndarray:
     """Features of the images, then (with `mirror`) of their mirror images, in one `dtype` array
     (uint8: their `codes`), filled batch by batch: the only copy of them the probe holds."""
