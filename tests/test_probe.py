@@ -817,7 +817,7 @@ def test_cli_probe_on_unlabelled_data_is_a_user_error(runs, tmp_path):
 def test_features_held_in_16_or_8_bits_probe_as_float32_do(runs, digits, dtype):
     """--dtype float16 halves the probe's memory, uint8 (8-bit codes of each column's range)
     halves it again; the streaming classifiers read either as it is, the others standardize the
-    codes (the ConvAE's stage-1 maps and code take negative values: codes below zero too)."""
+    codes (columns with negative values: tests/test_features.py's codes test)."""
     conv, _ = runs
     common = dict(layers="stage1,bottleneck", pool="grid2", baselines="none", classifiers="logreg,knn")
     full = run_probe(conv, *digits, **common)

@@ -53,10 +53,6 @@ class FeatureCodes:
         step = np.where(span > 0, span / LEVELS, 1.0)  # a column constant on the sample: steps of 1
         return cls(low, step)
 
-    @property
-    def dim(self) -> int:
-        return len(self.low)
-
     def encode(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Write the codes of `rows` (n x dim values) into `out` (n x dim, uint8)."""
         x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
