@@ -209,27 +209,16 @@ def test_the_outliers_view_ranks_the_worst_reconstructed_first(run, small):
 
 
 # -- similar images ---------------------------------------------------------------------------------
+def _self_neighbours(run, root, out, *options):
+    """`convae neighbors` of a folder among itself: 3 neighbours each, in stage2/grid2 features."""
+    common = ("--k", 3, "--layers", "stage2", "--pool", "grid2")
+    return run_convae("neighbors", run, "--index", root, "--query", root, "-o", out, *common, *options)
+
+
 def test_neighbours_of_an_image_include_itself_first(run, small, tmp_path):
     root, paths, _ = small
     out = tmp_path / "nb.png"
-    proc = run_convae(
-        "neighbors",
-        run,
-        "--index",
-        root,
-        "--query",
-        root,
-        "-o",
-        out,
-        "--k",
-        3,
-        "--show",
-        4,
-        "--layers",
-        "stage2",
-        "--pool",
-        "grid2",
-    )
+    proc = _self_neighbours(run, root, out, "--show", 4)
     rows = read_csv(tmp_path / "nb.csv")
     assert len(rows) == 3 * len(paths)
     firsts = [r for r in rows if r["rank"] == "1"]
@@ -249,21 +238,8 @@ def test_neighbours_and_scores_take_the_compile_mode_of_extraction(run, small, t
     """`--compile always` (a real torch.compile of the extraction) finds the uncompiled pass's
     neighbours; a mode that is not one of auto/always/never is a one-line error naming --compile."""
     root, _, _ = small
-    common = ("--k", 3, "--layers", "stage2", "--pool", "grid2", "--baselines", "none", "-q")
     for mode in ("never", "always"):
-        run_convae(
-            "neighbors",
-            run,
-            "--index",
-            root,
-            "--query",
-            root,
-            "-o",
-            tmp_path / f"{mode}.png",
-            "--compile",
-            mode,
-            *common,
-        )
+        _self_neighbours(run, root, tmp_path / f"{mode}.png", "--baselines", "none", "-q", "--compile", mode)
     plain, fast = read_csv(tmp_path / "never.csv"), read_csv(tmp_path / "always.csv")
     assert len(plain) == len(fast) > 0
     assert sum(a["index"] != b["index"] for a, b in zip(plain, fast)) <= 3  # ties broken otherwise at rounding
