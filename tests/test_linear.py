@@ -16,7 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from convae.probe import LinearSVM, Whitener, linear, linsvm_c, logreg_c
+from convae.probe import LinearSVM, Whitener, int8, linear, linsvm_c, logreg_c
 from convae.probe.linear import StreamingLinearSVM, StreamingLogisticRegression
 
 # Test accuracy within 0.05 points of the reference; objectives within this relative distance
@@ -248,6 +248,42 @@ def test_threads_and_chunks_change_nothing_but_speed(mnist, one_thread, whiten):
     # on an Intel host with AMX, below 1e-3 on an AMD one)
     np.testing.assert_allclose(fits[2].decision_function(Xte), fits[0].decision_function(Xte), atol=3e-3)
     assert torch.get_num_threads() == 1  # the caller's setting (one_thread's) is back
+
+
+def test_int8_digits_rebuild_each_row_to_its_precision():
+    rng = np.random.default_rng(0)
+    M = torch.from_numpy(rng.normal(size=(5, 300)) * np.array([[1e-6], [1.0], [1e3], [0.0], [1.0]]))
+    M[4, :] = -M[4].abs()  # a row whose largest magnitude is negative
+    for n_digits, dtype in ((3, torch.float32), (4, torch.float64)):
+        D, w = int8.digits(M.to(dtype), n_digits)
+        assert D.dtype == torch.int8 and D.shape == (5 * n_digits, 300) and int(D.abs().max()) <= 65
+        rebuilt = (w.T.reshape(n_digits, 5, 1) * D.double().view(n_digits, 5, 300)).sum(0)
+        top = M.abs().amax(1, keepdim=True)
+        assert ((rebuilt - M).abs() <= top * 2.0 ** -(7 * n_digits - 1) * 1.01 + 1e-300).all()
+    assert not D[3::5].any()  # the zero row: zero digits
+
+
+@pytest.mark.parametrize(("kind", "k"), [("multinomial", 10), ("hinge", 10), ("binomial", 1)])
+def test_int8_passes_give_the_float32_objective_and_gradient(mnist, one_thread, kind, k):
+    """uint8 codes' passes run on int8 products (convae.probe.int8): the objective and its
+    gradient of a float32 pass over the same codes, in chunks of their own size (a ragged last)."""
+    Xtr, ytr, _, _ = mnist
+    codes = np.rint(Xtr[:3001] * 255).astype(np.uint8)
+    y = ytr[:3001].astype(np.int64) if k > 1 else (ytr[:3001] % 2).astype(np.float32)
+    rng = np.random.default_rng(1)
+    fits = []
+    for X in (codes, codes.astype(np.float32)):
+        rows = linear._Rows(X, torch.device("cpu"), 700, 2, 3, k)
+        mean, var = linear._column_stats(rows)
+        basis = linear._Basis(mean, linear._scale(mean, var, rows.n))
+        objective = linear._Objective(rows, kind, y, k, basis, 0.1)
+        fits.append((rows.code_rows, *objective(rng.normal(scale=0.05, size=k * 784 + k))))
+        rng = np.random.default_rng(1)
+        rows.close()
+    (code_rows, f8, g8), (float_rows, f32, g32) = fits
+    assert code_rows == 700 and float_rows == 0
+    assert f8 == pytest.approx(f32, rel=1e-6)
+    np.testing.assert_allclose(g8, g32, rtol=0, atol=1e-5 * np.abs(g32).max())
 
 
 def test_without_standardization_it_fits_x_as_given(digits, one_thread):

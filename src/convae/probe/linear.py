@@ -30,7 +30,8 @@ it (the two products, k classes). MKL runs these skinny products at 30-60 GFLOP/
 on a 2-core machine a float16 pass with 10 classes is bound by the cores, several times a copy
 of the same bytes, float32 about twice; the chunks are already read once. With more cores per
 memory channel, or on a GPU, the same pass meets the bandwidth. bfloat16 products (AMX, through
-oneDNN) were no faster at these shapes and put 0.2% errors in the scores: not used.
+oneDNN) were no faster at these shapes and put 0.2% errors in the scores: not used. 8-bit
+codes (uint8) run both products on exact int8 products instead (:mod:`.int8`), 1.2-1.4x as fast.
 ``benchmarks/linear_probe.py --compute-only`` measures which bound a machine hits.
 
 ``device="cuda"`` runs the same pass on a GPU, the matrix uploaded once in its own dtype when it
@@ -62,6 +63,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
 from ..tensors import bf16_products
+from . import int8
 
 __all__ = ["StreamingLinearSVM", "StreamingLogisticRegression"]
 
@@ -197,6 +199,8 @@ class _Rows:
         self.view = _torch_view(X)
         self.on_gpu = device.type != "cpu"
         self.chunk_rows, self.k_rows_first = _pass_layout(self.n, self.d, k, chunk_rows, self.on_gpu)
+        # 8-bit codes: the objective's passes run on int8 products, in chunks of their own size
+        self.code_rows = int8.chunk_rows(self.n, self.d, device, chunk_rows) if X.dtype == np.uint8 else 0
         self.n_threads = 1 if self.on_gpu else max(1, int(n_threads))
         self.groups = _groups(self.n, self.chunk_rows, 1 if self.on_gpu else n_groups)
         self._local = threading.local()
@@ -208,8 +212,10 @@ class _Rows:
             self._pool.shutdown()
         self._device_copy, self._local = None, threading.local()  # the buffers go with them
 
-    def map(self, fn) -> list:
-        calls = [(g, a, b, self._chunks(a, b)) for g, (a, b) in enumerate(self.groups)]
+    def map(self, fn, signed_codes: bool = False) -> list:
+        """`signed_codes`: the chunks as int8 ``code - 128`` (8-bit codes only, see `code_rows`)."""
+        chunks = self._signed_codes if signed_codes else self._chunks
+        calls = [(g, a, b, chunks(a, b)) for g, (a, b) in enumerate(self.groups)]
         if self._pool is None:
             return [fn(*c) for c in calls]
         return list(self._pool.map(lambda c: fn(*c), calls))
@@ -224,6 +230,20 @@ class _Rows:
         for a in range(start, stop, self.chunk_rows):
             b = min(a + self.chunk_rows, stop)
             yield a, b, self._float32(a, b)
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The calling thread's tensor `name`, made once (for a shape, dtype) and reused by every chunk."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        buf = buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
+        return buf
+
+    def _signed_codes(self, start: int, stop: int):
+        for a in range(start, stop, self.code_rows):
+            b = min(a + self.code_rows, stop)
+            buf = self.buffer("codes", (self.code_rows, self.d), torch.int8)
+            yield a, b, int8.to_signed(self.host_rows(a, b), out=buf[: b - a])
 
     def _float32(self, start: int, stop: int) -> torch.Tensor:
         if self._device_copy is not None:
@@ -749,7 +769,7 @@ class _Objective:
         self.target = torch.as_tensor(target, dtype=dtype).reshape(-1, 1).to(rows.device)
         # one gradient accumulator per row group, reused by every pass
         self.sums = [torch.empty((k, rows.d), dtype=torch.float32, device=rows.device) for _ in rows.groups]
-        self.minus_ones = torch.full((rows.chunk_rows, 1), -1.0, device=rows.device)
+        self.minus_ones = torch.full((max(rows.chunk_rows, rows.code_rows), 1), -1.0, device=rows.device)
         self.passes = 0
         self.last_f, self.gradient_size = float("nan"), float("inf")
 
@@ -757,11 +777,9 @@ class _Objective:
         k, d, n = self.k, self.rows.d, self.rows.n
         W, b = theta[: k * d].reshape(k, d), theta[k * d :]
         A = self.basis.weights(W)  # folded standardization (whitening): scores = X @ A.T + c
-        c = b - A @ self.basis.mean
-        device = self.rows.device
-        A32 = torch.from_numpy(A.astype(np.float32)).to(device)
-        c32 = torch.from_numpy(c.astype(np.float32)).to(device).view(-1, 1)
-        parts = self.rows.map(lambda g, a, z, chunks: self._group(A32, c32, g, chunks))
+        codes = self.rows.code_rows > 0
+        products = self._int8_products(A, b) if codes else self._float_products(A, b)
+        parts = self.rows.map(lambda g, a, z, chunks: self._group(*products, g, chunks), signed_codes=codes)
         self.passes += 1
         grad_A = sum(p[0].double() for p in parts).cpu().numpy()  # in group order: deterministic
         grad_c = sum(p[1] for p in parts).cpu().numpy()
@@ -779,18 +797,31 @@ class _Objective:
         self.last_f = f
         return f, np.concatenate([grad_W.ravel(), grad_c / n])
 
-    def _group(self, A: torch.Tensor, c: torch.Tensor, g: int, chunks):
+    def _float_products(self, A: np.ndarray, b: np.ndarray):
+        """A chunk's scores, and the gradient's update, in float32 (x: a float32 chunk)."""
+        device = self.rows.device
+        A32 = torch.from_numpy(A.astype(np.float32)).to(device)
+        c32 = torch.from_numpy((b - A @ self.basis.mean).astype(np.float32)).to(device).view(-1, 1)
+        if self.rows.k_rows_first:
+            return (lambda x: torch.addmm(c32, A32, x.T).T), (lambda acc, grad, x: acc.addmm_(grad.T, x))
+        return (lambda x: torch.addmm(c32.T, x, A32.T)), (lambda acc, grad, x: acc.addmm_(grad.T, x))
+
+    def _int8_products(self, A: np.ndarray, b: np.ndarray):
+        """The same on int8 chunks of codes - 128 (:mod:`.int8`), for the weights its digits hold."""
+        weights = int8.Weights(torch.from_numpy(A), torch.from_numpy(b - A @ self.basis.mean))
+        return weights.scores, functools.partial(int8.add_gradient, buffer=self.rows.buffer)
+
+    def _group(self, scores_of, add_gradient, g: int, chunks):
         """One row group's loss, and its sums of ``grad.T @ x`` and of ``grad``, chunk after chunk."""
         acc = self.sums[g]
         acc.zero_()
         grad_c = torch.zeros(self.k, dtype=torch.float64, device=acc.device)
         loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         for a, b, x in chunks:
-            scores = torch.addmm(c, A, x.T).T if self.rows.k_rows_first else torch.addmm(c.T, x, A.T)
-            chunk_loss, grad = _chunk_loss(self.kind, scores, self.target[a:b], self.minus_ones)
+            chunk_loss, grad = _chunk_loss(self.kind, scores_of(x), self.target[a:b], self.minus_ones)
             loss += chunk_loss
             grad_c += grad.sum(0)
-            acc.addmm_(grad.T, x)  # while x is still in cache
+            add_gradient(acc, grad, x)  # while x is still in cache
         return acc, grad_c, loss
 
 
