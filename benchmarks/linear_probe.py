@@ -1,6 +1,6 @@
 """Linear-probe benchmark: the streaming logistic regression's pass against the memory bandwidth, and its fit against scikit-learn's.
 
-    .venv/bin/python benchmarks/linear_probe.py [--rows 100000 --dims 12800 --dtype float16]
+    .venv/bin/python benchmarks/linear_probe.py [--rows 100000 --dims 12800 --dtype float16|float32|uint8]
         [--passes 5] [--fit-max-iter 20] [--compare-rows 10000 --compare-dims 2048] [--quick]
     .venv/bin/python benchmarks/linear_probe.py --basis 22400 [--classes 10]
 
@@ -15,7 +15,9 @@ Measures on this machine, in one run, and prints Markdown tables:
   is set beside a copy of the same number of bytes timed right before it (the machine is
   shared: only ratios measured side by side mean anything); the ratio is the pass time over
   that copy's (best pair and median), GFLOP/s counts the two products (4 x rows x dims x
-  classes). With `--compute-only`, the same pass over one row repeated (row stride 0): the
+  classes). uint8 (the probe's 8-bit codes: the features x 32, rounded, clipped at 255) is timed
+  on both of its paths: the int8 products the module uses ("int8") and float32 chunks converted
+  from the codes ("float32", the path before them, still the GPU's). With `--compute-only`, the same pass over one row repeated (row stride 0): the
   arithmetic alone, nothing to read from memory, which says whether a pass is bound by the
   memory or by the cores;
 - a fit at that size, capped at `--fit-max-iter` L-BFGS iterations, in a fresh process: time,
@@ -37,6 +39,7 @@ solves with U (no inverse), side by side, best of 5 each, and the inverse's own 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -83,7 +86,8 @@ def write_features(path: Path, rows: int, dims: int, classes: int, dtype: str, s
         x = rng.standard_normal((m, dims), dtype=np.float32)
         x += centers[labels[start : start + m]]
         x += rng.standard_normal((m, 16), dtype=np.float32) @ mixing
-        out[start : start + m] = np.maximum(x, 0.0)
+        x = np.maximum(x, 0.0)
+        out[start : start + m] = np.minimum(np.rint(x * 32), 255) if dtype == "uint8" else x
     out.flush()
     del out
     return labels
@@ -126,9 +130,19 @@ class PeakMemory:
 
 
 def time_passes(
-    X: np.ndarray, labels: np.ndarray, mode: str, threads: int, passes: int, chunk_rows: int | None, source: str
+    X: np.ndarray,
+    labels: np.ndarray,
+    mode: str,
+    threads: int,
+    passes: int,
+    chunk_rows: int | None,
+    source: str,
+    products: str = "",
 ) -> dict:
-    """Fused passes over X at a fixed point, each beside a numpy copy of X's bytes."""
+    """Fused passes over X at a fixed point, each beside a numpy copy of X's bytes.
+
+    `products`: for uint8 X, "int8" (the module's) or "float32" (the codes converted).
+    """
     import torch
 
     from convae.probe import linear as _linear
@@ -141,6 +155,8 @@ def time_passes(
     pairs = []
     with _linear._torch_threads(torch_threads):
         rows = _linear._Rows(X, torch.device("cpu"), chunk_rows, workers, max(workers, _linear._MAX_GROUPS), k)
+        if products == "float32":
+            rows.code_rows = 0  # the float32 chunks every other dtype reads
         basis = _linear._Basis(np.zeros(d), np.ones(d))
         objective = _linear._Objective(rows, "multinomial", labels, k, basis, 1.0)
         objective(theta)  # warm-up: the file into the page cache, buffers allocated
@@ -149,12 +165,12 @@ def time_passes(
             t = time.perf_counter()
             objective(theta)
             pairs.append((time.perf_counter() - t, copy))
-        chunk = rows.chunk_rows
+        chunk = rows.code_rows or rows.chunk_rows
         rows.close()
     ratios = sorted(p / c for p, c in pairs)
     best = min(pairs, key=lambda pc: pc[0] / pc[1])
     return {
-        "mode": mode,
+        "mode": f"{mode} {products}".strip(),
         "threads": threads,
         "source": source,
         "chunk_rows": chunk,
@@ -389,7 +405,7 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--dims", type=int, default=12_800)
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"])
     p.add_argument("--passes", type=int, default=5, help="timed passes per threads mode")
     p.add_argument("--threads", default=None, help="comma-separated thread counts; default: torch.get_num_threads()")
     p.add_argument(
@@ -445,19 +461,12 @@ def main(argv=None) -> None:
         for c in chunks:
             for n_threads in threads:
                 for mode in args.threads_mode.split(",") if n_threads > 1 else ["workers"]:
-                    results.append(time_passes(X, labels, mode, n_threads, args.passes, c, "memmap"))
-                    if args.compute_only:
-                        results.append(
-                            time_passes(
-                                repeated_chunk(X, c),
-                                labels,
-                                mode,
-                                n_threads,
-                                args.passes,
-                                c,
-                                "one row, repeated (compute only)",
-                            )
-                        )
+                    for products in ("int8", "float32") if args.dtype == "uint8" else ("",):
+                        timing = functools.partial(time_passes, labels=labels, mode=mode, threads=n_threads)
+                        timing = functools.partial(timing, passes=args.passes, chunk_rows=c, products=products)
+                        results.append(timing(X, source="memmap"))
+                        if args.compute_only:
+                            results.append(timing(repeated_chunk(X, c), source="one row, repeated (compute only)"))
         del X
         print(pass_table(bw, results) + "\n", flush=True)
         fits = []
