@@ -1046,7 +1046,9 @@ class StreamingLogisticRegression(_StreamingLinearClassifier):
         `whiten`, and below 512 rows. Not always faster: on small, nearly separable problems
         (MNIST's pixels, 3,000 rows) it took more passes than plain L-BFGS.
     chunk_rows : int or None, default=None
-        Rows per chunk; None sizes a float32 chunk to 4 MiB (128 MiB on a GPU), at least 16 rows.
+        Rows per chunk; None sizes a float32 chunk to 4 MiB (16 MiB where the scores are computed
+        rows first, 128 MiB on a GPU), at least 16 rows. For uint8 X on the CPU (int8 products),
+        None means 8 MiB of codes, and any number is capped at 1,012 rows (their exact range).
     n_threads : int or None, default=None
         Worker threads on the CPU, each running one-threaded torch operations; None uses
         ``torch.get_num_threads()`` for X of 32 MiB or more, one thread below. torch's own
@@ -1183,7 +1185,9 @@ class StreamingLinearSVM(_StreamingLinearClassifier):
     precondition : bool, default=False
         L-BFGS in a block whitening's coordinates, as :class:`StreamingLogisticRegression`'s.
     chunk_rows : int or None, default=None
-        Rows per chunk; None sizes a float32 chunk to 4 MiB (128 MiB on a GPU), at least 16 rows.
+        Rows per chunk; None sizes a float32 chunk to 4 MiB (16 MiB where the scores are computed
+        rows first, 128 MiB on a GPU), at least 16 rows. For uint8 X on the CPU (int8 products),
+        None means 8 MiB of codes, and any number is capped at 1,012 rows (their exact range).
     n_threads : int or None, default=None
         Worker threads on the CPU, as :class:`StreamingLogisticRegression`'s.
     device : {"cpu", "cuda", "auto"}, default="cpu"
