@@ -97,8 +97,8 @@ def add_gradient(acc: torch.Tensor, residual: torch.Tensor, x: torch.Tensor, buf
 
     x holds codes - 128: the digits' 128 x row sums, added to their int32 sums, make them the
     exact sums over the codes themselves (the shift added back in float would cancel against them:
-    errors of 2e-5 of the gradient in near-constant columns, measured). ``buffer(name, shape, dtype)`` gives the calling thread's scratch tensors: fresh (digits * k, d)
-    outputs on every chunk cost more than the product itself (page faults, 2-3 ms a chunk measured).
+    errors of 2e-5 of the gradient in near-constant columns, measured). ``buffer(name, shape,
+    dtype)`` gives the calling thread's scratch tensors, reused by every chunk.
     """
     k, d = acc.shape
     D, w = digits(residual.T, RESIDUAL_DIGITS)  # (digits * k, rows)

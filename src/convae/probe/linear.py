@@ -802,9 +802,11 @@ class _Objective:
         device = self.rows.device
         A32 = torch.from_numpy(A.astype(np.float32)).to(device)
         c32 = torch.from_numpy((b - A @ self.basis.mean).astype(np.float32)).to(device).view(-1, 1)
-        if self.rows.k_rows_first:
-            return (lambda x: torch.addmm(c32, A32, x.T).T), (lambda acc, grad, x: acc.addmm_(grad.T, x))
-        return (lambda x: torch.addmm(c32.T, x, A32.T)), (lambda acc, grad, x: acc.addmm_(grad.T, x))
+        first = self.rows.k_rows_first
+        return (
+            lambda x: torch.addmm(c32, A32, x.T).T if first else torch.addmm(c32.T, x, A32.T),
+            lambda acc, grad, x: acc.addmm_(grad.T, x),
+        )
 
     def _int8_products(self, A: np.ndarray, b: np.ndarray):
         """The same on int8 chunks of codes - 128 (:mod:`.int8`), for the weights its digits hold."""
