@@ -692,6 +692,14 @@ def test_feature_codes_hold_each_column_in_8_bits_of_its_range():
     strided = np.zeros((52, 6), np.uint8)[:, ::2]  # not contiguous: written through numpy
     codes.encode(rows, strided)
     np.testing.assert_array_equal(strided, out)
+    # a narrow range far from zero (|low / step| ~ 1e7): float32's x / step would miss the codes
+    offset = np.concatenate([sample[:, :1], 1000.0 + sample[:, :1] * 1e-4], axis=1)
+    far = FeatureCodes.fitted(offset)
+    rows_far = offset[:50].astype(np.float32)
+    codes_far = np.empty(rows_far.shape, np.uint8)
+    far.encode(rows_far, codes_far)
+    exact = np.clip(np.rint((rows_far.astype(np.float64) - far.low) / far.step), 0, 255)
+    assert np.abs(codes_far - exact).max() <= 1 and np.mean(codes_far == exact) > 0.99  # a tie may go up
     with pytest.raises(ConfigError, match="at least one row"):
         FeatureCodes.fitted(np.zeros((0, 3)))
     rows[7, 1] = np.nan

@@ -37,6 +37,14 @@ class FeatureCodes:
             raise ConfigError("feature codes need one low value and one positive step per column")
         self._low = torch.from_numpy(self.low)
         self._inverse_step = torch.from_numpy(1.0 / self.step)
+        # code + 1/2 = x / step + (1/2 - low / step): one fused multiply-add, then a cast to uint8,
+        # which truncates (rounds half up). With the check below, encode ran 3x as fast as
+        # subtracting, scaling and rounding in turn (256 x 32,000 rows, 2 threads: 6.5-7.5 ms
+        # against 19-21; 1.7e-6 of the codes one apart). float32 keeps x / step within 1e-3 of a
+        # code where |low / step| < 2^14; columns past that (a narrow range far from zero) subtract first.
+        offset = 0.5 - self.low.astype(np.float64) / self.step
+        self._offset = torch.from_numpy(offset.astype(np.float32))
+        self._fused = bool(np.all(np.abs(offset) < 2**14))
 
     @classmethod
     def fitted(cls, sample: np.ndarray) -> FeatureCodes:
@@ -56,9 +64,15 @@ class FeatureCodes:
     def encode(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Write the codes of `rows` (n x dim values) into `out` (n x dim, uint8)."""
         x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-        if not torch.isfinite(x).all():  # NaN would cast to some code: silently wrong, not refused
+        # NaN would cast to some code: silently wrong, not refused. min and max carry any NaN or
+        # infinity, in one read (isfinite(x).all(): 17x as long, 256 x 32,000 rows)
+        if not torch.isfinite(torch.stack(torch.aminmax(x))).all():
             raise ConfigError(NOT_FINITE)
-        codes = x.sub(self._low).mul_(self._inverse_step).round_().clamp_(0, LEVELS)
+        if self._fused:
+            codes = torch.addcmul(self._offset, x, self._inverse_step)
+        else:
+            codes = x.sub(self._low).mul_(self._inverse_step).add_(0.5)
+        codes.clamp_(0.0, LEVELS + 0.5)  # truncated by the cast below
         if out.flags.writeable and out.flags.c_contiguous:
             torch.from_numpy(out).copy_(codes)  # the float -> uint8 cast in torch's vectorized copy
         else:
