@@ -28,6 +28,7 @@ from convae.probe import (
     evaluate_feature_sets,
     evaluate_features,
     label_subsets,
+    markdown_table,
     mirrored,
     predict_with_mirrors,
     probe_feature_files,
@@ -114,6 +115,19 @@ def test_rows_name_every_baseline_and_follow_the_schema(runs, digits):
     assert by[("pca", "logreg", "all")]["dim"] == 32  # the compared features' size
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1 and r["fit_seconds"] >= 0
+        # the optimizer's iterations where there is one (the probe hides ConvergenceWarning)
+        if r["classifier"] == "knn":
+            assert r["iterations"] is None
+        else:
+            assert isinstance(r["iterations"], int) and 1 <= r["iterations"] <= 300, r
+
+
+def test_a_fit_stopped_at_max_iter_says_so_in_its_iterations(runs, digits):
+    """The probe hides ConvergenceWarning: a row's iterations is where a fit cut short shows."""
+    conv, _ = runs
+    rows = run_probe(conv, *digits, layers="bottleneck", pool="avg", baselines="none", max_iter=3)
+    assert [r["iterations"] for r in rows] == [3]
+    assert "| 3 |" in markdown_table(rows).splitlines()[-1]
 
 
 def test_random_weights_is_the_same_architecture_untrained(runs, digits):

@@ -175,6 +175,8 @@ def _table(rows: list[dict]) -> str:
 
 
 def _fmt(value) -> str:
+    if value is None:  # a column that does not apply to the row (a k-NN's iterations)
+        return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, int) and abs(value) >= 1000:

@@ -14,7 +14,7 @@ import numpy as np
 from sklearn.compose import ColumnTransformer
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, f1_score
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..errors import ConfigError
@@ -33,6 +33,7 @@ COLUMNS = (
     "accuracy_std",
     "macro_f1",
     "fit_seconds",
+    "iterations",
 )
 
 
@@ -228,8 +229,9 @@ def _fit_and_score(
     max_iter: int | None,
     device: str = "cpu",
     precondition: bool = False,
-) -> tuple[float, float, float]:
-    """(accuracy, macro-F1, fit seconds) of classifier `name` fitted on the train rows `idx` (all: every row)."""
+) -> dict[str, tuple[float, float, float, int | None]]:
+    """{augment: (accuracy, macro-F1, fit seconds, optimizer iterations or None)} of classifier
+    `name` fitted on the train rows `idx` (all: every row)."""
     n_images = len(y_train)
     y_fit = np.concatenate([y_train, y_train]) if fs.mirrored else y_train
     if per_class == "all":
@@ -243,16 +245,29 @@ def _fit_and_score(
         # an unconverged probe is still a fair, if slightly low, measurement
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(train_x[rows], y_fit[rows])
-    seconds = time.perf_counter() - t0
+    seconds, iterations = time.perf_counter() - t0, _iterations(clf)
     test_x = rows_of(test_x)  # made only now, if deferred: after the fit's working memory is freed
     augment = "flip" if fs.mirrored else "none"
     if not fs.test_mirrored:
         pred = clf.predict(test_x)
-        return {augment: (accuracy_score(y_test, pred), f1_score(y_test, pred, average="macro"), seconds)}
+        return {augment: (accuracy_score(y_test, pred), f1_score(y_test, pred, average="macro"), seconds, iterations)}
     # The same classifier scores the test images alone and with their mirror images: what test-time
     # augmentation adds is told apart at no cost (the headline number is the first).
     preds = {augment: clf.predict(test_x[: len(y_test)]), "flip-tta": predict_with_mirrors(clf, test_x)}
-    return {m: (accuracy_score(y_test, p), f1_score(y_test, p, average="macro"), seconds) for m, p in preds.items()}
+    return {
+        m: (accuracy_score(y_test, p), f1_score(y_test, p, average="macro"), seconds, iterations)
+        for m, p in preds.items()
+    }
+
+
+def _iterations(clf) -> int | None:
+    """The iterations a fitted classifier's optimizer took (a pipeline's last step's; the most
+    over one-vs-rest fits), or None for one without an iterative fit (k-NN, random forest).
+
+    The probe hides ConvergenceWarning (an unconverged fit is still a fair measurement): this
+    column is where a user sees a fit that stopped at max_iter."""
+    n_iter = getattr(clf[-1] if isinstance(clf, Pipeline) else clf, "n_iter_", None)
+    return None if n_iter is None else int(np.max(n_iter))
 
 
 def _folds(name: str) -> bool:
@@ -286,7 +301,8 @@ def _whitened_widths(fs: FeatureSet, whiten: str | None) -> tuple[int, ...] | No
 
 
 def _row(fs: FeatureSet, name: str, per_class, whiten: str | None, scores, prep_seconds: float, augment: str) -> dict:
-    accs, f1s, secs = (np.array(v) for v in zip(*scores))
+    accs, f1s, secs = (np.array(v) for v in list(zip(*scores))[:3])
+    iterations = [s[3] for s in scores]
     return dict(
         features=fs.name,
         classifier=name,
@@ -299,6 +315,7 @@ def _row(fs: FeatureSet, name: str, per_class, whiten: str | None, scores, prep_
         accuracy_std=float(np.std(accs)),
         macro_f1=float(np.mean(f1s)),
         fit_seconds=float(np.mean(secs + prep_seconds)),
+        iterations=None if None in iterations else round(float(np.mean(iterations))),
     )
 
 

@@ -23,8 +23,9 @@ def markdown_table(rows: list[dict]) -> str:
         "± (seeds or folds)",
         "macro-F1",
         "fit s",
+        "iterations",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 6) + "|"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 7) + "|"]
     for r in rows:
         if r.get("folds"):
             spread = f"{r['accuracy_std']:.4f} ({r['folds']} folds)"
@@ -41,6 +42,7 @@ def markdown_table(rows: list[dict]) -> str:
             spread,
             f"{r['macro_f1']:.4f}",
             f"{r['fit_seconds']:.2f}",
+            "-" if r.get("iterations") is None else str(r["iterations"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

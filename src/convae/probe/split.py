@@ -37,7 +37,7 @@ def probe_splits(labels: np.ndarray, options: ProbeOptions) -> list[tuple[np.nda
 
 def aggregate_folds(folds: Sequence[list[dict]]) -> list[dict]:
     """One row per row of the first fold: each score's mean over the folds, with its standard
-    deviation (`accuracy_std`, `macro_f1_std`) and `folds`; fit seconds are averaged."""
+    deviation (`accuracy_std`, `macro_f1_std`) and `folds`; fit seconds and iterations are averaged."""
     out = []
     for i, first in enumerate(folds[0]):
         rows = [f[i] for f in folds]
@@ -53,7 +53,12 @@ def aggregate_folds(folds: Sequence[list[dict]]) -> list[dict]:
                 "macro_f1": float(f1.mean()),
                 "macro_f1_std": float(f1.std()),
                 "fit_seconds": float(np.mean([r["fit_seconds"] for r in rows])),
+                "iterations": _mean_iterations([r.get("iterations") for r in rows]),
                 "folds": len(rows),
             }
         )
     return out
+
+
+def _mean_iterations(counts: list[int | None]) -> int | None:
+    return None if None in counts else round(float(np.mean(counts)))

@@ -262,7 +262,7 @@ def _depth(ctx: ViewContext) -> Shown:
 
 PROBE_COLUMNS = (
     "features", "classifier", "normalize", "augment", "dim", "labels_per_class", "seeds", "accuracy", "accuracy_std",
-    "macro_f1", "fit_seconds",
+    "macro_f1", "fit_seconds", "iterations",
 )  # fmt: skip
 
 #: Every view, in the report's order.
