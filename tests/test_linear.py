@@ -286,6 +286,18 @@ def test_int8_passes_give_the_float32_objective_and_gradient(mnist, one_thread, 
     np.testing.assert_allclose(g8, g32, rtol=0, atol=1e-5 * np.abs(g32).max())
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_without_the_int8_kernel_codes_take_the_float32_path(mnist, one_thread, monkeypatch):
+    Xtr, ytr, Xte, _ = mnist
+    codes, test = np.rint(Xtr[:2000] * 255).astype(np.uint8), np.rint(Xte * 255).astype(np.uint8)
+    assert linear._Rows(codes, torch.device("cpu"), None, 1, 1).code_rows > 0
+    on_int8 = StreamingLogisticRegression(C=0.1, max_iter=50).fit(codes, ytr[:2000])
+    monkeypatch.setattr(int8, "available", lambda: False)
+    assert linear._Rows(codes, torch.device("cpu"), None, 1, 1).code_rows == 0
+    on_float32 = StreamingLogisticRegression(C=0.1, max_iter=50).fit(codes, ytr[:2000])
+    assert np.mean(on_int8.predict(test) == on_float32.predict(test)) >= 0.995
+
+
 def test_without_standardization_it_fits_x_as_given(digits, one_thread):
     Xtr, ytr, Xte, yte = digits
     reference = LogisticRegression(C=0.01, tol=1e-8, max_iter=5000).fit(Xtr.astype(np.float64), ytr)
