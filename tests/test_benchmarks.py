@@ -15,6 +15,7 @@ from convae.data.containers import ImageData
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import compiled_extraction  # noqa: E402
+import linear_probe  # noqa: E402
 import photo_folders  # noqa: E402
 import precondition  # noqa: E402
 import quality  # noqa: E402
@@ -162,3 +163,17 @@ def test_compiled_extraction_times_both_arms_on_the_same_images(shared_datasets)
     assert isinstance(r["compile_mb"], float)  # /proc/self/statm: CI runs on Linux
     assert len(r["images_per_s"]["never"]) == len(r["images_per_s"]["always"]) == 1
     assert r["difference"]["mean"] < 1e-4
+
+
+def test_linear_probe_times_both_paths_of_a_pass_over_8_bit_codes(tmp_path):
+    """benchmarks/linear_probe.py --dtype uint8: codes written as uint8, and a pass timed on the
+    int8 products and on float32 chunks converted from the same codes."""
+    labels = linear_probe.write_features(tmp_path / "x.npy", 600, 96, 3, "uint8")
+    X = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert X.dtype == np.uint8 and X.shape == (600, 96) and 0 < X.max() <= 255 and len(labels) == 600
+    timed = {
+        products: linear_probe.time_passes(X, labels, "workers", 1, 1, 100, "memmap", products=products)
+        for products in ("int8", "float32")
+    }
+    assert [t["mode"] for t in timed.values()] == ["workers int8", "workers float32"]
+    assert all(t["chunk_rows"] == 100 and t["pass_s"] > 0 and t["bytes"] == X.nbytes for t in timed.values())
