@@ -293,6 +293,7 @@ def test_probe_one_labelled_folder_by_hold_out_or_cross_validation(run, small, t
     assert [r["features"] for r in doc["rows"]] == ["stage2/grid4", "pixels"]
     for r in doc["rows"]:
         assert r["folds"] == 3 and 0 < r["accuracy_std"] < 0.1 and 0.5 < r["accuracy"] <= 1
+        assert isinstance(r["iterations"], int) and r["iterations"] > 0  # the folds' mean, logreg's steps
     assert "(3 folds)" in (tmp_path / "cv.md").read_text()
     run_convae("probe", run, "--data", root, "--test-fraction", 0.2, "-o", tmp_path / "ho.json", *common)
     doc = json.loads((tmp_path / "ho.json").read_text())

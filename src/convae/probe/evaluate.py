@@ -302,7 +302,6 @@ def _whitened_widths(fs: FeatureSet, whiten: str | None) -> tuple[int, ...] | No
 
 def _row(fs: FeatureSet, name: str, per_class, whiten: str | None, scores, prep_seconds: float, augment: str) -> dict:
     accs, f1s, secs = (np.array(v) for v in list(zip(*scores))[:3])
-    iterations = [s[3] for s in scores]
     return dict(
         features=fs.name,
         classifier=name,
@@ -315,8 +314,13 @@ def _row(fs: FeatureSet, name: str, per_class, whiten: str | None, scores, prep_
         accuracy_std=float(np.std(accs)),
         macro_f1=float(np.mean(f1s)),
         fit_seconds=float(np.mean(secs + prep_seconds)),
-        iterations=None if None in iterations else round(float(np.mean(iterations))),
+        iterations=mean_iterations([s[3] for s in scores]),
     )
+
+
+def mean_iterations(counts: Sequence[int | None]) -> int | None:
+    """The mean of fits' iteration counts, rounded; None if any fit has none."""
+    return None if None in counts else round(float(np.mean(counts)))
 
 
 def predict_with_mirrors(clf, x: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 from ..errors import ConfigError
+from .evaluate import mean_iterations
 from .options import ProbeOptions, check_split
 
 
@@ -53,12 +54,8 @@ def aggregate_folds(folds: Sequence[list[dict]]) -> list[dict]:
                 "macro_f1": float(f1.mean()),
                 "macro_f1_std": float(f1.std()),
                 "fit_seconds": float(np.mean([r["fit_seconds"] for r in rows])),
-                "iterations": _mean_iterations([r.get("iterations") for r in rows]),
+                "iterations": mean_iterations([r.get("iterations") for r in rows]),
                 "folds": len(rows),
             }
         )
     return out
-
-
-def _mean_iterations(counts: list[int | None]) -> int | None:
-    return None if None in counts else round(float(np.mean(counts)))
