@@ -11,11 +11,12 @@ column's largest residual, against float32's 2^-24 on every term. torch's bf16 p
 no substitute: on the CPU they round their output to bf16.
 
 A pass with 2 workers (an Intel host with AMX, 2026-12-07, a scratch benchmark on random
-codes, 10 classes) ran 1.22x as fast as the float32 conversion's at 32,000 columns (0.245 against
-0.300 s for 20,000 rows: 2.6 GB/s of codes read), 1.28x at 22,400 and 1.44x at 3,200; the
-objective within 1e-8 and the gradient within 1.5e-6 (of its largest entry) of the float32
-pass's; ``benchmarks/linear_probe.py --dtype uint8`` times both paths (50,000 x 32,000 codes:
-1.26x, 3.6x a copy of the same bytes against 5.5). What holds it back is the gradient's product,
+codes, 10 classes, 8 MiB chunks) ran 1.22x as fast as the float32 conversion's at 32,000 columns
+(0.245 against 0.300 s for 20,000 rows: 2.6 GB/s of codes read), 1.28x at 22,400 and 1.44x at
+3,200; the objective within 1e-8 and the gradient within 1.5e-6 (of its largest entry) of the
+float32 pass's; ``benchmarks/linear_probe.py --dtype uint8`` times both paths (50,000 x 32,000
+codes: 1.26x, 3.6x a copy of the same bytes against 5.5; 24 MiB chunks since, 1.1-1.2x faster
+again, see CHUNK_BYTES). What holds it back is the gradient's product,
 whose wide operand (the chunk) oneDNN reorders on every call: about 4 GB/s, against 8 for the
 scores' and 9 for the read itself.
 """
@@ -35,7 +36,11 @@ _MAX_DIGIT = 65  # |a digit| <= 64, the leading one 64 + a carry of rounding
 MAX_COLUMNS = (2**31 - 1) // (128 * _MAX_DIGIT)
 # ... and a code <= 255 times a digit over a chunk's rows (the gradient), exact in float32 too
 MAX_CHUNK_ROWS = 2**24 // (255 * _MAX_DIGIT)
-CHUNK_BYTES = 8 << 20  # codes a chunk: 8-16 MiB 1.3x as fast as 4 MiB (32,000 columns, 2 workers)
+# codes a chunk: each chunk pays for its digits and its (digits x k, d) sums whatever its rows, so
+# larger chunks win until the rows pass the cache: 24 MiB against 8, passes over the synthetic
+# codes of benchmarks/linear_probe.py interleaved (2 workers): 0.46-0.50 s against 0.54-0.58 at
+# 32,000 columns, 0.39-0.41 against 0.42-0.46 at 44,800; random codes 1.15-1.2x at 22,400-44,800
+CHUNK_BYTES = 24 << 20
 
 
 @functools.cache
