@@ -17,7 +17,8 @@ Measures on this machine, in one run, and prints Markdown tables:
   that copy's (best pair and median), GFLOP/s counts the two products (4 x rows x dims x
   classes). uint8 (the probe's 8-bit codes: the features x 32, rounded, clipped at 255) is timed
   on both of its paths: the int8 products the module uses ("int8") and float32 chunks converted
-  from the codes ("float32", the path before them, still the GPU's). With `--compute-only`, the same pass over one row repeated (row stride 0): the
+  from the codes ("float32", the path before them, still the GPU's). With `--compute-only`, the
+  same pass over one row repeated (row stride 0): the
   arithmetic alone, nothing to read from memory, which says whether a pass is bound by the
   memory or by the cores;
 - a fit at that size, capped at `--fit-max-iter` L-BFGS iterations, in a fresh process: time,
@@ -462,8 +463,10 @@ def main(argv=None) -> None:
             for n_threads in threads:
                 for mode in args.threads_mode.split(",") if n_threads > 1 else ["workers"]:
                     for products in ("int8", "float32") if args.dtype == "uint8" else ("",):
-                        timing = functools.partial(time_passes, labels=labels, mode=mode, threads=n_threads)
-                        timing = functools.partial(timing, passes=args.passes, chunk_rows=c, products=products)
+                        timing = functools.partial(
+                            time_passes, labels=labels, mode=mode, threads=n_threads, passes=args.passes,
+                            chunk_rows=c, products=products,
+                        )  # fmt: skip
                         results.append(timing(X, source="memmap"))
                         if args.compute_only:
                             results.append(timing(repeated_chunk(X, c), source="one row, repeated (compute only)"))

@@ -103,7 +103,7 @@ class Weights:
         self.digits_t = D.T.contiguous()  # (d, digits * k): the chunk's rows first
         # scores = (codes - 128) @ exact.T + (c + 128 * row sums): the shift folded in
         self.intercepts = (c.double() + 128.0 * self.exact.sum(1)).view(1, k)
-        self.combine = torch.cat([torch.diag(w[:, j]) for j in range(WEIGHT_DIGITS)])  # (digits * k, k)
+        self.combine = _stacked_diagonals(w)  # (digits * k, k)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """float32 scores (rows, k) of an int8 chunk (codes - 128)."""
@@ -125,5 +125,11 @@ def add_gradient(acc: torch.Tensor, residual: torch.Tensor, x: torch.Tensor, buf
     sums.add_(D.sum(1, dtype=torch.int32).mul_(128).view(-1, 1))
     floats = buffer("int8.floats", (RESIDUAL_DIGITS * k, d), torch.float32)
     floats.copy_(sums)  # exact: MAX_CHUNK_ROWS
-    combine = torch.cat([torch.diag(w[:, j]) for j in range(RESIDUAL_DIGITS)], 1).float()  # (k, digits * k)
+    combine = _stacked_diagonals(w).T.float()  # (k, digits * k)
     acc.addmm_(combine, floats)
+
+
+def _stacked_diagonals(w: torch.Tensor) -> torch.Tensor:
+    """(n * k, k): diag(w[:, 0]) above diag(w[:, 1]) ...: the digits' product columns (k each, in
+    digit order) summed into the k values they stand for, each by its digit's weight."""
+    return torch.cat([torch.diag(w[:, j]) for j in range(w.shape[1])])

@@ -31,7 +31,7 @@ on a 2-core machine a float16 pass with 10 classes is bound by the cores, severa
 of the same bytes, float32 about twice; the chunks are already read once. With more cores per
 memory channel, or on a GPU, the same pass meets the bandwidth. bfloat16 products (AMX, through
 oneDNN) were no faster at these shapes and put 0.2% errors in the scores: not used. 8-bit
-codes (uint8) run both products on exact int8 products instead (:mod:`.int8`), 1.2-1.4x as fast.
+codes (uint8) run both products on exact int8 products instead (:mod:`.int8`), about 1.3x as fast.
 ``benchmarks/linear_probe.py --compute-only`` measures which bound a machine hits.
 
 ``device="cuda"`` runs the same pass on a GPU, the matrix uploaded once in its own dtype when it
@@ -253,10 +253,7 @@ class _Rows:
             return self._stream(rows).float()
         if rows.dtype == torch.float32:
             return rows  # read in place by the matrix products: no copy at all
-        buf = getattr(self._local, "buf", None)
-        if buf is None:  # one conversion buffer per worker thread, reused for every chunk
-            buf = self._local.buf = torch.empty((self.chunk_rows, self.d), dtype=torch.float32)
-        out = buf[: stop - start]
+        out = self.buffer("float32", (self.chunk_rows, self.d), torch.float32)[: stop - start]
         out.copy_(rows)  # float16/float64/uint8 -> float32, while the chunk is in cache
         return out
 
