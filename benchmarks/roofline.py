@@ -13,7 +13,9 @@ Measures, in one run on this machine:
   photos go through is measured), a training step (convae's own loop, bf16 autocast where
   native, as `convae fit` trains), extraction of what `convae probe` extracts (every stage
   and the bottleneck, grid4 pooling), and the fit of each probe classifier (logreg, linsvm of
-  convae.probe) on the widest of those feature sets;
+  convae.probe) on the widest of those feature sets, held in each `--probe-dtype` (default: float32,
+  as `convae probe` holds them by default, and uint8, the 8-bit codes of the presets' probes, whose
+  passes run on int8 products, bounded at the int8 peak measured with them);
 - at 28 and 32 px, extraction through each preset's model (mnist, mnist-convae, fashion-mnist, fashion-mnist-convae; cifar10,
   cifar10-patch, cifar10-deep: the model `convae fit --preset` builds, untrained) of the layers
   and pooling the preset's probe reads, on 2,000 images (--no-presets skips them).
@@ -63,9 +65,10 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from convae._io import atomic_write_text
 from convae.config import TrainConfig
 from convae.data import load_dataset
-from convae.features import FeatureExtractor
+from convae.features import FeatureCodes, FeatureExtractor
 from convae.models import ModelConfig, build_model, default_model_config
 from convae.presets import PRESETS
+from convae.probe import int8
 from convae.probe.classifiers import CLASSIFIERS
 from convae.probe.driver import column_order, layer_groups
 from convae.probe.options import ProbeOptions
@@ -123,12 +126,38 @@ def best_matmul(sizes: tuple[int, ...], repeats: int, dtype: torch.dtype) -> dic
     return by_size[n] | {"n": n, "by_size": {str(k): v["peak"] for k, v in by_size.items()}}
 
 
-def machine_limits(quick: bool) -> dict:
+def int8_matmul_peak(n: int, repeats: int) -> dict[str, float]:
+    """Int8 products (int32 sums) an n^3 ``torch._int_mm`` does per second, in G: the peak of the
+    probe's passes over 8-bit codes (convae.probe.int8), which run on it."""
+    a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8) for _ in range(2))
+    for _ in range(3):
+        torch._int_mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch._int_mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return {"peak": 2 * n**3 / best / 1e9}
+
+
+def machine_limits(quick: bool, int8_products: bool = False) -> dict:
+    """The peaks and the bandwidth; the int8 peak where `int8_products` (8-bit probe rows) and the CPU runs them."""
     sizes, repeats = ((512, 1024), 3) if quick else ((1024, 2048, 4096), 10)
     cpu = cpu_features()
     fp32 = best_matmul(sizes, repeats, torch.float32)
     bf16 = best_matmul(sizes, repeats, torch.bfloat16) if cpu["native_bf16"] else None  # emulated bf16 is no peak
-    return {"cpu": cpu, "fp32": fp32, "bf16": bf16, "bandwidth": bandwidth((256 if quick else 1024) << 20)}
+    int8_peak = None
+    if int8_products and int8.available():
+        by_size = {n: int8_matmul_peak(n, repeats)["peak"] for n in sizes}
+        n = max(by_size, key=lambda k: by_size[k])
+        int8_peak = {"peak": by_size[n], "n": n, "by_size": {str(k): v for k, v in by_size.items()}}
+    return {
+        "cpu": cpu,
+        "fp32": fp32,
+        "bf16": bf16,
+        "int8": int8_peak,
+        "bandwidth": bandwidth((256 if quick else 1024) << 20),
+    }
 
 
 # -- one size's stages --------------------------------------------------------------------------
@@ -285,12 +314,26 @@ def preset_extract_stage(preset: str, images: np.ndarray) -> dict:
     )  # fmt: skip
 
 
+def probe_matrix(features: np.ndarray, dtype: str) -> np.ndarray:
+    """`features` as the probe holds them in `dtype`: uint8 is their 8-bit codes (FeatureCodes)."""
+    if dtype != "uint8":
+        return np.ascontiguousarray(features, dtype=dtype)
+    X = np.empty(features.shape, dtype=np.uint8)
+    FeatureCodes.fitted(features).encode(features, X)
+    return X
+
+
 def probe_stages(features: np.ndarray, labels: np.ndarray, extractor: FeatureExtractor, dtype: str) -> list[dict]:
-    """Each probe classifier fitted on the widest feature set, as `convae probe` fits it."""
+    """Each probe classifier fitted on the widest feature set, as `convae probe` fits it.
+
+    A pass over 8-bit codes on the CPU multiplies int8 digits (convae.probe.int8): the weights'
+    WEIGHT_DIGITS and the residuals' RESIDUAL_DIGITS products, counted at the int8 peak."""
     widest = max(extractor.blocks, key=lambda b: b.stop - b.start)
-    X = np.ascontiguousarray(features[:, widest.start : widest.stop], dtype=dtype)
+    X = probe_matrix(features[:, widest.start : widest.stop], dtype)
     n, d = X.shape
     k = len(np.unique(labels))
+    on_int8 = dtype == "uint8" and int8.chunk_rows(n, d, torch.device("cpu"), None) > 0
+    products = 2.0 * (int8.WEIGHT_DIGITS + int8.RESIDUAL_DIGITS) if on_int8 else 4.0  # a pass's, per n x d x class
     rows = []
     for name in PROBE_CLASSIFIERS:
         clf = CLASSIFIERS[name](0, n, d, 1.0, None)
@@ -305,9 +348,9 @@ def probe_stages(features: np.ndarray, labels: np.ndarray, extractor: FeatureExt
                 passes,
                 "passes",
                 seconds,
-                flops=(passes - 1) * 4.0 * n * d * classes,
+                flops=(passes - 1) * products * n * d * classes,
                 nbytes=passes * X.nbytes,
-                peak="fp32",
+                peak="int8" if on_int8 else "fp32",
                 features=f"{widest.layer}/{widest.pool}",
                 rows=n,
                 dims=d,
@@ -327,7 +370,8 @@ def measure_size(size: int, args, limits: dict) -> dict:
     rows = spread(len(train.images), images_for(size, args.extract_images, 10_000, 2_000))
     extract, features, extractor = extract_stage(model, train.images[rows])
     stages.append(extract)
-    stages += probe_stages(features, np.asarray(train.labels)[rows], extractor, args.probe_dtype)
+    for dtype in args.probe_dtype:
+        stages += probe_stages(features, np.asarray(train.labels)[rows], extractor, dtype)
     preset_rows = spread(len(train.images), args.extract_images or 2_000)
     for preset in PRESET_MODELS.get(size, ()) if args.presets else ():
         stages.append(preset_extract_stage(preset, train.images[preset_rows]))
@@ -359,7 +403,7 @@ def _rate(s: dict) -> str:
     rate = f"{s['count'] / s['seconds']:,.1f} {s['unit']}/s" if s["seconds"] > 0 else "-"
     parts = []
     if s["flops"]:
-        parts.append(f"{s['flops'] / s['seconds'] / 1e9:.1f} GFLOP/s")
+        parts.append(f"{s['flops'] / s['seconds'] / 1e9:.1f} {'GOP/s' if s.get('peak') == 'int8' else 'GFLOP/s'}")
     if s["unit"] == "passes":
         parts.append(f"{s['bytes'] / s['seconds'] / 1e9:.1f} GB/s read")
     return rate + (f" ({', '.join(parts)})" if parts else "")
@@ -402,6 +446,8 @@ def section(results: dict, command: str) -> list[str]:
         if lim["bf16"]
         else ", bf16 not measured (no native bf16: convae trains in fp32)"
     )
+    if lim.get("int8"):
+        bf16 += f", int8 **{lim['int8']['peak']:.1f} GOP/s** (torch._int_mm at {lim['int8']['n']}^3)"
     quick = " **--quick: smoke-test sizes, not a measurement.**" if results["quick"] else ""
     lines = [
         f"{SECTION} — {results['date']}",
@@ -424,8 +470,9 @@ def section(results: dict, command: str) -> list[str]:
         "over the bandwidth; % of bound is the bound's time over the measured time. FLOPs: torch's "
         "flop counter over the default model's forward and backward (training, ~3x the forward) or "
         "its forward up to the probed layers (extraction, every stage and the bottleneck at grid4); "
-        "for a classifier 4 x rows x dims x classes a pass, each pass reading the feature matrix once "
-        "(passes: L-BFGS's evaluations + the column statistics). Activations moved between layers are "
+        "for a classifier 4 x rows x dims x classes a pass (over 8-bit codes: 14 x rows x dims x classes "
+        "int8 products, its weights' and residuals' digits, at the int8 peak), each pass reading the "
+        "feature matrix once (passes: L-BFGS's evaluations + the column statistics). Activations moved between layers are "
         "not counted: a convolutional stage far below its FLOP bound is held back by what the roofline "
         "does not see.",
         "",
@@ -462,7 +509,14 @@ def parser() -> argparse.ArgumentParser:
         "--folder-images", type=int, help="images per split of each JPEG folder (default 10,000; --quick 256)"
     )
     p.add_argument("--no-presets", dest="presets", action="store_false", help="skip the preset models' extraction rows")
-    p.add_argument("--probe-dtype", choices=["float32", "float16"], default="float32", help="the features' dtype")
+    p.add_argument(
+        "--probe-dtype",
+        nargs="+",
+        choices=["float32", "float16", "uint8"],
+        default=["float32", "uint8"],
+        help="the features' dtypes as the probe holds them, a row each (float32: `convae probe`'s default; "
+        "uint8: 8-bit codes, as the presets' probes)",
+    )
     p.add_argument(
         "--json", type=Path, help="default benchmarks/roofline.json (--quick: benchmarks/runs/roofline-quick.json)"
     )
@@ -483,7 +537,7 @@ def main(argv: list[str] | None = None, prog: str = "benchmarks/roofline.py") ->
         args.train_images, args.extract_images = args.train_images or 64, args.extract_images or 256
     args.folder_images = args.folder_images or (256 if args.quick else 10_000)
     started = time.time()
-    limits = machine_limits(args.quick)
+    limits = machine_limits(args.quick, int8_products="uint8" in args.probe_dtype)
     sizes = [measure_size(size, args, limits) for size in args.sizes]
     results = {
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",

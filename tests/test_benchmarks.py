@@ -127,6 +127,32 @@ def test_a_pass_in_two_precisions_is_bounded_by_each_part_at_its_own_peak():
     assert b["bound_seconds"] == 2.0 and b["fraction_of_bound"] == 1.0  # 1 s at fp32's peak + 1 s at bf16's
 
 
+def test_the_roofline_probes_8_bit_codes_on_int8_products_at_the_int8_peak(shared_datasets):
+    """--probe-dtype uint8: the classifiers fit the features' 8-bit codes (a byte a value read a
+    pass) and, where the CPU multiplies int8, are bounded by the int8 peak for the digits' products."""
+    from convae.features import FeatureExtractor
+    from convae.models import build_model, default_model_config
+    from convae.probe import int8
+
+    data = load_dataset("mnist:test", data_dir=shared_datasets, download=False)
+    images, labels = data.images[:600], data.labels[:600]
+    torch.manual_seed(0)
+    extractor = FeatureExtractor(build_model(default_model_config(images.shape[1:])), "bottleneck", "grid2")
+    features = extractor.transform(images)
+    codes = roofline.probe_matrix(features, "uint8")
+    assert codes.dtype == np.uint8 and codes.shape == features.shape and np.ptp(codes) > 100  # the range is used
+    rows = roofline.probe_stages(features, labels, extractor, "uint8")
+    assert [r["stage"] for r in rows] == ["probe logreg fit", "probe linsvm fit"]
+    for r in rows:
+        assert r["bytes"] == r["count"] * features.size  # a byte a code, every pass
+        assert r["peak"] == ("int8" if int8.available() else "fp32") and r["dtype"] == "uint8"
+        per_pass = 2 * (int8.WEIGHT_DIGITS + int8.RESIDUAL_DIGITS) if int8.available() else 4
+        assert r["flops"] == (r["count"] - 1) * per_pass * features.size * 10  # 10 classes
+    limits = {"fp32": {"peak": 100.0}, "int8": {"peak": 400.0}, "bandwidth": {"gb_per_s": 10.0}}
+    peak = limits[rows[0]["peak"]]["peak"] * 1e9
+    assert roofline.bound(rows[0], limits)["bound_seconds"] == max(rows[0]["flops"] / peak, rows[0]["bytes"] / 10e9)
+
+
 def test_precondition_compares_both_arms_on_a_feature_file(shared_datasets, tmp_path, capsys):
     """benchmarks/precondition.py fits a 16-bit feature file's rows both ways and reports each arm;
     on CIFAR-10's correlated pixels the preconditioned arm takes far fewer passes to an objective
