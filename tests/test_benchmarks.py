@@ -12,6 +12,9 @@ import torch
 
 from convae.data import load_dataset
 from convae.data.containers import ImageData
+from convae.features import FeatureExtractor
+from convae.models import build_model, default_model_config
+from convae.probe import int8
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import compiled_extraction  # noqa: E402
@@ -130,10 +133,6 @@ def test_a_pass_in_two_precisions_is_bounded_by_each_part_at_its_own_peak():
 def test_the_roofline_probes_8_bit_codes_on_int8_products_at_the_int8_peak(shared_datasets):
     """--probe-dtype uint8: the classifiers fit the features' 8-bit codes (a byte a value read a
     pass) and, where the CPU multiplies int8, are bounded by the int8 peak for the digits' products."""
-    from convae.features import FeatureExtractor
-    from convae.models import build_model, default_model_config
-    from convae.probe import int8
-
     data = load_dataset("mnist:test", data_dir=shared_datasets, download=False)
     images, labels = data.images[:600], data.labels[:600]
     torch.manual_seed(0)

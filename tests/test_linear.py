@@ -286,6 +286,16 @@ def test_int8_passes_give_the_float32_objective_and_gradient(mnist, one_thread, 
     np.testing.assert_allclose(g8, g32, rtol=0, atol=1e-5 * np.abs(g32).max())
 
 
+def test_int8_chunks_of_narrow_codes_fill_their_bytes():
+    """A chunk of narrow codes is CHUNK_BYTES of them: its sums' int32 range allows 129,000 rows."""
+    if not int8.available():
+        pytest.skip("this torch has no CPU int8 product")
+    cpu = torch.device("cpu")
+    assert int8.chunk_rows(20_000, 2_048, cpu, None) == int8.CHUNK_BYTES // 2_048  # 12,288 rows: one chunk
+    assert int8.chunk_rows(1_000_000, 64, cpu, None) == int8.MAX_CHUNK_ROWS
+    assert 255 * 65 * int8.MAX_CHUNK_ROWS < 2**31  # a chunk's gradient sums stay exact in int32
+
+
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_without_the_int8_kernel_codes_take_the_float32_path(mnist, one_thread, monkeypatch):
     Xtr, ytr, Xte, _ = mnist

@@ -1047,7 +1047,7 @@ class StreamingLogisticRegression(_StreamingLinearClassifier):
     chunk_rows : int or None, default=None
         Rows per chunk; None sizes a float32 chunk to 4 MiB (16 MiB where the scores are computed
         rows first, 128 MiB on a GPU), at least 16 rows. For uint8 X on the CPU (int8 products),
-        None means 24 MiB of codes, and any number is capped at 1,012 rows (their exact range).
+        None means 24 MiB of codes (any number is capped at int8.MAX_CHUNK_ROWS, their sums' int32 range).
     n_threads : int or None, default=None
         Worker threads on the CPU, each running one-threaded torch operations; None uses
         ``torch.get_num_threads()`` for X of 32 MiB or more, one thread below. torch's own
@@ -1186,7 +1186,7 @@ class StreamingLinearSVM(_StreamingLinearClassifier):
     chunk_rows : int or None, default=None
         Rows per chunk; None sizes a float32 chunk to 4 MiB (16 MiB where the scores are computed
         rows first, 128 MiB on a GPU), at least 16 rows. For uint8 X on the CPU (int8 products),
-        None means 24 MiB of codes, and any number is capped at 1,012 rows (their exact range).
+        None means 24 MiB of codes (any number is capped at int8.MAX_CHUNK_ROWS, their sums' int32 range).
     n_threads : int or None, default=None
         Worker threads on the CPU, as :class:`StreamingLogisticRegression`'s.
     device : {"cpu", "cuda", "auto"}, default="cpu"
