@@ -126,31 +126,13 @@ def best_matmul(sizes: tuple[int, ...], repeats: int, dtype: torch.dtype) -> dic
     return by_size[n] | {"n": n, "by_size": {str(k): v["peak"] for k, v in by_size.items()}}
 
 
-def int8_matmul_peak(n: int, repeats: int) -> dict[str, float]:
-    """Int8 products (int32 sums) an n^3 ``torch._int_mm`` does per second, in G: the peak of the
-    probe's passes over 8-bit codes (convae.probe.int8), which run on it."""
-    a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8) for _ in range(2))
-    for _ in range(3):
-        torch._int_mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch._int_mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return {"peak": 2 * n**3 / best / 1e9}
-
-
 def machine_limits(quick: bool, int8_products: bool = False) -> dict:
     """The peaks and the bandwidth; the int8 peak where `int8_products` (8-bit probe rows) and the CPU runs them."""
     sizes, repeats = ((512, 1024), 3) if quick else ((1024, 2048, 4096), 10)
     cpu = cpu_features()
     fp32 = best_matmul(sizes, repeats, torch.float32)
     bf16 = best_matmul(sizes, repeats, torch.bfloat16) if cpu["native_bf16"] else None  # emulated bf16 is no peak
-    int8_peak = None
-    if int8_products and int8.available():
-        by_size = {n: int8_matmul_peak(n, repeats)["peak"] for n in sizes}
-        n = max(by_size, key=lambda k: by_size[k])
-        int8_peak = {"peak": by_size[n], "n": n, "by_size": {str(k): v for k, v in by_size.items()}}
+    int8_peak = best_matmul(sizes, repeats, torch.int8) if int8_products and int8.available() else None
     return {
         "cpu": cpu,
         "fp32": fp32,

@@ -62,23 +62,32 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "datasets"
 
 
+def best_seconds(product, repeats: int, warmup: int = 3) -> float:
+    """The fastest of `repeats` timed calls of `product()`, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        product()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def matmul_peak(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """GFLOP/s of an n^3 product two ways: torch.mm (MKL's GEMM for fp32) and the same product as a
     1x1 convolution (oneDNN, which runs the model's convolutions). On AMD CPUs MKL's fp32 GEMM
-    can run at half of oneDNN's, so the peak is the faster of the two."""
+    can run at half of oneDNN's, so the peak is the faster of the two. int8: G int8 products a
+    second of ``torch._int_mm`` (int32 sums, oneDNN), the probe's passes over 8-bit codes' product."""
+    if dtype == torch.int8:
+        a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8) for _ in range(2))
+        rate = 2 * n**3 / best_seconds(lambda: torch._int_mm(a, b), repeats) / 1e9
+        return {"mm": rate, "peak": rate}
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     x = a.T.reshape(1, n, 32, n // 32).contiguous(memory_format=torch.channels_last)
     w = b.T.reshape(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
-    rates = {}
-    for name, product in (("mm", lambda: a @ b), ("conv", lambda: F.conv2d(x, w))):
-        for _ in range(3):
-            product()
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            product()
-            best = min(best, time.perf_counter() - t)
-        rates[name] = 2 * n**3 / best / 1e9
+    rates = {name: 2 * n**3 / best_seconds(product, repeats) / 1e9
+             for name, product in (("mm", lambda: a @ b), ("conv", lambda: F.conv2d(x, w)))}  # fmt: skip
     rates["peak"] = max(rates["mm"], rates["conv"])
     return rates
 
