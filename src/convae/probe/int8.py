@@ -5,9 +5,10 @@ and runs two skinny float32 products, 4 k flops per byte read: bound by the core
 memory. Here the chunk becomes int8 (``code - 128``, exact) and both products run on
 ``torch._int_mm`` (int8 x int8 -> int32 through oneDNN: VNNI or AMX), with the float operand
 split into a few int8 digits of 7 bits each (a base-128 expansion scaled to its row's largest
-magnitude), one product column per digit: the sums are exact integers, so the only rounding
-is the digits' truncation, 2^-27 of a weight row's largest weight and 2^-20 of a residual
-column's largest residual, against float32's 2^-24 on every term. torch's bf16 products were
+magnitude), one product column per digit: the sums are exact integers, so the rounding is the
+digits' truncation, 2^-27 of a weight row's largest weight and 2^-20 of a residual column's
+largest residual, and the gradient's sums made float32 (24 bits) to combine their digits,
+against float32's 2^-24 on every term of the float32 path's sums. torch's bf16 products were
 no substitute: on the CPU they round their output to bf16.
 
 A pass with 2 workers (an Intel host with AMX, 2026-12-07, a scratch benchmark on random
