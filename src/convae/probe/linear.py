@@ -711,9 +711,14 @@ def _chunk_loss(kind: str, scores: torch.Tensor, target: torch.Tensor, minus_one
     (rows, 1) of -1 on the device.
     """
     if kind == "multinomial":
-        loss = F.cross_entropy(scores, target.view(-1), reduction="sum")
-        grad = torch.softmax(scores, 1)
-        grad.scatter_add_(1, target, minus_ones[: len(target)])  # softmax - one-hot
+        # log-sum-exp written out: torch's softmax and cross_entropy over k = 10 classes a row ran
+        # 6-8x slower on the CPU (236 us against 39 for a chunk of 786 rows, one thread; it
+        # vectorizes along the class dimension), a fixed cost every chunk pays every pass
+        top = scores.amax(1, keepdim=True)
+        grad = torch.sub(scores, top).exp_()
+        total = grad.sum(1, keepdim=True)
+        loss = (total.log() + top - scores.gather(1, target)).sum()  # each row's loss, then their sum
+        grad.div_(total).scatter_add_(1, target, minus_ones[: len(target)])  # softmax - one-hot
         return loss, grad
     if kind == "binomial":
         loss = (F.softplus(scores) - target * scores).sum()
