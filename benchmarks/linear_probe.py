@@ -18,9 +18,8 @@ Measures on this machine, in one run, and prints Markdown tables:
   classes). uint8 (the probe's 8-bit codes: the features x 32, rounded, clipped at 255) is timed
   on both of its paths: the int8 products the module uses ("int8") and float32 chunks converted
   from the codes ("float32", the path before them, still the GPU's). With `--compute-only`, the
-  same pass over one row repeated (row stride 0): the
-  arithmetic alone, nothing to read from memory, which says whether a pass is bound by the
-  memory or by the cores;
+  same pass over one row repeated (row stride 0): the arithmetic alone, nothing to read from
+  memory, which says whether a pass is bound by the memory or by the cores;
 - a fit at that size, capped at `--fit-max-iter` L-BFGS iterations, in a fresh process: time,
   iterations, passes (evaluations of the objective, + 1 for the column statistics), peak RSS
   (VmHWM) and the part of it that is the memmap's pages (file-backed: page cache, not a copy);
