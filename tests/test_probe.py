@@ -578,7 +578,9 @@ def test_whitening_is_for_all_labels_when_there_are_at_least_as_many_as_features
     wide = [FeatureSet("wide", np.tile(sets[0].train, 30)[:1000], np.tile(sets[0].test, 30))]  # 1,920 > 1,000 labels
     (row,) = evaluate_features(wide, train.labels[:1000], test.labels, normalize="whiten")
     assert row["normalize"] == "standard"
-    with pytest.raises(ConfigError, match="normalize must be one of standard, whiten, whiten-layers, got 'zca'"):
+    with pytest.raises(
+        ConfigError, match="normalize must be one of standard, whiten, whiten-layers, whiten-blocks, got 'zca'"
+    ):
         run_probe(None, train, test, normalize="zca")
 
 
@@ -718,7 +720,7 @@ def test_cli_probe_normalize_whiten_applies_to_every_row(runs, tmp_path):
         "-q",
     ]
     rows = {}
-    for normalize in ("standard", "whiten", "whiten-layers"):
+    for normalize in ("standard", "whiten", "whiten-layers", "whiten-blocks"):
         proc = convae(*common, "--normalize", normalize, "-o", tmp_path / f"{normalize}.json")
         assert proc.returncode == 0, proc.stderr
         rows[normalize] = {
@@ -727,7 +729,8 @@ def test_cli_probe_normalize_whiten_applies_to_every_row(runs, tmp_path):
     assert list(rows["whiten"]) == ["stage1/grid4", "pixels"]
     assert all(rows["whiten"][f] != rows["standard"][f] for f in rows["whiten"])  # both rows whitened
     assert rows["whiten"]["stage1/grid4"] > 0.9
-    assert rows["whiten-layers"] == rows["whiten"]  # one layer, and the pixels: one block, the same whitening
+    # one layer, and the pixels: one block, the same whitening
+    assert rows["whiten-layers"] == rows["whiten-blocks"] == rows["whiten"]
 
 
 def test_whiten_layers_whitens_each_layer_on_its_own(digits):
@@ -753,6 +756,22 @@ def test_whiten_layers_whitens_each_layer_on_its_own(digits):
 
     knn = CLASSIFIERS["knn"](0, len(x), x.shape[1], 1.0, None).fit(copy(x), train.labels)
     assert rows["knn"]["accuracy"] == knn.score(copy(xt), test.labels)
+
+
+def test_whiten_blocks_cuts_each_layer_into_even_blocks_of_at_most_the_cap(digits, monkeypatch):
+    """normalize="whiten-blocks" whitens each layer's columns in consecutive blocks of at most
+    WHITEN_BLOCK_COLUMNS, as even as can be, each on its own; a layer narrower than the cap is one block."""
+    import convae.probe.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "WHITEN_BLOCK_COLUMNS", 16)
+    train, test = digits
+    x, xt = _pixels_of(train), _pixels_of(test)
+    sets = [FeatureSet("two layers", x, xt, layer_widths=(24, 40)), FeatureSet("narrow", x[:, :16], xt[:, :16])]
+    rows = list(evaluate_features(sets, train.labels, test.labels, classifiers=["logreg"], normalize="whiten-blocks"))
+    assert [r["normalize"] for r in rows] == ["whiten-blocks"] * 2
+    for row, (columns, blocks) in zip(rows, ((64, (12, 12, 14, 13, 13)), (16, None))):
+        logreg = CLASSIFIERS["logreg"](0, len(x), columns, 1.0, None).set_params(whiten=0.1, whiten_blocks=blocks)
+        assert row["accuracy"] == logreg.fit(x[:, :columns], train.labels).score(xt[:, :columns], test.labels)
 
 
 def test_cli_probe_preset_gives_the_recommended_layers_and_pooling_unless_overridden(runs, tmp_path):
@@ -802,7 +821,7 @@ def test_cli_probe_preset_whose_layers_the_run_lacks_is_one_line_before_loading_
         (["--labels-per-class", "ten"], "labels per class 'ten'"),
         (["--baselines", "pixel"], "baselines: unknown pixel"),
         (["--pool", "grid3"], "unknown pooling grid3"),
-        (["--normalize", "zca"], "normalize must be one of standard, whiten, whiten-layers, got 'zca'"),
+        (["--normalize", "zca"], "normalize must be one of standard, whiten, whiten-layers, whiten-blocks, got 'zca'"),
         (["-o", "results.txt"], "name it .json"),
     ],
 )

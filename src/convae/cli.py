@@ -813,7 +813,7 @@ def _with_format(output: Path, fmt: str | None) -> Path:
 )
 @click.option(
     "--normalize",
-    help=f"Features before each classifier ({', '.join(NORMALIZATIONS)}): standard (StandardScaler); whiten (standardized, then PCA-whitened with a variance floor, for the rows fitted on all labels; it lifted logistic regression on MNIST's preset features and lowered Fashion-MNIST's and CIFAR-10's); whiten-layers (each layer's features of a joined set, e.g. stage1+stage2, whitened on their own: cheaper in time and memory). Default: the --preset's, else standard.",
+    help=f"Features before each classifier ({', '.join(NORMALIZATIONS)}): standard (StandardScaler); whiten (standardized, then PCA-whitened with a variance floor, for the rows fitted on all labels; it lifted logistic regression on MNIST's preset features and lowered Fashion-MNIST's and CIFAR-10's); whiten-layers (each layer's features of a joined set, e.g. stage1+stage2, whitened on their own: cheaper in time and memory); whiten-blocks (each layer's features in blocks of at most 4,096 columns, each whitened on its own: cheaper still). Default: the --preset's, else standard.",
 )
 @click.option(
     "--augment",

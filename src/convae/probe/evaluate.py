@@ -138,7 +138,8 @@ def evaluate_features(
 
     `normalize`: "standard" puts a StandardScaler before each classifier. "whiten" standardizes
     and whitens (:class:`Whitener`) a feature set ("whiten-layers": each of its layers' columns,
-    :attr:`FeatureSet.layer_widths`, on their own), fitted on all its train features
+    :attr:`FeatureSet.layer_widths`, on their own; "whiten-blocks": each layer's columns in
+    blocks of at most WHITEN_BLOCK_COLUMNS, on their own), fitted on all its train features
     (unsupervised, as the autoencoder; its seconds count in each whitened row's fit_seconds),
     for the rows fitted on all labels, when there are at least as many as the set has features:
     logreg and linsvm fold the whitening into their weights (the same solution, no whitened
@@ -184,9 +185,15 @@ def _check_rows(fs: FeatureSet, n_train: int, n_test: int) -> None:
         raise ConfigError(f"{fs.name}: mirrored test features need 2 x {n_test} rows, got {len(fs.test)}")
 
 
+# normalize="whiten-blocks": each layer's columns whitened in consecutive blocks of at most this
+# many (a 64 MB float32 factor each, kept for the fit): a wide layer's factor is what the
+# whitening's memory peaks on (the mnist preset's 12,800-column stage 3: 655 MB)
+WHITEN_BLOCK_COLUMNS = 4096
+
+
 class _Whitened:
     """A feature set standardized and whitened (`mode` "whiten"; "whiten-layers": each layer's
-    columns on their own), computed on first use (once per set); `mode` None: not whitened."""
+    columns on their own; "whiten-blocks": blocks of them), computed on first use (once per set); `mode` None: not whitened."""
 
     def __init__(self, fs: FeatureSet, mode: str | None):
         self.fs, self.mode, self._cached = fs, mode, None
@@ -296,8 +303,18 @@ def _classifier(name: str, seed: int, n: int, dim: int, c_scale: float, max_iter
 def _whitened_widths(fs: FeatureSet, whiten: str | None) -> tuple[int, ...] | None:
     """The widths of the blocks of `fs`'s columns whitened each on its own (None: all together,
     as for a set of one layer)."""
-    widths = fs.layer_widths if whiten == "whiten-layers" else None
+    widths = None
+    if whiten == "whiten-layers":
+        widths = fs.layer_widths
+    elif whiten == "whiten-blocks":
+        widths = tuple(w for layer in fs.layer_widths or (fs.dim,) for w in _even_parts(layer, WHITEN_BLOCK_COLUMNS))
     return widths if widths is not None and len(widths) > 1 else None
+
+
+def _even_parts(width: int, most: int) -> list[int]:
+    """`width` cut into the fewest parts of at most `most`, as even as can be."""
+    parts = -(-width // most)
+    return [width // parts + (i < width % parts) for i in range(parts)]
 
 
 def _row(fs: FeatureSet, name: str, per_class, whiten: str | None, scores, prep_seconds: float, augment: str) -> dict:

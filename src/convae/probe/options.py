@@ -20,7 +20,7 @@ from ..presets import get_preset
 #: Classifier names (convae.probe.classifiers.CLASSIFIERS builds them).
 CLASSIFIER_NAMES: tuple[str, ...] = ("logreg", "linsvm", "rbfsvm", "rf", "knn", "mlp")
 BASELINES: tuple[str, ...] = ("pixels", "pca", "random")
-NORMALIZATIONS: tuple[str, ...] = ("standard", "whiten", "whiten-layers")
+NORMALIZATIONS: tuple[str, ...] = ("standard", "whiten", "whiten-layers", "whiten-blocks")
 # "flip": the classifiers also see every train image mirrored left to right, with its label
 # (features of the mirror image, from the same frozen encoder). "flip-tta" also scores each test
 # image as the average of the classifier's scores for it and its mirror image (test-time
