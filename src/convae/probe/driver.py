@@ -276,7 +276,7 @@ def run_probe(
         What to probe; or give its fields as keywords (`settings`): ``layers`` (default every
         stage and the bottleneck; "stage2+bottleneck" probes those layers' features
         concatenated), ``pool`` ("grid4"), ``classifiers``, ``baselines``, ``labels_per_class``,
-        ``seeds``, ``normalize`` ("standard", "whiten" or "whiten-layers", see :func:`evaluate_features`),
+        ``seeds``, ``normalize`` ("standard", "whiten", "whiten-layers" or "whiten-blocks", see :func:`evaluate_features`),
         ``augment`` ("flip" fits every classifier on the train images and their mirror images
         too, baselines alike; "flip-tta" also scores each test image by the mean of the
         classifier's scores for it and its mirror image), ``c_scale``, ``max_iter`` and
