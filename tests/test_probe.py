@@ -758,16 +758,17 @@ def test_whiten_layers_whitens_each_layer_on_its_own(digits):
     assert rows["knn"]["accuracy"] == knn.score(copy(xt), test.labels)
 
 
-def test_whiten_blocks_cuts_each_layer_into_even_blocks_of_at_most_the_cap(digits, monkeypatch):
+def test_whiten_blocks_cuts_each_layer_into_even_blocks_of_at_most_the_cap(digits):
     """normalize="whiten-blocks" whitens each layer's columns in consecutive blocks of at most
-    WHITEN_BLOCK_COLUMNS, as even as can be, each on its own; a layer narrower than the cap is one block."""
-    import convae.probe.evaluate as evaluate
-
-    monkeypatch.setattr(evaluate, "WHITEN_BLOCK_COLUMNS", 16)
+    `whiten_block_columns`, as even as can be, each on its own; a layer narrower than that is one block."""
     train, test = digits
     x, xt = _pixels_of(train), _pixels_of(test)
     sets = [FeatureSet("two layers", x, xt, layer_widths=(24, 40)), FeatureSet("narrow", x[:, :16], xt[:, :16])]
-    rows = list(evaluate_features(sets, train.labels, test.labels, classifiers=["logreg"], normalize="whiten-blocks"))
+    rows = list(
+        evaluate_features(
+            sets, train.labels, test.labels, classifiers=["logreg"], normalize="whiten-blocks", whiten_block_columns=16
+        )
+    )
     assert [r["normalize"] for r in rows] == ["whiten-blocks"] * 2
     for row, (columns, blocks) in zip(rows, ((64, (12, 12, 14, 13, 13)), (16, None))):
         logreg = CLASSIFIERS["logreg"](0, len(x), columns, 1.0, None).set_params(whiten=0.1, whiten_blocks=blocks)
@@ -822,6 +823,7 @@ def test_cli_probe_preset_whose_layers_the_run_lacks_is_one_line_before_loading_
         (["--baselines", "pixel"], "baselines: unknown pixel"),
         (["--pool", "grid3"], "unknown pooling grid3"),
         (["--normalize", "zca"], "normalize must be one of standard, whiten, whiten-layers, whiten-blocks, got 'zca'"),
+        (["--whiten-block-columns", "0"], "whiten block columns must be a positive integer, got 0"),
         (["-o", "results.txt"], "name it .json"),
     ],
 )

@@ -781,7 +781,7 @@ def _with_format(output: Path, fmt: str | None) -> Path:
 )
 @click.option(
     "--preset",
-    help=f"The layers, pooling, normalization, augmentation and classifier settings a dataset's preset is probed with ({_PRESET_NAMES}); --layers, --pool, --normalize, --augment, --c-scale and --max-iter override them.",
+    help=f"The layers, pooling, normalization, augmentation and classifier settings a dataset's preset is probed with ({_PRESET_NAMES}); --layers, --pool, --normalize, --whiten-block-columns, --augment, --c-scale and --max-iter override them.",
 )
 @click.option(
     "--classifiers",
@@ -813,7 +813,12 @@ def _with_format(output: Path, fmt: str | None) -> Path:
 )
 @click.option(
     "--normalize",
-    help=f"Features before each classifier ({', '.join(NORMALIZATIONS)}): standard (StandardScaler); whiten (standardized, then PCA-whitened with a variance floor, for the rows fitted on all labels; it lifted logistic regression on MNIST's preset features and lowered Fashion-MNIST's and CIFAR-10's); whiten-layers (each layer's features of a joined set, e.g. stage1+stage2, whitened on their own: cheaper in time and memory); whiten-blocks (each layer's features in blocks of at most 4,096 columns, each whitened on its own: cheaper still). Default: the --preset's, else standard.",
+    help=f"Features before each classifier ({', '.join(NORMALIZATIONS)}): standard (StandardScaler); whiten (standardized, then PCA-whitened with a variance floor, for the rows fitted on all labels; it lifted logistic regression on MNIST's preset features and lowered Fashion-MNIST's and CIFAR-10's); whiten-layers (each layer's features of a joined set, e.g. stage1+stage2, whitened on their own: cheaper in time and memory); whiten-blocks (each layer's features in blocks of at most --whiten-block-columns, each whitened on its own: cheaper still). Default: the --preset's, else standard.",
+)
+@click.option(
+    "--whiten-block-columns",
+    type=int,
+    help="With --normalize whiten-blocks: the most columns a block whitened on its own (each keeps a float32 factor of its width squared for the fit). Default: the --preset's, else 4096.",
 )
 @click.option(
     "--augment",

@@ -461,7 +461,8 @@ def evaluate_feature_sets(sets: list[FeatureSet], y_train, y_test, o: ProbeOptio
     with allow_bf16(o.precision == "auto"):
         return list(evaluate_features(
             sets, y_train, y_test, classifiers=o.classifiers, labels_per_class=o.labels_per_class, seeds=o.seeds,
-            normalize=o.normalize, c_scale=o.c_scale, max_iter=o.max_iter, precondition=o.precondition, **extra,
+            normalize=o.normalize, c_scale=o.c_scale, max_iter=o.max_iter, precondition=o.precondition,
+            whiten_block_columns=o.whiten_block_columns, **extra,
         ))  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ..errors import ConfigError
 from .classifiers import CLASSIFIERS, Whitener
-from .options import check_fit_options
+from .options import check_fit_options, check_whiten_block_columns
 
 COLUMNS = (
     "features",
@@ -131,6 +131,7 @@ def evaluate_features(
     c_scale: float = 1.0,
     max_iter: int | None = None,
     precondition: bool = False,
+    whiten_block_columns: int = 4096,
     on_fit: Callable[[], None] | None = None,
     device: str = "cpu",
 ) -> Iterator[dict]:
@@ -139,7 +140,8 @@ def evaluate_features(
     `normalize`: "standard" puts a StandardScaler before each classifier. "whiten" standardizes
     and whitens (:class:`Whitener`) a feature set ("whiten-layers": each of its layers' columns,
     :attr:`FeatureSet.layer_widths`, on their own; "whiten-blocks": each layer's columns in
-    blocks of at most WHITEN_BLOCK_COLUMNS, on their own), fitted on all its train features
+    even blocks of at most `whiten_block_columns`, on their own: each block's float32 factor,
+    kept for the fit, is what the whitening's memory peaks on), fitted on all its train features
     (unsupervised, as the autoencoder; its seconds count in each whitened row's fit_seconds),
     for the rows fitted on all labels, when there are at least as many as the set has features:
     logreg and linsvm fold the whitening into their weights (the same solution, no whitened
@@ -157,10 +159,11 @@ def evaluate_features(
     `device` ("cpu", "cuda"): where the classifiers that can (logreg, linsvm) fit.
     """
     check_fit_options(c_scale, max_iter)
+    check_whiten_block_columns(whiten_block_columns)
     subsets = {k: label_subsets(y_train, k, seeds) for k in labels_per_class}
     for fs in feature_sets:
         _check_rows(fs, len(y_train), len(y_test))
-        white = _Whitened(fs, normalize if normalize != "standard" else None)
+        white = _Whitened(fs, normalize if normalize != "standard" else None, whiten_block_columns)
         for k in labels_per_class:
             whiten = white.mode if k == "all" and len(y_train) >= fs.dim else None
             for name in classifiers:
@@ -170,7 +173,7 @@ def evaluate_features(
                 scores = []
                 for seed, idx in enumerate(subsets[k]):
                     fit = (fs, train_x, test_x, y_train, y_test, name, seed, idx, k, whiten, c_scale, max_iter, device,
-                           precondition)  # fmt: skip
+                           precondition, whiten_block_columns)  # fmt: skip
                     scores.append(_fit_and_score(*fit))
                     if on_fit is not None:
                         on_fit()
@@ -185,23 +188,17 @@ def _check_rows(fs: FeatureSet, n_train: int, n_test: int) -> None:
         raise ConfigError(f"{fs.name}: mirrored test features need 2 x {n_test} rows, got {len(fs.test)}")
 
 
-# normalize="whiten-blocks": each layer's columns whitened in consecutive blocks of at most this
-# many (a 64 MB float32 factor each, kept for the fit): a wide layer's factor is what the
-# whitening's memory peaks on (the mnist preset's 12,800-column stage 3: 655 MB)
-WHITEN_BLOCK_COLUMNS = 4096
-
-
 class _Whitened:
     """A feature set standardized and whitened (`mode` "whiten"; "whiten-layers": each layer's
     columns on their own; "whiten-blocks": blocks of them), computed on first use (once per set); `mode` None: not whitened."""
 
-    def __init__(self, fs: FeatureSet, mode: str | None):
-        self.fs, self.mode, self._cached = fs, mode, None
+    def __init__(self, fs: FeatureSet, mode: str | None, block_columns: int):
+        self.fs, self.mode, self.block_columns, self._cached = fs, mode, block_columns, None
 
     def get(self) -> tuple[np.ndarray, np.ndarray, float]:
         if self._cached is None:
             t0 = time.perf_counter()
-            widths = _whitened_widths(self.fs, self.mode)
+            widths = _whitened_widths(self.fs, self.mode, self.block_columns)
             whitener = _whitener(self.fs.standardize, widths).fit(self.fs.train)
             train, test = whitener.transform(self.fs.train), whitener.transform(rows_of(self.fs.test))
             self._cached = (train, test, time.perf_counter() - t0)
@@ -236,6 +233,7 @@ def _fit_and_score(
     max_iter: int | None,
     device: str = "cpu",
     precondition: bool = False,
+    block_columns: int = 4096,
 ) -> dict[str, tuple[float, float, float, int | None]]:
     """{augment: (accuracy, macro-F1, fit seconds, optimizer iterations or None)} of classifier
     `name` fitted on the train rows `idx` (all: every row)."""
@@ -246,7 +244,7 @@ def _fit_and_score(
     else:
         rows = np.concatenate([idx, idx + n_images]) if fs.mirrored else idx
     clf = _classifier(name, seed, len(idx), fs.dim, c_scale, max_iter, fs.standardize, whiten is not None, device,
-                      precondition, _whitened_widths(fs, whiten))  # fmt: skip
+                      precondition, _whitened_widths(fs, whiten, block_columns))  # fmt: skip
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         # an unconverged probe is still a fair, if slightly low, measurement
@@ -300,14 +298,14 @@ def _classifier(name: str, seed: int, n: int, dim: int, c_scale: float, max_iter
     return make_pipeline(StandardScaler(), clf) if standardize and not whiten else clf
 
 
-def _whitened_widths(fs: FeatureSet, whiten: str | None) -> tuple[int, ...] | None:
+def _whitened_widths(fs: FeatureSet, whiten: str | None, block_columns: int) -> tuple[int, ...] | None:
     """The widths of the blocks of `fs`'s columns whitened each on its own (None: all together,
-    as for a set of one layer)."""
+    as for a set of one layer); "whiten-blocks" cuts each layer into blocks of at most `block_columns`."""
     widths = None
     if whiten == "whiten-layers":
         widths = fs.layer_widths
     elif whiten == "whiten-blocks":
-        widths = tuple(w for layer in fs.layer_widths or (fs.dim,) for w in _even_parts(layer, WHITEN_BLOCK_COLUMNS))
+        widths = tuple(w for layer in fs.layer_widths or (fs.dim,) for w in _even_parts(layer, block_columns))
     return widths if widths is not None and len(widths) > 1 else None
 
 

@@ -29,7 +29,7 @@ AUGMENTATIONS: tuple[str, ...] = ("none", "flip", "flip-tta")
 FEATURE_DTYPES: tuple[str, ...] = ("float32", "float16", "uint8")
 #: Options a preset's probe may set.
 PRESET_FIELDS: tuple[str, ...] = (
-    "layers", "pool", "normalize", "augment", "c_scale", "max_iter", "precondition", "dtype",
+    "layers", "pool", "normalize", "whiten_block_columns", "augment", "c_scale", "max_iter", "precondition", "dtype",
 )  # fmt: skip
 
 
@@ -89,6 +89,11 @@ def check_split(test_fraction: float | None, cv: int | None) -> None:
         raise ConfigError(f"--cv must be at least 2 folds, got {cv!r}")
 
 
+def check_whiten_block_columns(columns: int) -> None:
+    if not isinstance(columns, int) or isinstance(columns, bool) or columns < 1:
+        raise ConfigError(f"whiten block columns must be a positive integer, got {columns!r}")
+
+
 def check_normalize(normalize: str) -> None:
     if normalize not in NORMALIZATIONS:
         raise ConfigError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
@@ -110,6 +115,8 @@ class ProbeOptions:
     labels_per_class: tuple[int | str, ...] = ("all",)
     seeds: int = 3
     normalize: str = "standard"
+    # normalize="whiten-blocks": the most columns a block whitened on its own
+    whiten_block_columns: int = 4096
     augment: str = "none"
     c_scale: float = 1.0
     max_iter: int | None = None
@@ -139,6 +146,7 @@ class ProbeOptions:
         if not isinstance(self.seeds, int) or not 1 <= self.seeds <= PROBE_SEEDS_MAX:
             raise ConfigError(f"seeds must be from 1 to {PROBE_SEEDS_MAX}, got {self.seeds}")
         check_normalize(self.normalize)
+        check_whiten_block_columns(self.whiten_block_columns)
         check_fit_options(self.c_scale, self.max_iter)
         if not isinstance(self.precondition, bool):
             raise ConfigError(f"precondition must be true or false, got {self.precondition!r}")
@@ -183,6 +191,8 @@ class ProbeOptions:
             precision=self.precision,
             compile=self.compile,
         )
+        if self.normalize == "whiten-blocks":
+            meta["whiten_block_columns"] = self.whiten_block_columns
         if self.test_fraction is not None:
             meta["split"] = dict(test_fraction=self.test_fraction, stratified=True, seed=self.split_seed)
         if self.cv is not None:
