@@ -28,7 +28,15 @@ from .limits import FIGURE_ITEMS_MAX, NPROC_MAX, SEED_MAX, VIEW_STEPS_MAX
 from .models.config import Activation, Bottleneck, Decoder, Downsample, Norm, Upsample
 from .models.registry import ARCHITECTURES
 from .presets import PRESETS
-from .probe.options import AUGMENTATIONS, BASELINES, CLASSIFIER_NAMES, FEATURE_DTYPES, NORMALIZATIONS, ProbeOptions
+from .probe.options import (
+    AUGMENTATIONS,
+    BASELINES,
+    CLASSIFIER_NAMES,
+    FEATURE_DTYPES,
+    NORMALIZATIONS,
+    WHITEN_BLOCK_COLUMNS,
+    ProbeOptions,
+)
 from .views import VIEWS
 
 _PRESET_NAMES = ", ".join(PRESETS)
@@ -818,7 +826,7 @@ def _with_format(output: Path, fmt: str | None) -> Path:
 @click.option(
     "--whiten-block-columns",
     type=int,
-    help="With --normalize whiten-blocks: the most columns a block whitened on its own (each keeps a float32 factor of its width squared for the fit). Default: the --preset's, else 4096.",
+    help=f"With --normalize whiten-blocks: the most columns a block whitened on its own (each keeps a float32 factor of its width squared for the fit). Default: the --preset's, else {WHITEN_BLOCK_COLUMNS}.",
 )
 @click.option(
     "--augment",

@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ..errors import ConfigError
 from .classifiers import CLASSIFIERS, Whitener
-from .options import check_fit_options, check_whiten_block_columns
+from .options import WHITEN_BLOCK_COLUMNS, check_fit_options, check_whiten_block_columns
 
 COLUMNS = (
     "features",
@@ -131,7 +131,7 @@ def evaluate_features(
     c_scale: float = 1.0,
     max_iter: int | None = None,
     precondition: bool = False,
-    whiten_block_columns: int = 4096,
+    whiten_block_columns: int = WHITEN_BLOCK_COLUMNS,
     on_fit: Callable[[], None] | None = None,
     device: str = "cpu",
 ) -> Iterator[dict]:
@@ -190,7 +190,8 @@ def _check_rows(fs: FeatureSet, n_train: int, n_test: int) -> None:
 
 class _Whitened:
     """A feature set standardized and whitened (`mode` "whiten"; "whiten-layers": each layer's
-    columns on their own; "whiten-blocks": blocks of them), computed on first use (once per set); `mode` None: not whitened."""
+    columns on their own; "whiten-blocks": blocks of them, at most `block_columns` wide),
+    computed on first use (once per set); `mode` None: not whitened."""
 
     def __init__(self, fs: FeatureSet, mode: str | None, block_columns: int):
         self.fs, self.mode, self.block_columns, self._cached = fs, mode, block_columns, None
@@ -233,7 +234,7 @@ def _fit_and_score(
     max_iter: int | None,
     device: str = "cpu",
     precondition: bool = False,
-    block_columns: int = 4096,
+    block_columns: int = WHITEN_BLOCK_COLUMNS,
 ) -> dict[str, tuple[float, float, float, int | None]]:
     """{augment: (accuracy, macro-F1, fit seconds, optimizer iterations or None)} of classifier
     `name` fitted on the train rows `idx` (all: every row)."""

@@ -27,6 +27,10 @@ NORMALIZATIONS: tuple[str, ...] = ("standard", "whiten", "whiten-layers", "white
 # augmentation); the test images themselves are never altered.
 AUGMENTATIONS: tuple[str, ...] = ("none", "flip", "flip-tta")
 FEATURE_DTYPES: tuple[str, ...] = ("float32", "float16", "uint8")
+# normalize="whiten-blocks": the most columns a block whitened on its own, unless set. Each block
+# keeps a float32 factor of its width squared for the whole fit: what the whitened probe's memory
+# peaks on (the mnist preset's 12,800-column stage 3 whole: 655 MB; benchmarks/RESULTS.md)
+WHITEN_BLOCK_COLUMNS = 4096
 #: Options a preset's probe may set.
 PRESET_FIELDS: tuple[str, ...] = (
     "layers", "pool", "normalize", "whiten_block_columns", "augment", "c_scale", "max_iter", "precondition", "dtype",
@@ -115,8 +119,7 @@ class ProbeOptions:
     labels_per_class: tuple[int | str, ...] = ("all",)
     seeds: int = 3
     normalize: str = "standard"
-    # normalize="whiten-blocks": the most columns a block whitened on its own
-    whiten_block_columns: int = 4096
+    whiten_block_columns: int = WHITEN_BLOCK_COLUMNS
     augment: str = "none"
     c_scale: float = 1.0
     max_iter: int | None = None
