@@ -166,6 +166,7 @@ def evaluate_features(
         white = _Whitened(fs, normalize if normalize != "standard" else None, whiten_block_columns)
         for k in labels_per_class:
             whiten = white.mode if k == "all" and len(y_train) >= fs.dim else None
+            blocks = white.widths if whiten else None
             for name in classifiers:
                 # a streaming classifier whitens by itself (folded into its weights: no whitened copy)
                 copied = whiten is not None and not _folds(name)
@@ -173,7 +174,7 @@ def evaluate_features(
                 scores = []
                 for seed, idx in enumerate(subsets[k]):
                     fit = (fs, train_x, test_x, y_train, y_test, name, seed, idx, k, whiten, c_scale, max_iter, device,
-                           precondition, whiten_block_columns)  # fmt: skip
+                           precondition, blocks)  # fmt: skip
                     scores.append(_fit_and_score(*fit))
                     if on_fit is not None:
                         on_fit()
@@ -191,16 +192,17 @@ def _check_rows(fs: FeatureSet, n_train: int, n_test: int) -> None:
 class _Whitened:
     """A feature set standardized and whitened (`mode` "whiten"; "whiten-layers": each layer's
     columns on their own; "whiten-blocks": blocks of them, at most `block_columns` wide),
-    computed on first use (once per set); `mode` None: not whitened."""
+    computed on first use (once per set); `mode` None: not whitened. `widths`: the blocks'
+    widths (None: one block), what a streaming classifier whitens by itself."""
 
     def __init__(self, fs: FeatureSet, mode: str | None, block_columns: int):
-        self.fs, self.mode, self.block_columns, self._cached = fs, mode, block_columns, None
+        self.fs, self.mode, self._cached = fs, mode, None
+        self.widths = _whitened_widths(fs, mode, block_columns)
 
     def get(self) -> tuple[np.ndarray, np.ndarray, float]:
         if self._cached is None:
             t0 = time.perf_counter()
-            widths = _whitened_widths(self.fs, self.mode, self.block_columns)
-            whitener = _whitener(self.fs.standardize, widths).fit(self.fs.train)
+            whitener = _whitener(self.fs.standardize, self.widths).fit(self.fs.train)
             train, test = whitener.transform(self.fs.train), whitener.transform(rows_of(self.fs.test))
             self._cached = (train, test, time.perf_counter() - t0)
         return self._cached
@@ -234,10 +236,11 @@ def _fit_and_score(
     max_iter: int | None,
     device: str = "cpu",
     precondition: bool = False,
-    block_columns: int = WHITEN_BLOCK_COLUMNS,
+    whiten_blocks: Sequence[int] | None = None,
 ) -> dict[str, tuple[float, float, float, int | None]]:
     """{augment: (accuracy, macro-F1, fit seconds, optimizer iterations or None)} of classifier
-    `name` fitted on the train rows `idx` (all: every row)."""
+    `name` fitted on the train rows `idx` (all: every row), whitened (`whiten`) in blocks
+    `whiten_blocks` wide (None: one block)."""
     n_images = len(y_train)
     y_fit = np.concatenate([y_train, y_train]) if fs.mirrored else y_train
     if per_class == "all":
@@ -245,7 +248,7 @@ def _fit_and_score(
     else:
         rows = np.concatenate([idx, idx + n_images]) if fs.mirrored else idx
     clf = _classifier(name, seed, len(idx), fs.dim, c_scale, max_iter, fs.standardize, whiten is not None, device,
-                      precondition, _whitened_widths(fs, whiten, block_columns))  # fmt: skip
+                      precondition, whiten_blocks)  # fmt: skip
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         # an unconverged probe is still a fair, if slightly low, measurement
